@@ -1,0 +1,2 @@
+DROP TABLE stock_movements;
+DROP FUNCTION apply_stock_movement();

@@ -1,0 +1,3 @@
+DROP INDEX products_search_idx;
+DROP FUNCTION products_search_vector(products);
+ALTER TABLE products DROP COLUMN description;

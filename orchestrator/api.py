@@ -1,0 +1,121 @@
+"""dbplan's library API: what the command line calls, and what a Python program may call.
+
+Each function runs the pipeline up to the stage it needs and returns values; none prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, graph, migrations
+from .errors import DbplanError, MigrationFileError
+from .executor import Progress, Result, execute
+from .facts import LiveState, inspect
+from .graph import EstateGraph
+from .locks import DEFAULT_LOCK_WAIT_SECONDS
+from .migrations import MigrationSet
+from .model import Estate
+from .plan import Plan
+from .planner import make_plan
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A plan file that passed every offline check."""
+
+    estate: Estate
+    graph: EstateGraph
+    migration_sets: dict[str, MigrationSet]
+
+
+@dataclass(frozen=True)
+class Planned(Checked):
+    live: LiveState
+    plan: Plan
+
+
+def validate(file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Checked:
+    """Check the plan file and the migration folders, without any server."""
+    estate = config.load(file, environ)
+    return Checked(estate, graph.build(estate), migrations.scan(estate))
+
+
+def plan(
+    file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE,
+    *,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    on_notice: Callable[[str], None] | None = None,
+) -> Planned:
+    """Read the live servers and compute what would change."""
+    checked = validate(file, environ)
+    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    return Planned(
+        checked.estate,
+        checked.graph,
+        checked.migration_sets,
+        live,
+        make_plan(checked.estate, checked.graph, checked.migration_sets, live),
+    )
+
+
+def apply(
+    planned: Planned, *, progress: Progress | None = None, lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS
+) -> Result:
+    """Execute a plan computed by ``plan``; re-checked under the lock before anything runs."""
+    return execute(planned.plan, planned.estate, planned.migration_sets, progress=progress, lock_wait=lock_wait)
+
+
+def force(
+    file: str | os.PathLike[str],
+    service_name: str,
+    version: int,
+    *,
+    reason: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+) -> None:
+    """Record VERSION as the service's current version and clear its dirty flag."""
+    from .force import force_version
+
+    checked = validate(file, environ)
+    force_version(checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait)
+
+
+def new_migration(
+    file: str | os.PathLike[str], service_name: str, title: str, environ: Mapping[str, str] | None = None
+) -> tuple[Path, Path]:
+    """Create the next up/down pair of a service; return their paths."""
+    import re
+
+    estate = config.load(file, environ)
+    service = estate.services.get(service_name)
+    if service is None:
+        raise DbplanError(
+            f"unknown service '{service_name}'{_did_you_mean(service_name, estate.services)}",
+            hint=f"services: {', '.join(estate.services)}",
+        )
+    slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+    if not slug:
+        raise DbplanError(f"title '{title}' has no letters or digits to name a file with")
+    folder = service.migrations_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = migrations.scan_service(service, estate.root)
+    latest = existing.latest or 0
+    width = max((len(m.up.path.name.split("_", 1)[0]) for m in existing.migrations), default=6)
+    version = str(latest + 1).zfill(width)
+    up = folder / f"{version}_{slug}.up.sql"
+    down = folder / f"{version}_{slug}.down.sql"
+    if up.exists() or down.exists():
+        raise MigrationFileError(f"{up.name} already exists")
+    up.write_text(f"-- {title}\n", encoding="utf-8")
+    down.write_text(f"-- revert: {title}\n", encoding="utf-8")
+    return up, down
+
+
+def _did_you_mean(word: str, choices: Mapping[str, object]) -> str:
+    match = config.suggest(word, choices)
+    return f"; did you mean '{match}'?" if match else ""

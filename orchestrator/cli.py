@@ -1,0 +1,300 @@
+"""The command line: parse arguments, call the library, render, pick the exit code.
+
+Exit codes: 0 success; 1 any error (including usage errors, which click reports as 2);
+``plan --detailed-exitcode``: 0 no changes, 2 changes pending, 1 error. So a CI script
+can trust that 2 never means anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from . import api
+from .errors import DbplanError
+from .executor import Outcome
+from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+
+app = typer.Typer(
+    help="Plan and apply PostgreSQL databases and migrations from one reviewed file, dbplan.yaml.",
+    add_completion=False,
+    no_args_is_help=True,
+    # Tracebacks with local variables would print connection strings and passwords.
+    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
+)
+server_app = typer.Typer(help="Manage the embedded PostgreSQL server of the plan file.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+_state: dict[str, Any] = {"debug": False}
+
+FileOption = Annotated[
+    Path, typer.Option("--file", "-f", help="Plan file.", show_default=True)
+]
+DEFAULT_FILE = Path("dbplan.yaml")
+
+
+class PlanFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------------------
+# Output helpers
+
+
+def _use_color(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _fail(err: DbplanError) -> NoReturn:
+    prefix = "\033[31merror:\033[0m " if _use_color(sys.stderr) else "error: "
+    _note(prefix + err.render())
+    raise typer.Exit(1)
+
+
+class _CliProgress:
+    """Progress of apply on stderr, one line per action, so stdout stays the report."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def action_started(self, action: Action, index: int, total: int) -> None:
+        self.started = time.monotonic()
+
+    def action_finished(self, outcome: Outcome, index: int, total: int) -> None:
+        status = {"done": "done", "skipped": "skipped", "failed": "FAILED"}[outcome.status]
+        timing = f" in {outcome.duration_ms} ms" if outcome.status == "done" else ""
+        detail = f" ({outcome.detail})" if outcome.status == "skipped" and outcome.detail else ""
+        _note(f"[{index}/{total}] {describe_action(outcome.action)}: {status}{timing}{detail}")
+
+    def notice(self, message: str) -> None:
+        _note(message)
+
+
+def describe_action(action: Action) -> str:
+    if isinstance(action, CreateRole):
+        return f"create role {action.role} on {action.server}"
+    if isinstance(action, CreateDatabase):
+        return f"create database {action.database} on {action.server}"
+    verb = "apply" if isinstance(action, ApplyMigration) else "revert"
+    assert isinstance(action, (ApplyMigration, RevertMigration))
+    return f"{verb} {action.service} {action.version} {action.title}"
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def validate(file: FileOption = DEFAULT_FILE) -> None:
+    """Check the plan file and migration folders offline; no server needed."""
+    try:
+        checked = api.validate(file)
+    except DbplanError as err:
+        _fail(err)
+    count = sum(len(s.migrations) for s in checked.migration_sets.values())
+    _say(
+        f"{file}: valid ({len(checked.estate.servers)} server(s), {len(checked.estate.databases)} database(s), "
+        f"{len(checked.estate.services)} service(s), {count} migration(s))\n"
+    )
+
+
+@app.command()
+def plan(
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[PlanFormat, typer.Option("--format", help="Output format.")] = PlanFormat.text,
+    out: Annotated[Path | None, typer.Option("--out", help="Also save the plan as JSON to this file.")] = None,
+    detailed_exitcode: Annotated[
+        bool, typer.Option("--detailed-exitcode", help="Exit 2 when changes are pending, 0 when none.")
+    ] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+) -> None:
+    """Read the live servers and print what would change."""
+    try:
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+    except DbplanError as err:
+        _fail(err)
+    _say(_render_plan(planned.plan, format))
+    if out is not None:
+        from .render import json as render_json
+
+        out.write_text(render_json.render_plan(planned.plan), encoding="utf-8")
+        _note(f"plan saved to {out}")
+    if planned.plan.blocked:
+        raise typer.Exit(1)
+    if detailed_exitcode and planned.plan.changes:
+        raise typer.Exit(2)
+
+
+def _render_plan(plan_value: Any, format: PlanFormat) -> str:
+    if format is PlanFormat.json:
+        from .render import json as render_json
+
+        return render_json.render_plan(plan_value)
+    if format is PlanFormat.markdown:
+        from .render import markdown
+
+        return markdown.render_plan(plan_value)
+    from .render import text
+
+    return text.render_plan(plan_value, color=_use_color())
+
+
+@app.command()
+def apply(
+    file: FileOption = DEFAULT_FILE,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
+    lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
+    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+) -> None:
+    """Show the plan, ask for confirmation on a terminal, and execute it."""
+    from .render import text
+
+    try:
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+    except DbplanError as err:
+        _fail(err)
+    as_json = format is OutputFormat.json
+    if not as_json:
+        _say(text.render_plan(planned.plan, color=_use_color()))
+    if planned.plan.blocked:
+        _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint))
+    if not planned.plan.changes:
+        if as_json:
+            from .render import json as render_json
+            from .executor import Result
+
+            _say(render_json.render_result(Result(())))
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(DbplanError("refusing to apply without confirmation: input is not a terminal", hint="pass --yes"))
+        if not typer.confirm("Apply these changes?", default=False):
+            _note("Nothing was changed.")
+            raise typer.Exit(1)
+    result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait)
+    if as_json:
+        from .render import json as render_json
+
+        _say(render_json.render_result(result))
+    else:
+        _say(text.render_result(result, color=_use_color()))
+    if result.error is not None:
+        _fail(result.error)
+
+
+@app.command()
+def status(
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+) -> None:
+    """Per service: database, current and latest version, pending, dirty, drift."""
+    try:
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+    except DbplanError as err:
+        _fail(err)
+    if format is OutputFormat.json:
+        from .render import json as render_json
+
+        _say(render_json.render_status(planned.plan))
+    else:
+        from .render import text
+
+        _say(text.render_status(planned.plan, color=_use_color()))
+
+
+@app.command()
+def force(
+    service: Annotated[str, typer.Argument(help="Service whose version to record.")],
+    version: Annotated[int, typer.Argument(help="Version the database is at now (0: none).", min=0)],
+    file: FileOption = DEFAULT_FILE,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why, for the history table.")] = None,
+) -> None:
+    """Clear a dirty state by recording VERSION as the service's current version."""
+    try:
+        api.force(file, service, version, reason=reason)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"service '{service}' is now recorded at version {version}, not dirty.\n")
+
+
+@app.command()
+def new(
+    service: Annotated[str, typer.Argument(help="Service to add a migration to.")],
+    title: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add prices'.")],
+    file: FileOption = DEFAULT_FILE,
+) -> None:
+    """Create the next up/down migration pair of a service."""
+    try:
+        up, down = api.new_migration(file, service, title)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"created {up}\ncreated {down}\n")
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: run the app, mapping usage errors to exit code 1."""
+    import click
+
+    try:
+        code = app(args=argv, prog_name="dbplan", standalone_mode=False)
+    except click.exceptions.UsageError as err:
+        err.show()
+        return 1
+    except click.exceptions.Abort:
+        _note("Aborted; nothing was changed.")
+        return 1
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except KeyboardInterrupt:
+        _note("Interrupted.")
+        return 130
+    except Exception:
+        if _state["debug"]:
+            raise
+        _note("internal error: dbplan failed unexpectedly. Run again with --debug for the traceback, and report it.")
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Stage 4: read the live servers into a frozen snapshot.
+
+Each server is read once (its databases and roles) and each existing database once (the
+bookkeeping tables of every service in it). Databases that do not exist are not connected
+to. All queries are named constants and run read-only; nothing here writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .connection import connect, server_url
+from .errors import ConnectionFailed
+from .model import Estate, Server, Service
+
+if TYPE_CHECKING:
+    import psycopg
+
+SERVER_FACTS = """
+SELECT current_setting('server_version') AS version,
+       (SELECT array_agg(datname::text) FROM pg_database) AS databases,
+       (SELECT array_agg(rolname::text) FROM pg_roles) AS roles,
+       inet_server_addr()::text AS address,
+       current_setting('port') AS port
+"""
+# pg_control_system() is restricted to privileged roles on some servers; its absence only
+# weakens a saved plan's server identity check to the server's address.
+SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
+CURRENT_SCHEMA = "SELECT coalesce(current_schema(), 'public')"
+TABLE_EXISTS = "SELECT to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) IS NOT NULL"
+ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %s)"
+INVALID_INDEXES = """
+SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid ORDER BY 1
+"""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """The latest event recorded for one version."""
+
+    version: int
+    event: str  # apply | revert | force | baseline | accept
+    checksum: str | None
+    title: str | None
+    id: int = 0  # order of events: a later force overrides every earlier event
+
+
+@dataclass(frozen=True)
+class ServiceFacts:
+    service: str
+    database_exists: bool
+    schema: str | None = None  # where the migrations table is (or will be)
+    table_exists: bool = False
+    history_exists: bool = False
+    version: int | None = None  # schema_migrations.version; None when no row
+    dirty: bool = False
+    history: tuple[HistoryEntry, ...] = ()
+    last_force: HistoryEntry | None = None
+    invalid_indexes: tuple[str, ...] = ()
+
+    def history_by_version(self) -> dict[int, HistoryEntry]:
+        return {entry.version: entry for entry in self.history}
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    server: str
+    version: str
+    system_identifier: str | None
+    address: str | None
+    databases: frozenset[str]
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LiveState:
+    servers: dict[str, ServerFacts]
+    services: dict[str, ServiceFacts]
+
+
+def inspect(
+    estate: Estate,
+    *,
+    wait_seconds: float = 0.0,
+    on_retry: Callable[[str], None] | None = None,
+) -> LiveState:
+    """Read every server and every existing database the plan file names."""
+    servers: dict[str, ServerFacts] = {}
+    services: dict[str, ServiceFacts] = {}
+    for server in estate.servers.values():
+        url = server_url(server)
+        with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
+            servers[server.name] = read_server(conn, server)
+        for database, members in _services_by_database(estate, server).items():
+            if database not in servers[server.name].databases:
+                for service in members:
+                    services[service.name] = ServiceFacts(service.name, database_exists=False)
+                continue
+            owner = estate.databases[database].owner
+            with connect(server, url, database) as conn:
+                for service in members:
+                    services[service.name] = read_service(conn, service, owner)
+    return LiveState(servers=servers, services=services)
+
+
+def _services_by_database(estate: Estate, server: Server) -> dict[str, list[Service]]:
+    grouped: dict[str, list[Service]] = {}
+    for service in estate.services.values():
+        if estate.databases[service.database].server == server.name:
+            grouped.setdefault(service.database, []).append(service)
+    return grouped
+
+
+def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
+    import psycopg
+
+    try:
+        row = conn.execute(SERVER_FACTS).fetchone()
+        assert row is not None
+        version, databases, roles, address, port = row
+        try:
+            identifier_row = conn.execute(SYSTEM_IDENTIFIER).fetchone()
+            identifier = identifier_row[0] if identifier_row else None
+        except psycopg.errors.InsufficientPrivilege:
+            identifier = None
+    except psycopg.Error as err:
+        raise ConnectionFailed(f"cannot read server '{server.name}': {err}", server=server.name) from err
+    return ServerFacts(
+        server=server.name,
+        version=version,
+        system_identifier=identifier,
+        address=f"{address or 'local'}:{port}",
+        databases=frozenset(databases or ()),
+        roles=frozenset(roles or ()),
+    )
+
+
+def read_service(conn: psycopg.Connection, service: Service, owner: str | None) -> ServiceFacts:
+    """Read one service's bookkeeping through an open connection to its database.
+
+    The executor calls this too, under the lock, to re-plan against fresh facts.
+    """
+    import psycopg
+
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            schema = service.schema or resolve_schema(conn, owner)
+            table_exists = _table_exists(conn, schema, service.table)
+            history_exists = _table_exists(conn, schema, service.history_table)
+            version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
+            history, last_force = _history(conn, schema, service.history_table) if history_exists else ((), None)
+            invalid = tuple(row[0] for row in conn.execute(INVALID_INDEXES))
+    except psycopg.Error as err:
+        raise ConnectionFailed(
+            f"cannot read the migrations of service '{service.name}' in database '{service.database}': "
+            f"{str(err).strip()}",
+            service=service.name,
+        ) from err
+    return ServiceFacts(
+        service=service.name,
+        database_exists=True,
+        schema=schema,
+        table_exists=table_exists,
+        history_exists=history_exists,
+        version=version,
+        dirty=dirty,
+        history=history,
+        last_force=last_force,
+        invalid_indexes=invalid,
+    )
+
+
+def resolve_schema(conn: psycopg.Connection, owner: str | None) -> str:
+    """The schema golang-migrate would use: current_schema() of the role migrations run as."""
+    from psycopg import sql
+
+    role_row = conn.execute(ROLE_EXISTS, (owner,)).fetchone() if owner else None
+    if owner and role_row and role_row[0]:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
+        row = conn.execute(CURRENT_SCHEMA).fetchone()
+        conn.execute("RESET ROLE")
+    else:
+        row = conn.execute(CURRENT_SCHEMA).fetchone()
+    return row[0] if row else "public"
+
+
+def _table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    row = conn.execute(TABLE_EXISTS, (schema, table)).fetchone()
+    return bool(row and row[0])
+
+
+def _current_version(conn: psycopg.Connection, schema: str, table: str) -> tuple[int | None, bool]:
+    from psycopg import sql
+
+    query = sql.SQL("SELECT version, dirty FROM {}.{} ORDER BY version DESC LIMIT 1").format(
+        sql.Identifier(schema), sql.Identifier(table)
+    )
+    row = conn.execute(query).fetchone()
+    if row is None:
+        return None, False
+    version = row[0]
+    # golang-migrate writes -1 for "no version" in some drivers.
+    return (None if version is None or version < 0 else int(version)), bool(row[1])
+
+
+def _history(
+    conn: psycopg.Connection, schema: str, table: str
+) -> tuple[tuple[HistoryEntry, ...], HistoryEntry | None]:
+    """The latest event of every version, and the latest force (which overrides older events)."""
+    from psycopg import sql
+
+    table_id = sql.Identifier(schema, table)
+    latest = sql.SQL(
+        "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} ORDER BY version, id DESC"
+    ).format(table_id)
+    last_force = sql.SQL(
+        "SELECT version, event, checksum, title, id FROM {} WHERE event = 'force' ORDER BY id DESC LIMIT 1"
+    ).format(table_id)
+    entries = tuple(HistoryEntry(int(v), e, c, t, int(i)) for v, e, c, t, i in conn.execute(latest))
+    force_row = conn.execute(last_force).fetchone()
+    force = HistoryEntry(int(force_row[0]), *force_row[1:4], int(force_row[4])) if force_row else None
+    return entries, force
+

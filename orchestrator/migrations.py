@@ -1,0 +1,199 @@
+"""Stage 3: scan each service's migration folder into an ordered set of migrations.
+
+Files are named like golang-migrate's: ``{version}_{title}.up.sql`` and
+``{version}_{title}.down.sql``. Versions are integers, so ``00034`` and ``000034`` are the
+same version 34. Nothing here talks to a server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .errors import MigrationFileError, Place
+from .model import Estate, Service
+from .sqlscript import Script, parse_script
+
+MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]+)_(?P<title>.+)\.(?P<direction>up|down)\.sql$")
+MAX_MIGRATION_BYTES = 64 * 1024 * 1024
+MAX_VERSION = 2**63 - 1  # schema_migrations.version is a bigint
+
+
+class RunMode:
+    """How the executor runs a migration file; shown in the plan."""
+
+    TRANSACTION = "transaction"  # one transaction with its bookkeeping
+    WRAPPED = "own-transaction-folded"  # the file's single BEGIN/COMMIT replaced by dbplan's transaction
+    NO_TRANSACTION = "no-transaction"  # statement by statement, dirty flag around it
+    OWN_TRANSACTIONS = "own-transactions"  # several BEGIN/COMMIT blocks: run as written, dirty flag around
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    path: Path
+    display: str  # path relative to the plan file's folder, as shown to users
+    checksum: str  # sha256 of the file's bytes
+    text: str = field(repr=False, compare=False)
+
+    @cached_property
+    def script(self) -> Script:
+        return parse_script(self.text)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    title: str
+    up: MigrationFile
+    down: MigrationFile | None
+
+    @property
+    def run_mode(self) -> str:
+        script = self.up.script
+        if script.no_transaction_marker:
+            return RunMode.NO_TRANSACTION
+        if script.transaction_style == "wrapped":
+            return RunMode.WRAPPED
+        if script.transaction_style == "multiple":
+            return RunMode.OWN_TRANSACTIONS
+        return RunMode.TRANSACTION
+
+    @property
+    def transactional(self) -> bool:
+        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+
+
+@dataclass(frozen=True)
+class MigrationSet:
+    service: str
+    folder: Path
+    migrations: tuple[Migration, ...]  # ascending by version
+
+    def by_version(self) -> dict[int, Migration]:
+        return {migration.version: migration for migration in self.migrations}
+
+    @property
+    def latest(self) -> int | None:
+        return self.migrations[-1].version if self.migrations else None
+
+
+def scan(estate: Estate) -> dict[str, MigrationSet]:
+    """Scan the migration folder of every service, in plan-file order."""
+    return {name: scan_service(service, estate.root) for name, service in estate.services.items()}
+
+
+def scan_service(service: Service, root: Path) -> MigrationSet:
+    folder = service.migrations_dir
+    _check_folder(service, folder, root)
+    ups: dict[int, MigrationFile] = {}
+    downs: dict[int, MigrationFile] = {}
+    titles: dict[int, str] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if not path.name.endswith(".sql"):
+            continue  # READMEs and the like live beside migrations
+        version, title, direction = _parse_name(path, root)
+        target = ups if direction == "up" else downs
+        if version in target:
+            raise MigrationFileError(
+                f"two {direction} files for version {version}: {target[version].path.name} and {path.name}",
+                place=Place(_display(path, root)),
+                hint="every version needs exactly one up file (and at most one down file)",
+            )
+        other_title = titles.setdefault(version, title)
+        if other_title != title:
+            raise MigrationFileError(
+                f"the up and down files of version {version} have different titles: "
+                f"'{other_title}' and '{title}'",
+                place=Place(_display(path, root)),
+                hint="rename one so that both read {version}_{title}.up.sql / .down.sql",
+            )
+        target[version] = _read_file(path, root)
+    for version, down in downs.items():
+        if version not in ups:
+            raise MigrationFileError(
+                f"down file without an up file for version {version}",
+                place=Place(down.display),
+                hint=f"add the matching .up.sql file or remove {down.path.name}",
+            )
+    migrations = tuple(
+        Migration(version, titles[version], ups[version], downs.get(version)) for version in sorted(ups)
+    )
+    return MigrationSet(service.name, folder, migrations)
+
+
+def _check_folder(service: Service, folder: Path, root: Path) -> None:
+    if not folder.exists():
+        raise MigrationFileError(
+            f"migration folder '{service.migrations_display}' of service '{service.name}' does not exist",
+            place=service.migrations_place,
+            hint=f"create it (dbplan new {service.name} TITLE does) or fix the path",
+        )
+    if not folder.is_dir():
+        raise MigrationFileError(
+            f"'{service.migrations_display}' of service '{service.name}' is not a folder",
+            place=service.migrations_place,
+        )
+    if not _is_inside(folder, root):
+        raise MigrationFileError(
+            f"migration folder '{service.migrations_display}' leads outside the plan file's folder",
+            place=service.migrations_place,
+            hint="keep migrations beside dbplan.yaml so reviewers see them in the same repository",
+        )
+
+
+def _parse_name(path: Path, root: Path) -> tuple[int, str, str]:
+    match = MIGRATION_NAME.match(path.name)
+    if match is None:
+        raise MigrationFileError(
+            f"cannot read the migration file name '{path.name}'",
+            place=Place(_display(path, root)),
+            hint="name migrations {version}_{title}.up.sql and {version}_{title}.down.sql, "
+            "for example 000001_init_schema.up.sql",
+        )
+    version = int(match["version"])
+    if version > MAX_VERSION:
+        raise MigrationFileError(
+            f"version {match['version']} does not fit in a bigint", place=Place(_display(path, root))
+        )
+    return version, match["title"], match["direction"]
+
+
+def _read_file(path: Path, root: Path) -> MigrationFile:
+    display = _display(path, root)
+    if not _is_inside(path, root):
+        raise MigrationFileError(
+            f"{path.name} is a link that leads outside the plan file's folder", place=Place(display)
+        )
+    if not path.is_file():
+        raise MigrationFileError(f"{path.name} is not a regular file", place=Place(display))
+    size = path.stat().st_size
+    if size > MAX_MIGRATION_BYTES:
+        raise MigrationFileError(
+            f"{path.name} is {size} bytes; the limit is {MAX_MIGRATION_BYTES}", place=Place(display)
+        )
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise MigrationFileError(f"{path.name} is binary, not SQL", place=Place(display))
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MigrationFileError(
+            f"{path.name} is not UTF-8 (byte {err.start})", place=Place(display), hint="save the file as UTF-8"
+        ) from err
+    return MigrationFile(path=path, display=display, checksum=hashlib.sha256(raw).hexdigest(), text=text)
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,0 +1,141 @@
+"""The estate as the plan file declares it: frozen values, no I/O.
+
+``config.load`` builds an ``Estate``; every later stage reads it and none changes it.
+Each value keeps the ``Place`` it came from so later stages can point at the YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Place
+
+DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
+DEFAULT_MAINTENANCE_DATABASE = "postgres"
+DEFAULT_EMBEDDED_DATA_DIR = ".dbplan/postgres"
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    """An embedded server dbplan starts itself when a command needs it."""
+
+    data_dir: Path
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    url: str | None  # None when the server is embedded
+    embedded: EmbeddedSpec | None
+    maintenance_database: str = DEFAULT_MAINTENANCE_DATABASE
+    place: Place = field(default=Place(), compare=False)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    server: str
+    login: bool = False
+    # Kept out of repr so a stray log line or traceback cannot print it.
+    password: str | None = field(default=None, repr=False)
+    place: Place = field(default=Place(), compare=False)
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+    server: str
+    owner: str | None = None
+    place: Place = field(default=Place(), compare=False)
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    database: str
+    migrations_dir: Path
+    migrations_display: str  # the folder as written in the plan file, for output
+    depends_on: tuple[str, ...] = ()
+    schema: str | None = None  # None: the connecting role's current_schema()
+    table: str = DEFAULT_MIGRATIONS_TABLE
+    allow_out_of_order: bool = False
+    target: int | None = None
+    lint_allow: frozenset[str] = frozenset()
+    place: Place = field(default=Place(), compare=False)
+    migrations_place: Place = field(default=Place(), compare=False)
+
+    @property
+    def history_table(self) -> str:
+        return history_table_name(self.table)
+
+
+def history_table_name(migrations_table: str) -> str:
+    """DESIGN: ``dbplan_history`` beside ``schema_migrations``, ``X_history`` beside ``X``."""
+    if migrations_table == DEFAULT_MIGRATIONS_TABLE:
+        return "dbplan_history"
+    return f"{migrations_table}_history"
+
+
+@dataclass(frozen=True)
+class Estate:
+    """Everything the plan file says, in file order (dicts keep YAML order)."""
+
+    file: Path
+    root: Path  # folder of the plan file; relative paths start here
+    servers: dict[str, Server]
+    roles: dict[str, Role]
+    databases: dict[str, Database]
+    services: dict[str, Service]
+
+    def server_of_service(self, service: Service) -> Server:
+        return self.servers[self.databases[service.database].server]
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret the file holds, so outputs can be checked and scrubbed."""
+        found: list[str] = [role.password for role in self.roles.values() if role.password]
+        for server in self.servers.values():
+            password = url_password(server.url)
+            if password:
+                found.append(password)
+        return tuple(found)
+
+
+def url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return unquote(parts.password)
+    except ValueError:
+        return None
+    # key=value conninfo strings: password=...
+    for token in url.split():
+        if token.startswith("password="):
+            return token.split("=", 1)[1].strip("'")
+    return None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for output."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.scheme and parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    if not parts.scheme:
+        return " ".join(
+            "password=***" if token.startswith("password=") else token for token in url.split()
+        )
+    return url

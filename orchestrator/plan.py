@@ -1,0 +1,179 @@
+"""The Plan: an immutable value listing exactly what ``apply`` will do, in order.
+
+Actions compare by value, so tests can write ``assert plan.actions == (CreateDatabase(...),)``
+and the executor can check, under its lock, that a fresh plan is what was shown. Nothing
+here holds a secret: a role's password stays in the estate and is read only when the
+role is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CreateRole:
+    server: str
+    role: str
+    login: bool = False
+    with_password: bool = False
+    kind: str = field(default="create_role", init=False)
+
+
+@dataclass(frozen=True)
+class CreateDatabase:
+    server: str
+    database: str
+    owner: str | None = None
+    kind: str = field(default="create_database", init=False)
+
+
+@dataclass(frozen=True)
+class ApplyMigration:
+    service: str
+    database: str
+    version: int
+    title: str
+    file: str
+    checksum: str
+    run_mode: str
+    version_after: int  # what schema_migrations.version holds once this has run
+    kind: str = field(default="apply_migration", init=False)
+
+    @property
+    def transactional(self) -> bool:
+        from .migrations import RunMode
+
+        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+
+
+@dataclass(frozen=True)
+class RevertMigration:
+    service: str
+    database: str
+    version: int
+    title: str
+    file: str  # the down file
+    checksum: str
+    run_mode: str
+    version_after: int | None  # None: no version left, the row is removed
+    kind: str = field(default="revert_migration", init=False)
+
+    @property
+    def transactional(self) -> bool:
+        from .migrations import RunMode
+
+        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+
+
+Action = CreateRole | CreateDatabase | ApplyMigration | RevertMigration
+MigrationAction = ApplyMigration | RevertMigration
+
+
+@dataclass(frozen=True)
+class Drift:
+    version: int
+    file: str
+    recorded_checksum: str
+    file_checksum: str | None  # None: the file is gone
+
+
+@dataclass(frozen=True)
+class Warning:
+    message: str
+    service: str | None = None
+    file: str | None = None
+    line: int | None = None
+    rule: str | None = None
+    statement: str | None = None
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the plan cannot be applied as it is; ``apply`` refuses while any exists."""
+
+    message: str
+    service: str | None = None
+    version: int | None = None
+    file: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    service: str
+    database: str
+    server: str
+    current: int | None
+    target: int | None
+    latest: int | None
+    dirty: bool
+    pending: tuple[int, ...]
+    reverts: tuple[int, ...]
+    drift: tuple[Drift, ...]
+    out_of_order: tuple[int, ...] = ()
+    invalid_indexes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    services: tuple[ServicePlan, ...]
+    warnings: tuple[Warning, ...] = ()
+    blockers: tuple[Blocker, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.blockers)
+
+    def summary(self) -> dict[str, int]:
+        counts = {"create_roles": 0, "create_databases": 0, "apply": 0, "revert": 0}
+        key = {
+            "create_role": "create_roles",
+            "create_database": "create_databases",
+            "apply_migration": "apply",
+            "revert_migration": "revert",
+        }
+        for action in self.actions:
+            counts[key[action.kind]] += 1
+        return counts
+
+    def actions_of(self, service: str) -> tuple[MigrationAction, ...]:
+        return tuple(
+            action
+            for action in self.actions
+            if isinstance(action, (ApplyMigration, RevertMigration)) and action.service == service
+        )
+
+    def service(self, name: str) -> ServicePlan:
+        return next(service for service in self.services if service.service == name)
+
+
+def action_to_dict(action: Action) -> dict[str, Any]:
+    """The JSON shape of an action (DESIGN.md); field order follows the dataclass."""
+    data: dict[str, Any] = {"kind": action.kind}
+    for name in action.__dataclass_fields__:
+        if name != "kind":
+            data[name] = getattr(action, name)
+    if isinstance(action, (ApplyMigration, RevertMigration)):
+        data["transactional"] = action.transactional
+    return data
+
+
+ACTION_TYPES: dict[str, type] = {
+    "create_role": CreateRole,
+    "create_database": CreateDatabase,
+    "apply_migration": ApplyMigration,
+    "revert_migration": RevertMigration,
+}
+
+
+def action_from_dict(data: dict[str, Any]) -> Action:
+    cls = ACTION_TYPES[data["kind"]]
+    fields = {name for name, spec in cls.__dataclass_fields__.items() if spec.init}
+    return cls(**{name: value for name, value in data.items() if name in fields})  # type: ignore[no-any-return]

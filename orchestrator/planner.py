@@ -1,0 +1,346 @@
+"""Stage 5: the planner, a pure function of (estate, graph, migrations, live state).
+
+It never talks to a server, so every rule here is tested with small in-memory estates.
+The executor calls ``plan_service`` again under its lock to check that what it is about
+to do is still what was shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .facts import LiveState, ServiceFacts
+from .graph import EstateGraph
+from .migrations import Migration, MigrationSet, RunMode
+from .model import Estate, Service
+from .plan import (
+    Action,
+    ApplyMigration,
+    Blocker,
+    CreateDatabase,
+    CreateRole,
+    Drift,
+    MigrationAction,
+    Plan,
+    RevertMigration,
+    ServicePlan,
+    Warning,
+)
+
+APPLIED_EVENTS = frozenset({"apply", "force", "baseline", "accept"})
+
+
+@dataclass(frozen=True)
+class ServiceOutcome:
+    """What the planner decided for one service."""
+
+    summary: ServicePlan
+    reverts: tuple[RevertMigration, ...]
+    applies: tuple[ApplyMigration, ...]
+    warnings: tuple[Warning, ...]
+    blockers: tuple[Blocker, ...]
+
+    @property
+    def actions(self) -> tuple[MigrationAction, ...]:
+        return self.reverts + self.applies
+
+
+def make_plan(
+    estate: Estate, graph: EstateGraph, migration_sets: dict[str, MigrationSet], live: LiveState
+) -> Plan:
+    """Compute every change needed to bring the live servers to what the plan file says."""
+    actions: list[Action] = []
+    actions += _missing_roles(estate, live)
+    actions += _missing_databases(estate, live)
+    outcomes = {
+        name: plan_service(estate.services[name], estate, migration_sets[name], live.services[name])
+        for name in graph.service_order
+    }
+    # Reverts run dependents first; applies run prerequisites first.
+    for name in reversed(graph.service_order):
+        actions += outcomes[name].reverts
+    for name in graph.service_order:
+        actions += outcomes[name].applies
+    in_file_order = [outcomes[name] for name in estate.services]
+    return Plan(
+        actions=tuple(actions),
+        services=tuple(outcome.summary for outcome in in_file_order),
+        warnings=tuple(warning for outcome in in_file_order for warning in outcome.warnings),
+        blockers=tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
+    )
+
+
+def _missing_roles(estate: Estate, live: LiveState) -> list[CreateRole]:
+    return [
+        CreateRole(role.server, role.name, login=role.login, with_password=role.password is not None)
+        for role in estate.roles.values()
+        if role.name not in live.servers[role.server].roles
+    ]
+
+
+def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:
+    return [
+        CreateDatabase(database.server, database.name, database.owner)
+        for database in estate.databases.values()
+        if database.name not in live.servers[database.server].databases
+    ]
+
+
+def plan_service(
+    service: Service, estate: Estate, migration_set: MigrationSet, facts: ServiceFacts
+) -> ServiceOutcome:
+    """Decide what to revert and apply for one service."""
+    by_version = migration_set.by_version()
+    applied = _applied(facts, by_version)
+    current = max(applied, default=None)
+    latest = migration_set.latest
+    target = service.target if service.target is not None else latest
+    warnings: list[Warning] = []
+    blockers: list[Blocker] = []
+
+    drift = _drift(applied, by_version)
+    warnings += (
+        Warning(
+            f"version {d.version} was changed after it was applied (recorded sha256 {d.recorded_checksum[:12]}, "
+            f"file {d.file_checksum[:12] if d.file_checksum else 'missing'})",
+            service=service.name,
+            file=d.file,
+            rule="drift",
+        )
+        for d in drift
+    )
+    warnings += (
+        Warning(
+            f"version {version} is applied but has no file in {service.migrations_display}",
+            service=service.name,
+            rule="missing-file",
+        )
+        for version in sorted(applied)
+        if version not in by_version and (target is None or version <= target)
+    )
+
+    if facts.dirty:
+        blockers.append(_dirty_blocker(service, facts, by_version))
+
+    pending = [
+        m for m in migration_set.migrations if m.version not in applied and (target is None or m.version <= target)
+    ]
+    out_of_order = tuple(m.version for m in pending if current is not None and m.version < current)
+    if out_of_order and not service.allow_out_of_order:
+        for version in out_of_order:
+            blockers.append(
+                Blocker(
+                    f"{by_version[version].up.display} (version {version}) was never applied, but version "
+                    f"{current} already is: it is out of order",
+                    service=service.name,
+                    version=version,
+                    file=by_version[version].up.display,
+                    hint="renumber the file above the current version, or set allow_out_of_order: true "
+                    f"on service '{service.name}' to apply it anyway",
+                )
+            )
+
+    reverts = _reverts(service, applied, by_version, target, blockers)
+    remaining = sorted(set(applied) - {r.version for r in reverts})
+    applies = _applies(service, pending, max(remaining, default=None))
+    for migration in pending:
+        warnings += _file_warnings(service, migration, blockers)
+
+    summary = ServicePlan(
+        service=service.name,
+        database=service.database,
+        server=estate.databases[service.database].server,
+        current=current,
+        target=target,
+        latest=latest,
+        dirty=facts.dirty,
+        pending=tuple(m.version for m in pending),
+        reverts=tuple(r.version for r in reverts),
+        drift=drift,
+        out_of_order=out_of_order,
+        invalid_indexes=facts.invalid_indexes,
+    )
+    if blockers:
+        return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
+    return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+
+
+def _applied(facts: ServiceFacts, by_version: dict[int, Migration]) -> dict[int, str | None]:
+    """Applied versions and the checksum recorded for each (None: drift unknown).
+
+    A version's state is its latest history event, except that a later ``force`` to
+    version F overrides older events: after it, exactly the versions up to F are applied.
+    Versions at or below schema_migrations.version without history count as applied:
+    golang-migrate keeps no history, and this is how a database it manages is adopted.
+    """
+    history = facts.history_by_version()
+    cut = facts.last_force
+    applied: dict[int, str | None] = {}
+    for version, entry in history.items():
+        if cut is not None and entry.id < cut.id:
+            if version <= cut.version:
+                applied[version] = entry.checksum if entry.event in APPLIED_EVENTS else None
+        elif entry.event in APPLIED_EVENTS:
+            applied[version] = entry.checksum
+    if facts.version is not None:
+        # The dirty version was recorded before it ran and did not finish: not applied.
+        ceiling = facts.version - 1 if facts.dirty else facts.version
+        for version in by_version:
+            if version <= ceiling and version not in history:
+                applied[version] = None
+        if not facts.dirty and facts.version not in history:
+            applied.setdefault(facts.version, None)  # the recorded current version; its file may be gone
+    return applied
+
+
+def _drift(applied: dict[int, str | None], by_version: dict[int, Migration]) -> tuple[Drift, ...]:
+    return tuple(
+        Drift(version, by_version[version].up.display, recorded, by_version[version].up.checksum)
+        for version, recorded in sorted(applied.items())
+        if recorded is not None and version in by_version and by_version[version].up.checksum != recorded
+    )
+
+
+def _dirty_blocker(service: Service, facts: ServiceFacts, by_version: dict[int, Migration]) -> Blocker:
+    version = facts.version
+    migration = by_version.get(version) if version is not None else None
+    left_behind = ""
+    if facts.invalid_indexes:
+        left_behind = f"; invalid indexes left behind: {', '.join(facts.invalid_indexes)}"
+    return Blocker(
+        f"service '{service.name}' is dirty at version {version}: "
+        f"{migration.up.display if migration else 'a migration'} ran outside a transaction and failed "
+        f"part-way{left_behind}",
+        service=service.name,
+        version=version,
+        file=migration.up.display if migration else None,
+        hint=f"fix the database by hand, then run 'dbplan force {service.name} {version}' if the migration's "
+        f"changes are now complete, or 'dbplan force {service.name} <previous version>' to run it again",
+    )
+
+
+def _reverts(
+    service: Service,
+    applied: dict[int, str | None],
+    by_version: dict[int, Migration],
+    target: int | None,
+    blockers: list[Blocker],
+) -> tuple[RevertMigration, ...]:
+    if target is None:
+        return ()
+    doomed = sorted((version for version in applied if version > target), reverse=True)
+    reverts: list[RevertMigration] = []
+    remaining = sorted(set(applied) - set(doomed))
+    for index, version in enumerate(doomed):
+        migration = by_version.get(version)
+        if migration is None or migration.down is None:
+            blockers.append(
+                Blocker(
+                    f"cannot revert version {version} of service '{service.name}' to reach target {target}: "
+                    f"{'no migration file' if migration is None else 'no down file'}",
+                    service=service.name,
+                    version=version,
+                    file=migration.up.display if migration else None,
+                    hint=f"add {version}_{migration.title if migration else 'title'}.down.sql, "
+                    "or raise the service's target",
+                )
+            )
+            continue
+        after = doomed[index + 1 :] + remaining
+        reverts.append(
+            RevertMigration(
+                service=service.name,
+                database=service.database,
+                version=version,
+                title=migration.title,
+                file=migration.down.display,
+                checksum=migration.down.checksum,
+                run_mode=_down_run_mode(migration),
+                version_after=max(after, default=None),
+            )
+        )
+    return tuple(reverts)
+
+
+def _down_run_mode(migration: Migration) -> str:
+    assert migration.down is not None
+    script = migration.down.script
+    if script.no_transaction_marker:
+        return RunMode.NO_TRANSACTION
+    return {"wrapped": RunMode.WRAPPED, "multiple": RunMode.OWN_TRANSACTIONS}.get(
+        script.transaction_style, RunMode.TRANSACTION
+    )
+
+
+def _applies(service: Service, pending: list[Migration], base: int | None) -> tuple[ApplyMigration, ...]:
+    applies: list[ApplyMigration] = []
+    high = base
+    for migration in pending:  # ascending: out-of-order files run in version order too
+        high = migration.version if high is None else max(high, migration.version)
+        applies.append(
+            ApplyMigration(
+                service=service.name,
+                database=service.database,
+                version=migration.version,
+                title=migration.title,
+                file=migration.up.display,
+                checksum=migration.up.checksum,
+                run_mode=migration.run_mode,
+                version_after=high,
+            )
+        )
+    return tuple(applies)
+
+
+def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker]) -> list[Warning]:
+    from .sqlscript import lint
+
+    script = migration.up.script
+    file = migration.up.display
+    warnings: list[Warning] = []
+    if not script.parsed:
+        warnings.append(
+            Warning(
+                f"could not parse the SQL ({script.parse_error}); it is sent to the server as it is",
+                service=service.name,
+                file=file,
+                rule="parse-error",
+            )
+        )
+    mode_notes = {
+        RunMode.WRAPPED: "manages its own transaction (BEGIN ... COMMIT): dbplan runs its statements in "
+        "dbplan's transaction instead, together with the bookkeeping",
+        RunMode.OWN_TRANSACTIONS: "holds several transaction blocks: it runs statement by statement as "
+        "written, and a failure part-way leaves the service dirty",
+    }
+    if migration.run_mode in mode_notes:
+        warnings.append(Warning(mode_notes[migration.run_mode], service=service.name, file=file, rule="own-transaction"))
+    if migration.down is None:
+        warnings.append(
+            Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
+        )
+    for finding in lint(script, allow=service.lint_allow):
+        if finding.severity == "error" and migration.transactional:
+            blockers.append(
+                Blocker(
+                    f"{file}:{finding.line}: {finding.message}: {finding.statement}",
+                    service=service.name,
+                    version=migration.version,
+                    file=file,
+                    hint="put '-- dbplan:no-transaction' on the file's first line to run it outside a transaction",
+                )
+            )
+            continue
+        if finding.severity == "error":
+            continue  # the file is already marked no-transaction
+        warnings.append(
+            Warning(
+                finding.message,
+                service=service.name,
+                file=file,
+                line=finding.line,
+                rule=finding.rule,
+                statement=finding.statement,
+            )
+        )
+    return warnings

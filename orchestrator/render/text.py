@@ -1,0 +1,188 @@
+"""The plan, status and apply result for people at a terminal, in the style of ``terraform plan``.
+
+``+`` creates or applies, ``-`` reverts, ``~`` drift, ``!`` blocked. Colour is the
+caller's decision (a terminal, and no ``NO_COLOR``); this module only obeys it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..executor import Result
+from ..plan import (
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    Plan,
+    RevertMigration,
+    ServicePlan,
+)
+
+_CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
+
+
+class Style:
+    def __init__(self, color: bool) -> None:
+        self.color = color
+
+    def __call__(self, text: str, *styles: str) -> str:
+        if not self.color or not styles:
+            return text
+        codes = ";".join(_CODES[style] for style in styles)
+        return f"\033[{codes}m{text}\033[0m"
+
+
+def version_label(version: int | None) -> str:
+    return "none" if version is None else str(version)
+
+
+def render_plan(plan: Plan, *, color: bool = False) -> str:
+    style = Style(color)
+    lines: list[str] = []
+    lines += _server_section(plan, style)
+    for service in plan.services:
+        lines += _service_section(plan, service, style)
+    lines += _warnings(plan, style)
+    lines += _blockers(plan, style)
+    lines.append(summary_line(plan, style))
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(plan: Plan, style: Style | None = None) -> str:
+    style = style or Style(False)
+    if plan.blocked:
+        return style(f"Plan blocked: {len(plan.blockers)} problem(s) must be fixed before apply.", "red", "bold")
+    if not plan.changes:
+        return style("No changes. The databases match the plan file.", "green", "bold")
+    counts = plan.summary()
+    parts = []
+    if counts["create_roles"]:
+        parts.append(f"{counts['create_roles']} role(s) to create")
+    if counts["create_databases"]:
+        parts.append(f"{counts['create_databases']} database(s) to create")
+    parts.append(f"{counts['apply']} migration(s) to apply")
+    if counts["revert"]:
+        parts.append(f"{counts['revert']} to revert")
+    drift = sum(len(service.drift) for service in plan.services)
+    suffix = f" ({drift} drifted)" if drift else ""
+    return style("Plan: " + ", ".join(parts) + "." + suffix, "bold")
+
+
+def _server_section(plan: Plan, style: Style) -> list[str]:
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    lines: list[str] = []
+    for server in dict.fromkeys(a.server for a in creations):
+        lines.append(style(f"server {server}", "bold"))
+        for action in creations:
+            if action.server != server:
+                continue
+            if isinstance(action, CreateRole):
+                detail = ", ".join(
+                    part for part in ("login" if action.login else "nologin", "password" if action.with_password else "") if part
+                )
+                lines.append(style(f"  + create role {action.role} ({detail})", "green"))
+            else:
+                owner = f" (owner {action.owner})" if action.owner else ""
+                lines.append(style(f"  + create database {action.database}{owner}", "green"))
+        lines.append("")
+    return lines
+
+
+def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str]:
+    actions = plan.actions_of(service.service)
+    state = f"at {version_label(service.current)}"
+    if service.target is not None and service.target != service.current:
+        state += f" -> {version_label(service.target)}"
+    if service.dirty:
+        state += ", DIRTY"
+    header = style(f"service {service.service}", "bold") + style(f"  (database {service.database}, {state})", "dim")
+    lines = [header]
+    width = max((len(str(a.version)) for a in actions), default=1)
+    for action in actions:
+        mode = "" if action.run_mode == "transaction" else f"  [{action.run_mode}]"
+        if isinstance(action, ApplyMigration):
+            lines.append(style(f"  + {action.version:>{width}} {action.title}", "green") + style(f"  {action.file}{mode}", "dim"))
+        elif isinstance(action, RevertMigration):
+            lines.append(style(f"  - {action.version:>{width}} {action.title}", "red") + style(f"  {action.file}{mode}", "dim"))
+    for drift in service.drift:
+        lines.append(style(f"  ~ {drift.version} changed after it was applied", "yellow") + style(f"  {drift.file}", "dim"))
+    if service.dirty:
+        lines.append(style(f"  ! dirty at version {version_label(service.current if service.current is not None else None)}", "red"))
+    if not actions and not service.drift and not service.dirty:
+        lines.append(style("  up to date", "dim"))
+    lines.append("")
+    return lines
+
+
+def _warnings(plan: Plan, style: Style) -> list[str]:
+    if not plan.warnings:
+        return []
+    lines = [style("Warnings:", "yellow", "bold")]
+    for warning in plan.warnings:
+        place = warning.file or ""
+        if warning.line:
+            place += f":{warning.line}"
+        rule = f" [{warning.rule}]" if warning.rule else ""
+        where = f"{place}: " if place else (f"{warning.service}: " if warning.service else "")
+        lines.append(style(f"  ~ {where}{warning.message}{rule}", "yellow"))
+        if warning.statement:
+            lines.append(style(f"      {warning.statement}", "dim"))
+    lines.append("")
+    return lines
+
+
+def _blockers(plan: Plan, style: Style) -> list[str]:
+    if not plan.blockers:
+        return []
+    lines = [style("Blocked:", "red", "bold")]
+    for blocker in plan.blockers:
+        lines.append(style(f"  ! {blocker.message}", "red"))
+        if blocker.hint:
+            lines.append(f"    hint: {blocker.hint}")
+    lines.append("")
+    return lines
+
+
+def render_status(plan: Plan, *, color: bool = False) -> str:
+    style = Style(color)
+    header = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT")
+    rows = [header] + [
+        (
+            s.service,
+            s.database,
+            version_label(s.current),
+            version_label(s.latest),
+            str(len(s.pending)),
+            "yes" if s.dirty else "no",
+            ", ".join(str(d.version) for d in s.drift) or "-",
+        )
+        for s in plan.services
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(rows):
+        text = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        if index == 0:
+            text = style(text, "bold")
+        elif row[5] == "yes":
+            text = style(text, "red")
+        elif row[6] != "-":
+            text = style(text, "yellow")
+        lines.append(text)
+    lines += [""] + [
+        style(f"! {blocker.message}", "red") for blocker in plan.blockers
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_result(result: Result, *, color: bool = False) -> str:
+    style = Style(color)
+    done, skipped = result.count("done"), result.count("skipped")
+    if result.ok:
+        text = f"Apply complete: {done} done" + (f", {skipped} skipped (already done by another run)" if skipped else "") + "."
+        return style(text, "green", "bold") + "\n"
+    return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
+
+
+def bullet_list(items: Iterable[str]) -> str:
+    return "\n".join(f"  - {item}" for item in items)
