@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import bookkeeping
 from .connection import connect, server_url
 from .errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
-from .facts import read_server, read_service
+from .facts import ServiceFacts, read_server, read_service, resolve_schema
 from .locks import DEFAULT_LOCK_WAIT_SECONDS, advisory_lock, migrations_lock_key, server_lock_key
 from .migrations import Migration, MigrationFile, MigrationSet
 from .model import Estate, Server, Service
@@ -193,18 +193,20 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
     owner = run.estate.databases[service.database].owner
     migration_set = run.migration_sets[service.name]
     with connect(server, run.url(server), service.database) as conn:
-        facts = read_service(conn, service, owner)
-        assert facts.schema is not None
-        key = migrations_lock_key(service.database, facts.schema, service.table)
-        what = f"the migrations of service '{service.name}' ({service.database}.{facts.schema}.{service.table})"
+        with conn.transaction():
+            schema = service.schema or resolve_schema(conn, owner)
+        key = migrations_lock_key(service.database, schema, service.table)
+        what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         with advisory_lock(conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice):
-            fresh = plan_service(service, run.estate, migration_set, read_service(conn, service, owner))
+            facts = read_service(conn, service, owner)  # under the lock: another run may have moved on
+            assert facts.schema is not None
+            fresh = plan_service(service, run.estate, migration_set, facts)
             if fresh.blockers:
                 raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
             todo = _still_to_do(service, shown, list(fresh.actions), run.plan)
             tables = bookkeeping.Tables(facts.schema, service.table, service.history_table)
             if todo:
-                conn.execute(_as_role(conn, owner, bookkeeping.create_tables(tables, create_schema=service.schema is not None)))
+                conn.execute(_as_role(conn, owner, _prepare_bookkeeping(tables, service, facts)))
             by_version = migration_set.by_version()
             for action in shown:
                 if action not in todo:
@@ -218,6 +220,26 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
                     run.finish(Outcome(action, "failed", _ms_since(started), failure.message))
                     raise
                 run.finish(Outcome(action, "done", _ms_since(started)))
+
+
+def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: ServiceFacts) -> psycopg.sql.Composable:
+    """Create the tables; when adopting a golang-migrate database, record where it stood.
+
+    The baseline tells later plans that versions up to it were applied before dbplan's
+    history began, so that they are not mistaken for files that arrived out of order.
+    """
+    statements = bookkeeping.create_tables(tables, create_schema=service.schema is not None)
+    if facts.version is not None and not facts.history_exists:
+        statements += bookkeeping.record_event(
+            tables,
+            version=facts.version,
+            title=None,
+            checksum=None,
+            event="baseline",
+            reason="adopted: versions up to here were applied before dbplan kept history",
+            duration_ms=0,
+        )
+    return statements
 
 
 def _still_to_do(

@@ -211,7 +211,11 @@ def _current_version(conn: psycopg.Connection, schema: str, table: str) -> tuple
 def _history(
     conn: psycopg.Connection, schema: str, table: str
 ) -> tuple[tuple[HistoryEntry, ...], HistoryEntry | None]:
-    """The latest event of every version, and the latest force (which overrides older events)."""
+    """The latest event of every version, and the latest force or baseline.
+
+    A force (or the baseline written when dbplan adopts a golang-migrate database) says
+    "exactly the versions up to here are applied" and overrides older events.
+    """
     from psycopg import sql
 
     table_id = sql.Identifier(schema, table)
@@ -219,7 +223,8 @@ def _history(
         "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} ORDER BY version, id DESC"
     ).format(table_id)
     last_force = sql.SQL(
-        "SELECT version, event, checksum, title, id FROM {} WHERE event = 'force' ORDER BY id DESC LIMIT 1"
+        "SELECT version, event, checksum, title, id FROM {} WHERE event IN ('force', 'baseline') "
+        "ORDER BY id DESC LIMIT 1"
     ).format(table_id)
     entries = tuple(HistoryEntry(int(v), e, c, t, int(i)) for v, e, c, t, i in conn.execute(latest))
     force_row = conn.execute(last_force).fetchone()

@@ -168,10 +168,13 @@ def plan_service(
 def _applied(facts: ServiceFacts, by_version: dict[int, Migration]) -> dict[int, str | None]:
     """Applied versions and the checksum recorded for each (None: drift unknown).
 
-    A version's state is its latest history event, except that a later ``force`` to
-    version F overrides older events: after it, exactly the versions up to F are applied.
-    Versions at or below schema_migrations.version without history count as applied:
-    golang-migrate keeps no history, and this is how a database it manages is adopted.
+    A version's state is its latest history event, except that a later force (or
+    baseline) to version F overrides older events: after it, the versions up to F are
+    applied. A version with no history at all, at or below schema_migrations.version,
+    counts as applied when it is at or below the last force/baseline, or above every
+    version dbplan recorded (golang-migrate applied it: adoption, or a cutover where both
+    tools run). Below dbplan's highest recorded version it was never applied: it came in
+    late, out of order.
     """
     history = facts.history_by_version()
     cut = facts.last_force
@@ -182,14 +185,18 @@ def _applied(facts: ServiceFacts, by_version: dict[int, Migration]) -> dict[int,
                 applied[version] = entry.checksum if entry.event in APPLIED_EVENTS else None
         elif entry.event in APPLIED_EVENTS:
             applied[version] = entry.checksum
-    if facts.version is not None:
-        # The dirty version was recorded before it ran and did not finish: not applied.
-        ceiling = facts.version - 1 if facts.dirty else facts.version
-        for version in by_version:
-            if version <= ceiling and version not in history:
-                applied[version] = None
-        if not facts.dirty and facts.version not in history:
-            applied.setdefault(facts.version, None)  # the recorded current version; its file may be gone
+    if facts.version is None:
+        return applied
+    # The dirty version was recorded before it ran and did not finish: not applied.
+    ceiling = facts.version - 1 if facts.dirty else facts.version
+    highest_recorded = max(history, default=None)
+    for version in by_version:
+        if version > ceiling or version in history:
+            continue
+        if highest_recorded is None or version > highest_recorded or (cut is not None and version <= cut.version):
+            applied[version] = None
+    if not facts.dirty and facts.version not in history:
+        applied.setdefault(facts.version, None)  # the recorded current version; its file may be gone
     return applied
 
 

@@ -1,0 +1,846 @@
+"""Read a migration file with PostgreSQL's own parser: statements, transaction control, lint.
+
+Pure: no database, no file system. ``parse_script`` turns the text of one migration file into
+a :class:`Script` (its statements with exact text, line and character offset, how the file
+uses transaction control, which statements PostgreSQL refuses inside a transaction block,
+and the ``-- dbplan:...`` comments). ``lint`` turns a ``Script`` into :class:`Finding`\\ s a
+reviewer must see (destructive or long-locking statements).
+
+Everything that understands SQL is ``pglast`` (libpg_query, the PostgreSQL parser): one parser
+call and one scanner call per file. A file the parser rejects does not raise: it comes back
+with ``parsed=False`` and the parser's message, because the server reports the precise error
+when the file is applied and the planner turns this into a warning.
+
+Offsets: libpg_query reports byte offsets into the UTF-8 encoding; everything this module
+returns is a *character* offset into the text it was given (a leading UTF-8 BOM counts as one
+character, like any other).
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pglast.parser import ParseError, parse_sql_json, scan
+
+__all__ = [
+    "KNOWN_RULES",
+    "NO_TRANSACTION_MARKER",
+    "Finding",
+    "Script",
+    "Statement",
+    "lint",
+    "line_of_offset",
+    "parse_script",
+]
+
+NO_TRANSACTION_MARKER = "-- dbplan:no-transaction"
+_ALLOW_PREFIX = "dbplan:allow"
+_BOM = "\ufeff"
+
+Node = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One top-level SQL statement of a migration file."""
+
+    sql: str
+    """The statement exactly as in the file: first token to last token, no trailing ``;``."""
+    line: int
+    """1-based line of the statement's first token (leading comments are not part of it)."""
+    offset: int
+    """Character offset of the first token in the file text."""
+    kind: str
+    """The parse node's name: ``CreateStmt``, ``IndexStmt``, ``TransactionStmt``, ..."""
+    end_offset: int
+    """Character offset just after the statement's last token (``text[offset:end_offset] == sql``)."""
+    index: int
+    """0-based position of the statement in the file."""
+    transaction_kind: str | None = None
+    """For transaction control only: ``begin``, ``start``, ``commit`` (also ``END``),
+    ``rollback`` (also ``ABORT``), ``savepoint``, ``release``, ``rollback_to``, ``prepare``,
+    ``commit_prepared`` or ``rollback_prepared``; ``None`` for every other statement."""
+    non_transactional: str | None = None
+    """What PostgreSQL calls the command when it refuses to run it inside a transaction
+    block (``CREATE INDEX CONCURRENTLY``, ``VACUUM``, ...); ``None`` when it can."""
+    ast: Node = field(default_factory=dict, compare=False, hash=False, repr=False)
+    """The statement's parse tree as libpg_query's JSON (``{"CreateStmt": {...}}``)."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A parsed migration file."""
+
+    statements: tuple[Statement, ...]
+    parsed: bool
+    """False when the parser rejected the file; then ``statements == ()``."""
+    parse_error: str | None
+    """``"line N: <PostgreSQL's message>"`` when ``parsed`` is False."""
+    no_transaction_marker: bool
+    """The first line is exactly ``-- dbplan:no-transaction`` (trailing whitespace allowed)."""
+    transaction_style: str
+    """``none``: no transaction control; ``wrapped``: the file is exactly one BEGIN/START
+    TRANSACTION ... COMMIT/END block around everything else; ``multiple``: any other use of
+    transaction control (several blocks, COMMIT mid-file, ROLLBACK, SAVEPOINT, ...)."""
+    inner_statements: tuple[Statement, ...]
+    """The statements without the wrapping BEGIN and COMMIT when ``wrapped``, else ``statements``."""
+    non_transactional: tuple[Statement, ...]
+    """Statements PostgreSQL refuses inside a transaction block."""
+    allowed_rules: frozenset[str]
+    """Lint rules silenced by ``-- dbplan:allow rule[, rule...]`` comments anywhere in the file."""
+    empty: bool
+    """No statements at all (empty or comments only); still a valid migration."""
+    parse_error_line: int | None = None
+    """1-based line of the parse error, for a ``Place``."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something in a migration a reviewer must see."""
+
+    rule: str
+    line: int
+    statement: str
+    """The statement on one line, at most 120 characters."""
+    message: str
+    severity: str
+    """``destructive`` | ``locking`` | ``error``."""
+
+
+# --------------------------------------------------------------------------- offsets
+
+
+def line_of_offset(text: str, offset: int) -> int:
+    """1-based line of the character at ``offset`` in ``text`` (LF and CRLF line ends).
+
+    Offsets past either end are clamped, so a PostgreSQL error position at the end of input
+    maps to the last line.
+    """
+    offset = max(0, min(offset, len(text)))
+    return text.count("\n", 0, offset) + 1
+
+
+class _ByteToChar:
+    """Converts increasing UTF-8 byte offsets (at character boundaries) to character offsets.
+
+    Linear in the text size over all calls; the identity for ASCII text.
+    """
+
+    def __init__(self, utf8: bytes, ascii_only: bool) -> None:
+        self._utf8 = utf8
+        self._ascii = ascii_only
+        self._byte = 0
+        self._char = 0
+
+    def __call__(self, byte_offset: int) -> int:
+        if self._ascii:
+            return byte_offset
+        if byte_offset < self._byte:  # not expected; restart from the beginning
+            self._byte = self._char = 0
+        self._char += len(self._utf8[self._byte : byte_offset].decode("utf-8"))
+        self._byte = byte_offset
+        return self._char
+
+
+# Every byte >= 0x80 becomes "x": the PostgreSQL scanner treats all such bytes alike (as
+# identifier characters, or as content inside strings and comments), so token boundaries stay
+# the same while offsets become byte offsets of a pure-ASCII string. pglast's scan() maps
+# offsets of non-ASCII input back to characters at a cost quadratic in the number of
+# non-ASCII characters (40 ms for a 10 kB Cyrillic file), which this avoids. The only
+# difference it can make is two dollar-quote tags that differ only in non-ASCII characters;
+# _tokens() checks for that and falls back to the exact (slow) scan.
+_HIGH_BYTES_TO_X = bytes(range(128)) + b"x" * 128
+
+_COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
+
+
+class _Token(NamedTuple):
+    start: int  # byte offset
+    end: int  # byte offset, exclusive
+    name: str
+
+
+def _tokens(src: str, utf8: bytes) -> list[_Token]:
+    """The scanner's tokens of ``src`` with UTF-8 byte offsets (end exclusive)."""
+    if src.isascii():
+        return [_Token(t.start, t.end + 1, t.name) for t in scan(src)]
+    ascii_text = utf8.translate(_HIGH_BYTES_TO_X).decode("ascii")
+    try:
+        tokens = [_Token(t.start, t.end + 1, t.name) for t in scan(ascii_text)]
+    except ParseError:
+        tokens = None
+    if tokens is not None and all(_dollar_tags_match(t, ascii_text, utf8) for t in tokens):
+        return tokens
+    # Exact scan of the original text: character offsets, converted to bytes.
+    result: list[_Token] = []
+    char = byte = 0
+    for t in scan(src):
+        byte += len(src[char : t.start].encode("utf-8"))
+        char = t.start
+        end = byte + len(src[t.start : t.end + 1].encode("utf-8"))
+        result.append(_Token(byte, end, t.name))
+    return result
+
+
+def _dollar_tags_match(token: _Token, ascii_text: str, utf8: bytes) -> bool:
+    if token.name != "SCONST" or ascii_text[token.start] != "$":
+        return True
+    tag_len = ascii_text.index("$", token.start + 1) + 1 - token.start
+    return utf8[token.start : token.start + tag_len] == utf8[token.end - tag_len : token.end]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_script(text: str) -> Script:
+    """Parse the text of one migration file. Never raises for bad SQL (see ``Script.parsed``)."""
+    # PostgreSQL does not skip a byte order mark; a space keeps character offsets unchanged.
+    src = " " + text[1:] if text.startswith(_BOM) else text
+    first_line = text.removeprefix(_BOM).split("\n", 1)[0]
+    marker = first_line.rstrip() == NO_TRANSACTION_MARKER
+
+    def failed(message: str, line: int) -> Script:
+        return Script(
+            statements=(),
+            parsed=False,
+            parse_error=f"line {line}: {message}",
+            no_transaction_marker=marker,
+            transaction_style="none",
+            inner_statements=(),
+            non_transactional=(),
+            allowed_rules=frozenset(),
+            empty=False,
+            parse_error_line=line,
+        )
+
+    nul = src.find("\x00")
+    if nul >= 0:  # libpg_query reads a C string: it would silently stop at the NUL
+        return failed("the file contains a NUL character", line_of_offset(text, nul))
+    try:
+        utf8 = src.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return failed(f"the text is not valid Unicode ({err.reason})", line_of_offset(text, err.start))
+    try:
+        tree = json.loads(parse_sql_json(src))
+    except ParseError as err:
+        index = err.args[1] if len(err.args) > 1 else None
+        if index is None:  # "at end of input": the last line with something on it
+            index = len(src.rstrip())
+        return failed(str(err.args[0]), line_of_offset(text, index))
+
+    raw = tree.get("stmts", [])
+    tokens = _tokens(src, utf8)
+    starts = [t.start for t in tokens]
+    to_char = _ByteToChar(utf8, src.isascii())
+
+    statements: list[Statement] = []
+    line, line_at = 1, 0
+    for index, item in enumerate(raw):
+        begin = item.get("stmt_location", 0)
+        length = item.get("stmt_len", 0)
+        end = begin + length if length else len(utf8)
+        first = bisect_left(starts, begin)
+        last = bisect_left(starts, end) - 1
+        while first <= last and tokens[first].name in _COMMENT_TOKENS:
+            first += 1
+        while last >= first and tokens[last].name in _COMMENT_TOKENS:
+            last -= 1
+        if first <= last:
+            begin, end = tokens[first].start, tokens[last].end
+        offset, end_offset = to_char(begin), to_char(end)
+        line += text.count("\n", line_at, offset)
+        line_at = offset
+        node: Node = item["stmt"]
+        kind = next(iter(node))
+        statements.append(
+            Statement(
+                sql=text[offset:end_offset],
+                line=line,
+                offset=offset,
+                kind=kind,
+                end_offset=end_offset,
+                index=index,
+                transaction_kind=_transaction_kind(node),
+                non_transactional=_non_transactional(node),
+                ast=node,
+            )
+        )
+
+    stmts = tuple(statements)
+    style, inner = _transaction_style(stmts)
+    return Script(
+        statements=stmts,
+        parsed=True,
+        parse_error=None,
+        no_transaction_marker=marker,
+        transaction_style=style,
+        inner_statements=inner,
+        non_transactional=tuple(s for s in stmts if s.non_transactional),
+        allowed_rules=_allowed_rules(tokens, utf8),
+        empty=not stmts,
+    )
+
+
+def _allowed_rules(tokens: list[_Token], utf8: bytes) -> frozenset[str]:
+    if _ALLOW_PREFIX.encode() not in utf8:
+        return frozenset()
+    rules: set[str] = set()
+    for token in tokens:
+        if token.name != "SQL_COMMENT":
+            continue
+        body = utf8[token.start : token.end].decode("utf-8")[2:].strip()
+        if not body.startswith(_ALLOW_PREFIX):
+            continue
+        rest = body[len(_ALLOW_PREFIX) :]
+        if rest and not rest[0].isspace():
+            continue  # "dbplan:allowed" or the like
+        # "rule, rule other words": the words after a rule are a free-text reason
+        for item in rest.split(","):
+            words = item.split()
+            if not words:
+                continue
+            rules.add(words[0].lower())
+            if len(words) > 1:
+                break
+    return frozenset(rules)
+
+
+_TRANSACTION_KINDS = {
+    "TRANS_STMT_BEGIN": "begin",
+    "TRANS_STMT_START": "start",
+    "TRANS_STMT_COMMIT": "commit",
+    "TRANS_STMT_ROLLBACK": "rollback",
+    "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback_to",
+    "TRANS_STMT_PREPARE": "prepare",
+    "TRANS_STMT_COMMIT_PREPARED": "commit_prepared",
+    "TRANS_STMT_ROLLBACK_PREPARED": "rollback_prepared",
+}
+
+
+def _transaction_kind(node: Node) -> str | None:
+    body = node.get("TransactionStmt")
+    if body is None:
+        return None
+    kind = body.get("kind", "TRANS_STMT_BEGIN")  # proto3 JSON omits the first enum value
+    return _TRANSACTION_KINDS.get(kind, kind.lower())
+
+
+def _transaction_style(stmts: tuple[Statement, ...]) -> tuple[str, tuple[Statement, ...]]:
+    control = [s.index for s in stmts if s.transaction_kind]
+    if not control:
+        return "none", stmts
+    first, last = stmts[0], stmts[-1]
+    if (
+        control == [0, len(stmts) - 1]
+        and len(stmts) >= 2
+        and first.transaction_kind in ("begin", "start")
+        and last.transaction_kind == "commit"
+        and not last.ast["TransactionStmt"].get("chain", False)
+    ):
+        return "wrapped", stmts[1:-1]
+    return "multiple", stmts
+
+
+def _defelem_bool(elem: Node) -> bool | None:
+    """A DefElem's value read like PostgreSQL's defGetBoolean; None when not a boolean."""
+    arg = elem.get("arg")
+    if arg is None:
+        return True
+    kind, value = next(iter(arg.items()))
+    if kind == "Boolean":
+        return bool(value.get("boolval", False))
+    if kind == "Integer":
+        number = value.get("ival", 0)
+        return {0: False, 1: True}.get(number)
+    if kind == "String":
+        word = value.get("sval", "")
+    elif kind == "TypeName":  # `connect = off` parses as a type name
+        names = value.get("names", [])
+        word = names[-1]["String"]["sval"] if names else ""
+    else:
+        return None
+    word = word.lower()
+    if word and ("true".startswith(word) or "yes".startswith(word) or word in ("on", "1")):
+        return True
+    if word and ("false".startswith(word) or "no".startswith(word) or word in ("of", "off", "0")):
+        return False
+    return None
+
+
+def _options(body: Node, key: str = "options") -> dict[str, Node]:
+    result: dict[str, Node] = {}
+    for item in body.get(key, []) or []:
+        elem = item.get("DefElem")
+        if elem is not None:
+            result[elem.get("defname", "")] = elem
+    return result
+
+
+def _option_is(body: Node, name: str, default: bool, key: str = "options") -> bool:
+    elem = _options(body, key).get(name)
+    if elem is None:
+        return default
+    value = _defelem_bool(elem)
+    return default if value is None else value
+
+
+def _non_transactional(node: Node) -> str | None:
+    """PostgreSQL's name for the command if it refuses to run inside a transaction block.
+
+    Only the statically certain cases (PreventInTransactionBlock in PostgreSQL's source);
+    cases that depend on the database (DROP SUBSCRIPTION of a subscription with a slot,
+    REINDEX or CLUSTER of a partitioned table) are not flagged.
+    """
+    kind, body = next(iter(node.items()))
+    if kind == "IndexStmt":
+        return "CREATE INDEX CONCURRENTLY" if body.get("concurrent") else None
+    if kind == "DropStmt":
+        if body.get("concurrent") and body.get("removeType") == "OBJECT_INDEX":
+            return "DROP INDEX CONCURRENTLY"
+        return None
+    if kind == "ReindexStmt":
+        if _option_is(body, "concurrently", False, key="params"):
+            return "REINDEX CONCURRENTLY"
+        target = body.get("kind", "")
+        if target in ("REINDEX_OBJECT_SCHEMA", "REINDEX_OBJECT_SYSTEM", "REINDEX_OBJECT_DATABASE"):
+            return "REINDEX " + target.rsplit("_", 1)[1]
+        return None
+    if kind == "VacuumStmt":
+        return "VACUUM" if body.get("is_vacuumcmd") else None
+    if kind == "ClusterStmt":
+        return "CLUSTER without a table" if not body.get("relation") else None
+    simple = {
+        "CreatedbStmt": "CREATE DATABASE",
+        "DropdbStmt": "DROP DATABASE",
+        "AlterSystemStmt": "ALTER SYSTEM",
+        "CreateTableSpaceStmt": "CREATE TABLESPACE",
+        "DropTableSpaceStmt": "DROP TABLESPACE",
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "AlterDatabaseStmt":
+        return "ALTER DATABASE SET TABLESPACE" if "tablespace" in _options(body) else None
+    if kind == "DiscardStmt":
+        return "DISCARD ALL" if body.get("target", "DISCARD_ALL") == "DISCARD_ALL" else None
+    if kind == "TransactionStmt":
+        return {
+            "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+            "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+        }.get(body.get("kind", ""))
+    if kind == "AlterTableStmt":
+        for cmd in _alter_cmds(body):
+            if cmd.get("subtype") == "AT_DetachPartition":
+                partition = (cmd.get("def") or {}).get("PartitionCmd", {})
+                if partition.get("concurrent"):
+                    return "ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY"
+        return None
+    if kind == "CreateSubscriptionStmt":
+        connect = _option_is(body, "connect", True)
+        if connect and _option_is(body, "create_slot", True):
+            return "CREATE SUBSCRIPTION ... WITH (create_slot = true)"
+        return None
+    if kind == "AlterSubscriptionStmt":
+        what = body.get("kind", "")
+        if what in ("ALTER_SUBSCRIPTION_REFRESH", "ALTER_SUBSCRIPTION_REFRESH_PUBLICATION"):
+            return "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"
+        if what in (
+            "ALTER_SUBSCRIPTION_SET_PUBLICATION",
+            "ALTER_SUBSCRIPTION_ADD_PUBLICATION",
+            "ALTER_SUBSCRIPTION_DROP_PUBLICATION",
+        ) and _option_is(body, "refresh", True):
+            return "ALTER SUBSCRIPTION with refresh"
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- lint
+
+KNOWN_RULES: frozenset[str] = frozenset(
+    {
+        "drop-table",
+        "drop-column",
+        "drop-schema",
+        "drop-database",
+        "drop-type",
+        "drop-owned",
+        "truncate",
+        "delete-without-where",
+        "update-without-where",
+        "alter-column-type",
+        "create-index-not-concurrently",
+        "add-column-volatile-default",
+        "set-not-null",
+        "add-foreign-key-validated",
+        "add-check-validated",
+        "non-transactional-statement",
+    }
+)
+"""Every rule ``lint`` can report; useful to warn about a misspelt ``dbplan:allow``."""
+
+# Functions PostgreSQL marks VOLATILE that turn up in column defaults. A non-volatile default
+# (a constant, now(), current_timestamp, ...) is evaluated once since PostgreSQL 11 and added
+# without a rewrite; a volatile one is evaluated per row and rewrites the table.
+_VOLATILE_FUNCTIONS = frozenset(
+    {
+        "random",
+        "random_normal",
+        "gen_random_uuid",
+        "uuidv4",
+        "uuidv7",
+        "uuid_generate_v1",
+        "uuid_generate_v1mc",
+        "uuid_generate_v4",
+        "gen_random_bytes",
+        "clock_timestamp",
+        "timeofday",
+        "nextval",
+        "currval",
+        "lastval",
+        "setval",
+        "txid_current",
+        "pg_current_xact_id",
+    }
+)
+_SERIAL_TYPES = frozenset({"smallserial", "serial", "bigserial", "serial2", "serial4", "serial8"})
+
+_TableKey = tuple[str | None, str]
+_Report = Callable[[str, str, str], None]  # rule, severity, message
+
+
+def _shorten(sql: str, limit: int = 120) -> str:
+    one_line = " ".join(sql.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
+
+
+def _rangevar_key(rv: Node) -> _TableKey:
+    return rv.get("schemaname"), rv.get("relname", "")
+
+
+def _key_name(key: _TableKey) -> str:
+    return f"{key[0]}.{key[1]}" if key[0] else key[1]
+
+
+def _names(items: list[Node]) -> str:
+    return ".".join(i.get("String", {}).get("sval", "?") for i in items)
+
+
+def _drop_object_name(obj: Node) -> str:
+    kind, value = next(iter(obj.items()))
+    if kind == "List":
+        return _names(value.get("items", []))
+    if kind == "String":
+        return value.get("sval", "?")
+    if kind == "TypeName":
+        return _names(value.get("names", []))
+    return "?"
+
+
+def _alter_cmds(body: Node) -> Iterator[Node]:
+    for cmd in body.get("cmds", []):
+        if "AlterTableCmd" in cmd:
+            yield cmd["AlterTableCmd"]
+
+
+class _NewTables:
+    """Tables created earlier in the file (or declared new by the caller)."""
+
+    def __init__(self, names: Iterable[str] | None) -> None:
+        self._keys: set[_TableKey] = set()
+        for name in names or ():
+            schema, _, rel = name.rpartition(".")
+            self._keys.add((schema or None, rel))
+
+    def add(self, key: _TableKey) -> None:
+        self._keys.add(key)
+
+    def discard(self, key: _TableKey) -> None:
+        self._keys = {k for k in self._keys if not _same_table(k, key)}
+
+    def __contains__(self, key: _TableKey) -> bool:
+        return any(_same_table(k, key) for k in self._keys)
+
+
+def _same_table(a: _TableKey, b: _TableKey) -> bool:
+    # An unqualified name matches the same name in any schema: the search_path is unknown here.
+    return a[1] == b[1] and (a[0] is None or b[0] is None or a[0] == b[0])
+
+
+def _track_new_tables(node: Node, new: _NewTables) -> None:
+    kind, body = next(iter(node.items()))
+    if kind == "CreateStmt":
+        if not body.get("if_not_exists"):  # IF NOT EXISTS may meet an old table full of rows
+            new.add(_rangevar_key(body["relation"]))
+    elif kind == "CreateTableAsStmt":
+        if not body.get("if_not_exists"):
+            new.add(_rangevar_key(body["into"]["rel"]))
+    elif kind == "SelectStmt" and body.get("intoClause"):
+        new.add(_rangevar_key(body["intoClause"]["rel"]))
+    elif kind == "RenameStmt" and body.get("renameType") == "OBJECT_TABLE" and body.get("relation"):
+        old = _rangevar_key(body["relation"])
+        if old in new:
+            new.add((old[0], body.get("newname", "")))
+    elif kind == "DropStmt" and body.get("removeType") == "OBJECT_TABLE":
+        for obj in body.get("objects", []):
+            items = obj.get("List", {}).get("items", [])
+            parts = [i.get("String", {}).get("sval", "") for i in items]
+            if parts:
+                new.discard((parts[-2] if len(parts) > 1 else None, parts[-1]))
+
+
+def _find_function(expr: Any) -> str | None:
+    """The first volatile function called anywhere in an expression tree."""
+    if isinstance(expr, dict):
+        call = expr.get("FuncCall")
+        if call is not None:
+            names = call.get("funcname", [])
+            name = names[-1].get("String", {}).get("sval", "") if names else ""
+            if name in _VOLATILE_FUNCTIONS:
+                return name
+        for value in expr.values():
+            found = _find_function(value)
+            if found:
+                return found
+    elif isinstance(expr, list):
+        for value in expr:
+            found = _find_function(value)
+            if found:
+                return found
+    return None
+
+
+def _rewriting_column(column: Node) -> str | None:
+    """Why adding this column fills every existing row one by one (rewriting the table)."""
+    type_names = [n.get("String", {}).get("sval", "") for n in column.get("typeName", {}).get("names", [])]
+    if len(type_names) == 1 and type_names[0] in _SERIAL_TYPES:
+        return f"its type {type_names[0]} takes a default from a sequence (nextval), which is volatile"
+    for item in column.get("constraints", []):
+        constraint = item.get("Constraint", {})
+        contype = constraint.get("contype")
+        if contype == "CONSTR_DEFAULT":
+            function = _find_function(constraint.get("raw_expr"))
+            if function:
+                return f"its default calls {function}(), which is volatile"
+        elif contype == "CONSTR_IDENTITY":
+            return "an identity column takes a value from a sequence for every row"
+        elif contype == "CONSTR_GENERATED" and constraint.get("generated_kind", "s") == "s":
+            return "a stored generated column is computed for every row"
+    return None
+
+
+def _dml_statements(node: Node) -> Iterator[tuple[str, Node]]:
+    """The statement and the DELETE/UPDATE statements in its WITH clauses, recursively."""
+    kind, body = next(iter(node.items()))
+    yield kind, body
+    for cte in (body.get("withClause") or {}).get("ctes", []):
+        query = cte.get("CommonTableExpr", {}).get("ctequery")
+        if query:
+            yield from _dml_statements(query)
+
+
+def lint(
+    script: Script,
+    *,
+    new_tables: Iterable[str] | None = None,
+    allow: frozenset[str] | Iterable[str] = frozenset(),
+) -> tuple[Finding, ...]:
+    """Findings for risky statements in ``script``, in file order.
+
+    ``new_tables``: names (``table`` or ``schema.table``) of tables known to be new and empty,
+    in addition to the tables the file itself creates earlier (``CREATE TABLE`` without ``IF
+    NOT EXISTS``, ``CREATE TABLE AS``, ``SELECT INTO``, renames of those). Statements on new
+    tables cannot lose data or block anyone and produce no finding.
+    ``allow``: rules silenced for this file from outside (the plan file), in addition to
+    ``script.allowed_rules``. An unparsed script has no findings.
+    """
+    silenced = frozenset(script.allowed_rules) | frozenset(allow)
+    findings: list[Finding] = []
+    new = _NewTables(new_tables)
+
+    for stmt in script.statements:
+
+        def report(rule: str, severity: str, message: str, stmt: Statement = stmt) -> None:
+            if rule not in silenced:
+                findings.append(Finding(rule, stmt.line, _shorten(stmt.sql), message, severity))
+
+        _lint_statement(stmt, script, new, report)
+        _track_new_tables(stmt.ast, new)
+    return tuple(findings)
+
+
+def _lint_statement(stmt: Statement, script: Script, new: _NewTables, report: _Report) -> None:
+    node = stmt.ast
+    kind, body = next(iter(node.items()))
+
+    if stmt.non_transactional and not script.no_transaction_marker:
+        report(
+            "non-transactional-statement",
+            "error",
+            f"{stmt.non_transactional} cannot run inside a transaction block and this migration runs in one; "
+            f"move it to its own migration whose first line is `{NO_TRANSACTION_MARKER}`.",
+        )
+
+    if kind == "DropStmt":
+        remove = body.get("removeType")
+        names = [_drop_object_name(o) for o in body.get("objects", [])]
+        listed = ", ".join(names)
+        cascade = body.get("behavior") == "DROP_CASCADE"
+        if remove == "OBJECT_TABLE":
+            old = [
+                n for n, o in zip(names, body.get("objects", []))
+                if _list_key(o) not in new
+            ]
+            if old:
+                report(
+                    "drop-table",
+                    "destructive",
+                    f"DROP TABLE deletes {', '.join(old)} and every row in it for good; "
+                    "make sure nothing reads it any more and the data is backed up or no longer needed.",
+                )
+        elif remove == "OBJECT_SCHEMA":
+            report(
+                "drop-schema",
+                "destructive",
+                f"DROP SCHEMA deletes schema {listed}"
+                + (" and, with CASCADE, every table and row in it" if cascade else "")
+                + "; make sure nothing uses it any more and the data is backed up.",
+            )
+        elif remove in ("OBJECT_TYPE", "OBJECT_DOMAIN"):
+            what = "TYPE" if remove == "OBJECT_TYPE" else "DOMAIN"
+            report(
+                "drop-type",
+                "destructive",
+                f"DROP {what} deletes {listed}"
+                + (", and with CASCADE every column of that type and its data" if cascade else "")
+                + "; make sure no column, function or client still uses it.",
+            )
+    elif kind == "DropdbStmt":
+        report(
+            "drop-database",
+            "destructive",
+            f"DROP DATABASE deletes database {body.get('dbname', '?')} with all its data; "
+            "databases belong in the plan file, not in a migration.",
+        )
+    elif kind == "DropOwnedStmt":
+        report(
+            "drop-owned",
+            "destructive",
+            "DROP OWNED deletes every object the role owns in this database, tables and rows included; "
+            "revoke privileges or reassign ownership (REASSIGN OWNED) instead unless that is intended.",
+        )
+    elif kind == "TruncateStmt":
+        tables = [_rangevar_key(r["RangeVar"]) for r in body.get("relations", []) if "RangeVar" in r]
+        old = [_key_name(k) for k in tables if k not in new]
+        if old:
+            report(
+                "truncate",
+                "destructive",
+                f"TRUNCATE deletes every row of {', '.join(old)} under an ACCESS EXCLUSIVE lock; "
+                "make sure the data is no longer needed.",
+            )
+    elif kind == "IndexStmt":
+        table = _rangevar_key(body.get("relation", {}))
+        if not body.get("concurrent") and table not in new:
+            report(
+                "create-index-not-concurrently",
+                "locking",
+                f"CREATE INDEX blocks every write to {_key_name(table)} until the index is built; "
+                f"use CREATE INDEX CONCURRENTLY in a migration whose first line is `{NO_TRANSACTION_MARKER}`.",
+            )
+    elif kind == "AlterTableStmt" and body.get("objtype", "OBJECT_TABLE") == "OBJECT_TABLE":
+        table = _rangevar_key(body.get("relation", {}))
+        if table not in new:
+            _lint_alter_table(_key_name(table), body, report)
+
+    for dml, dml_body in _dml_statements(node):
+        if dml not in ("DeleteStmt", "UpdateStmt") or dml_body.get("whereClause"):
+            continue
+        table = _rangevar_key(dml_body.get("relation", {}))
+        if table in new:
+            continue
+        if dml == "DeleteStmt":
+            report(
+                "delete-without-where",
+                "destructive",
+                f"DELETE without WHERE deletes every row of {_key_name(table)}; add a WHERE clause, "
+                "or allow the rule if emptying the table is intended.",
+            )
+        else:
+            report(
+                "update-without-where",
+                "destructive",
+                f"UPDATE without WHERE changes every row of {_key_name(table)} and locks them all; "
+                "add a WHERE clause (and batch large updates), or allow the rule if intended.",
+            )
+
+
+def _list_key(obj: Node) -> _TableKey:
+    parts = [i.get("String", {}).get("sval", "") for i in obj.get("List", {}).get("items", [])]
+    if not parts:
+        return None, ""
+    return (parts[-2] if len(parts) > 1 else None), parts[-1]
+
+
+def _lint_alter_table(table: str, body: Node, report: _Report) -> None:
+    for cmd in _alter_cmds(body):
+        subtype = cmd.get("subtype")
+        column = cmd.get("name", "?")
+        definition = cmd.get("def") or {}
+        if subtype == "AT_DropColumn":
+            report(
+                "drop-column",
+                "destructive",
+                f"DROP COLUMN deletes {table}.{column} and its data for good; "
+                "deploy code that no longer reads or writes it before this migration runs.",
+            )
+        elif subtype == "AT_AlterColumnType":
+            report(
+                "alter-column-type",
+                "locking",
+                f"changing the type of {table}.{column} takes an ACCESS EXCLUSIVE lock and usually rewrites "
+                "the table and its indexes; add a new column, backfill it in batches and switch over instead.",
+            )
+        elif subtype == "AT_SetNotNull":
+            report(
+                "set-not-null",
+                "locking",
+                f"SET NOT NULL on {table}.{column} scans the whole table under an ACCESS EXCLUSIVE lock; "
+                "first add CHECK (" + column + " IS NOT NULL) NOT VALID and VALIDATE it, then SET NOT NULL is instant.",
+            )
+        elif subtype == "AT_AddColumn" and "ColumnDef" in definition:
+            reason = _rewriting_column(definition["ColumnDef"])
+            if reason:
+                name = definition["ColumnDef"].get("colname", "?")
+                report(
+                    "add-column-volatile-default",
+                    "locking",
+                    f"adding {table}.{name} rewrites the whole table under an ACCESS EXCLUSIVE lock because "
+                    f"{reason}; add the column without a default, backfill it in batches, then set the default.",
+                )
+        elif subtype == "AT_AddConstraint" and "Constraint" in definition:
+            constraint = definition["Constraint"]
+            if constraint.get("skip_validation"):
+                continue
+            name = constraint.get("conname") or "(unnamed)"
+            if constraint.get("contype") == "CONSTR_FOREIGN":
+                report(
+                    "add-foreign-key-validated",
+                    "locking",
+                    f"adding foreign key {name} on {table} checks every row while blocking writes to both tables; "
+                    "add it NOT VALID, then VALIDATE CONSTRAINT in a later statement or migration.",
+                )
+            elif constraint.get("contype") == "CONSTR_CHECK":
+                report(
+                    "add-check-validated",
+                    "locking",
+                    f"adding check constraint {name} on {table} scans every row under an ACCESS EXCLUSIVE lock; "
+                    "add it NOT VALID, then VALIDATE CONSTRAINT in a later statement or migration.",
+                )

@@ -1,0 +1,684 @@
+"""Tests for orchestrator.sqlscript: splitting migration files with pglast, and lint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.sqlscript import (
+    KNOWN_RULES,
+    Finding,
+    Script,
+    Statement,
+    lint,
+    line_of_offset,
+    parse_script,
+)
+
+
+def sqls(script: Script) -> list[str]:
+    return [s.sql for s in script.statements]
+
+
+def rules(findings: tuple[Finding, ...]) -> list[str]:
+    return [f.rule for f in findings]
+
+
+def assert_consistent(text: str, script: Script) -> None:
+    """Every statement's text, offsets and line agree with the file text."""
+    for stmt in script.statements:
+        assert text[stmt.offset : stmt.end_offset] == stmt.sql
+        assert stmt.line == text.count("\n", 0, stmt.offset) + 1
+
+
+# --------------------------------------------------------------------------- splitting
+
+TEN_STATEMENTS = """\
+-- 000007_orders.up.sql: orders, with triggers; and a report function.
+/* header /* nested; comment */ still the header; */
+CREATE TABLE orders (
+    id bigint PRIMARY KEY,
+    note text DEFAULT 'a;b',   -- a comment; with a semicolon
+    "weird;name" int
+);
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  NEW.note := 'touched; again';
+  IF NEW.id < 0 THEN
+    RAISE EXCEPTION 'negative; id';
+  END IF;
+  RETURN NEW;
+END;
+$body$;
+CREATE TRIGGER orders_touch BEFORE UPDATE ON orders
+    FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE FUNCTION order_count() RETURNS bigint LANGUAGE sql
+BEGIN ATOMIC
+  SELECT 1;
+  SELECT count(*) FROM orders;
+END;
+INSERT INTO orders (id, note) VALUES (1, E'it\\'s; fine'), (2, $$x;y$$);
+CREATE INDEX orders_note_idx ON orders (note);
+COMMENT ON TABLE orders IS 'one row per order; nothing else';
+DO $do$ BEGIN PERFORM 1; PERFORM 2; END $do$;
+UPDATE orders SET note = ';' WHERE id = 1;
+SELECT 1 /* trailing; comment */ ;  -- after; the end
+"""
+
+
+def test_ten_statement_file_is_split_exactly():
+    script = parse_script(TEN_STATEMENTS)
+    assert script.parsed and script.parse_error is None and not script.empty
+    assert [s.kind for s in script.statements] == [
+        "CreateStmt",
+        "CreateFunctionStmt",
+        "CreateTrigStmt",
+        "CreateFunctionStmt",
+        "InsertStmt",
+        "IndexStmt",
+        "CommentStmt",
+        "DoStmt",
+        "UpdateStmt",
+        "SelectStmt",
+    ]
+    assert [s.line for s in script.statements] == [3, 8, 17, 19, 24, 25, 26, 27, 28, 29]
+    assert [s.index for s in script.statements] == list(range(10))
+    assert_consistent(TEN_STATEMENTS, script)
+    body = script.statements[1].sql
+    assert body.startswith("CREATE FUNCTION touch()") and body.endswith("END;\n$body$")
+    atomic = script.statements[3].sql
+    assert atomic.startswith("CREATE FUNCTION order_count()")
+    assert atomic.endswith("SELECT count(*) FROM orders;\nEND")
+    assert script.statements[4].sql == "INSERT INTO orders (id, note) VALUES (1, E'it\\'s; fine'), (2, $$x;y$$)"
+    # A trailing comment before the semicolon is not part of the statement.
+    assert script.statements[9].sql == "SELECT 1"
+    assert script.transaction_style == "none"
+    assert script.inner_statements == script.statements
+    assert script.non_transactional == ()
+
+
+def test_leading_comments_are_skipped_for_line_and_offset():
+    text = "-- one\n\n/* two\n three */\n   SELECT 1;\n-- four\nSELECT 2"
+    script = parse_script(text)
+    assert sqls(script) == ["SELECT 1", "SELECT 2"]
+    assert [s.line for s in script.statements] == [5, 7]
+    assert script.statements[0].offset == text.index("SELECT 1")
+    assert script.statements[1].offset == text.index("SELECT 2")
+
+
+def test_nested_comments_hide_semicolons_and_statements():
+    text = "/* outer /* inner; SELECT 9; */ still comment; */ SELECT 1; SELECT 2"
+    script = parse_script(text)
+    assert sqls(script) == ["SELECT 1", "SELECT 2"]
+
+
+def test_trailing_comment_after_last_statement_without_semicolon():
+    text = "SELECT 1;\nSELECT 2 -- no semicolon\n/* end */\n"
+    script = parse_script(text)
+    assert sqls(script) == ["SELECT 1", "SELECT 2"]
+
+
+def test_comment_inside_a_statement_is_kept():
+    text = "SELECT 1, -- first\n  2;"
+    assert sqls(parse_script(text)) == ["SELECT 1, -- first\n  2"]
+
+
+def test_crlf_line_endings():
+    text = "-- header\r\nCREATE TABLE t (\r\n  a int\r\n);\r\n\r\nSELECT 1;\r\n"
+    script = parse_script(text)
+    assert sqls(script) == ["CREATE TABLE t (\r\n  a int\r\n)", "SELECT 1"]
+    assert [s.line for s in script.statements] == [2, 6]
+    assert_consistent(text, script)
+
+
+def test_utf8_bom_is_ignored_and_counts_as_one_character():
+    text = "\ufeffCREATE TABLE t (a int);\nSELECT 1;"
+    script = parse_script(text)
+    assert script.parsed
+    assert sqls(script) == ["CREATE TABLE t (a int)", "SELECT 1"]
+    assert script.statements[0].offset == 1
+    assert script.statements[0].line == 1
+    assert script.statements[1].offset == text.index("SELECT 1")
+    assert_consistent(text, script)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "-- café, naïve, 日本語 and 🎉 before anything\n",
+        "SELECT 'é€🎉';\n",
+        'CREATE TABLE "таблиця" (a int);\n',
+        "/* 🎉 /* ü */ */ SELECT $$ü;€$$;\n",
+    ],
+)
+def test_offsets_are_characters_after_multibyte_text(prefix):
+    text = prefix + "SELECT 'ü' AS x;\nDROP TABLE zz;"
+    script = parse_script(text)
+    last = script.statements[-1]
+    assert last.sql == "DROP TABLE zz"
+    assert last.offset == text.index("DROP TABLE zz")  # a byte offset would be larger
+    assert last.line == 3
+    assert script.statements[-2].sql == "SELECT 'ü' AS x"
+    assert_consistent(text, script)
+
+
+def test_dollar_tags_differing_only_in_non_ascii_characters():
+    # `$é$` and `$xx$` are different tags; the body of the first contains the second.
+    text = "SELECT $é$ x $xx$ -- $é$\n;\nSELECT 2"
+    script = parse_script(text)
+    assert sqls(script) == ["SELECT $é$ x $xx$ -- $é$", "SELECT 2"]
+    assert script.statements[1].line == 3
+
+
+def test_non_ascii_identifier_directly_after_statement_keyword():
+    text = "CREATE TABLE ñ(a int);INSERT INTO ñ VALUES (1);"
+    script = parse_script(text)
+    assert sqls(script) == ["CREATE TABLE ñ(a int)", "INSERT INTO ñ VALUES (1)"]
+    assert script.statements[1].offset == 22
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "-- only a comment\n", "/* a */ -- b\n/* c /* d */ */", ";;\n;"])
+def test_empty_and_comment_only_files(text):
+    script = parse_script(text)
+    assert script.parsed
+    assert script.empty
+    assert script.statements == ()
+    assert script.transaction_style == "none"
+    assert lint(script) == ()
+
+
+def test_non_empty_file_is_not_empty():
+    assert not parse_script("SELECT 1").empty
+
+
+def test_big_non_ascii_file_parses_fast():
+    block = (
+        "-- Коментар: таблиця замовлень для клієнтів магазину, ще трохи тексту\n"
+        "INSERT INTO замовлення (опис) VALUES ('нове замовлення; з крапкою з комою');\n"
+    )
+    text = block * 400  # ~60 kB, ~40 000 non-ASCII characters
+    parse_script(text)
+    started = time.perf_counter()
+    script = parse_script(text)
+    elapsed = time.perf_counter() - started
+    assert len(script.statements) == 400
+    assert script.statements[-1].offset == text.rindex("INSERT")
+    # pglast.scan() on this text alone takes seconds (quadratic offset mapping).
+    assert elapsed < 0.25
+
+
+# --------------------------------------------------------------------------- parse errors
+
+
+def test_parse_error_does_not_raise_and_reports_the_line():
+    script = parse_script("SELECT 1;\nCREATE TABLE t (a int);\nSELEC 2;\n")
+    assert not script.parsed
+    assert script.statements == () and script.inner_statements == ()
+    assert script.parse_error_line == 3
+    assert script.parse_error == 'line 3: syntax error at or near "SELEC"'
+    assert not script.empty
+
+
+def test_parse_error_line_after_multibyte_text():
+    script = parse_script("SELECT '€€€€€€€€€€';\n-- ü\nSELECT FROM WHERE;")
+    assert script.parse_error_line == 3
+    assert 'at or near "WHERE"' in script.parse_error
+
+
+def test_parse_error_at_end_of_input_points_at_last_line():
+    script = parse_script("SELECT 1;\nSELECT 1 +\n\n")
+    assert not script.parsed
+    assert script.parse_error == "line 2: syntax error at end of input"
+
+
+def test_unterminated_string_is_a_parse_error():
+    script = parse_script("SELECT 1;\nSELECT 'abc;\n")
+    assert not script.parsed
+    assert script.parse_error_line == 2
+    assert "unterminated quoted string" in script.parse_error
+
+
+def test_nul_character_is_a_parse_error_not_a_silent_cut():
+    script = parse_script("SELECT 1;\nDROP\x00 TABLE t;")
+    assert not script.parsed
+    assert script.parse_error_line == 2
+    assert "NUL" in script.parse_error
+
+
+def test_parse_error_keeps_the_marker():
+    script = parse_script("-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY ON;")
+    assert not script.parsed
+    assert script.no_transaction_marker
+
+
+# --------------------------------------------------------------------------- line_of_offset
+
+
+def test_line_of_offset():
+    text = "a\nbc\r\nd\n"
+    assert [line_of_offset(text, i) for i in range(len(text) + 1)] == [1, 1, 2, 2, 2, 2, 3, 3, 4]
+    assert line_of_offset(text, -5) == 1
+    assert line_of_offset(text, 1000) == 4
+    assert line_of_offset("", 0) == 1
+
+
+def test_server_error_position_maps_to_file_line():
+    text = "-- x\nCREATE TABLE t (\n  a int,\n  b nosuchtype\n);"
+    stmt = parse_script(text).statements[0]
+    position = stmt.sql.index("nosuchtype") + 1  # PostgreSQL positions are 1-based characters
+    assert line_of_offset(text, stmt.offset + position - 1) == 4
+
+
+# --------------------------------------------------------------------------- marker
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);", True),
+        ("-- dbplan:no-transaction   \t\r\nSELECT 1;", True),
+        ("\ufeff-- dbplan:no-transaction\nSELECT 1;", True),
+        ("-- dbplan:no-transaction", True),
+        ("SELECT 1;\n-- dbplan:no-transaction\n", False),
+        ("-- header\n-- dbplan:no-transaction\nSELECT 1;", False),
+        (" -- dbplan:no-transaction\nSELECT 1;", False),
+        ("--dbplan:no-transaction\nSELECT 1;", False),
+        ("-- dbplan:no-transactions\nSELECT 1;", False),
+        ("-- dbplan:no-transaction please\nSELECT 1;", False),
+        ("", False),
+    ],
+)
+def test_no_transaction_marker(text, expected):
+    assert parse_script(text).no_transaction_marker is expected
+
+
+# --------------------------------------------------------------------------- transaction style
+
+
+@pytest.mark.parametrize(
+    ("text", "style", "inner"),
+    [
+        ("CREATE TABLE t (a int);\nINSERT INTO t VALUES (1);", "none", ["CREATE TABLE t (a int)", "INSERT INTO t VALUES (1)"]),
+        ("BEGIN;\nCREATE TABLE t (a int);\nINSERT INTO t VALUES (1);\nCOMMIT;", "wrapped", ["CREATE TABLE t (a int)", "INSERT INTO t VALUES (1)"]),
+        ("-- c\nSTART TRANSACTION;\nCREATE TABLE t (a int);\nEND;\n-- done", "wrapped", ["CREATE TABLE t (a int)"]),
+        ("BEGIN TRANSACTION;\nSELECT 1;\nEND TRANSACTION", "wrapped", ["SELECT 1"]),
+        ("BEGIN; COMMIT;", "wrapped", []),
+        ("BEGIN;\nSELECT 1;\nCOMMIT;\nBEGIN;\nSELECT 2;\nCOMMIT;", "multiple", None),
+        ("SELECT 1;\nCOMMIT;\nSELECT 2;", "multiple", None),
+        ("BEGIN;\nSELECT 1;\nROLLBACK;", "multiple", None),
+        ("BEGIN;\nSELECT 1;\nABORT;", "multiple", None),
+        ("BEGIN;\nSAVEPOINT s;\nSELECT 1;\nRELEASE SAVEPOINT s;\nCOMMIT;", "multiple", None),
+        ("BEGIN;\nSELECT 1;\nCOMMIT AND CHAIN;", "multiple", None),
+        ("BEGIN;\nSELECT 1;", "multiple", None),
+        ("SELECT 1;\nCOMMIT;", "multiple", None),
+        ("SELECT 0;\nBEGIN;\nSELECT 1;\nCOMMIT;", "multiple", None),
+        ("BEGIN;\nSELECT 1;\nCOMMIT;\nSELECT 2;", "multiple", None),
+        ("BEGIN;\nSELECT 1;\nPREPARE TRANSACTION 'x';", "multiple", None),
+    ],
+)
+def test_transaction_style(text, style, inner):
+    script = parse_script(text)
+    assert script.transaction_style == style
+    if inner is None:
+        assert script.inner_statements == script.statements
+    else:
+        assert [s.sql for s in script.inner_statements] == inner
+
+
+def test_end_is_commit():
+    script = parse_script("BEGIN;\nSELECT 1;\nEND;")
+    assert [s.transaction_kind for s in script.statements] == ["begin", None, "commit"]
+    assert script.statements[2].sql == "END"
+
+
+def test_wrapped_keeps_begin_options_in_the_first_statement():
+    script = parse_script("BEGIN ISOLATION LEVEL SERIALIZABLE;\nSELECT 1;\nCOMMIT;")
+    assert script.transaction_style == "wrapped"
+    assert script.statements[0].sql == "BEGIN ISOLATION LEVEL SERIALIZABLE"
+
+
+def test_begin_atomic_and_plpgsql_begin_are_not_transaction_control():
+    text = (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END;\n"
+        "DO $$ BEGIN PERFORM 1; END $$;\n"
+    )
+    script = parse_script(text)
+    assert script.transaction_style == "none"
+    assert [s.transaction_kind for s in script.statements] == [None, None]
+
+
+# --------------------------------------------------------------------------- non-transactional
+
+NON_TRANSACTIONAL = [
+    ("CREATE INDEX CONCURRENTLY i ON t (a)", "CREATE INDEX CONCURRENTLY"),
+    ("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON s.t (a)", "CREATE INDEX CONCURRENTLY"),
+    ("DROP INDEX CONCURRENTLY i", "DROP INDEX CONCURRENTLY"),
+    ("REINDEX INDEX CONCURRENTLY i", "REINDEX CONCURRENTLY"),
+    ("REINDEX (CONCURRENTLY) TABLE t", "REINDEX CONCURRENTLY"),
+    ("REINDEX SCHEMA s", "REINDEX SCHEMA"),
+    ("REINDEX DATABASE d", "REINDEX DATABASE"),
+    ("REINDEX SYSTEM", "REINDEX SYSTEM"),
+    ("VACUUM", "VACUUM"),
+    ("VACUUM (ANALYZE) t", "VACUUM"),
+    ("VACUUM FULL t", "VACUUM"),
+    ("CLUSTER", "CLUSTER without a table"),
+    ("CREATE DATABASE d", "CREATE DATABASE"),
+    ("DROP DATABASE IF EXISTS d", "DROP DATABASE"),
+    ("ALTER DATABASE d SET TABLESPACE ts", "ALTER DATABASE SET TABLESPACE"),
+    ("ALTER SYSTEM SET work_mem = '64MB'", "ALTER SYSTEM"),
+    ("CREATE TABLESPACE ts LOCATION '/srv/ts'", "CREATE TABLESPACE"),
+    ("DROP TABLESPACE ts", "DROP TABLESPACE"),
+    ("DISCARD ALL", "DISCARD ALL"),
+    ("COMMIT PREPARED 'x'", "COMMIT PREPARED"),
+    ("ROLLBACK PREPARED 'x'", "ROLLBACK PREPARED"),
+    ("ALTER TABLE t DETACH PARTITION p CONCURRENTLY", "ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY"),
+    ("CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p", "CREATE SUBSCRIPTION ... WITH (create_slot = true)"),
+    ("CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p WITH (create_slot = true)", "CREATE SUBSCRIPTION ... WITH (create_slot = true)"),
+    ("ALTER SUBSCRIPTION s REFRESH PUBLICATION", "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"),
+    ("ALTER SUBSCRIPTION s SET PUBLICATION p", "ALTER SUBSCRIPTION with refresh"),
+    ("ALTER SUBSCRIPTION s ADD PUBLICATION p WITH (refresh = true)", "ALTER SUBSCRIPTION with refresh"),
+]
+
+TRANSACTIONAL = [
+    "CREATE INDEX i ON t (a)",
+    "DROP INDEX i",
+    "REINDEX INDEX i",
+    "REINDEX TABLE t",
+    "REINDEX (CONCURRENTLY false) TABLE t",
+    "ANALYZE t",
+    "ANALYZE",
+    "CLUSTER t USING i",
+    "ALTER DATABASE d SET work_mem = '1MB'",
+    "ALTER DATABASE d RENAME TO e",
+    "ALTER TYPE mood ADD VALUE 'meh'",
+    "DISCARD PLANS",
+    "ALTER TABLE t DETACH PARTITION p",
+    "CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p WITH (create_slot = false)",
+    "CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p WITH (connect = off)",
+    "ALTER SUBSCRIPTION s SET PUBLICATION p WITH (refresh = false)",
+    "ALTER SUBSCRIPTION s ENABLE",
+    "REFRESH MATERIALIZED VIEW CONCURRENTLY mv",
+    "BEGIN",
+    "PREPARE TRANSACTION 'x'",
+    "CREATE TABLE t (a int)",
+]
+
+
+@pytest.mark.parametrize(("sql", "name"), NON_TRANSACTIONAL)
+def test_non_transactional_statements(sql, name):
+    script = parse_script(f"SELECT 1;\n{sql};\nSELECT 2;")
+    assert [s.sql for s in script.non_transactional] == [sql]
+    assert script.statements[1].non_transactional == name
+
+
+@pytest.mark.parametrize("sql", TRANSACTIONAL)
+def test_statements_allowed_in_a_transaction(sql):
+    script = parse_script(sql)
+    assert len(script.statements) == 1
+    assert script.non_transactional == ()
+    assert script.statements[0].non_transactional is None
+
+
+# --------------------------------------------------------------------------- allow comments
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("-- dbplan:allow drop-table\nDROP TABLE t;", {"drop-table"}),
+        ("SELECT 1;\n--   dbplan:allow drop-table, truncate,set-not-null\n", {"drop-table", "truncate", "set-not-null"}),
+        ("DROP TABLE t; -- dbplan:allow drop-table the table moved to the archive service", {"drop-table"}),
+        ("-- dbplan:allow truncate, drop-table because it is a cache\n", {"truncate", "drop-table"}),
+        ("-- dbplan:allow drop-table\n-- dbplan:allow TRUNCATE\n", {"drop-table", "truncate"}),
+        ("-- dbplan:allowed drop-table\n", set()),
+        ("-- please dbplan:allow drop-table\n", set()),
+        ("/* dbplan:allow drop-table */ SELECT 1;", set()),
+        ("SELECT '-- dbplan:allow drop-table';", set()),
+        ("SELECT $$\n-- dbplan:allow drop-table\n$$;", set()),
+        ("-- dbplan:allow\n", set()),
+    ],
+)
+def test_allowed_rules(text, expected):
+    assert parse_script(text).allowed_rules == frozenset(expected)
+
+
+# --------------------------------------------------------------------------- lint
+
+FIRES = [
+    ("DROP TABLE orders", "drop-table", "destructive"),
+    ("DROP TABLE IF EXISTS a.orders, b CASCADE", "drop-table", "destructive"),
+    ("ALTER TABLE orders DROP COLUMN note", "drop-column", "destructive"),
+    ("ALTER TABLE IF EXISTS orders DROP COLUMN IF EXISTS note", "drop-column", "destructive"),
+    ("DROP SCHEMA sales CASCADE", "drop-schema", "destructive"),
+    ("DROP TYPE mood", "drop-type", "destructive"),
+    ("DROP DOMAIN positive", "drop-type", "destructive"),
+    ("DROP OWNED BY old_role", "drop-owned", "destructive"),
+    ("TRUNCATE orders", "truncate", "destructive"),
+    ("DELETE FROM orders", "delete-without-where", "destructive"),
+    ("WITH gone AS (DELETE FROM orders RETURNING id) SELECT count(*) FROM gone", "delete-without-where", "destructive"),
+    ("UPDATE orders SET note = ''", "update-without-where", "destructive"),
+    ("ALTER TABLE orders ALTER COLUMN total TYPE numeric(14,2)", "alter-column-type", "locking"),
+    ("ALTER TABLE orders ALTER total SET DATA TYPE text", "alter-column-type", "locking"),
+    ("CREATE INDEX orders_note ON orders (note)", "create-index-not-concurrently", "locking"),
+    ("CREATE UNIQUE INDEX ON sales.orders (id)", "create-index-not-concurrently", "locking"),
+    ("ALTER TABLE orders ADD COLUMN r float8 DEFAULT random()", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN u uuid DEFAULT gen_random_uuid()", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN u uuid NOT NULL DEFAULT public.uuid_generate_v4()", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN t timestamptz DEFAULT clock_timestamp()", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN n int DEFAULT (random() * 10)::int", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN n bigint DEFAULT nextval('s')", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN n bigserial", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN n int GENERATED ALWAYS AS IDENTITY", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ADD COLUMN n int GENERATED ALWAYS AS (id * 2) STORED", "add-column-volatile-default", "locking"),
+    ("ALTER TABLE orders ALTER COLUMN note SET NOT NULL", "set-not-null", "locking"),
+    ("ALTER TABLE orders ADD CONSTRAINT fk FOREIGN KEY (cid) REFERENCES customers (id)", "add-foreign-key-validated", "locking"),
+    ("ALTER TABLE orders ADD FOREIGN KEY (cid) REFERENCES customers", "add-foreign-key-validated", "locking"),
+    ("ALTER TABLE orders ADD CONSTRAINT pos CHECK (total >= 0)", "add-check-validated", "locking"),
+    ("CREATE INDEX CONCURRENTLY i ON orders (note)", "non-transactional-statement", "error"),
+    ("VACUUM orders", "non-transactional-statement", "error"),
+]
+
+QUIET = [
+    "DROP VIEW v",
+    "DROP INDEX i",
+    "DROP FUNCTION f()",
+    "ALTER TABLE orders RENAME COLUMN a TO b",
+    "DELETE FROM orders WHERE id = 1",
+    "DELETE FROM orders WHERE CURRENT OF c",
+    "UPDATE orders SET note = '' WHERE id = 1",
+    "WITH x AS (DELETE FROM orders WHERE id = 1 RETURNING id) SELECT 1",
+    "CREATE FUNCTION purge() RETURNS void LANGUAGE sql BEGIN ATOMIC DELETE FROM orders; END",
+    "CREATE FUNCTION purge() RETURNS void LANGUAGE plpgsql AS $$ BEGIN DROP TABLE orders; END $$",
+    "ALTER TABLE orders ADD COLUMN c int",
+    "ALTER TABLE orders ADD COLUMN c int NOT NULL DEFAULT 0",
+    "ALTER TABLE orders ADD COLUMN c timestamptz NOT NULL DEFAULT now()",
+    "ALTER TABLE orders ADD COLUMN c timestamptz DEFAULT CURRENT_TIMESTAMP",
+    "ALTER TABLE orders ADD COLUMN c text DEFAULT 'random()'",
+    "ALTER TABLE orders ADD COLUMN c int DEFAULT my_function()",
+    "ALTER TABLE orders ADD COLUMN c int REFERENCES customers (id)",
+    "ALTER TABLE orders ALTER COLUMN note DROP NOT NULL",
+    "ALTER TABLE orders ALTER COLUMN note SET DEFAULT random()",
+    "ALTER TABLE orders ADD CONSTRAINT fk FOREIGN KEY (cid) REFERENCES customers (id) NOT VALID",
+    "ALTER TABLE orders VALIDATE CONSTRAINT fk",
+    "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total >= 0) NOT VALID",
+    "ALTER TYPE mood ADD VALUE 'meh'",
+    "ANALYZE orders",
+]
+
+
+@pytest.mark.parametrize(("sql", "rule", "severity"), FIRES)
+def test_lint_rule_fires(sql, rule, severity):
+    text = f"-- migration\nSELECT 1;\n{sql};\n"
+    findings = lint(parse_script(text))
+    assert rules(findings) == [rule]
+    finding = findings[0]
+    assert finding.severity == severity
+    assert finding.line == 3
+    assert finding.statement == sql
+    assert finding.message and "\n" not in finding.message
+    assert finding.rule in KNOWN_RULES
+
+
+@pytest.mark.parametrize(("sql", "rule", "severity"), FIRES)
+def test_lint_rule_silenced_by_allow_comment(sql, rule, severity):
+    text = f"-- dbplan:allow {rule}\n{sql};\n"
+    assert lint(parse_script(text)) == ()
+    text = f"-- dbplan:allow some-other-rule\n{sql};\n"
+    assert rules(lint(parse_script(text))) == [rule]
+
+
+@pytest.mark.parametrize(("sql", "rule", "severity"), FIRES)
+def test_lint_rule_silenced_by_plan_file(sql, rule, severity):
+    script = parse_script(sql)
+    assert lint(script, allow=frozenset({rule})) == ()
+    assert rules(lint(script, allow=frozenset({"something-else"}))) == [rule]
+
+
+@pytest.mark.parametrize("sql", QUIET)
+def test_lint_quiet(sql):
+    assert lint(parse_script(sql + ";")) == ()
+
+
+def test_drop_database():
+    findings = lint(parse_script("-- dbplan:no-transaction\nDROP DATABASE sales;"))
+    assert [(f.rule, f.severity, f.line) for f in findings] == [("drop-database", "destructive", 2)]
+    assert "sales" in findings[0].message
+    # Without the marker it is also an error: DROP DATABASE cannot run in a transaction.
+    findings = lint(parse_script("DROP DATABASE sales;"))
+    assert sorted(rules(findings)) == ["drop-database", "non-transactional-statement"]
+    assert lint(parse_script("-- dbplan:no-transaction\n-- dbplan:allow drop-database\nDROP DATABASE sales;")) == ()
+
+
+def test_non_transactional_statement_is_fine_with_the_marker():
+    text = "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY i ON orders (note);\nVACUUM orders;"
+    assert lint(parse_script(text)) == ()
+    assert len(parse_script(text).non_transactional) == 2
+
+
+def test_non_transactional_message_names_the_command_and_the_marker():
+    (finding,) = lint(parse_script("DROP INDEX CONCURRENTLY i;"))
+    assert finding.message.startswith("DROP INDEX CONCURRENTLY cannot run inside a transaction block")
+    assert "-- dbplan:no-transaction" in finding.message
+
+
+def test_statements_on_a_table_created_earlier_in_the_file_are_quiet():
+    text = """
+CREATE TABLE orders (id bigint PRIMARY KEY, note text, cid bigint, total numeric);
+CREATE INDEX orders_note ON orders (note);
+ALTER TABLE orders ADD CONSTRAINT fk FOREIGN KEY (cid) REFERENCES customers (id);
+ALTER TABLE orders ADD CONSTRAINT pos CHECK (total >= 0);
+ALTER TABLE orders ALTER COLUMN note SET NOT NULL;
+ALTER TABLE orders ALTER COLUMN total TYPE numeric(14,2);
+ALTER TABLE orders ADD COLUMN u uuid DEFAULT gen_random_uuid();
+ALTER TABLE orders DROP COLUMN cid;
+UPDATE orders SET note = '';
+DELETE FROM orders;
+TRUNCATE orders;
+DROP TABLE orders;
+"""
+    assert lint(parse_script(text)) == ()
+
+
+def test_the_new_table_exemption_needs_the_table_created_before():
+    text = "CREATE INDEX i ON orders (note);\nCREATE TABLE orders (note text);\n"
+    findings = lint(parse_script(text))
+    assert rules(findings) == ["create-index-not-concurrently"]
+    assert findings[0].line == 1
+
+
+def test_the_new_table_exemption_is_per_table():
+    text = "CREATE TABLE a (x int);\nCREATE INDEX ON a (x);\nCREATE INDEX ON b (x);\n"
+    findings = lint(parse_script(text))
+    assert [(f.rule, f.line) for f in findings] == [("create-index-not-concurrently", 3)]
+
+
+def test_create_table_if_not_exists_is_not_a_new_table():
+    text = "CREATE TABLE IF NOT EXISTS a (x int);\nCREATE INDEX ON a (x);\n"
+    assert rules(lint(parse_script(text))) == ["create-index-not-concurrently"]
+
+
+def test_tables_created_by_as_into_and_rename_are_new():
+    text = (
+        "CREATE TABLE a AS SELECT 1 AS x;\nCREATE INDEX ON a (x);\n"
+        "SELECT 1 AS x INTO b;\nCREATE INDEX ON b (x);\n"
+        "CREATE TABLE c (x int);\nALTER TABLE c RENAME TO d;\nCREATE INDEX ON d (x);\n"
+        "CREATE MATERIALIZED VIEW m AS SELECT 1 AS x;\nCREATE INDEX ON m (x);\n"
+    )
+    assert lint(parse_script(text)) == ()
+
+
+def test_schema_qualified_names_match_unqualified_ones_but_not_other_schemas():
+    text = (
+        "CREATE TABLE sales.orders (x int);\n"
+        "CREATE INDEX ON orders (x);\n"
+        "CREATE INDEX ON sales.orders (x);\n"
+        "CREATE INDEX ON archive.orders (x);\n"
+    )
+    findings = lint(parse_script(text))
+    assert [f.line for f in findings] == [4]
+
+
+def test_dropping_a_new_table_ends_its_exemption():
+    text = "CREATE TABLE a (x int);\nDROP TABLE a;\nCREATE INDEX ON a (x);\n"
+    assert [f.line for f in lint(parse_script(text))] == [3]
+
+
+def test_new_tables_keyword():
+    script = parse_script("CREATE INDEX ON orders (x);\nCREATE INDEX ON sales.items (x);\nCREATE INDEX ON other (x);")
+    findings = lint(script, new_tables=["orders", "sales.items"])
+    assert [f.line for f in findings] == [3]
+
+
+def test_drop_table_names_only_old_tables():
+    text = "CREATE TABLE tmp (x int);\nDROP TABLE tmp, orders;\n"
+    (finding,) = lint(parse_script(text))
+    assert finding.rule == "drop-table"
+    assert "orders" in finding.message and "tmp" not in finding.message
+
+
+def test_one_finding_per_alter_table_subcommand():
+    text = "ALTER TABLE orders DROP COLUMN a, DROP COLUMN b, ALTER COLUMN c SET NOT NULL;"
+    findings = lint(parse_script(text))
+    assert rules(findings) == ["drop-column", "drop-column", "set-not-null"]
+    assert "orders.a" in findings[0].message and "orders.b" in findings[1].message
+
+
+def test_findings_come_in_file_order_with_statement_lines():
+    text = "-- x\nTRUNCATE a;\n\nDELETE FROM b;\n/* y */ UPDATE c SET x = 1;\n"
+    findings = lint(parse_script(text))
+    assert [(f.rule, f.line) for f in findings] == [
+        ("truncate", 2),
+        ("delete-without-where", 4),
+        ("update-without-where", 5),
+    ]
+
+
+def test_finding_statement_is_one_shortened_line():
+    long_sql = "UPDATE orders\n   SET note = '" + "x" * 200 + "'"
+    (finding,) = lint(parse_script(long_sql + ";"))
+    assert "\n" not in finding.statement
+    assert len(finding.statement) == 120
+    assert finding.statement.startswith("UPDATE orders SET note = 'xxx")
+    assert finding.statement.endswith("...")
+
+
+def test_unparsed_script_has_no_findings():
+    script = parse_script("DROP TABLE orders; DROP TABL x;")
+    assert not script.parsed
+    assert lint(script) == ()
+
+
+def test_allow_comment_only_silences_its_rules():
+    text = "-- dbplan:allow drop-table\nDROP TABLE a;\nTRUNCATE b;\n"
+    assert rules(lint(parse_script(text))) == ["truncate"]
+
+
+def test_statement_dataclasses_are_hashable_and_compare_by_position():
+    a = parse_script("SELECT 1;").statements[0]
+    b = parse_script("SELECT 1;").statements[0]
+    c = parse_script("\nSELECT 1;").statements[0]
+    assert a == b and hash(a) == hash(b)
+    assert a != c
+    assert isinstance(a, Statement)
+    assert a.ast == {"SelectStmt": a.ast["SelectStmt"]}
