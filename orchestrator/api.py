@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config, graph, migrations
 from .errors import DbplanError, MigrationFileError
@@ -20,6 +21,9 @@ from .migrations import MigrationSet
 from .model import Estate
 from .plan import Plan
 from .planner import make_plan
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedServer
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,32 @@ def new_migration(
     up.write_text(f"-- {title}\n", encoding="utf-8")
     down.write_text(f"-- revert: {title}\n", encoding="utf-8")
     return up, down
+
+
+def embedded_servers(
+    file: str | os.PathLike[str], server_name: str | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, EmbeddedServer]]:
+    """The embedded servers a plan file declares (those without a url), by name."""
+    from .embedded import EmbeddedServer
+
+    estate = config.load(file, environ)
+    if server_name is not None and server_name not in estate.servers:
+        raise DbplanError(
+            f"unknown server '{server_name}'{_did_you_mean(server_name, estate.servers)}",
+            hint=f"servers: {', '.join(estate.servers)}",
+        )
+    found = [
+        (server.name, EmbeddedServer(server.embedded.data_dir, server.embedded.port))
+        for server in estate.servers.values()
+        if server.embedded is not None and server_name in (None, server.name)
+    ]
+    if not found:
+        which = f"server '{server_name}' is" if server_name else "no server is"
+        raise DbplanError(
+            f"{which} embedded in {file}: servers with a url are managed elsewhere",
+            hint="an embedded server has 'embedded: true' and an empty or absent url",
+        )
+    return found
 
 
 def _did_you_mean(word: str, choices: Mapping[str, object]) -> str:

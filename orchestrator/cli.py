@@ -267,6 +267,52 @@ def new(
     _say(f"created {up}\ncreated {down}\n")
 
 
+ServerOption = Annotated[str | None, typer.Option("--server", help="Only this server (default: every embedded one).")]
+
+
+def _server_command(file: Path, server: str | None, operation: str) -> None:
+    try:
+        for name, embedded in api.embedded_servers(file, server):
+            state = getattr(embedded, operation)()
+            _say(_describe_server(name, state))
+    except DbplanError as err:
+        _fail(err)
+
+
+def _describe_server(name: str, state: Any) -> str:
+    lines = [f"server {name}: {'running' if state.running else 'stopped'}"]
+    if state.running:
+        lines.append(f"  url:      {state.url}")
+        lines.append(f"  pid:      {state.pid}")
+    lines.append(f"  port:     {state.port}")
+    lines.append(f"  data:     {state.data_dir}")
+    if state.version:
+        lines.append(f"  version:  PostgreSQL {state.version}")
+    if state.run_as:
+        lines.append(f"  runs as:  {state.run_as} (PostgreSQL refuses to run as root)")
+    if state.note:
+        lines.append(f"  note:     {state.note}")
+    return "\n".join(lines) + "\n"
+
+
+@server_app.command("start")
+def server_start(file: FileOption = DEFAULT_FILE, server: ServerOption = None) -> None:
+    """Start the embedded server(s); a running one is left as it is."""
+    _server_command(file, server, "start")
+
+
+@server_app.command("stop")
+def server_stop(file: FileOption = DEFAULT_FILE, server: ServerOption = None) -> None:
+    """Stop the embedded server(s)."""
+    _server_command(file, server, "stop")
+
+
+@server_app.command("status")
+def server_status(file: FileOption = DEFAULT_FILE, server: ServerOption = None) -> None:
+    """Show whether the embedded server(s) run, where, and as whom."""
+    _server_command(file, server, "status")
+
+
 # ---------------------------------------------------------------------------
 # Entry point
 
