@@ -73,6 +73,31 @@ def apply(
     return execute(planned.plan, planned.estate, planned.migration_sets, progress=progress, lock_wait=lock_wait)
 
 
+def save_plan(planned: Planned, path: str | os.PathLike[str]) -> None:
+    """Write the plan with a fingerprint of everything it was computed from."""
+    from . import savedplan
+
+    savedplan.save(Path(path), planned.plan, savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live))
+
+
+def plan_saved(
+    file: str | os.PathLike[str],
+    saved_path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    on_notice: Callable[[str], None] | None = None,
+) -> Planned:
+    """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything differs."""
+    from . import savedplan
+
+    saved = savedplan.load(Path(saved_path))
+    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice)
+    now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
+    savedplan.check(saved, planned.plan, now)
+    return planned
+
+
 def force(
     file: str | os.PathLike[str],
     service_name: str,

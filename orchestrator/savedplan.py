@@ -1,0 +1,160 @@
+"""Saved plans: what was reviewed is what runs.
+
+``dbplan plan --out plan.json`` writes the plan with a fingerprint of everything it was
+computed from: the plan file, every migration file's checksum, each server's identity,
+and the live state of every role, database and service. ``dbplan apply plan.json``
+computes the fingerprint again and refuses, changing nothing, when anything differs,
+saying what. A saved plan holds no secret: connections come from the plan file, and
+servers are identified by system identifier and address, never by URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import DbplanError, PlanChanged
+from .facts import LiveState
+from .migrations import MigrationSet
+from .model import Estate
+from .plan import Plan, action_from_dict
+
+SAVED_PLAN_KIND = "dbplan-saved-plan"
+
+
+def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: LiveState) -> dict[str, Any]:
+    """Everything a plan depends on, as plain JSON values (no secrets, no URLs)."""
+    return {
+        "plan_file": hashlib.sha256(estate.file.read_bytes()).hexdigest(),
+        "servers": {
+            name: {
+                "system_identifier": facts.system_identifier,
+                "address": facts.address,
+                "roles": sorted(role for role in estate.roles if role in facts.roles and estate.roles[role].server == name),
+                "databases": sorted(
+                    db for db in estate.databases if db in facts.databases and estate.databases[db].server == name
+                ),
+            }
+            for name, facts in live.servers.items()
+        },
+        "migrations": {
+            service: {
+                str(m.version): {"up": m.up.checksum, "down": m.down.checksum if m.down else None}
+                for m in migration_set.migrations
+            }
+            for service, migration_set in migration_sets.items()
+        },
+        "services": {
+            name: {
+                "database_exists": facts.database_exists,
+                "version": facts.version,
+                "dirty": facts.dirty,
+                "history": {str(e.version): [e.event, e.checksum, e.id] for e in facts.history},
+            }
+            for name, facts in live.services.items()
+        },
+    }
+
+
+def save(path: Path, plan: Plan, print_: dict[str, Any]) -> None:
+    from .render.json import plan_to_dict
+
+    document = {"kind": SAVED_PLAN_KIND, **plan_to_dict(plan), "fingerprint": print_}
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DbplanError(f"saved plan {path} not found", hint="make one with 'dbplan plan --out FILE'") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DbplanError(f"cannot read saved plan {path}: {err}") from err
+    if not isinstance(document, dict) or document.get("kind") != SAVED_PLAN_KIND or "fingerprint" not in document:
+        raise DbplanError(
+            f"{path} is not a saved dbplan plan", hint="make one with 'dbplan plan --out FILE'"
+        )
+    return document
+
+
+def check(saved: dict[str, Any], plan: Plan, now: dict[str, Any]) -> None:
+    """Refuse when the plan's inputs or its actions differ from the saved ones."""
+    changes = differences(saved["fingerprint"], now)
+    if not changes:
+        try:
+            saved_actions = tuple(action_from_dict(action) for action in saved.get("actions", []))
+        except (KeyError, TypeError) as err:
+            raise DbplanError(f"the saved plan's actions cannot be read: {err}") from err
+        if saved_actions != plan.actions:
+            changes.append("the plan's actions differ from the saved ones")
+    if changes:
+        raise PlanChanged(
+            "the saved plan no longer matches; nothing was changed:\n" + "\n".join(f"  - {c}" for c in changes),
+            hint="run 'dbplan plan --out FILE' again and review the new plan",
+        )
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    if saved.get("plan_file") != now["plan_file"]:
+        found.append("the plan file changed")
+    found += _server_differences(saved.get("servers", {}), now["servers"])
+    found += _migration_differences(saved.get("migrations", {}), now["migrations"])
+    found += _service_differences(saved.get("services", {}), now["services"])
+    return found
+
+
+def _server_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    found = []
+    for name, current in now.items():
+        before = saved.get(name)
+        if before is None:
+            found.append(f"server '{name}' was not part of the saved plan")
+            continue
+        if (before.get("system_identifier"), before.get("address")) != (
+            current["system_identifier"],
+            current["address"],
+        ):
+            found.append(
+                f"server '{name}' is a different server than the plan was made against "
+                f"(was {before.get('address')}, system {before.get('system_identifier')}; "
+                f"now {current['address']}, system {current['system_identifier']})"
+            )
+        for what in ("roles", "databases"):
+            appeared = sorted(set(current[what]) - set(before.get(what, [])))
+            vanished = sorted(set(before.get(what, [])) - set(current[what]))
+            if appeared:
+                found.append(f"{what} created on server '{name}' since: {', '.join(appeared)}")
+            if vanished:
+                found.append(f"{what} gone from server '{name}' since: {', '.join(vanished)}")
+    return found
+
+
+def _migration_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    found = []
+    for service, files in now.items():
+        before = saved.get(service, {})
+        for version in sorted(set(files) - set(before), key=int):
+            found.append(f"service '{service}': new migration {version}")
+        for version in sorted(set(before) - set(files), key=int):
+            found.append(f"service '{service}': migration {version} was removed")
+        for version in sorted(set(files) & set(before), key=int):
+            if files[version] != before[version]:
+                found.append(f"service '{service}': migration {version} was edited")
+    return found
+
+
+def _service_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    found = []
+    for service, state in now.items():
+        before = saved.get(service)
+        if before is None:
+            found.append(f"service '{service}' was not part of the saved plan")
+        elif before != state:
+            found.append(
+                f"service '{service}' changed in its database since (version {before.get('version')} -> "
+                f"{state['version']}{', now dirty' if state['dirty'] else ''}): another apply ran?"
+            )
+    return found
