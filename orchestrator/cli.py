@@ -149,10 +149,8 @@ def plan(
         _fail(err)
     _say(_render_plan(planned.plan, format))
     if out is not None:
-        from .render import json as render_json
-
-        out.write_text(render_json.render_plan(planned.plan), encoding="utf-8")
-        _note(f"plan saved to {out}")
+        api.save_plan(planned, out)
+        _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
         raise typer.Exit(1)
     if detailed_exitcode and planned.plan.changes:
@@ -175,6 +173,9 @@ def _render_plan(plan_value: Any, format: PlanFormat) -> str:
 
 @app.command()
 def apply(
+    saved_plan: Annotated[
+        Path | None, typer.Argument(help="A plan saved with 'dbplan plan --out'; refused if anything changed since.")
+    ] = None,
     file: FileOption = DEFAULT_FILE,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
@@ -185,7 +186,10 @@ def apply(
     from .render import text
 
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        if saved_plan is None:
+            planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        else:
+            planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
         _fail(err)
     as_json = format is OutputFormat.json
@@ -317,19 +321,26 @@ def server_status(file: FileOption = DEFAULT_FILE, server: ServerOption = None) 
 # Entry point
 
 
+def _usage_error() -> type[Exception]:
+    # typer 0.2x carries its own copy of click; older releases use click itself.
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+    return UsageError
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script: run the app, mapping usage errors to exit code 1."""
-    import click
-
     try:
         code = app(args=argv, prog_name="dbplan", standalone_mode=False)
-    except click.exceptions.UsageError as err:
+    except _usage_error() as err:
         err.show()
         return 1
-    except click.exceptions.Abort:
+    except typer.Abort:
         _note("Aborted; nothing was changed.")
         return 1
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         return err.exit_code
     except KeyboardInterrupt:
         _note("Interrupted.")
