@@ -15,8 +15,9 @@ from estate import REPO, Estate, example_estate
 
 
 @pytest.fixture
-def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
-    return Estate(tmp_path, pg_url, dbname_prefix, capsys)
+def estate(tmp_path: Path, pg_any_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    """An estate on each PostgreSQL major at hand (the machine's and the wheel's)."""
+    return Estate(tmp_path, pg_any_url, dbname_prefix, capsys)
 
 
 def test_repository_example_validates_offline(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
