@@ -23,13 +23,16 @@ from .errors import ConfigError, Place
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
     DEFAULT_MAINTENANCE_DATABASE,
+    DEFAULT_LOCK_TIMEOUT_MS,
     DEFAULT_MIGRATIONS_TABLE,
+    DEFAULT_STATEMENT_TIMEOUT_MS,
     Database,
     EmbeddedSpec,
     Estate,
     Role,
     Server,
     Service,
+    history_table_name,
 )
 
 DEFAULT_PLAN_FILE = "dbplan.yaml"
@@ -48,8 +51,15 @@ def format_path(path: Iterable[str | int]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            name = part if part.isprintable() else repr(part)[1:-1]  # keep a message on one line
+            text += f".{name}" if text else name
     return text
+
+
+def quoted(name: str) -> str:
+    """'name' for a message; a key or value with a newline or control character is escaped,
+    so an error stays one paragraph whatever the file holds."""
+    return f"'{name}'" if name.isprintable() else repr(name)
 
 
 class _Document:
@@ -75,6 +85,20 @@ class _Document:
 _EXPANSION = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
 _VARIABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
 _SCALAR_RESOLVER = yaml.resolver.Resolver()
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # "<<: [*a, *a, ...]" nested a few levels copies key/value pairs exponentially
+        # before a single value is built, so the values_built cap alone cannot stop it.
+        # PyYAML's flatten_mapping recurses through self, so every level is checked.
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_DOCUMENT_VALUES:
+            raise yaml.constructor.ConstructorError(
+                problem=f"merge keys ('<<') expand this mapping to more than {MAX_DOCUMENT_VALUES} entries",
+                problem_mark=node.start_mark,
+            )
 
 
 def expand_variables(text: str, environ: Mapping[str, str], where: Place) -> str:
@@ -115,7 +139,7 @@ class _Builder:
         self.document = document
         self.environ = environ
         self.values_built = 0
-        self.constructor = yaml.constructor.SafeConstructor()
+        self.constructor = _Constructor()
 
     def build(self, node: yaml.Node, path: DocPath) -> Any:
         self.values_built += 1
@@ -132,31 +156,53 @@ class _Builder:
             return [self.build(item, path + (index,)) for index, item in enumerate(node.value)]
         return self._scalar(node, path)
 
+    def _construct(self, node: yaml.Node, path: DocPath) -> Any:
+        # SafeConstructor raises plain ValueError/KeyError/AttributeError for scalars that
+        # match a tag but do not parse: `!!int abc`, `!!bool maybe`, `2024-13-45`.
+        try:
+            return self.constructor.construct_object(node)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as err:
+            kind = node.tag.rsplit(":", 1)[-1]
+            where = self.document.place(path)
+            if node.start_mark is not None:
+                where = Place(where.file, node.start_mark.line + 1, node.start_mark.column + 1, where.path)
+            raise ConfigError(
+                f"cannot read {node.value!r} as {kind}", place=where, hint="quote the value to make it a string"
+            ) from err
+
     def _mapping(self, node: yaml.MappingNode, path: DocPath) -> dict[str, Any]:
+        own_pairs = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
         self.constructor.flatten_mapping(node)  # resolves "<<" merge keys
+        # flatten_mapping puts the merged pairs first; a key written here overrides a merged
+        # one (as YAML merge keys mean), only a key written twice here is a duplicate.
+        merged_pairs = len(node.value) - own_pairs
         result: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = self.constructor.construct_object(key_node)
+        own_keys: set[str] = set()
+        for index, (key_node, value_node) in enumerate(node.value):
+            key = self._construct(key_node, path)
             if not isinstance(key, str):
-                key = str(key)
+                # Keys are names: `on:`, `no:` or `null:` mean the name, not YAML 1.1's bool/null.
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
             child = path + (key,)
-            if key in result:
-                first_line = self.document.key_marks[child][0]
-                raise ConfigError(
-                    f"duplicate key '{key}' (first defined on line {first_line})",
-                    place=Place(
-                        self.document.file,
-                        key_node.start_mark.line + 1,
-                        key_node.start_mark.column + 1,
-                        format_path(child),
-                    ),
-                )
+            if index >= merged_pairs:
+                if key in own_keys:
+                    first_line = self.document.key_marks[child][0]
+                    raise ConfigError(
+                        f"duplicate key {quoted(key)} (first defined on line {first_line})",
+                        place=Place(
+                            self.document.file,
+                            key_node.start_mark.line + 1,
+                            key_node.start_mark.column + 1,
+                            format_path(child),
+                        ),
+                    )
+                own_keys.add(key)
             self.document.key_marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             result[key] = self.build(value_node, child)
         return result
 
     def _scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
-        value = self.constructor.construct_object(node)
+        value = self._construct(node, path)
         if not isinstance(value, str) or "$" not in value:
             return value
         expanded = expand_variables(value, self.environ, self.document.place(path))
@@ -164,7 +210,7 @@ class _Builder:
             return expanded
         # The expansion is read as a scalar (never a structure), so `${PORT:-5432}` is a number.
         tag = _SCALAR_RESOLVER.resolve(yaml.ScalarNode, expanded, (True, False))
-        return self.constructor.construct_object(yaml.ScalarNode(tag, expanded))
+        return self._construct(yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark), path)
 
 
 def _read_text(path: Path, display: str) -> str:
@@ -193,6 +239,17 @@ def _read_text(path: Path, display: str) -> str:
 def _parse_yaml(text: str, document: _Document, environ: Mapping[str, str]) -> Any:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError as err:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError("the document nests too deeply", place=Place(document.file)) from err
+    except yaml.reader.ReaderError as err:
+        # A control character: PyYAML gives only an offset ("position 23"); name the line.
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - text.rfind("\n", 0, err.position)
+        raise ConfigError(
+            f"invalid YAML: control character #x{err.character:04x} is not allowed",
+            place=Place(document.file, line, column),
+            hint="remove it, or write it as an escape inside double quotes",
+        ) from err
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         place = Place(document.file, mark.line + 1, mark.column + 1) if mark else Place(document.file)
@@ -237,13 +294,29 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def _schema_error(error: Any, document: _Document) -> ConfigError:
     path: DocPath = tuple(error.absolute_path)
+    # Names (as keys, or as schema/table values) are checked with a length and a regex;
+    # jsonschema reports a bad key at its parent mapping and quotes the regex. Point at the
+    # name itself and say what is wrong with it.
+    name_problems = {
+        "maxLength": f"is longer than {error.validator_value} characters",
+        "minLength": "is empty",
+        "pattern": "contains a control character (tab, newline, ...)",
+    }
+    is_name = error.schema.get("pattern") == load_schema()["$defs"]["name"]["pattern"]
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        return ConfigError(
+            f"name {error.instance!r} {name_problems.get(error.validator, 'is not allowed: ' + error.message)}",
+            place=document.place(path + (error.instance,), key=True),
+        )
+    if error.validator == "pattern" and is_name and isinstance(error.instance, str):
+        return ConfigError(f"{error.instance!r} {name_problems['pattern']}", place=document.place(path))
     if error.validator == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
         unknown = [key for key in error.instance if key not in allowed]
         key = unknown[0] if unknown else "?"
         expected = ", ".join(allowed)
         return ConfigError(
-            f"unknown key '{key}'{_did_you_mean(key, allowed)}",
+            f"unknown key {quoted(key)}{_did_you_mean(key, allowed)}",
             place=document.place(path + (key,), key=True),
             hint=f"allowed keys here: {expected}",
         )
@@ -309,7 +382,7 @@ def _reference(
     if value not in known:
         listing = ", ".join(f"'{name}'" for name in known) or "none are defined"
         raise ConfigError(
-            f"unknown {what} '{value}'{_did_you_mean(value, known)}",
+            f"unknown {what} {quoted(value)}{_did_you_mean(value, known)}",
             place=document.place(path),
             hint=f"known {what}s: {listing}",
         )
@@ -329,7 +402,9 @@ def _servers(data: dict[str, Any], document: _Document, root: Path) -> dict[str,
                     hint="set url (for example ${DATABASE_URL}) or 'embedded: true' for a local server dbplan runs",
                 )
             data_dir = root / spec.get("data_dir", DEFAULT_EMBEDDED_DATA_DIR)
-            embedded = EmbeddedSpec(data_dir=data_dir, port=spec.get("port"))
+            port = spec.get("port")
+            # JSON Schema's "integer" accepts 5432.0; a float port would end up in a URL.
+            embedded = EmbeddedSpec(data_dir=data_dir, port=int(port) if port is not None else None)
         if url is not None and not isinstance(url, str):
             raise ConfigError("expected a string url", place=document.place(("servers", name, "url")))
         servers[name] = Server(
@@ -407,6 +482,9 @@ def _services(
         for key, what in (("schema", "schema"), ("table", "table")):
             if key in spec:
                 _check_identifier(spec[key], what, document.place(base + (key,)))
+        if "table" in spec:
+            # The history table beside it is `X_history`: 8 bytes more, cut silently too.
+            _check_identifier(history_table_name(spec["table"]), "history table", document.place(base + ("table",)))
         services[name] = Service(
             name=name,
             database=spec["database"],
@@ -416,8 +494,12 @@ def _services(
             schema=spec.get("schema"),
             table=spec.get("table", DEFAULT_MIGRATIONS_TABLE),
             allow_out_of_order=bool(spec.get("allow_out_of_order", False)),
-            target=spec.get("target"),
+            target=int(spec["target"]) if spec.get("target") is not None else None,  # 1.0 is an "integer" too
             lint_allow=frozenset((spec.get("lint") or {}).get("allow") or ()),
+            lock_timeout=_duration_ms(spec.get("lock_timeout", DEFAULT_LOCK_TIMEOUT_MS), document.place(base + ("lock_timeout",))),
+            statement_timeout=_duration_ms(
+                spec.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT_MS), document.place(base + ("statement_timeout",))
+            ),
             place=document.place(base, key=True),
             migrations_place=document.place(base + ("migrations",)),
         )
@@ -425,20 +507,49 @@ def _services(
     return services
 
 
+_DURATION = re.compile(r"^([0-9]+) ?(ms|s|min|h|d)?$")
+_DURATION_UNIT_MS = {None: 1, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_MAX_TIMEOUT_MS = 2**31 - 1  # PostgreSQL keeps timeouts in an int of milliseconds
+
+
+def _duration_ms(value: int | str | None, place: Place) -> int | None:
+    """A timeout as PostgreSQL writes it ('5s', '500ms', '2min') or an int of ms, in ms."""
+    if value is None:
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    millis = int(match.group(1)) * _DURATION_UNIT_MS[match.group(2)] if match else value
+    if not isinstance(millis, int) or isinstance(millis, bool) or not 0 <= millis <= _MAX_TIMEOUT_MS:
+        raise ConfigError(
+            f"expected a duration such as '30s', '500ms' or '2min' (or milliseconds), got {value!r}",
+            place=place,
+            hint=f"at most {_MAX_TIMEOUT_MS} ms (about 24 days); 0 means no limit",
+        )
+    return millis
+
+
 def _check_shared_tables(services: dict[str, Service], document: _Document) -> None:
     # Schema None means "the role's current schema": two such services in one database
     # would end up on the same table, so None is compared as a value of its own.
-    seen: dict[tuple[str, str | None, str], str] = {}
+    # The history tables are compared too: table `dbplan` keeps its history in
+    # `dbplan_history`, which is also the history of the default `schema_migrations`.
+    seen: dict[tuple[str, str | None, str], tuple[str, str]] = {}
     for service in services.values():
-        key = (service.database, service.schema, service.table)
-        other = seen.setdefault(key, service.name)
-        if other != service.name:
-            raise ConfigError(
-                f"services '{other}' and '{service.name}' both keep their migrations in table "
-                f"'{service.table}' of database '{service.database}'",
-                place=service.place,
-                hint="give one of them its own 'table' (or 'schema')",
-            )
+        for table, use in ((service.table, "migrations"), (service.history_table, "history")):
+            key = (service.database, service.schema, table)
+            other, other_use = seen.setdefault(key, (service.name, use))
+            if other == service.name:
+                continue
+            if use == other_use == "migrations":
+                message = (
+                    f"services '{other}' and '{service.name}' both keep their migrations in table "
+                    f"'{service.table}' of database '{service.database}'"
+                )
+            else:
+                message = (
+                    f"table '{table}' of database '{service.database}' would hold the {other_use} of service "
+                    f"'{other}' and the {use} of service '{service.name}'"
+                )
+            raise ConfigError(message, place=service.place, hint="give one of them its own 'table' (or 'schema')")
 
 
 def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Estate:

@@ -8,6 +8,7 @@ same version 34. Nothing here talks to a server.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -52,18 +53,25 @@ class Migration:
 
     @property
     def run_mode(self) -> str:
-        script = self.up.script
-        if script.no_transaction_marker:
-            return RunMode.NO_TRANSACTION
-        if script.transaction_style == "wrapped":
-            return RunMode.WRAPPED
-        if script.transaction_style == "multiple":
-            return RunMode.OWN_TRANSACTIONS
-        return RunMode.TRANSACTION
+        return run_mode_of(self.up.script)
 
     @property
     def transactional(self) -> bool:
-        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+        return self.run_mode in TRANSACTIONAL_MODES
+
+
+TRANSACTIONAL_MODES = frozenset({RunMode.TRANSACTION, RunMode.WRAPPED})
+
+
+def run_mode_of(script: Script) -> str:
+    """How a file runs: the marker wins, then the file's own use of BEGIN/COMMIT."""
+    if script.no_transaction_marker:
+        return RunMode.NO_TRANSACTION
+    if script.transaction_style == "wrapped":
+        return RunMode.WRAPPED
+    if script.transaction_style == "multiple":
+        return RunMode.OWN_TRANSACTIONS
+    return RunMode.TRANSACTION
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,9 @@ def _read_file(path: Path, root: Path) -> MigrationFile:
 
 
 def _is_inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve())
+    # os.path.realpath, not Path.resolve: before Python 3.13 resolve raises RuntimeError on
+    # a symlink loop; realpath returns the looping path, later refused as not a regular file.
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 def _display(path: Path, root: Path) -> str:

@@ -14,6 +14,15 @@ from .errors import Place
 DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
 DEFAULT_MAINTENANCE_DATABASE = "postgres"
 DEFAULT_EMBEDDED_DATA_DIR = ".dbplan/postgres"
+# How long a migration may wait for a table lock before it gives up (and, in a
+# transaction, is retried). While an ALTER TABLE waits behind a long transaction, every
+# query on that table queues behind it, so waiting forever can take the service down;
+# 30 s still lets a migration through a busy moment. Long-running migrations are not
+# affected: lock_timeout counts only time spent waiting for a lock.
+DEFAULT_LOCK_TIMEOUT_MS = 30_000
+# statement_timeout is left unset (the server's own setting applies): a backfill or an
+# index build may rightly take hours, and only the project knows its ceiling.
+DEFAULT_STATEMENT_TIMEOUT_MS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class Service:
     allow_out_of_order: bool = False
     target: int | None = None
     lint_allow: frozenset[str] = frozenset()
+    lock_timeout: int = DEFAULT_LOCK_TIMEOUT_MS  # milliseconds; 0 waits forever
+    statement_timeout: int | None = DEFAULT_STATEMENT_TIMEOUT_MS  # milliseconds; None: the server's
     place: Place = field(default=Place(), compare=False)
     migrations_place: Place = field(default=Place(), compare=False)
 

@@ -43,9 +43,9 @@ class ApplyMigration:
 
     @property
     def transactional(self) -> bool:
-        from .migrations import RunMode
+        from .migrations import TRANSACTIONAL_MODES
 
-        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+        return self.run_mode in TRANSACTIONAL_MODES
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class RevertMigration:
 
     @property
     def transactional(self) -> bool:
-        from .migrations import RunMode
+        from .migrations import TRANSACTIONAL_MODES
 
-        return self.run_mode in (RunMode.TRANSACTION, RunMode.WRAPPED)
+        return self.run_mode in TRANSACTIONAL_MODES
 
 
 Action = CreateRole | CreateDatabase | ApplyMigration | RevertMigration

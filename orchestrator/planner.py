@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .facts import LiveState, ServiceFacts
 from .graph import EstateGraph
-from .migrations import Migration, MigrationSet, RunMode
+from .migrations import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .model import Estate, Service
 from .plan import (
     Action,
@@ -94,7 +94,8 @@ def plan_service(
     applied = _applied(facts, by_version)
     current = max(applied, default=None)
     latest = migration_set.latest
-    target = service.target if service.target is not None else latest
+    # Without an explicit target the service moves to its latest file, and never down.
+    target = service.target if service.target is not None else max((v for v in (latest, current) if v is not None), default=None)
     warnings: list[Warning] = []
     blockers: list[Blocker] = []
 
@@ -116,7 +117,7 @@ def plan_service(
             rule="missing-file",
         )
         for version in sorted(applied)
-        if version not in by_version and (target is None or version <= target)
+        if version not in by_version and (service.target is None or version <= service.target)
     )
 
     if facts.dirty:
@@ -140,7 +141,9 @@ def plan_service(
                 )
             )
 
-    reverts = _reverts(service, applied, by_version, target, blockers)
+    # Only an explicit target reverts: an applied version above the last file (deleted, or a
+    # golang-migrate database ahead of this checkout) is warned about, never undone.
+    reverts = _reverts(service, applied, by_version, service.target, blockers)
     remaining = sorted(set(applied) - {r.version for r in reverts})
     applies = _applies(service, pending, max(remaining, default=None))
     for migration in pending:
@@ -241,6 +244,7 @@ def _reverts(
     for index, version in enumerate(doomed):
         migration = by_version.get(version)
         if migration is None or migration.down is None:
+            down_name = migration.up.path.name.replace(".up.sql", ".down.sql") if migration else f"{version}_TITLE.down.sql"
             blockers.append(
                 Blocker(
                     f"cannot revert version {version} of service '{service.name}' to reach target {target}: "
@@ -248,11 +252,12 @@ def _reverts(
                     service=service.name,
                     version=version,
                     file=migration.up.display if migration else None,
-                    hint=f"add {version}_{migration.title if migration else 'title'}.down.sql, "
-                    "or raise the service's target",
+                    hint=f"add {down_name}, or raise the service's target",
                 )
             )
             continue
+        run_mode = run_mode_of(migration.down.script)
+        blockers += _non_transactional_blockers(service, migration.version, migration.down, run_mode)
         after = doomed[index + 1 :] + remaining
         reverts.append(
             RevertMigration(
@@ -262,21 +267,11 @@ def _reverts(
                 title=migration.title,
                 file=migration.down.display,
                 checksum=migration.down.checksum,
-                run_mode=_down_run_mode(migration),
+                run_mode=run_mode,
                 version_after=max(after, default=None),
             )
         )
     return tuple(reverts)
-
-
-def _down_run_mode(migration: Migration) -> str:
-    assert migration.down is not None
-    script = migration.down.script
-    if script.no_transaction_marker:
-        return RunMode.NO_TRANSACTION
-    return {"wrapped": RunMode.WRAPPED, "multiple": RunMode.OWN_TRANSACTIONS}.get(
-        script.transaction_style, RunMode.TRANSACTION
-    )
 
 
 def _applies(service: Service, pending: list[Migration], base: int | None) -> tuple[ApplyMigration, ...]:
@@ -326,20 +321,10 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
         warnings.append(
             Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
         )
+    blockers += _non_transactional_blockers(service, migration.version, migration.up, migration.run_mode)
     for finding in lint(script, allow=service.lint_allow):
-        if finding.severity == "error" and migration.transactional:
-            blockers.append(
-                Blocker(
-                    f"{file}:{finding.line}: {finding.message}: {finding.statement}",
-                    service=service.name,
-                    version=migration.version,
-                    file=file,
-                    hint="put '-- dbplan:no-transaction' on the file's first line to run it outside a transaction",
-                )
-            )
-            continue
         if finding.severity == "error":
-            continue  # the file is already marked no-transaction
+            continue  # reported as a blocker above when it matters
         warnings.append(
             Warning(
                 finding.message,
@@ -351,3 +336,20 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
             )
         )
     return warnings
+
+
+def _non_transactional_blockers(service: Service, version: int, file: MigrationFile, run_mode: str) -> list[Blocker]:
+    """Statements PostgreSQL refuses in a transaction, in a file that would run in one."""
+    if run_mode not in TRANSACTIONAL_MODES:
+        return []
+    return [
+        Blocker(
+            f"{file.display}:{statement.line}: {statement.non_transactional} cannot run inside a transaction, "
+            "and this file runs in one",
+            service=service.name,
+            version=version,
+            file=file.display,
+            hint="put '-- dbplan:no-transaction' on the file's first line to run it outside a transaction",
+        )
+        for statement in file.script.non_transactional
+    ]

@@ -1,0 +1,477 @@
+"""planner.make_plan: a pure function of (estate, graph, migration sets, live state).
+
+The estate and the live state are built in memory; migration files are written under
+``tmp_path`` and scanned, so checksums and run modes are the real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator import graph, migrations
+from orchestrator.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
+from orchestrator.migrations import MigrationSet, RunMode
+from orchestrator.model import Database, Estate, Role, Server, Service
+from orchestrator.plan import (
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    Drift,
+    Plan,
+    RevertMigration,
+    ServicePlan,
+)
+from orchestrator.planner import make_plan
+
+TX = RunMode.TRANSACTION
+
+PRODUCT_FILES = {
+    "000001_init_schema.up.sql": "CREATE TABLE product (id bigint PRIMARY KEY, name text NOT NULL);\n",
+    "000001_init_schema.down.sql": "DROP TABLE product;\n",
+    "000002_add_prices.up.sql": "CREATE TABLE price (product_id bigint, amount numeric);\n",
+    "000002_add_prices.down.sql": "DROP TABLE price;\n",
+    "000003_product_search.up.sql": "CREATE TABLE search_term (term text);\n",
+    "000003_product_search.down.sql": "DROP TABLE search_term;\n",
+}
+INVENTORY_FILES = {
+    "000001_create_warehouses.up.sql": "CREATE TABLE warehouse (id bigint PRIMARY KEY);\n",
+    "000001_create_warehouses.down.sql": "DROP TABLE warehouse;\n",
+    "000002_create_stock.up.sql": "CREATE TABLE stock (warehouse_id bigint, quantity int);\n",
+    "000002_create_stock.down.sql": "DROP TABLE stock;\n",
+}
+
+
+class World:
+    """The DESIGN.md estate: product and inventory on one server; inventory depends on product.
+
+    inventory is written first in the file, so dependency order and file order differ.
+    """
+
+    def __init__(self, root: Path, **product_options: object) -> None:
+        self.root = root
+        self.write("product", PRODUCT_FILES)
+        self.write("inventory", INVENTORY_FILES)
+        product = Service(
+            "product", "products", root / "migrations/product", "migrations/product", **product_options  # type: ignore[arg-type]
+        )
+        inventory = Service(
+            "inventory", "inventory", root / "migrations/inventory", "migrations/inventory", depends_on=("product",)
+        )
+        self.estate = Estate(
+            file=root / "dbplan.yaml",
+            root=root,
+            servers={"main": Server("main", "postgresql://postgres@localhost/postgres", embedded=None)},
+            roles={"product_svc": Role("product_svc", "main", login=True, password="s3cret")},
+            databases={
+                "products": Database("products", "main", owner="product_svc"),
+                "inventory": Database("inventory", "main"),
+            },
+            services={"inventory": inventory, "product": product},
+        )
+
+    def write(self, service: str, files: dict[str, str]) -> None:
+        folder = self.root / "migrations" / service
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    def remove(self, service: str, name: str) -> None:
+        (self.root / "migrations" / service / name).unlink()
+
+    def checksum(self, service: str, name: str) -> str:
+        return hashlib.sha256((self.root / "migrations" / service / name).read_bytes()).hexdigest()
+
+    def migration_sets(self) -> dict[str, MigrationSet]:
+        return migrations.scan(self.estate)
+
+    def plan(
+        self,
+        product: ServiceFacts | None = None,
+        inventory: ServiceFacts | None = None,
+        *,
+        databases: frozenset[str] = frozenset({"postgres", "products", "inventory"}),
+        roles: frozenset[str] = frozenset({"postgres", "product_svc"}),
+    ) -> Plan:
+        live = LiveState(
+            servers={"main": ServerFacts("main", "16.4", "7000000000000000001", "127.0.0.1:5432", databases, roles)},
+            services={
+                "product": product or ServiceFacts("product", database_exists="products" in databases),
+                "inventory": inventory or ServiceFacts("inventory", database_exists="inventory" in databases),
+            },
+        )
+        return make_plan(self.estate, graph.build(self.estate), self.migration_sets(), live)
+
+    def apply(self, service: str, version: int, title: str, after: int) -> ApplyMigration:
+        name = f"{version:06d}_{title}.up.sql"
+        database = self.estate.services[service].database
+        return ApplyMigration(
+            service, database, version, title, f"migrations/{service}/{name}", self.checksum(service, name), TX, after
+        )
+
+    def revert(self, service: str, version: int, title: str, after: int | None) -> RevertMigration:
+        name = f"{version:06d}_{title}.down.sql"
+        database = self.estate.services[service].database
+        return RevertMigration(
+            service, database, version, title, f"migrations/{service}/{name}", self.checksum(service, name), TX, after
+        )
+
+
+def history(world: World, service: str, *versions: int, event: str = "apply", start_id: int = 1) -> tuple[HistoryEntry, ...]:
+    """History rows for ``versions`` of ``service``, recorded with the files' current checksums."""
+    folder = world.root / "migrations" / service
+    entries = []
+    for offset, version in enumerate(versions):
+        (up,) = folder.glob(f"{version:06d}_*.up.sql")
+        title = up.name[7:-7]
+        entries.append(HistoryEntry(version, event, world.checksum(service, up.name), title, start_id + offset))
+    return tuple(entries)
+
+
+def applied(world: World, service: str, *versions: int) -> ServiceFacts:
+    """A dbplan-managed service with ``versions`` applied in order."""
+    return ServiceFacts(
+        service,
+        database_exists=True,
+        schema="public",
+        table_exists=True,
+        history_exists=True,
+        version=max(versions),
+        history=history(world, service, *versions),
+    )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Fresh estate, partly applied, nothing to do
+
+
+def test_fresh_estate_creates_roles_then_databases_then_migrations_in_dependency_order(world: World) -> None:
+    plan = world.plan(databases=frozenset({"postgres"}), roles=frozenset({"postgres"}))
+    assert plan.actions == (
+        CreateRole("main", "product_svc", login=True, with_password=True),
+        CreateDatabase("main", "products", "product_svc"),
+        CreateDatabase("main", "inventory", None),
+        world.apply("product", 1, "init_schema", 1),
+        world.apply("product", 2, "add_prices", 2),
+        world.apply("product", 3, "product_search", 3),
+        world.apply("inventory", 1, "create_warehouses", 1),
+        world.apply("inventory", 2, "create_stock", 2),
+    )
+    assert plan.changes and not plan.blocked
+    assert plan.summary() == {"create_roles": 1, "create_databases": 2, "apply": 5, "revert": 0}
+    # Services are reported in file order, actions in dependency order.
+    assert plan.services == (
+        ServicePlan("inventory", "inventory", "main", None, 2, 2, False, (1, 2), (), ()),
+        ServicePlan("product", "products", "main", None, 3, 3, False, (1, 2, 3), (), ()),
+    )
+    assert plan.warnings == ()
+
+
+def test_existing_role_and_database_are_not_created_again(world: World) -> None:
+    plan = world.plan(databases=frozenset({"postgres", "products"}))
+    assert [action for action in plan.actions if not isinstance(action, ApplyMigration)] == [
+        CreateDatabase("main", "inventory", None)
+    ]
+
+
+def test_partly_applied(world: World) -> None:
+    plan = world.plan(applied(world, "product", 1, 2), applied(world, "inventory", 1))
+    assert plan.actions == (
+        world.apply("product", 3, "product_search", 3),
+        world.apply("inventory", 2, "create_stock", 2),
+    )
+    assert plan.service("product").current == 2
+    assert plan.service("product").pending == (3,)
+    assert plan.service("inventory").pending == (2,)
+
+
+def test_nothing_to_do(world: World) -> None:
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert plan.actions == ()
+    assert not plan.changes and not plan.blocked
+    assert (plan.warnings, plan.blockers) == ((), ())
+    assert [(s.service, s.current, s.latest, s.pending, s.drift) for s in plan.services] == [
+        ("inventory", 2, 2, (), ()),
+        ("product", 3, 3, (), ()),
+    ]
+
+
+def test_a_new_file_is_pending_after_the_applied_ones(world: World) -> None:
+    world.write("product", {"000004_discounts.up.sql": "CREATE TABLE discount (id int);\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 4, "discounts", 4),)
+
+
+# ---------------------------------------------------------------------------
+# Drift and adoption
+
+
+def test_drift_when_the_recorded_checksum_differs(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    recorded = product.history[1].checksum
+    world.write("product", {"000002_add_prices.up.sql": "CREATE TABLE price (product_id bigint, amount money);\n"})
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    drift = Drift(2, "migrations/product/000002_add_prices.up.sql", recorded, world.checksum("product", "000002_add_prices.up.sql"))
+    assert plan.service("product").drift == (drift,)
+    assert [(w.rule, w.service, w.file) for w in plan.warnings] == [
+        ("drift", "product", "migrations/product/000002_add_prices.up.sql")
+    ]
+    assert plan.warnings[0].message.startswith(f"version 2 was changed after it was applied (recorded sha256 {recorded[:12]}")
+    # Drift alone is a warning: nothing to do, nothing blocked.
+    assert plan.actions == () and not plan.blocked
+
+
+def test_golang_migrate_database_is_adopted(world: World) -> None:
+    world.write("product", {"000004_discounts.up.sql": "CREATE TABLE discount (id int);\n"})
+    # golang-migrate left schema_migrations at 3 and no history at all.
+    adopted = ServiceFacts("product", database_exists=True, schema="public", table_exists=True, version=3)
+    plan = world.plan(adopted, applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 4, "discounts", 4),)
+    summary = plan.service("product")
+    assert (summary.current, summary.pending, summary.drift) == (3, (4,), ())  # drift unknown, not reported
+
+
+def test_adopted_versions_are_not_drift_even_if_files_changed(world: World) -> None:
+    world.write("product", {"000001_init_schema.up.sql": "-- rewritten after golang-migrate ran it\n"})
+    adopted = ServiceFacts("product", database_exists=True, schema="public", table_exists=True, version=3)
+    plan = world.plan(adopted, applied(world, "inventory", 1, 2))
+    assert plan.service("product").drift == ()
+    assert plan.actions == ()
+
+
+# ---------------------------------------------------------------------------
+# Blocked plans
+
+
+def test_dirty_service_is_blocked_with_a_force_hint(world: World) -> None:
+    dirty = replace(applied(world, "product", 1, 2), version=3, dirty=True, invalid_indexes=("public.search_idx",))
+    plan = world.plan(dirty, applied(world, "inventory", 1))
+    assert plan.blocked
+    (blocker,) = plan.blockers
+    assert (blocker.service, blocker.version, blocker.file) == (
+        "product",
+        3,
+        "migrations/product/000003_product_search.up.sql",
+    )
+    assert blocker.message == (
+        "service 'product' is dirty at version 3: migrations/product/000003_product_search.up.sql ran outside "
+        "a transaction and failed part-way; invalid indexes left behind: public.search_idx"
+    )
+    assert "dbplan force product 3" in blocker.hint
+    assert "dbplan force product <previous version>" in blocker.hint
+    # Nothing of the blocked service runs; the other service still does.
+    assert plan.actions == (world.apply("inventory", 2, "create_stock", 2),)
+    assert plan.service("product").dirty
+
+
+def test_out_of_order_file_is_blocked_when_history_exists(world: World) -> None:
+    """Nothing in the history says version 2 ran: it is never applied, and it is below 3."""
+    world.remove("product", "000002_add_prices.up.sql")
+    world.remove("product", "000002_add_prices.down.sql")
+    product = applied(world, "product", 1, 3)
+    world.write("product", {"000002_add_prices.up.sql": "CREATE TABLE price (product_id bigint);\n"})
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert plan.service("product").out_of_order == (2,)
+    (blocker,) = plan.blockers
+    assert blocker.file == "migrations/product/000002_add_prices.up.sql"
+    assert blocker.message == (
+        "migrations/product/000002_add_prices.up.sql (version 2) was never applied, but version 3 already is: "
+        "it is out of order"
+    )
+    assert "allow_out_of_order: true" in blocker.hint
+    assert plan.actions == ()
+
+
+def test_out_of_order_file_is_applied_in_version_order_when_allowed(tmp_path: Path) -> None:
+    world = World(tmp_path, allow_out_of_order=True)
+    world.remove("product", "000002_add_prices.up.sql")
+    world.remove("product", "000002_add_prices.down.sql")
+    product = applied(world, "product", 1, 3)
+    world.write(
+        "product",
+        {
+            "000002_add_prices.up.sql": "CREATE TABLE price (product_id bigint);\n",
+            "000004_discounts.up.sql": "CREATE TABLE discount (id int);\n",
+        },
+    )
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert not plan.blocked
+    assert plan.actions == (
+        world.apply("product", 2, "add_prices", 3),  # schema_migrations keeps the highest version
+        world.apply("product", 4, "discounts", 4),
+    )
+
+
+def test_out_of_order_detection_with_history_missing_the_table_row(world: World) -> None:
+    # What the planner does detect today: history says 1 and 3, schema_migrations has no row.
+    product = replace(applied(world, "product", 1, 3), version=None)
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert [blocker.version for blocker in plan.blockers] == [2]
+    assert plan.blockers[0].file == "migrations/product/000002_add_prices.up.sql"
+
+
+def test_concurrent_index_in_a_transactional_file_is_blocked(world: World) -> None:
+    world.write("product", {"000004_search_index.up.sql": "CREATE INDEX CONCURRENTLY product_name ON product (name);\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert (blocker.service, blocker.version, blocker.file) == (
+        "product",
+        4,
+        "migrations/product/000004_search_index.up.sql",
+    )
+    assert blocker.message.startswith("migrations/product/000004_search_index.up.sql:1: CREATE INDEX CONCURRENTLY")
+    assert blocker.hint == "put '-- dbplan:no-transaction' on the file's first line to run it outside a transaction"
+    assert plan.actions == ()
+
+
+def test_concurrent_index_with_the_marker_runs_outside_a_transaction(world: World) -> None:
+    world.write(
+        "product",
+        {
+            "000004_search_index.up.sql": "-- dbplan:no-transaction\n"
+            "CREATE INDEX CONCURRENTLY product_name ON product (name);\n"
+        },
+    )
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert plan.blockers == ()
+    (action,) = plan.actions
+    assert (action.version, action.run_mode, action.transactional) == (4, RunMode.NO_TRANSACTION, False)
+
+
+# ---------------------------------------------------------------------------
+# Targets and reverts
+
+
+def test_target_below_current_reverts_in_descending_order(tmp_path: Path) -> None:
+    world = World(tmp_path, target=1)
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert plan.actions == (
+        world.revert("product", 3, "product_search", 2),
+        world.revert("product", 2, "add_prices", 1),
+    )
+    summary = plan.service("product")
+    assert (summary.current, summary.target, summary.reverts, summary.pending) == (3, 1, (3, 2), ())
+    assert plan.summary()["revert"] == 2
+
+
+def test_target_zero_reverts_everything_and_removes_the_version(tmp_path: Path) -> None:
+    world = World(tmp_path, target=0)
+    plan = world.plan(applied(world, "product", 1, 2), applied(world, "inventory", 1, 2))
+    assert plan.actions == (
+        world.revert("product", 2, "add_prices", 1),
+        world.revert("product", 1, "init_schema", None),
+    )
+
+
+def test_target_stops_pending_applies(tmp_path: Path) -> None:
+    world = World(tmp_path, target=2)
+    plan = world.plan(applied(world, "product", 1), applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 2, "add_prices", 2),)
+    assert plan.service("product").pending == (2,)
+
+
+def test_revert_without_a_down_file_is_blocked(tmp_path: Path) -> None:
+    world = World(tmp_path, target=1)
+    world.remove("product", "000002_add_prices.down.sql")
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert (blocker.service, blocker.version, blocker.file) == (
+        "product",
+        2,
+        "migrations/product/000002_add_prices.up.sql",
+    )
+    assert blocker.message == "cannot revert version 2 of service 'product' to reach target 1: no down file"
+    assert "add_prices.down.sql" in blocker.hint and "raise the service's target" in blocker.hint
+    assert plan.actions_of("product") == ()
+
+
+def test_reverts_run_before_applies_and_dependents_revert_first(tmp_path: Path) -> None:
+    world = World(tmp_path, target=2)
+    world.estate.services["inventory"] = replace(world.estate.services["inventory"], target=1)
+    world.write("inventory", {"000003_reorder.up.sql": "SELECT 1;\n", "000003_reorder.down.sql": "SELECT 1;\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert plan.actions == (
+        world.revert("inventory", 2, "create_stock", 1),
+        world.revert("product", 3, "product_search", 2),
+    )
+
+
+# ---------------------------------------------------------------------------
+# force, warnings
+
+
+def test_force_overrides_older_history(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    force = HistoryEntry(1, "force", world.checksum("product", "000001_init_schema.up.sql"), "init_schema", 4)
+    # inspect reports each version's latest event, and the latest force separately.
+    forced = replace(product, version=1, history=(force,) + product.history[1:], last_force=force)
+    plan = world.plan(forced, applied(world, "inventory", 1, 2))
+    assert plan.actions == (
+        world.apply("product", 2, "add_prices", 2),
+        world.apply("product", 3, "product_search", 3),
+    )
+    assert plan.service("product").current == 1
+
+
+def test_applies_after_a_force_count_again(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    force = HistoryEntry(1, "force", None, "init_schema", 4)
+    again = HistoryEntry(2, "apply", world.checksum("product", "000002_add_prices.up.sql"), "add_prices", 5)
+    forced = replace(product, version=2, history=(force, again, product.history[2]), last_force=force)
+    plan = world.plan(forced, applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 3, "product_search", 3),)
+
+
+def test_files_without_down_files_are_warned_about(world: World) -> None:
+    world.write("product", {"000004_discounts.up.sql": "CREATE TABLE discount (id int);\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert [(w.rule, w.service, w.file, w.message) for w in plan.warnings] == [
+        ("missing-down", "product", "migrations/product/000004_discounts.up.sql", "has no down file: it cannot be reverted")
+    ]
+    assert not plan.blocked
+
+
+def test_applied_version_without_a_file_is_warned_about(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    world.remove("product", "000002_add_prices.up.sql")
+    world.remove("product", "000002_add_prices.down.sql")
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert [(w.rule, w.service, w.message) for w in plan.warnings] == [
+        ("missing-file", "product", "version 2 is applied but has no file in migrations/product")
+    ]
+    assert (plan.actions, plan.blockers) == ((), ())
+
+
+def test_applied_version_above_the_last_file_is_warned_about_not_reverted(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    world.remove("product", "000003_product_search.up.sql")
+    world.remove("product", "000003_product_search.down.sql")
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert plan.blockers == ()
+    assert [(w.rule, w.message) for w in plan.warnings] == [
+        ("missing-file", "version 3 is applied but has no file in migrations/product")
+    ]
+    assert plan.actions == ()
+
+
+def test_concurrent_statement_in_a_transactional_down_file_is_blocked(tmp_path: Path) -> None:
+    world = World(tmp_path, target=3)
+    world.write(
+        "product",
+        {
+            "000004_name_index.up.sql": "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY i ON product (name);\n",
+            "000004_name_index.down.sql": "DROP INDEX CONCURRENTLY i;\n",
+        },
+    )
+    plan = world.plan(applied(world, "product", 1, 2, 3, 4), applied(world, "inventory", 1, 2))
+    assert [(b.version, b.file) for b in plan.blockers] == [(4, "migrations/product/000004_name_index.down.sql")]
+    assert "-- dbplan:no-transaction" in plan.blockers[0].hint
+    assert plan.actions == ()
