@@ -121,7 +121,7 @@ def plan_service(
     )
 
     if facts.dirty:
-        blockers.append(_dirty_blocker(service, facts, by_version))
+        blockers.append(_dirty_blocker(service, facts, by_version, applied))
 
     pending = [
         m for m in migration_set.migrations if m.version not in applied and (target is None or m.version <= target)
@@ -211,9 +211,12 @@ def _drift(applied: dict[int, str | None], by_version: dict[int, Migration]) -> 
     )
 
 
-def _dirty_blocker(service: Service, facts: ServiceFacts, by_version: dict[int, Migration]) -> Blocker:
+def _dirty_blocker(
+    service: Service, facts: ServiceFacts, by_version: dict[int, Migration], applied: dict[int, str | None]
+) -> Blocker:
     version = facts.version
     migration = by_version.get(version) if version is not None else None
+    previous = max((v for v in applied if version is None or v < version), default=0)
     left_behind = ""
     if facts.invalid_indexes:
         left_behind = f"; invalid indexes left behind: {', '.join(facts.invalid_indexes)}"
@@ -225,7 +228,7 @@ def _dirty_blocker(service: Service, facts: ServiceFacts, by_version: dict[int, 
         version=version,
         file=migration.up.display if migration else None,
         hint=f"fix the database by hand, then run 'dbplan force {service.name} {version}' if the migration's "
-        f"changes are now complete, or 'dbplan force {service.name} <previous version>' to run it again",
+        f"changes are now complete, or 'dbplan force {service.name} {previous}' to run it again",
     )
 
 
