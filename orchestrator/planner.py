@@ -298,7 +298,7 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
 
 
 def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker]) -> list[Warning]:
-    from .sqlscript import lint
+    from .lint import lint
 
     script = migration.up.script
     file = migration.up.display

@@ -6,15 +6,8 @@ import time
 
 import pytest
 
-from orchestrator.sqlscript import (
-    KNOWN_RULES,
-    Finding,
-    Script,
-    Statement,
-    lint,
-    line_of_offset,
-    parse_script,
-)
+from orchestrator.lint import KNOWN_RULES, Finding, lint
+from orchestrator.sqlscript import Script, Statement, line_of_offset, parse_script
 
 
 def sqls(script: Script) -> list[str]:
