@@ -87,6 +87,7 @@ class Warning:
     line: int | None = None
     rule: str | None = None
     statement: str | None = None
+    severity: str | None = None  # lint findings: destructive | locking
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ServicePlan:
     drift: tuple[Drift, ...]
     out_of_order: tuple[int, ...] = ()
     invalid_indexes: tuple[str, ...] = ()
+    dirty_version: int | None = None  # the version that failed part-way; current is the one before
 
 
 @dataclass(frozen=True)

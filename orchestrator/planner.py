@@ -162,6 +162,7 @@ def plan_service(
         drift=drift,
         out_of_order=out_of_order,
         invalid_indexes=facts.invalid_indexes,
+        dirty_version=facts.version if facts.dirty else None,
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
@@ -336,6 +337,7 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
                 line=finding.line,
                 rule=finding.rule,
                 statement=finding.statement,
+                severity=finding.severity,
             )
         )
     return warnings

@@ -33,6 +33,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "target": service.target,
         "latest": service.latest,
         "dirty": service.dirty,
+        "dirty_version": service.dirty_version,
         "pending": list(service.pending),
         "reverts": list(service.reverts),
         "out_of_order": list(service.out_of_order),

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from ..executor import Result
 from ..plan import (
     ApplyMigration,
+    Blocker,
     CreateDatabase,
     CreateRole,
     Plan,
-    RevertMigration,
     ServicePlan,
 )
 
@@ -32,8 +32,36 @@ class Style:
         return f"\033[{codes}m{text}\033[0m"
 
 
+MAX_TITLE_WIDTH = 40  # a longer title does not push every file name of its service to the right
+
+
 def version_label(version: int | None) -> str:
     return "none" if version is None else str(version)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 migration``, ``2 migrations``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def version_ranges(versions: Iterable[int]) -> str:
+    """Versions as short ranges: ``1-3, 5, 7-9``."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive versions
+    for version in sorted(set(versions)):
+        if runs and version == runs[-1][1] + 1:
+            runs[-1][1] = version
+        else:
+            runs.append([version, version])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def service_blockers(plan: Plan, service: str) -> tuple[Blocker, ...]:
+    return tuple(blocker for blocker in plan.blockers if blocker.service == service)
+
+
+def dirty_version(plan: Plan, service: ServicePlan) -> int | None:
+    """The version a dirty service failed at (``current`` is the last one that finished)."""
+    return service.dirty_version if service.dirty else None
 
 
 def render_plan(plan: Plan, *, color: bool = False) -> str:
@@ -60,9 +88,10 @@ def summary_line(plan: Plan, style: Style | None = None) -> str:
         parts.append(f"{counts['create_roles']} role(s) to create")
     if counts["create_databases"]:
         parts.append(f"{counts['create_databases']} database(s) to create")
-    parts.append(f"{counts['apply']} migration(s) to apply")
+    if counts["apply"] or not counts["revert"]:
+        parts.append(f"{counts['apply']} migration(s) to apply")
     if counts["revert"]:
-        parts.append(f"{counts['revert']} to revert")
+        parts.append(f"{counts['revert']} {'to revert' if counts['apply'] else 'migration(s) to revert'}")
     drift = sum(len(service.drift) for service in plan.services)
     suffix = f" ({drift} drifted)" if drift else ""
     return style("Plan: " + ", ".join(parts) + "." + suffix, "bold")
@@ -95,20 +124,36 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
         state += f" -> {version_label(service.target)}"
     if service.dirty:
         state += ", DIRTY"
-    header = style(f"service {service.service}", "bold") + style(f"  (database {service.database}, {state})", "dim")
+    header = style(f"service {service.service}", "bold") + style(
+        f"  (database {service.database} on {service.server}, {state})", "dim"
+    )
     lines = [header]
-    width = max((len(str(a.version)) for a in actions), default=1)
+    width = max((len(str(v)) for v in [*(a.version for a in actions), *(d.version for d in service.drift)]), default=1)
+    title_width = min(max((len(a.title) for a in actions), default=0), MAX_TITLE_WIDTH)
     for action in actions:
         mode = "" if action.run_mode == "transaction" else f"  [{action.run_mode}]"
-        if isinstance(action, ApplyMigration):
-            lines.append(style(f"  + {action.version:>{width}} {action.title}", "green") + style(f"  {action.file}{mode}", "dim"))
-        elif isinstance(action, RevertMigration):
-            lines.append(style(f"  - {action.version:>{width}} {action.title}", "red") + style(f"  {action.file}{mode}", "dim"))
+        sign, color = ("+", "green") if isinstance(action, ApplyMigration) else ("-", "red")
+        lines.append(
+            style(f"  {sign} {action.version:>{width}} {action.title:<{title_width}}", color)
+            + style(f"  {action.file}{mode}", "dim")
+        )
     for drift in service.drift:
-        lines.append(style(f"  ~ {drift.version} changed after it was applied", "yellow") + style(f"  {drift.file}", "dim"))
+        lines.append(
+            style(f"  ~ {drift.version:>{width}} changed after it was applied", "yellow") + style(f"  {drift.file}", "dim")
+        )
     if service.dirty:
-        lines.append(style(f"  ! dirty at version {version_label(service.current if service.current is not None else None)}", "red"))
-    if not actions and not service.drift and not service.dirty:
+        lines.append(style(f"  ! dirty at version {version_label(dirty_version(plan, service))}", "red"))
+    waiting = service.pending or service.reverts  # what the planner held back for a blocked service
+    held_back = bool(waiting) and not actions and bool(service_blockers(plan, service.service))
+    if held_back:
+        lines.append(
+            style(
+                f"  ! blocked: {plural(len(waiting), 'migration')} not planned (versions {version_ranges(waiting)}) "
+                "until the problems below are fixed",
+                "red",
+            )
+        )
+    if not actions and not service.drift and not service.dirty and not held_back:
         lines.append(style("  up to date", "dim"))
     lines.append("")
     return lines

@@ -1,0 +1,505 @@
+"""The plan as GitHub-flavoured Markdown, made to be posted as a pull-request comment.
+
+A summary, an overview table, then a section per server (roles and databases to create)
+and per service with something to report (migrations to apply or revert, drift, a dirty
+state, warnings), each pending migration's SQL folded in a ``<details>`` element. The
+Mermaid dependency graph is included when there is more than one service.
+
+It stays readable and postable at any size: each file's SQL is cut at
+``max_sql_chars_per_file``, and the whole comment is kept under ``max_chars`` (GitHub
+refuses comments over 65,536 characters) by leaving out SQL first, then the graph, then
+table rows, then whole sections from the end; whatever was left out is said at the top. Every name from the plan file or a
+file name is shown in a code span or escaped, so it cannot break the markup or mention
+anyone. This module does no I/O: the caller passes ``sql_for`` to read migration files.
+"""
+
+from __future__ import annotations
+
+import html
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from ..graph import EstateGraph, Node
+from ..plan import ApplyMigration, CreateDatabase, CreateRole, Drift, MigrationAction, Plan, ServicePlan, Warning
+from . import graph as render_graph
+from .text import dirty_version, plural, service_blockers, version_label, version_ranges
+
+MAX_COMMENT_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
+MAX_SQL_CHARS_PER_FILE = 8_000
+COMMENT_MARKER = "<!-- dbplan plan -->"  # lets a CI job find and update its earlier comment
+
+SqlReader = Callable[[str], "str | None"]
+"""Returns the text of a migration file, given its path relative to the plan file's folder."""
+
+_RUN_MODES = {
+    "transaction": "yes",
+    "own-transaction-folded": "yes (its own BEGIN/COMMIT folded into dbplan's)",
+    "no-transaction": "**no**",
+    "own-transactions": "**no**: its own transaction blocks",
+}
+_NOTICE_RESERVE = 800  # room kept for the "shortened" notice at the top
+_NOTE_RESERVE = 100  # room kept per service for "SQL of N more migrations not shown"
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """How much of the plan is listed; relaxed to stricter levels until the comment fits."""
+
+    graph: bool
+    rows: int | None  # rows of a service's table and items of a server's list; None: all
+    items: int | None  # warnings, drift and blockers listed; None: all
+    services: int | None  # rows of the overview table, the one line every service gets
+
+
+# Past the last level, service sections are left out from the end, whole.
+_LEVELS = (
+    _Limits(graph=True, rows=None, items=None, services=None),
+    _Limits(graph=False, rows=None, items=None, services=None),
+    _Limits(graph=False, rows=50, items=20, services=None),
+    _Limits(graph=False, rows=20, items=10, services=None),
+    _Limits(graph=False, rows=5, items=5, services=400),
+)
+
+
+@dataclass(frozen=True)
+class _SqlSlot:
+    """Where a migration's SQL goes once the size budget says whether it fits."""
+
+    service: str
+    action: MigrationAction
+
+
+Block = str | _SqlSlot
+
+
+def render_plan(
+    plan: Plan,
+    *,
+    sql_for: SqlReader | None = None,
+    graph: EstateGraph | None = None,
+    max_chars: int = MAX_COMMENT_CHARS,
+    max_sql_chars_per_file: int = MAX_SQL_CHARS_PER_FILE,
+) -> str:
+    """The plan as a Markdown pull-request comment of at most ``max_chars`` characters.
+
+    The title and the summary line are always kept, even past a limit below ~1,000 characters.
+
+    ``sql_for(file)`` returns the text of a migration file (``None``: unreadable); without
+    it no SQL is shown. ``graph`` adds the Mermaid graph when there is more than one service.
+    """
+    cuts: list[str] = []
+    for index, limits in enumerate(_LEVELS):
+        blocks = _document(plan, graph, limits, with_sql=sql_for is not None)
+        if _size(blocks) + _NOTICE_RESERVE <= max_chars or index == len(_LEVELS) - 1:
+            break
+    if index > 0:
+        if graph is not None and len(plan.services) > 1:
+            cuts.append("the dependency graph is left out")
+        if limits.rows is not None:
+            cuts.append(f"tables are cut to {limits.rows} rows and lists to {limits.items} items")
+        if limits.services is not None and len(plan.services) > limits.services:
+            cuts.append(f"the overview lists the first {limits.services} services")
+    if _size(blocks) + _NOTICE_RESERVE > max_chars:
+        blocks, dropped = _cut_sections(blocks, max_chars - _NOTICE_RESERVE)
+        cuts.append(f"{plural(dropped, 'section')} at the end left out")
+
+    sql_blocks = _fill_sql(blocks, sql_for, max_chars, max_sql_chars_per_file) if sql_for is not None else {}
+    text = _assemble(blocks, sql_blocks, cuts, max_chars, max_sql_chars_per_file)
+    while len(text) > max_chars and len(blocks) > 2:  # reserves too small: give back SQL, then sections
+        if sql_blocks:
+            sql_blocks.pop(max(sql_blocks))
+        else:
+            blocks = blocks[:-1]
+            if not any(cut.endswith("at the end left out") for cut in cuts):
+                cuts.append("sections at the end left out")
+        text = _assemble(blocks, sql_blocks, cuts, max_chars, max_sql_chars_per_file)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Markdown building blocks
+
+
+def code(text: str, *, in_table: bool = False) -> str:
+    """``text`` as an inline code span, whatever backticks it holds."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    padded = f" {text} " if text.startswith("`") or text.endswith("`") or not text.strip() else text
+    span = f"{fence}{padded}{fence}"
+    return span.replace("|", "\\|") if in_table else span
+
+
+# Characters Markdown may interpret; an underscore inside a word (snake_case) never is.
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]<>#~|&!]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def md_text(text: str) -> str:
+    """Plain text with every character Markdown would interpret escaped."""
+    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match.group(0), " ".join(text.split()))
+
+
+def html_code(text: str) -> str:
+    return f"<code>{html.escape(text)}</code>"
+
+
+def _table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _alert(kind: str, lines: Iterable[str]) -> str:
+    """A GitHub alert (``> [!WARNING]``); elsewhere it reads as a plain quote."""
+    return "\n".join([f"> [!{kind}]"] + [f"> {line}".rstrip() for line in lines]) + "\n"
+
+
+def _more(shown: int, total: int, what: str) -> list[str]:
+    if shown >= total:
+        return []
+    return [f"*… and {total - shown} more {what} not listed, to keep this comment short.*\n"]
+
+
+def _more_lines(shown: int, total: int, what: str) -> list[str]:
+    """``_more`` as lines of an alert, after a blank line so that it does not join the list."""
+    return ["", *(line.rstrip("\n") for line in _more(shown, total, what))] if shown < total else []
+
+
+def _size(blocks: Sequence[Block]) -> int:
+    """Characters the blocks take without SQL: a run of SQL slots may become one short note."""
+    return sum(_block_size(blocks, index) for index in range(len(blocks)))
+
+
+def _block_size(blocks: Sequence[Block], index: int) -> int:
+    block = blocks[index]
+    if isinstance(block, str):
+        return len(block) + 1
+    starts_run = index == 0 or not isinstance(blocks[index - 1], _SqlSlot)
+    return _NOTE_RESERVE if starts_run else 0
+
+
+# ---------------------------------------------------------------------------
+# The document
+
+
+def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, with_sql: bool) -> list[Block]:
+    blocks: list[Block] = [f"{COMMENT_MARKER}\n## dbplan plan\n", _summary(plan)]
+    if plan.blockers:
+        blocks.append(_blockers(plan, limits))
+    if plan.services:
+        blocks += _overview(plan, limits)
+    if limits.graph and graph is not None and len(plan.services) > 1:
+        blocks.append(_graph(plan, graph))
+    blocks += _servers(plan, limits)
+    for service in plan.services:
+        blocks += _service(plan, service, limits, with_sql=with_sql)
+    known = {service.service for service in plan.services}
+    general = [w for w in plan.warnings if w.service not in known]
+    if general:
+        blocks += ["### Warnings\n", _warnings_alert(general, limits)]
+    return blocks
+
+
+def _summary(plan: Plan) -> str:
+    counts = plan.summary()
+    parts = []
+    if counts["create_roles"]:
+        parts.append(f"{plural(counts['create_roles'], 'role')} to create")
+    if counts["create_databases"]:
+        parts.append(f"{plural(counts['create_databases'], 'database')} to create")
+    if counts["apply"] or not counts["revert"]:
+        parts.append(f"{plural(counts['apply'], 'migration')} to apply")
+    if counts["revert"]:
+        parts.append(f"{plural(counts['revert'], 'migration')} to revert")
+    drift = sum(len(service.drift) for service in plan.services)
+    lint = [w for w in plan.warnings if w.rule != "drift"]
+    concerns = [plural(drift, "drifted migration")] if drift else []
+    concerns += [plural(len(lint), "warning")] if lint else []
+    concern = f" ⚠️ {', '.join(concerns)}." if concerns else ""
+    if plan.blocked:
+        planned = f" Otherwise planned: {', '.join(parts)}." if plan.changes else ""
+        return f"⛔ **Blocked:** {plural(len(plan.blockers), 'problem')} must be fixed before apply.{planned}{concern}\n"
+    if not plan.changes:
+        return f"✅ **No changes.** The databases match the plan file.{concern}\n"
+    return f"**Plan:** {', '.join(parts)}.{concern}\n"
+
+
+def _blockers(plan: Plan, limits: _Limits) -> str:
+    shown = plan.blockers[: limits.items]
+    lines = ["**Apply refuses this plan until these are fixed:**", ""]
+    for blocker in shown:
+        lines.append(f"- {md_text(blocker.message)}")
+        if blocker.hint:
+            lines.append(f"  - *Fix:* {md_text(blocker.hint)}")
+    lines += _more_lines(len(shown), len(plan.blockers), "problems")
+    return _alert("CAUTION", lines)
+
+
+def _version_change(service: ServicePlan) -> str:
+    if service.target is None or service.target == service.current:
+        return version_label(service.current)
+    return f"{version_label(service.current)} → {version_label(service.target)}"
+
+
+def _service_notes(plan: Plan, service: ServicePlan) -> str:
+    notes = []
+    if service.dirty:
+        notes.append(f"⛔ dirty at {version_label(dirty_version(plan, service))}")
+    elif service_blockers(plan, service.service):
+        notes.append("⛔ blocked")
+    if service.drift:
+        notes.append(f"⚠️ {len(service.drift)} drifted")
+    lint = [w for w in plan.warnings if w.service == service.service and w.rule != "drift"]
+    if lint:
+        notes.append(f"⚠️ {plural(len(lint), 'warning')}")
+    if not notes and not plan.actions_of(service.service):
+        notes.append("up to date")
+    return ", ".join(notes)
+
+
+def _overview(plan: Plan, limits: _Limits) -> list[str]:
+    services = plan.services[: limits.services]
+    several_servers = len({service.server for service in plan.services}) > 1
+    header = ["Service", "Database"] + (["Server"] if several_servers else []) + ["Version", "Apply", "Revert", "Notes"]
+    align = ["---", "---"] + (["---"] if several_servers else []) + ["---", "---:", "---:", "---"]
+    rows = []
+    for service in services:
+        actions = plan.actions_of(service.service)
+        applies = sum(isinstance(action, ApplyMigration) for action in actions)
+        rows.append(
+            [code(service.service, in_table=True), code(service.database, in_table=True)]
+            + ([code(service.server, in_table=True)] if several_servers else [])
+            + [_version_change(service), str(applies), str(len(actions) - applies), _service_notes(plan, service)]
+        )
+    table = [_table(header, align, rows)] if rows else []
+    return table + _more(len(services), len(plan.services), "services")
+
+
+def _graph(plan: Plan, graph: EstateGraph) -> str:
+    notes: dict[Node, str] = {}
+    for action in plan.actions:
+        if isinstance(action, CreateRole):
+            notes[("role", action.role)] = "new"
+        elif isinstance(action, CreateDatabase):
+            notes[("database", action.database)] = "new"
+    for service in plan.services:
+        actions = plan.actions_of(service.service)
+        applies = sum(isinstance(action, ApplyMigration) for action in actions)
+        parts = [f"+{applies}"] if applies else []
+        parts += [f"-{len(actions) - applies}"] if len(actions) > applies else []
+        parts += ["blocked"] if service_blockers(plan, service.service) else []
+        if parts:
+            notes[("service", service.service)] = " ".join(parts)
+    diagram = render_graph.render_mermaid(graph, notes=notes)
+    return (
+        "<details>\n<summary>Dependency graph</summary>\n\n"
+        f"{render_graph.ARROWS_NOTE}\n\n```mermaid\n{diagram}```\n\n</details>\n"
+    )
+
+
+def _servers(plan: Plan, limits: _Limits) -> list[str]:
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    blocks: list[str] = []
+    for server in dict.fromkeys(action.server for action in creations):
+        mine = [action for action in creations if action.server == server]
+        shown = mine[: limits.rows]
+        items = []
+        for action in shown:
+            if isinstance(action, CreateRole):
+                detail = ("login" if action.login else "no login") + (", with password" if action.with_password else "")
+                items.append(f"- **create role** {code(action.role)} ({detail})")
+            else:
+                owner = f", owned by {code(action.owner)}" if action.owner else ""
+                items.append(f"- **create database** {code(action.database)}{owner}")
+        blocks.append(f"### Server {code(server)}\n")
+        if items:
+            blocks.append("\n".join(items) + "\n")
+        blocks += _more(len(shown), len(mine), "roles and databases")
+    return blocks
+
+
+def _service(plan: Plan, service: ServicePlan, limits: _Limits, *, with_sql: bool) -> list[Block]:
+    actions = plan.actions_of(service.service)
+    blockers = service_blockers(plan, service.service)
+    warnings = [w for w in plan.warnings if w.service == service.service and w.rule != "drift"]
+    if not (actions or blockers or warnings or service.drift or service.dirty or service.invalid_indexes):
+        return []  # the overview table already says it is up to date
+    folder = _common_folder(action.file for action in actions)
+    facts = [f"Database {code(service.database)} on server {code(service.server)}", f"version {_version_change(service)}"]
+    if service.latest is not None and service.target is not None and service.target < service.latest:
+        facts.append(f"target {service.target} (the newest file is {service.latest})")
+    if folder:
+        facts.append(f"files in {code(folder)}")
+    blocks: list[Block] = [f"### Service {code(service.service)}\n", " · ".join(facts) + "\n"]
+
+    if actions:
+        blocks += _migration_table(actions, folder, limits)
+    if service.dirty or blockers:
+        blocks.append(_held_back(plan, service, actions))
+    if service.drift:
+        blocks.append(_drift_alert(service.drift, limits))
+    if service.invalid_indexes and not service.dirty:
+        names = ", ".join(code(name) for name in service.invalid_indexes)
+        blocks.append(_alert("WARNING", [f"**Invalid indexes** (left by a failed concurrent index build): {names}"]))
+    if service.out_of_order and not blockers:
+        blocks.append(f"Applied out of their version order (allowed): {version_ranges(service.out_of_order)}.\n")
+    if warnings:
+        blocks.append(_warnings_alert(warnings, limits))
+    if with_sql:
+        blocks += [_SqlSlot(service.service, action) for action in actions]
+    return blocks
+
+
+def _common_folder(files: Iterable[str]) -> str | None:
+    folders = {posixpath.dirname(file) for file in files}
+    return folders.pop() if len(folders) == 1 else None
+
+
+def _migration_table(actions: Sequence[MigrationAction], folder: str | None, limits: _Limits) -> list[str]:
+    shown = actions[: limits.rows]
+    rows = [
+        [
+            "apply" if isinstance(action, ApplyMigration) else "**revert**",
+            str(action.version),
+            code(posixpath.basename(action.file) if folder else action.file, in_table=True),
+            _RUN_MODES.get(action.run_mode, md_text(action.run_mode)),
+        ]
+        for action in shown
+    ]
+    blocks = [_table(["Action", "Version", "File", "In a transaction"], ["---", "---:", "---", "---"], rows)] if rows else []
+    if len(shown) < len(actions):
+        rest = version_ranges(action.version for action in actions[len(shown) :])
+        more = "more " if shown else ""
+        blocks.append(f"*{len(actions) - len(shown)} {more}migrations (versions {rest}) not listed, to keep this comment short.*\n")
+    return blocks
+
+
+def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationAction]) -> str:
+    text = "**Blocked:** see the problems at the top."
+    if service.dirty:
+        text = (
+            f"**Dirty at version {version_label(dirty_version(plan, service))}:** a migration that ran outside a "
+            "transaction failed part-way. See the problems at the top."
+        )
+    waiting = service.pending or service.reverts
+    if waiting and not actions:
+        text += f" {plural(len(waiting), 'migration')} (versions {version_ranges(waiting)}) will be planned once this is fixed."
+    return _alert("CAUTION", [text])
+
+
+def _drift_alert(drift: Sequence[Drift], limits: _Limits) -> str:
+    shown = drift[: limits.items]
+    lines = [f"**Drift:** {plural(len(drift), 'migration')} changed after being applied; the database ran the earlier text.", ""]
+    for item in shown:
+        now = f"file now {code(item.file_checksum[:12])}" if item.file_checksum else "the file is gone"
+        lines.append(f"- version {item.version}, {code(item.file)}: recorded sha256 {code(item.recorded_checksum[:12])}, {now}")
+    lines += _more_lines(len(shown), len(drift), "drifted migrations")
+    return _alert("WARNING", lines)
+
+
+def _warnings_alert(warnings: Sequence[Warning], limits: _Limits) -> str:
+    shown = warnings[: limits.items]
+    lines = [f"**{plural(len(warnings), 'warning')}:**", ""]
+    for warning in shown:
+        place = ""
+        if warning.file:
+            place = code(f"{warning.file}:{warning.line}" if warning.line else warning.file) + ": "
+        rule = f"**{md_text(warning.rule)}** " if warning.rule else ""
+        lines.append(f"- {rule}{place}{md_text(warning.message)}")
+        if warning.statement:
+            lines.append(f"  {code(warning.statement)}")
+    lines += _more_lines(len(shown), len(warnings), "warnings")
+    return _alert("WARNING", lines)
+
+
+# ---------------------------------------------------------------------------
+# Fitting the comment into its size
+
+
+def _cut_sections(blocks: list[Block], budget: int) -> tuple[list[Block], int]:
+    """Keep blocks from the top while they fit, cutting only between sections (``###``)."""
+    size = 0
+    section_start = len(blocks)
+    for index, block in enumerate(blocks):
+        if isinstance(block, str) and block.startswith("### "):
+            section_start = index
+        size += _block_size(blocks, index)
+        if size > budget:
+            cut_at = min(section_start, index)
+            dropped = sum(1 for rest in blocks[cut_at:] if isinstance(rest, str) and rest.startswith("### "))
+            return list(blocks[:cut_at]), max(dropped, 1)
+    return list(blocks), 0
+
+
+def _fill_sql(blocks: Sequence[Block], sql_for: SqlReader, max_chars: int, per_file: int) -> dict[int, _Sql]:
+    """The SQL details to show, by block index, in document order while the budget lasts."""
+    slots = [(index, block) for index, block in enumerate(blocks) if isinstance(block, _SqlSlot)]
+    budget = max_chars - _size(blocks) - _NOTICE_RESERVE
+    shown: dict[int, _Sql] = {}
+    for index, slot in slots:
+        details = _sql_details(slot.action, sql_for(slot.action.file), per_file)
+        if len(details.markdown) + 1 > budget:
+            break  # in order, not smallest-first: a reader sees the first migrations of the plan
+        shown[index] = details
+        budget -= len(details.markdown) + 1
+    return shown
+
+
+@dataclass(frozen=True)
+class _Sql:
+    markdown: str
+    cut: bool  # longer than the per-file limit
+
+
+def _sql_details(action: MigrationAction, sql: str | None, per_file: int) -> _Sql:
+    verb = "apply" if isinstance(action, ApplyMigration) else "revert"
+    name = html_code(posixpath.basename(action.file))
+    if sql is None:
+        return _Sql(f"*{verb} {action.version}: the SQL of {code(action.file)} could not be read.*\n", cut=False)
+    sql = sql.replace("\r\n", "\n").rstrip("\n")
+    total_lines = sql.count("\n") + 1
+    shown = sql
+    if len(sql) > per_file:
+        cut_at = sql.rfind("\n", 0, per_file)
+        shown = sql[: cut_at if cut_at > 0 else per_file]
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
+    summary = f"{verb} {action.version} {name} · {plural(total_lines, 'line')}"
+    parts = [f"<details>\n<summary>{summary}</summary>\n\n{fence}sql\n{shown}\n{fence}\n"]
+    cut = shown != sql
+    if cut:
+        lines_shown = shown.count("\n") + 1
+        parts.append(
+            f"\n*Cut: showing lines 1–{lines_shown} of {total_lines} ({len(shown):,} of {len(sql):,} characters); "
+            f"read the whole file, {code(action.file)}, in the pull request.*\n"
+        )
+    parts.append("\n</details>\n")
+    return _Sql("".join(parts), cut)
+
+
+def _assemble(
+    blocks: Sequence[Block], sql_blocks: dict[int, _Sql], cuts: list[str], max_chars: int, per_file: int
+) -> str:
+    out: list[str] = []
+    omitted: dict[str, int] = {}
+    for index, block in enumerate(blocks):
+        if isinstance(block, str):
+            out.append(block)
+        elif index in sql_blocks:
+            out.append(sql_blocks[index].markdown)
+        else:
+            omitted[block.service] = omitted.get(block.service, 0) + 1
+            if index + 1 == len(blocks) or not isinstance(blocks[index + 1], _SqlSlot):
+                count = omitted.pop(block.service)
+                out.append(f"*SQL of {plural(count, 'more migration')} not shown, to keep this comment short.*\n")
+    slots = sum(isinstance(block, _SqlSlot) for block in blocks)
+    cut_files = sum(details.cut for details in sql_blocks.values())
+    said = list(cuts)
+    if cut_files:
+        said.append(f"the SQL of {plural(cut_files, 'file')} is cut at {per_file:,} characters")
+    if len(sql_blocks) < slots:
+        said.append(f"the SQL of {slots - len(sql_blocks)} of {plural(slots, 'migration')} is not shown")
+    if said:
+        notice = f"Shortened to stay under {max_chars:,} characters: {'; '.join(said)}. The files are in this pull request."
+        out.insert(2, _alert("NOTE", [notice]))
+    return "\n".join(out)
