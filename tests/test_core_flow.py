@@ -306,3 +306,27 @@ def test_two_servers_in_one_plan(tmp_path: Path, pg_url: str, pg_url2: str, dbna
     with psycopg.connect(pg_url2, dbname=estate.name("us")) as conn:
         assert conn.execute("select count(*) from us_t").fetchone() == (0,)
     assert "eu_t" in estate.tables("eu")
+
+
+def test_warnings_name_file_line_statement_and_can_be_silenced(estate: Estate) -> None:
+    import json
+
+    estate.add_database("app")
+    estate.add_service("app", "app")
+    estate.write("app", "1_t.up.sql", "CREATE TABLE t (id int, old text);\nCREATE TABLE u (id int);")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("app", "2_cleanup.up.sql", "-- tidy up\nALTER TABLE t DROP COLUMN old;\nTRUNCATE u;\n")
+
+    def rules() -> list[tuple[str, str, int, str]]:
+        plan = json.loads(estate.dbplan("plan", "--format", "json").out)
+        return [(w["rule"], w["file"], w.get("line"), w.get("statement")) for w in plan["warnings"] if w["rule"] != "missing-down"]
+
+    assert rules() == [
+        ("drop-column", "migrations/app/2_cleanup.up.sql", 2, "ALTER TABLE t DROP COLUMN old"),
+        ("truncate", "migrations/app/2_cleanup.up.sql", 3, "TRUNCATE u"),
+    ]
+    estate.document["services"]["app"]["lint"] = {"allow": ["truncate"]}
+    estate.save()
+    assert [r[0] for r in rules()] == ["drop-column"]
+    estate.write("app", "2_cleanup.up.sql", "-- dbplan:allow drop-column (nothing reads it since v2.3)\nALTER TABLE t DROP COLUMN old;\nTRUNCATE u;\n")
+    assert rules() == []
