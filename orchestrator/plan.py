@@ -8,6 +8,7 @@ role is created.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +168,7 @@ def action_to_dict(action: Action) -> dict[str, Any]:
     return data
 
 
-ACTION_TYPES: dict[str, type] = {
+ACTION_TYPES: dict[str, type[Action]] = {
     "create_role": CreateRole,
     "create_database": CreateDatabase,
     "apply_migration": ApplyMigration,
@@ -177,5 +178,5 @@ ACTION_TYPES: dict[str, type] = {
 
 def action_from_dict(data: dict[str, Any]) -> Action:
     cls = ACTION_TYPES[data["kind"]]
-    fields = {name for name, spec in cls.__dataclass_fields__.items() if spec.init}
-    return cls(**{name: value for name, value in data.items() if name in fields})  # type: ignore[no-any-return]
+    fields = {spec.name for spec in dataclasses.fields(cls) if spec.init}
+    return cls(**{name: value for name, value in data.items() if name in fields})

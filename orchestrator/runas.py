@@ -304,9 +304,6 @@ def run_program(
     args: list[str | Path], account: Account | None, *, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run a PostgreSQL program (as ``account`` if given) from ``/``; its captured output."""
-    extra: dict[str, object] = {}
-    if account is not None:
-        extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
     try:
         return subprocess.run(
             [str(a) for a in args],
@@ -317,7 +314,9 @@ def run_program(
             env=pg_env(),
             cwd="/",
             timeout=timeout,
-            **extra,  # type: ignore[arg-type]
+            user=account.uid if account else None,
+            group=account.gid if account else None,
+            extra_groups=[] if account else None,
         )
     except subprocess.TimeoutExpired as err:
         raise EmbeddedServerError(
