@@ -154,6 +154,7 @@ class _Builder:
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (index,)) for index, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
         return self._scalar(node, path)
 
     def _construct(self, node: yaml.Node, path: DocPath) -> Any:
@@ -496,7 +497,8 @@ def _services(
             allow_out_of_order=bool(spec.get("allow_out_of_order", False)),
             target=int(spec["target"]) if spec.get("target") is not None else None,  # 1.0 is an "integer" too
             lint_allow=frozenset((spec.get("lint") or {}).get("allow") or ()),
-            lock_timeout=_duration_ms(spec.get("lock_timeout", DEFAULT_LOCK_TIMEOUT_MS), document.place(base + ("lock_timeout",))),
+            lock_timeout=_duration_ms(spec.get("lock_timeout"), document.place(base + ("lock_timeout",)))
+            or (0 if "lock_timeout" in spec else DEFAULT_LOCK_TIMEOUT_MS),
             statement_timeout=_duration_ms(
                 spec.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT_MS), document.place(base + ("statement_timeout",))
             ),
