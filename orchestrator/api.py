@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import config, graph, migrations
 from .errors import DbplanError, MigrationFileError
-from .executor import Progress, Result, execute
+from .executor import Cancellation, Progress, Result, execute
 from .facts import LiveState, inspect
 from .graph import EstateGraph
 from .locks import DEFAULT_LOCK_WAIT_SECONDS
@@ -47,15 +47,47 @@ def validate(file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE, environ: M
     return Checked(estate, graph.build(estate), migrations.scan(estate))
 
 
+# How often a plan blocked by another run's no-transaction migration is made again.
+RUN_IN_PROGRESS_POLL_SECONDS = 0.5
+
+
 def plan(
     file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE,
     *,
     environ: Mapping[str, str] | None = None,
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
+    wait_for_runs: float = 0.0,
 ) -> Planned:
-    """Read the live servers and compute what would change."""
+    """Read the live servers and compute what would change.
+
+    With ``wait_for_runs``, a plan blocked by a service that is dirty only because another
+    run is applying a no-transaction migration right now (it holds the service's lock) is
+    made again once that run is done, waiting up to that many seconds.
+    """
+    import time
+
     checked = validate(file, environ)
+    planned = _plan_checked(checked, wait_seconds, on_notice)
+    deadline = time.monotonic() + wait_for_runs
+    announced: set[str] = set()
+    while planned.plan.blocked and time.monotonic() < deadline:
+        running = {name: facts for name, facts in planned.live.services.items() if facts.dirty_in_progress}
+        if not running:
+            break
+        for name, facts in running.items():
+            if on_notice and name not in announced:
+                on_notice(
+                    f"service '{name}' is dirty at version {facts.version} because another run is applying it "
+                    f"right now ({facts.dirty_in_progress} holds its lock); waiting for that run to finish"
+                )
+        announced |= running.keys()
+        time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
+        planned = _plan_checked(checked, 0.0, on_notice)
+    return planned
+
+
+def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
     live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
     return Planned(
         checked.estate,
@@ -67,10 +99,24 @@ def plan(
 
 
 def apply(
-    planned: Planned, *, progress: Progress | None = None, lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS
+    planned: Planned,
+    *,
+    progress: Progress | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    cancellation: Cancellation | None = None,
 ) -> Result:
-    """Execute a plan computed by ``plan``; re-checked under the lock before anything runs."""
-    return execute(planned.plan, planned.estate, planned.migration_sets, progress=progress, lock_wait=lock_wait)
+    """Execute a plan computed by ``plan``; re-checked under the lock before anything runs.
+
+    ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
+    """
+    return execute(
+        planned.plan,
+        planned.estate,
+        planned.migration_sets,
+        progress=progress,
+        lock_wait=lock_wait,
+        cancellation=cancellation,
+    )
 
 
 def save_plan(planned: Planned, path: str | os.PathLike[str]) -> None:

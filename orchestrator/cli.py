@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -18,7 +20,7 @@ import typer
 
 from . import api
 from .errors import DbplanError
-from .executor import Outcome
+from .executor import Cancellation, Interrupted, Outcome
 from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
 
 app = typer.Typer(
@@ -79,10 +81,10 @@ def _note(text: str) -> None:
     sys.stderr.flush()
 
 
-def _fail(err: DbplanError) -> NoReturn:
+def _fail(err: DbplanError, code: int = 1) -> NoReturn:
     prefix = "\033[31merror:\033[0m " if _use_color(sys.stderr) else "error: "
     _note(prefix + err.render())
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 class _CliProgress:
@@ -147,7 +149,7 @@ def plan(
         planned = api.plan(file, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
         _fail(err)
-    _say(_render_plan(planned.plan, format))
+    _say(_render_plan(planned, format))
     if out is not None:
         api.save_plan(planned, out)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
@@ -157,7 +159,8 @@ def plan(
         raise typer.Exit(2)
 
 
-def _render_plan(plan_value: Any, format: PlanFormat) -> str:
+def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
+    plan_value = planned.plan
     if format is PlanFormat.json:
         from .render import json as render_json
 
@@ -165,7 +168,15 @@ def _render_plan(plan_value: Any, format: PlanFormat) -> str:
     if format is PlanFormat.markdown:
         from .render import markdown
 
-        return markdown.render_plan(plan_value)
+        # The SQL shown is the text that was scanned and checksummed, not a second read.
+        texts = {
+            file.display: file.text
+            for migration_set in planned.migration_sets.values()
+            for migration in migration_set.migrations
+            for file in (migration.up, migration.down)
+            if file is not None
+        }
+        return markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
     from .render import text
 
     return text.render_plan(plan_value, color=_use_color())
@@ -187,7 +198,7 @@ def apply(
 
     try:
         if saved_plan is None:
-            planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait)
         else:
             planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
@@ -210,15 +221,44 @@ def apply(
         if not typer.confirm("Apply these changes?", default=False):
             _note("Nothing was changed.")
             raise typer.Exit(1)
-    result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait)
+    cancellation = Cancellation()
+    with _stop_on_signals(cancellation):
+        result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
     if as_json:
         from .render import json as render_json
 
         _say(render_json.render_result(result))
     else:
         _say(text.render_result(result, color=_use_color()))
+    if isinstance(result.error, Interrupted):
+        import signal
+
+        number = signal.Signals.__members__.get(result.error.signal_name)
+        # The shell's convention for "ended by signal N", as if dbplan had not caught it.
+        _fail(result.error, code=128 + number.value if number else 1)
     if result.error is not None:
         _fail(result.error)
+
+
+@contextmanager
+def _stop_on_signals(cancellation: Cancellation) -> Iterator[None]:
+    """While applying, SIGINT and SIGTERM ask the executor to stop cleanly instead of killing it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may install handlers; a library caller keeps its own
+        return
+
+    def request_stop(signum: int, frame: object) -> None:
+        _note(cancellation.request(signal.Signals(signum).name))
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @app.command()
@@ -269,6 +309,26 @@ def new(
     except DbplanError as err:
         _fail(err)
     _say(f"created {up}\ncreated {down}\n")
+
+
+class GraphFormat(str, Enum):
+    mermaid = "mermaid"
+    dot = "dot"
+
+
+@app.command()
+def graph(
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[GraphFormat, typer.Option("--format", help="Output format.")] = GraphFormat.mermaid,
+) -> None:
+    """Print the dependency graph of servers, roles, databases and services, as Mermaid or DOT."""
+    from .render import graph as render_graph
+
+    try:
+        checked = api.validate(file)
+    except DbplanError as err:
+        _fail(err)
+    _say(render_graph.render(checked.graph, format.value))
 
 
 ServerOption = Annotated[str | None, typer.Option("--server", help="Only this server (default: every embedded one).")]

@@ -4,6 +4,10 @@ Every connection is autocommit (dbplan opens its transactions explicitly, so a m
 and its bookkeeping always travel together), names itself ``dbplan`` in
 ``pg_stat_activity``, and never prepares statements (PgBouncer in transaction mode cannot
 keep them). Errors name the server and never its password.
+
+A connection pooler in transaction mode (PgBouncer) hands each transaction to whichever
+server connection is free, so session state (advisory locks, SET) does not stay with the
+client: ``behind_pooler`` tells the executor to rely on transaction-level locks instead.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ if TYPE_CHECKING:
 
 APPLICATION_NAME = "dbplan"
 CONNECT_TIMEOUT_SECONDS = 10
+BACKEND_PID = "SELECT pg_backend_pid()"
+# Class 08 (connection exception) and 57P01-57P03 (terminated by an administrator or a
+# shutdown): the session is gone, and with it any transaction it had open.
+CONNECTION_LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
 
 def server_url(server: Server) -> str:
@@ -94,3 +102,24 @@ def _first_line(message: str, url: str) -> str:
     line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     password = url_password(url)
     return line.replace(password, "***") if password else line
+
+
+def behind_pooler(conn: psycopg.Connection) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a pooler rather than its own backend.
+
+    PostgreSQL tells a client its backend's pid at connection time; a pooler (PgBouncer,
+    Odyssey, pgcat) makes up its own, since the client has no backend of its own to cancel.
+    A pool in session mode looks the same from here, and is treated alike: safe, if slower.
+    """
+    row = conn.execute(BACKEND_PID).fetchone()
+    return row is None or row[0] != conn.info.backend_pid
+
+
+def connection_lost(conn: psycopg.Connection, err: BaseException) -> bool:
+    """Whether ``err`` means the server session went away (terminated, restarted, network)."""
+    import psycopg
+
+    if conn.closed or conn.broken:
+        return True
+    sqlstate = err.diag.sqlstate if isinstance(err, psycopg.Error) else None
+    return bool(sqlstate and sqlstate.startswith(CONNECTION_LOST_SQLSTATES))

@@ -4,25 +4,50 @@ For each group of actions it takes the lock, re-reads the live state, re-plans, 
 on only if the fresh plan is what was shown (or what is left of it after another run did
 part of it). A transactional migration travels to the server in one string together
 with its bookkeeping and the COMMIT: one round trip, and nothing of it survives a failure.
+
+Behind a connection pooler (PgBouncer in transaction mode) no session lock holds, so
+each transaction takes a transaction-level lock and checks that the bookkeeping is what
+it planned from (``locks.transaction_guard``); what cannot run in a transaction (a
+no-transaction migration) is refused there.
+
+A stop request (SIGINT, SIGTERM: see ``Cancellation``) is honoured between actions; a
+transactional migration in flight is cancelled, since its rollback leaves no trace.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from . import bookkeeping
-from .connection import connect, server_url
+from .connection import behind_pooler, connect, server_url
 from .errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from .facts import ServiceFacts, read_server, read_service, resolve_schema
-from .locks import DEFAULT_LOCK_WAIT_SECONDS, advisory_lock, migrations_lock_key, server_lock_key
-from .migrations import Migration, MigrationFile, MigrationSet
+from .locks import (
+    DEFAULT_LOCK_WAIT_SECONDS,
+    LockWait,
+    advisory_lock,
+    migrations_lock_key,
+    pooler_message,
+    server_lock_key,
+    transaction_guard,
+)
+from .migration_run import (
+    GuardFailed,
+    Target,
+    as_role,
+    checkpoint,
+    execute_guarded,
+    ms_since,
+    run_migration,
+)
+from .migrations import Migration, MigrationSet
 from .model import Estate, Server, Service
 from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, MigrationAction, Plan, RevertMigration
 from .planner import plan_service
-from .sqlscript import Script, Statement, line_of_offset
 
 if TYPE_CHECKING:
     import psycopg
@@ -68,6 +93,71 @@ class Result:
         return sum(1 for outcome in self.outcomes if outcome.status == status)
 
 
+class Interrupted(DbplanError):
+    """A stop request (a signal) ended the run; ``signal_name`` says which."""
+
+    def __init__(self, message: str, *, signal_name: str, **kwargs: object) -> None:
+        self.signal_name = signal_name
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class Cancellation:
+    """A request to stop, made by a signal handler and honoured by the executor.
+
+    The executor checks it between actions. A transactional migration in flight is
+    cancelled at once: its rollback leaves nothing behind. A no-transaction migration is
+    let finish, because stopping it half-way leaves the service dirty; only a second
+    request cancels it. ``request`` only sets fields and sends a cancel request, so it is
+    safe to call from a signal handler.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.requests = 0
+        self._conn: psycopg.Connection | None = None
+        self._running: str | None = None
+        self._rolls_back = False
+
+    @property
+    def requested(self) -> bool:
+        return self.requests > 0
+
+    def request(self, signal_name: str) -> str:
+        """Ask the run to stop; returns what will happen, for the user to read."""
+        self.requests += 1
+        self.signal_name = signal_name
+        if self._conn is None or self._running is None:
+            return f"received {signal_name}: stopping before the next step"
+        if self._rolls_back:
+            self._cancel_query()
+            return f"received {signal_name}: cancelling {self._running}; it is rolled back"
+        if self.requests == 1:
+            return (
+                f"received {signal_name}: letting {self._running} finish, since it runs outside a transaction "
+                f"and stopping it half-way would leave the service dirty; send {signal_name} again to cancel it"
+            )
+        self._cancel_query()
+        return f"received {signal_name} again: cancelling {self._running}; the service will be left dirty"
+
+    @contextmanager
+    def running(self, conn: psycopg.Connection, description: str, *, rolls_back: bool) -> Iterator[None]:
+        """Mark the query sent inside the block as the one a request may cancel."""
+        self._conn, self._running, self._rolls_back = conn, description, rolls_back
+        try:
+            yield
+        finally:
+            self._conn = self._running = None
+
+    def _cancel_query(self) -> None:
+        import psycopg
+
+        try:
+            if self._conn is not None:
+                self._conn.cancel_safe(timeout=5.0)
+        except psycopg.Error:
+            pass  # the query ends anyway; the executor stops at its next check
+
+
 @dataclass
 class _Run:
     plan: Plan
@@ -75,6 +165,7 @@ class _Run:
     migration_sets: dict[str, MigrationSet]
     progress: Progress
     lock_wait: float
+    cancellation: Cancellation = field(default_factory=Cancellation)
     outcomes: list[Outcome] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +181,24 @@ class _Run:
     def start(self, action: Action) -> None:
         self.progress.action_started(action, len(self.outcomes) + 1, len(self.plan.actions))
 
+    def notice(self, message: str) -> None:
+        self.progress.notice(message)
+
+    def check_stop(self, where: str) -> None:
+        """Raise ``Interrupted`` if a stop was requested; ``where`` completes "stopped ..."."""
+        if self.cancellation.requested:
+            raise self.interrupted(f"stopped {where}")
+
+    def interrupted(self, what: str, *, hint: str | None = None, **context: object) -> Interrupted:
+        signal_name = self.cancellation.signal_name or "a stop request"
+        done = sum(1 for outcome in self.outcomes if outcome.status == "done")
+        return Interrupted(
+            f"{signal_name}: {what} ({done} of {len(self.plan.actions)} action(s) done)",
+            signal_name=signal_name,
+            hint=hint or "nothing is half done; run 'dbplan apply' again to go on from here",
+            **context,
+        )
+
 
 def execute(
     plan: Plan,
@@ -98,14 +207,17 @@ def execute(
     *,
     progress: Progress | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    cancellation: Cancellation | None = None,
 ) -> Result:
-    """Carry out ``plan``; stop at the first failure and report what was done."""
+    """Carry out ``plan``; stop at the first failure, or when ``cancellation`` asks, and report what was done."""
     if plan.blocked:
         first = plan.blockers[0]
         raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
-    run = _Run(plan, estate, migration_sets, progress or SilentProgress(), lock_wait)
+    run = _Run(plan, estate, migration_sets, progress or SilentProgress(), lock_wait, cancellation or Cancellation())
     try:
+        _refuse_unguardable_behind_pooler(run)
         for group in _groups(plan.actions):
+            run.check_stop(f"before {_describe_action(group[0])}")
             if isinstance(group[0], (CreateRole, CreateDatabase)):
                 _create_on_server(run, estate.servers[group[0].server], group)
             else:
@@ -133,39 +245,90 @@ def _lock_scope(action: Action) -> tuple[str, str]:
     return ("service", action.service)
 
 
+def _describe_action(action: Action) -> str:
+    if isinstance(action, CreateRole):
+        return f"creating role '{action.role}'"
+    if isinstance(action, CreateDatabase):
+        return f"creating database '{action.database}'"
+    verb = "applying" if isinstance(action, ApplyMigration) else "reverting"
+    return f"{verb} version {action.version} of service '{action.service}'"
+
+
+def _refuse_unguardable_behind_pooler(run: _Run) -> None:
+    """Before anything runs: a no-transaction migration cannot be protected behind a pooler."""
+    first_per_server: dict[str, tuple[Server, MigrationAction]] = {}
+    for action in run.plan.actions:
+        if isinstance(action, (ApplyMigration, RevertMigration)) and not action.transactional:
+            server = run.estate.server_of_service(run.estate.services[action.service])
+            first_per_server.setdefault(server.name, (server, action))
+    for server, action in first_per_server.values():
+        with connect(server, run.url(server)) as conn:
+            pooled = behind_pooler(conn)
+        if pooled:
+            raise _unguardable(server, action)
+
+
+def _unguardable(server: Server, action: MigrationAction) -> DbplanError:
+    return DbplanError(
+        pooler_message(server.name)
+        + f"; {action.file} (version {action.version} of service '{action.service}') runs outside a transaction, "
+        "where no lock can keep a concurrent run out, so nothing was changed",
+        server=server.name,
+        service=action.service,
+        version=action.version,
+        hint="apply it over a direct connection to PostgreSQL; migrations that run in a transaction are safe "
+        "through the pooler",
+    )
+
+
 # ---------------------------------------------------------------------------
 # Roles and databases
 
 
 def _create_on_server(run: _Run, server: Server, actions: list[Action]) -> None:
-    from psycopg import errors
-
     with connect(server, run.url(server)) as conn:
+        if behind_pooler(conn):
+            # No session lock holds here; none is needed: each CREATE is atomic on its own,
+            # and a concurrent run's creation shows up as a duplicate error, taken as done.
+            _create_each(run, conn, server, actions)
+            return
         with advisory_lock(
             conn, server_lock_key(server.name), f"server '{server.name}'", wait_seconds=run.lock_wait,
-            on_wait=run.progress.notice,
+            on_wait=run.progress.notice, stop=lambda: run.check_stop(f"while waiting for the lock on server '{server.name}'"),
+            server=server.name,
         ):
-            live = read_server(conn, server)  # re-read under the lock
-            for action in actions:
-                exists = action.role in live.roles if isinstance(action, CreateRole) else action.database in live.databases
-                if exists:
-                    run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
-                    continue
-                run.start(action)
-                started = time.monotonic()
-                try:
-                    conn.execute(_create_statement(run.estate, action))
-                except (errors.DuplicateDatabase, errors.DuplicateObject):
-                    run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
-                    continue
-                except errors.Error as err:
-                    what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"
-                    failure = DbplanError(
-                        f"cannot create {what} on server '{server.name}': {_pg_message(err)}", server=server.name
-                    )
-                    run.finish(Outcome(action, "failed", detail=failure.message))
-                    raise failure from err
-                run.finish(Outcome(action, "done", _ms_since(started)))
+            checkpoint("locked")
+            _create_each(run, conn, server, actions)
+
+
+def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
+    from psycopg import errors
+
+    live = read_server(conn, server)  # re-read under the lock
+    for action in actions:
+        exists = action.role in live.roles if isinstance(action, CreateRole) else action.database in live.databases
+        if exists:
+            run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
+            continue
+        run.check_stop(f"before {_describe_action(action)}")
+        run.start(action)
+        started = time.monotonic()
+        checkpoint("create")
+        try:
+            conn.execute(_create_statement(run.estate, action))
+        # UniqueViolation: a concurrent CREATE of the same name committed while this one ran.
+        except (errors.DuplicateDatabase, errors.DuplicateObject, errors.UniqueViolation):
+            run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
+            continue
+        except errors.Error as err:
+            what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"
+            failure = DbplanError(
+                f"cannot create {what} on server '{server.name}': {_pg_message(err)}", server=server.name
+            )
+            run.finish(Outcome(action, "failed", detail=failure.message))
+            raise failure from err
+        checkpoint("created")
+        run.finish(Outcome(action, "done", ms_since(started)))
 
 
 def _create_statement(estate: Estate, action: Action) -> psycopg.sql.Composed:
@@ -173,7 +336,7 @@ def _create_statement(estate: Estate, action: Action) -> psycopg.sql.Composed:
 
     if isinstance(action, CreateRole):
         role = estate.roles[action.role]
-        options = [sql.SQL("LOGIN" if role.login else "NOLOGIN")]
+        options: list[sql.Composable] = [sql.SQL("LOGIN" if role.login else "NOLOGIN")]
         if role.password is not None:
             options.append(sql.SQL("PASSWORD {}").format(sql.Literal(role.password)))
         return sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role.name), sql.SQL(" ").join(options))
@@ -191,35 +354,109 @@ def _create_statement(estate: Estate, action: Action) -> psycopg.sql.Composed:
 def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) -> None:
     server = run.estate.server_of_service(service)
     owner = run.estate.databases[service.database].owner
-    migration_set = run.migration_sets[service.name]
     with connect(server, run.url(server), service.database) as conn:
         with conn.transaction():
             schema = service.schema or resolve_schema(conn, owner)
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
-        with advisory_lock(conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice):
-            facts = read_service(conn, service, owner)  # under the lock: another run may have moved on
-            assert facts.schema is not None
-            fresh = plan_service(service, run.estate, migration_set, facts)
-            if fresh.blockers:
-                raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
-            todo = _still_to_do(service, shown, list(fresh.actions), run.plan)
-            tables = bookkeeping.Tables(facts.schema, service.table, service.history_table)
-            if todo:
-                conn.execute(_as_role(conn, owner, _prepare_bookkeeping(tables, service, facts)))
-            by_version = migration_set.by_version()
-            for action in shown:
-                if action not in todo:
-                    run.finish(Outcome(action, "skipped", detail="already done by another run"))
-                    continue
-                run.start(action)
-                started = time.monotonic()
-                try:
-                    _run_migration(conn, tables, owner, action, by_version[action.version], server)
-                except MigrationFailed as failure:
-                    run.finish(Outcome(action, "failed", _ms_since(started), failure.message))
-                    raise
-                run.finish(Outcome(action, "done", _ms_since(started)))
+        target = Target(conn, service, server, owner, bookkeeping.Tables(schema, service.table, service.history_table))
+        if behind_pooler(conn):
+            _migrate_guarded(run, target, shown, LockWait(
+                conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice,
+                stop=lambda: run.check_stop(f"while waiting for the lock on {what}"),
+            ))  # fmt: skip
+            return
+        with advisory_lock(
+            conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice,
+            stop=lambda: run.check_stop(f"while waiting for the lock on {what}"), server=server.name,
+        ):  # fmt: skip
+            checkpoint("locked")
+            _migrate_locked(run, target, shown)
+
+
+def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> None:
+    """Under the session lock: re-read, re-plan, then run what is still to do."""
+    service = target.service
+    facts = read_service(target.conn, service, target.owner)  # under the lock: another run may have moved on
+    todo = _fresh_todo(run, service, shown, facts)
+    if todo:
+        target.conn.execute(as_role(target.conn, target.owner, _prepare_bookkeeping(target.tables, service, facts)))
+        checkpoint("prepared")
+    by_version = run.migration_sets[service.name].by_version()
+    for action in shown:
+        if action not in todo:
+            run.finish(Outcome(action, "skipped", detail="already done by another run"))
+            continue
+        run.check_stop(f"before {_describe_action(action)}")
+        _run_and_report(run, target, action, by_version[action.version])
+
+
+def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], waiting: LockWait) -> None:
+    """Behind a pooler: every transaction locks and checks for itself (``transaction_guard``).
+
+    After each transaction, or a guard that found the lock busy or the bookkeeping moved
+    on, the facts are read again and the plan re-made, as the locked path does once.
+    """
+    service = target.service
+    by_version = run.migration_sets[service.name].by_version()
+    settled = 0  # shown[:settled] are reported
+    rejected: ServiceFacts | None = None
+    while True:
+        facts = read_service(target.conn, service, target.owner)
+        if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
+            waiting.pause()
+            continue
+        todo = _fresh_todo(run, service, shown, facts)
+        for action in shown[settled : len(shown) - len(todo)]:
+            run.finish(Outcome(action, "skipped", detail="already done by another run"))
+        settled = len(shown) - len(todo)
+        if not todo:
+            return
+        action = todo[0]
+        if not action.transactional:
+            raise _unguardable(target.server, action)
+        guard = transaction_guard(waiting.key, target.tables, facts)
+        try:
+            if not (facts.table_exists and facts.history_exists):
+                prepare = _prepare_bookkeeping(target.tables, service, facts)
+                execute_guarded(target.conn, as_role(target.conn, target.owner, prepare, guard=guard))
+                checkpoint("prepared")
+                continue
+            run.check_stop(f"before {_describe_action(action)}")
+            _run_and_report(run, target, action, by_version[action.version], guard=guard)
+            settled += 1
+        except GuardFailed as failed:
+            if failed.busy:
+                waiting.pause()
+            elif facts == rejected:
+                raise DbplanError(
+                    f"the bookkeeping of service '{service.name}' reads the same as before, yet the guard says it "
+                    "changed; refusing to go on",
+                    service=service.name,
+                    hint="report this with --debug output; run 'dbplan status' to see where the service stands",
+                ) from None
+            rejected = facts
+
+
+def _run_and_report(
+    run: _Run, target: Target, action: MigrationAction, migration: Migration, *, guard: psycopg.sql.Composable | None = None
+) -> None:
+    run.start(action)
+    started = time.monotonic()
+    try:
+        run_migration(run, target, action, migration, guard)
+    except (MigrationFailed, Interrupted) as failure:
+        run.finish(Outcome(action, "failed", ms_since(started), failure.message))
+        raise
+    checkpoint("migrated")
+    run.finish(Outcome(action, "done", ms_since(started)))
+
+
+def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> list[MigrationAction]:
+    fresh = plan_service(service, run.estate, run.migration_sets[service.name], facts)
+    if fresh.blockers:
+        raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
+    return _still_to_do(service, shown, list(fresh.actions), run.plan)
 
 
 def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: ServiceFacts) -> psycopg.sql.Composable:
@@ -265,250 +502,8 @@ def _describe_actions(actions: list[MigrationAction]) -> str:
     return ", ".join(f"{'apply' if isinstance(a, ApplyMigration) else 'revert'} {a.version}" for a in actions)
 
 
-def _run_migration(
-    conn: psycopg.Connection,
-    tables: bookkeeping.Tables,
-    owner: str | None,
-    action: MigrationAction,
-    migration: Migration,
-    server: Server,
-) -> None:
-    reverting = isinstance(action, RevertMigration)
-    file = migration.down if reverting else migration.up
-    assert file is not None
-    event = "revert" if reverting else "apply"
-    if action.transactional:
-        _run_in_transaction(conn, tables, owner, action, file, event, server)
-    else:
-        _run_outside_transaction(conn, tables, owner, action, file, event, server)
-
-
-def _run_in_transaction(
-    conn: psycopg.Connection,
-    tables: bookkeeping.Tables,
-    owner: str | None,
-    action: MigrationAction,
-    file: MigrationFile,
-    event: str,
-    server: Server,
-) -> None:
-    from psycopg import sql
-
-    body = _transactional_body(file)
-    head = sql.SQL("BEGIN;\n") + _set_role(owner, local=True)
-    tail = bookkeeping.record_event(
-        tables, version=action.version, title=action.title, checksum=file.checksum, event=event
-    ) + bookkeeping.set_version(tables, action.version_after, False)
-    head_text = head.as_string(conn)
-    # The file's text goes in verbatim so that PostgreSQL's error position maps back to it.
-    script = head_text + body + "\n;\n" + tail.as_string(conn) + "COMMIT;"
-    try:
-        conn.execute(script.encode())
-    except Exception as err:
-        _rollback_quietly(conn)
-        raise _migration_failure(conn, err, action, file, owner, server, offset=len(head_text)) from err
-
-
-def _transactional_body(file: MigrationFile) -> str:
-    """The file's text, with its own wrapping BEGIN/COMMIT blanked out (same length, same lines)."""
-    script = file.script
-    if script.transaction_style != "wrapped":
-        return file.text
-    text = list(file.text)
-    inner = set(id(statement) for statement in script.inner_statements)
-    for statement in script.statements:
-        if id(statement) in inner:
-            continue
-        for index in range(statement.offset, statement.offset + len(statement.sql)):
-            if text[index] not in "\r\n":
-                text[index] = " "
-    return "".join(text)
-
-
-def _run_outside_transaction(
-    conn: psycopg.Connection,
-    tables: bookkeeping.Tables,
-    owner: str | None,
-    action: MigrationAction,
-    file: MigrationFile,
-    event: str,
-    server: Server,
-) -> None:
-    """Statement by statement, with the dirty flag set around the run (golang-migrate's way)."""
-    from psycopg import sql
-
-    started = time.monotonic()
-    conn.execute(
-        (sql.SQL("BEGIN;\n") + _set_role(owner, local=True) + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode()
-    )
-    script = file.script
-    statements: tuple[Statement, ...] = script.statements if script.parsed else ()
-    try:
-        if owner:
-            conn.execute(_set_role(owner, local=False).as_string(conn).encode())
-        if not statements and not script.parsed:
-            conn.execute(file.text.encode())
-        for statement in statements:
-            try:
-                conn.execute(statement.sql.encode())
-            except Exception as err:
-                _rollback_quietly(conn)
-                raise _migration_failure(
-                    conn, err, action, file, owner, server, statement=statement, dirty=True
-                ) from err
-    finally:
-        if owner and not conn.closed and not conn.broken:
-            conn.execute("RESET ROLE")
-    done = (
-        sql.SQL("BEGIN;\n")
-        + _set_role(owner, local=True)
-        + bookkeeping.record_event(
-            tables,
-            version=action.version,
-            title=action.title,
-            checksum=file.checksum,
-            event=event,
-            duration_ms=_ms_since(started),
-        )
-        + bookkeeping.set_version(tables, action.version_after, False)
-        + sql.SQL("COMMIT;")
-    )
-    conn.execute(done.as_string(conn).encode())
-
-
-def _set_role(owner: str | None, *, local: bool) -> psycopg.sql.Composable:
-    from psycopg import sql
-
-    if not owner:
-        return sql.SQL("")
-    return sql.SQL("SET LOCAL ROLE {};\n" if local else "SET ROLE {};\n").format(sql.Identifier(owner))
-
-
-def _as_role(conn: psycopg.Connection, owner: str | None, statements: psycopg.sql.Composable) -> bytes:
-    from psycopg import sql
-
-    return (sql.SQL("BEGIN;\n") + _set_role(owner, local=True) + statements + sql.SQL("COMMIT;")).as_string(conn).encode()
-
-
-def _rollback_quietly(conn: psycopg.Connection) -> None:
-    import psycopg
-
-    if conn.closed or conn.broken:
-        return
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        try:
-            conn.execute("ROLLBACK")
-        except psycopg.Error:
-            pass  # the connection is going away; the server rolls back on its own
-
-
-def _migration_failure(
-    conn: psycopg.Connection,
-    err: Exception,
-    action: MigrationAction,
-    file: MigrationFile,
-    owner: str | None,
-    server: Server,
-    *,
-    offset: int = 0,
-    statement: Statement | None = None,
-    dirty: bool = False,
-) -> MigrationFailed:
-    import psycopg
-
-    verb = "revert" if isinstance(action, RevertMigration) else "apply"
-    if not isinstance(err, psycopg.Error):
-        return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
-    diag = err.diag
-    sqlstate = diag.sqlstate
-    message = diag.message_primary or str(err).strip().splitlines()[0]
-    if isinstance(err, psycopg.OperationalError) and (conn.closed or conn.broken):
-        return MigrationFailed(
-            f"lost the connection to server '{server.name}' while running {file.display} "
-            f"(service '{action.service}', version {action.version}): {message}",
-            service=action.service,
-            server=server.name,
-            version=action.version,
-            hint="nothing of a transactional migration is recorded unless it finished; run 'dbplan plan' to see where things stand",
-        )
-    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner)
-    where = f"{file.display}:{line}" if line else file.display
-    details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
-    if diag.message_detail:
-        details.append(f"detail: {diag.message_detail}")
-    if diag.message_hint:
-        details.append(f"postgres hint: {diag.message_hint}")
-    if dirty:
-        hint = (
-            f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
-            f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
-        )
-    else:
-        hint = "the migration was rolled back: nothing of it is left in the database; fix the file and apply again"
-    return MigrationFailed(
-        f"cannot {verb} version {action.version} of service '{action.service}': " + "\n  ".join(details),
-        sqlstate=sqlstate,
-        pg_message=message,
-        hint=hint,
-        service=action.service,
-        version=action.version,
-        server=server.name,
-    )
-
-
-def _failure_line(
-    conn: psycopg.Connection,
-    file: MigrationFile,
-    position: str | None,
-    offset: int,
-    statement: Statement | None,
-    owner: str | None,
-) -> int | None:
-    if statement is not None:
-        if position and position.isdigit():
-            return statement.line + statement.sql[: int(position) - 1].count("\n")
-        return statement.line
-    if position and position.isdigit():
-        index = int(position) - 1 - offset
-        if 0 <= index <= len(file.text):
-            return line_of_offset(file.text, index)
-        return None
-    located = _replay_to_find_failure(conn, file.script, owner)
-    return located.line if located else None
-
-
-def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str | None) -> Statement | None:
-    """Run the statements one by one in a transaction that is rolled back, to find the one that fails.
-
-    Only used after a failure without an error position, so the fast path stays one round trip.
-    """
-    import psycopg
-
-    if not script.parsed or conn.closed or conn.broken:
-        return None
-    try:
-        conn.execute("BEGIN")
-        if owner:
-            conn.execute(_set_role(owner, local=True).as_string(conn).encode())
-        for statement in script.inner_statements:
-            try:
-                conn.execute(statement.sql.encode())
-            except psycopg.Error:
-                return statement
-        return None
-    except psycopg.Error:
-        return None
-    finally:
-        _rollback_quietly(conn)
-
-
 def _pg_message(err: Exception) -> str:
     diag = getattr(err, "diag", None)
     if diag is not None and diag.message_primary:
         return f"{diag.message_primary} (SQLSTATE {diag.sqlstate})"
     return str(err).strip()
-
-
-def _ms_since(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
-

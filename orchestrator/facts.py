@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .connection import connect, server_url
 from .errors import ConnectionFailed
+from .locks import lock_holder, migrations_lock_key
 from .model import Estate, Server, Service
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ class ServiceFacts:
     history: tuple[HistoryEntry, ...] = ()
     last_force: HistoryEntry | None = None
     invalid_indexes: tuple[str, ...] = ()
+    # Every dbplan event appends a history row, so with the version this tells whether
+    # anyone wrote since: the executor's guard behind a connection pooler compares it.
+    history_count: int | None = None  # None: no history table
+    # Set when the service is dirty while another session holds its migrations lock: a
+    # run is applying a no-transaction migration right now; it did not fail (yet).
+    dirty_in_progress: str | None = None  # who holds the lock
 
     def history_by_version(self) -> dict[int, HistoryEntry]:
         return {entry.version: entry for entry in self.history}
@@ -148,12 +155,15 @@ def read_service(conn: psycopg.Connection, service: Service, owner: str | None) 
 
     try:
         with conn.transaction():
-            conn.execute("SET TRANSACTION READ ONLY")
+            # One snapshot for every query: the executor trusts these facts as one state.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             schema = service.schema or resolve_schema(conn, owner)
             table_exists = _table_exists(conn, schema, service.table)
             history_exists = _table_exists(conn, schema, service.history_table)
             version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
             history, last_force = _history(conn, schema, service.history_table) if history_exists else ((), None)
+            history_count = _count_rows(conn, schema, service.history_table) if history_exists else None
+            in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
             invalid = tuple(row[0] for row in conn.execute(INVALID_INDEXES))
     except psycopg.Error as err:
         raise ConnectionFailed(
@@ -172,6 +182,8 @@ def read_service(conn: psycopg.Connection, service: Service, owner: str | None) 
         history=history,
         last_force=last_force,
         invalid_indexes=invalid,
+        history_count=history_count,
+        dirty_in_progress=in_progress,
     )
 
 
@@ -192,6 +204,13 @@ def resolve_schema(conn: psycopg.Connection, owner: str | None) -> str:
 def _table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
     row = conn.execute(TABLE_EXISTS, (schema, table)).fetchone()
     return bool(row and row[0])
+
+
+def _count_rows(conn: psycopg.Connection, schema: str, table: str) -> int:
+    from psycopg import sql
+
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _current_version(conn: psycopg.Connection, schema: str, table: str) -> tuple[int | None, bool]:

@@ -3,6 +3,12 @@
 Waiting polls ``pg_try_advisory_lock`` and holds nothing open between tries: a session
 blocked inside ``pg_advisory_lock`` keeps a snapshot that ``CREATE INDEX CONCURRENTLY``
 waits for, the deadlock golang-migrate and Flyway users meet.
+
+Through a pooler in transaction mode a session lock would stay behind on whichever
+server connection took it (and block everyone until the pooler recycles it), so there
+``advisory_lock`` refuses, and the executor opens each of its transactions with
+``transaction_guard`` instead: a transaction-level lock on the same key, and a check that
+the bookkeeping is still what the plan was made from.
 """
 
 from __future__ import annotations
@@ -13,19 +19,36 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import LockTimeout
+from .errors import DbplanError, LockTimeout
 
 if TYPE_CHECKING:
     import psycopg
+
+    from .bookkeeping import Tables
+    from .facts import ServiceFacts
 
 GOLANG_MIGRATE_SALT = 1486364155
 DEFAULT_LOCK_WAIT_SECONDS = 300.0
 POLL_SECONDS = 0.2
 
+# Raised by transaction_guard; user-defined SQLSTATEs, so they never mean anything else.
+GUARD_BUSY_SQLSTATE = "DP001"  # another session holds the lock: roll back and try again
+GUARD_MOVED_SQLSTATE = "DP002"  # the bookkeeping changed since it was read: re-read, re-plan
+
+POOLER_MESSAGE = (
+    "{server} is reached through a connection pooler (PgBouncer or similar): a session "
+    "advisory lock taken there stays with whichever server connection ran it, not with dbplan"
+)
+
+
+def pooler_message(server: str | None) -> str:
+    return POOLER_MESSAGE.format(server=f"server '{server}'" if server else "the server")
+
 LOCK_HOLDER = """
-SELECT a.application_name, a.client_addr::text, a.backend_start, a.state_change, a.pid
+SELECT a.application_name, host(a.client_addr), a.backend_start, a.state, a.state_change, a.pid
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid = %s AND l.objid = %s AND l.objsubid = 1
 LIMIT 1
 """
@@ -42,6 +65,45 @@ def server_lock_key(server_name: str) -> int:
     return (zlib.crc32(f"dbplan\x00server\x00{server_name}".encode()) * GOLANG_MIGRATE_SALT) % 2**32
 
 
+class LockWait:
+    """Waiting for a lock someone else holds: announce once, poll, give up at the deadline.
+
+    ``stop`` is called before every pause; it raises to end the wait (a signal arrived).
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        key: int,
+        what: str,
+        *,
+        wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None,
+        stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.conn, self.key, self.what = conn, key, what
+        self.wait_seconds = wait_seconds
+        self.deadline = time.monotonic() + wait_seconds
+        self.on_wait = on_wait
+        self.stop = stop
+        self.announced = False
+
+    def pause(self) -> None:
+        """Called after a try that failed; returns when it is time to try again."""
+        if self.stop:
+            self.stop()
+        if not self.announced and self.on_wait:
+            self.on_wait(f"waiting for the lock on {self.what}, held by {describe_holder(self.conn, self.key)}")
+            self.announced = True
+        if time.monotonic() >= self.deadline:
+            raise LockTimeout(
+                f"gave up waiting {self.wait_seconds:g} s for the lock on {self.what}; it is held by "
+                f"{describe_holder(self.conn, self.key)}",
+                hint="wait for that run to finish, or raise --lock-wait",
+            )
+        time.sleep(POLL_SECONDS)
+
+
 @contextmanager
 def advisory_lock(
     conn: psycopg.Connection,
@@ -50,21 +112,21 @@ def advisory_lock(
     *,
     wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS,
     on_wait: Callable[[str], None] | None = None,
+    stop: Callable[[], None] | None = None,
+    server: str = "",
 ) -> Iterator[None]:
     """Hold a session advisory lock on ``conn`` for the duration of the block."""
-    deadline = time.monotonic() + wait_seconds
-    announced = False
+    from .connection import behind_pooler
+
+    if behind_pooler(conn):
+        raise DbplanError(
+            pooler_message(server) + f", so it cannot protect {what}",
+            server=server or None,
+            hint="connect to PostgreSQL directly for this command",
+        )
+    waiting = LockWait(conn, key, what, wait_seconds=wait_seconds, on_wait=on_wait, stop=stop)
     while not _try_lock(conn, key):
-        if not announced and on_wait:
-            on_wait(f"waiting for the lock on {what}, held by {describe_holder(conn, key)}")
-            announced = True
-        if time.monotonic() >= deadline:
-            raise LockTimeout(
-                f"gave up waiting {wait_seconds:g} s for the lock on {what}; it is held by "
-                f"{describe_holder(conn, key)}",
-                hint="wait for that run to finish, or raise --lock-wait",
-            )
-        time.sleep(POLL_SECONDS)
+        waiting.pause()
     try:
         yield
     finally:
@@ -77,11 +139,71 @@ def _try_lock(conn: psycopg.Connection, key: int) -> bool:
     return bool(row and row[0])
 
 
+def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> psycopg.sql.Composed:
+    """The head of a transaction that must run alone and only on the state ``facts`` saw.
+
+    It takes the transaction-level lock on ``key`` (the key of the session lock, so it
+    excludes golang-migrate and directly connected dbplan runs too), raising
+    GUARD_BUSY_SQLSTATE when another session holds it, then compares the bookkeeping with
+    ``facts`` and raises GUARD_MOVED_SQLSTATE when another run moved it on. Every dbplan
+    event appends a history row, so (version, dirty, number of history rows) changes with
+    every write. A failed guard rolls the transaction back before anything ran.
+    """
+    from psycopg import sql
+
+    def regclass(table: str) -> sql.Composed:
+        return sql.SQL("to_regclass(quote_ident({}) || '.' || quote_ident({}))").format(
+            sql.Literal(tables.schema), sql.Literal(table)
+        )
+
+    return sql.SQL(
+        "DO $dbplan_guard$\n"
+        "DECLARE found_version bigint; found_dirty boolean; found_rows bigint;\n"
+        "BEGIN\n"
+        "  IF NOT pg_try_advisory_xact_lock({key}) THEN\n"
+        "    RAISE EXCEPTION 'dbplan: the lock is held by another session' USING ERRCODE = {busy};\n"
+        "  END IF;\n"
+        "  IF {migrations} IS NOT NULL THEN\n"
+        "    SELECT version, dirty INTO found_version, found_dirty FROM {migrations_id} ORDER BY version DESC LIMIT 1;\n"
+        "  END IF;\n"
+        "  IF {history} IS NOT NULL THEN\n"
+        "    SELECT count(*) INTO found_rows FROM {history_id};\n"
+        "  END IF;\n"
+        "  IF ROW({migrations} IS NOT NULL, {history} IS NOT NULL,\n"
+        "         CASE WHEN found_version >= 0 THEN found_version END, coalesce(found_dirty, false), found_rows)\n"
+        "     IS DISTINCT FROM ROW({table_exists}, {history_exists}, {version}::bigint, {dirty}, {rows}::bigint) THEN\n"
+        "    RAISE EXCEPTION 'dbplan: the migrations moved on since they were read' USING ERRCODE = {moved};\n"
+        "  END IF;\n"
+        "END\n"
+        "$dbplan_guard$;\n"
+    ).format(
+        key=sql.Literal(key),
+        busy=sql.Literal(GUARD_BUSY_SQLSTATE),
+        moved=sql.Literal(GUARD_MOVED_SQLSTATE),
+        migrations=regclass(tables.migrations),
+        history=regclass(tables.history),
+        migrations_id=tables.migrations_id,
+        history_id=tables.history_id,
+        table_exists=sql.Literal(facts.table_exists),
+        history_exists=sql.Literal(facts.history_exists),
+        version=sql.Literal(facts.version),
+        dirty=sql.Literal(facts.dirty),
+        rows=sql.Literal(facts.history_count),
+    )
+
+
 def describe_holder(conn: psycopg.Connection, key: int) -> str:
+    """Who holds the lock on ``key``: application name, client address, since when."""
+    return lock_holder(conn, key) or "another session (it has just released it)"
+
+
+def lock_holder(conn: psycopg.Connection, key: int) -> str | None:
+    """The session other than this one that holds the lock on ``key``, described; None if none."""
     row = conn.execute(LOCK_HOLDER, (key >> 32, key & 0xFFFFFFFF)).fetchone()
     if row is None:
-        return "another session (it has just released it)"
-    application, address, backend_start, state_change, pid = row
+        return None
+    application, address, backend_start, state, state_change, pid = row
     who = application or "an unnamed client"
     where = f" from {address}" if address else " over a local socket"
-    return f"'{who}'{where} (pid {pid}, connected since {backend_start:%Y-%m-%d %H:%M:%S %Z})"
+    doing = f", {state} since {state_change:%H:%M:%S}" if state and state_change else ""
+    return f"'{who}'{where} (pid {pid}, connected since {backend_start:%Y-%m-%d %H:%M:%S %Z}{doing})"

@@ -96,30 +96,9 @@ def plan_service(
     latest = migration_set.latest
     # Without an explicit target the service moves to its latest file, and never down.
     target = service.target if service.target is not None else max((v for v in (latest, current) if v is not None), default=None)
-    warnings: list[Warning] = []
-    blockers: list[Blocker] = []
-
     drift = _drift(applied, by_version)
-    warnings += (
-        Warning(
-            f"version {d.version} was changed after it was applied (recorded sha256 {d.recorded_checksum[:12]}, "
-            f"file {d.file_checksum[:12] if d.file_checksum else 'missing'})",
-            service=service.name,
-            file=d.file,
-            rule="drift",
-        )
-        for d in drift
-    )
-    warnings += (
-        Warning(
-            f"version {version} is applied but has no file in {service.migrations_display}",
-            service=service.name,
-            rule="missing-file",
-        )
-        for version in sorted(applied)
-        if version not in by_version and (service.target is None or version <= service.target)
-    )
-
+    warnings: list[Warning] = _drift_warnings(service, drift) + _missing_file_warnings(service, applied, by_version)
+    blockers: list[Blocker] = []
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
 
@@ -127,19 +106,8 @@ def plan_service(
         m for m in migration_set.migrations if m.version not in applied and (target is None or m.version <= target)
     ]
     out_of_order = tuple(m.version for m in pending if current is not None and m.version < current)
-    if out_of_order and not service.allow_out_of_order:
-        for version in out_of_order:
-            blockers.append(
-                Blocker(
-                    f"{by_version[version].up.display} (version {version}) was never applied, but version "
-                    f"{current} already is: it is out of order",
-                    service=service.name,
-                    version=version,
-                    file=by_version[version].up.display,
-                    hint="renumber the file above the current version, or set allow_out_of_order: true "
-                    f"on service '{service.name}' to apply it anyway",
-                )
-            )
+    if not service.allow_out_of_order:
+        blockers += _out_of_order_blockers(service, out_of_order, by_version, current)
 
     # Only an explicit target reverts: an applied version above the last file (deleted, or a
     # golang-migrate database ahead of this checkout) is warned about, never undone.
@@ -167,6 +135,50 @@ def plan_service(
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
     return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+
+
+def _drift_warnings(service: Service, drift: tuple[Drift, ...]) -> list[Warning]:
+    return [
+        Warning(
+            f"version {d.version} was changed after it was applied (recorded sha256 {d.recorded_checksum[:12]}, "
+            f"file {d.file_checksum[:12] if d.file_checksum else 'missing'})",
+            service=service.name,
+            file=d.file,
+            rule="drift",
+        )
+        for d in drift
+    ]
+
+
+def _missing_file_warnings(
+    service: Service, applied: dict[int, str | None], by_version: dict[int, Migration]
+) -> list[Warning]:
+    return [
+        Warning(
+            f"version {version} is applied but has no file in {service.migrations_display}",
+            service=service.name,
+            rule="missing-file",
+        )
+        for version in sorted(applied)
+        if version not in by_version and (service.target is None or version <= service.target)
+    ]
+
+
+def _out_of_order_blockers(
+    service: Service, out_of_order: tuple[int, ...], by_version: dict[int, Migration], current: int | None
+) -> list[Blocker]:
+    return [
+        Blocker(
+            f"{by_version[version].up.display} (version {version}) was never applied, but version "
+            f"{current} already is: it is out of order",
+            service=service.name,
+            version=version,
+            file=by_version[version].up.display,
+            hint="renumber the file above the current version, or set allow_out_of_order: true "
+            f"on service '{service.name}' to apply it anyway",
+        )
+        for version in out_of_order
+    ]
 
 
 def _applied(facts: ServiceFacts, by_version: dict[int, Migration]) -> dict[int, str | None]:

@@ -1,0 +1,454 @@
+"""Running one migration: the executor's hands, and the words it uses when one fails.
+
+A transactional migration travels as one string with its bookkeeping and its COMMIT,
+retried whole after a lock timeout; a no-transaction one runs statement by statement
+with golang-migrate's dirty flag around it. A failure becomes a message that names the
+file, the line and what to do next. The executor decides what runs; this module only
+runs it, watching the stop requests the executor hands in (``RunControl``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from . import bookkeeping
+from .connection import connection_lost
+from .errors import DbplanError, MigrationFailed
+from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .migrations import Migration, MigrationFile
+from .model import Server, Service
+from .plan import MigrationAction, RevertMigration
+from .sqlscript import Script, Statement, line_of_offset
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .executor import Cancellation
+
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
+QUERY_CANCELED = "57014"  # a cancel request, or statement_timeout
+# A transactional migration that hit lock_timeout is rolled back whole, so trying again
+# is safe: the blocker is often a short burst of traffic or a vacuum.
+LOCK_TIMEOUT_RETRY_SECONDS = (1.0, 2.0, 4.0)
+
+# Crash tests only (tests/test_crash.py): see checkpoint.
+KILL_AT_ENV = "DBPLAN_TEST_KILL_AT"
+
+
+class RunControl(Protocol):
+    """What running a migration needs from the run: stop requests, and a place to say things."""
+
+    @property
+    def cancellation(self) -> Cancellation: ...
+    def check_stop(self, where: str) -> None: ...
+    def interrupted(self, what: str, *, hint: str | None = None, **context: object) -> DbplanError: ...
+    def notice(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """One service's migrations table, and the connection that writes to it."""
+
+    conn: psycopg.Connection
+    service: Service
+    server: Server
+    owner: str | None
+    tables: bookkeeping.Tables
+
+
+class GuardFailed(Exception):
+    """Behind a pooler, the transaction's guard stopped it before anything ran."""
+
+    def __init__(self, sqlstate: str) -> None:
+        self.busy = sqlstate == GUARD_BUSY_SQLSTATE
+        super().__init__(sqlstate)
+
+
+def run_migration(
+    run: RunControl,
+    target: Target,
+    action: MigrationAction,
+    migration: Migration,
+    guard: psycopg.sql.Composable | None = None,
+) -> None:
+    """Apply or revert one migration and record it; ``guard`` heads its transaction behind a pooler."""
+    reverting = isinstance(action, RevertMigration)
+    file = migration.down if reverting else migration.up
+    assert file is not None
+    event = "revert" if reverting else "apply"
+    if action.transactional:
+        _run_in_transaction(run, target, action, file, event, guard)
+    else:
+        _run_outside_transaction(run, target, action, file, event)
+
+
+def _run_in_transaction(
+    run: RunControl,
+    target: Target,
+    action: MigrationAction,
+    file: MigrationFile,
+    event: str,
+    guard: psycopg.sql.Composable | None,
+) -> None:
+    from psycopg import sql
+
+    conn, owner = target.conn, target.owner
+    body = _transactional_body(file)
+    head = sql.SQL("BEGIN;\n") + (guard or sql.SQL("")) + _timeouts(target.service, local=True) + _set_role(owner, local=True)
+    tail = bookkeeping.record_event(
+        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event
+    ) + bookkeeping.set_version(target.tables, action.version_after, False)
+    head_text = head.as_string(conn)
+    # The file's text goes in verbatim so that PostgreSQL's error position maps back to it.
+    script = (head_text + body + "\n;\n" + tail.as_string(conn) + "COMMIT;").encode()
+    retries = iter(LOCK_TIMEOUT_RETRY_SECONDS)
+    attempt = 1
+    while True:
+        try:
+            with run.cancellation.running(conn, f"{file.display} (version {action.version})", rolls_back=True):
+                checkpoint("migration")
+                conn.execute(script)
+            return
+        except Exception as err:
+            rollback_quietly(conn)
+            sqlstate = _sqlstate(err)
+            if sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
+                raise GuardFailed(sqlstate) from None
+            if sqlstate == QUERY_CANCELED and run.cancellation.requested:
+                raise run.interrupted(
+                    f"cancelled {file.display} (version {action.version} of service '{action.service}') while it ran; "
+                    "it was rolled back, nothing of it is left",
+                    service=action.service,
+                    version=action.version,
+                ) from err
+            delay = next(retries, None) if sqlstate == LOCK_NOT_AVAILABLE and not connection_lost(conn, err) else None
+            if delay is None:
+                raise _migration_failure(
+                    conn, err, action, file, owner, target.server, offset=len(head_text), attempts=attempt,
+                    lock_timeout=target.service.lock_timeout,
+                ) from err
+        attempt += 1
+        run.notice(
+            f"{file.display} (version {action.version}) waited longer than lock_timeout "
+            f"({target.service.lock_timeout} ms) for a lock another session holds; rolled back, "
+            f"retrying in {delay:g} s (attempt {attempt} of {len(LOCK_TIMEOUT_RETRY_SECONDS) + 1})"
+        )
+        sleep_unless_stopped(run, delay, f"before retrying version {action.version} of service '{action.service}'")
+
+
+def _transactional_body(file: MigrationFile) -> str:
+    """The file's text, with its own wrapping BEGIN/COMMIT blanked out (same length, same lines)."""
+    script = file.script
+    if script.transaction_style != "wrapped":
+        return file.text
+    text = list(file.text)
+    inner = set(id(statement) for statement in script.inner_statements)
+    for statement in script.statements:
+        if id(statement) in inner:
+            continue
+        for index in range(statement.offset, statement.offset + len(statement.sql)):
+            if text[index] not in "\r\n":
+                text[index] = " "
+    return "".join(text)
+
+
+def _run_outside_transaction(
+    run: RunControl,
+    target: Target,
+    action: MigrationAction,
+    file: MigrationFile,
+    event: str,
+) -> None:
+    """Statement by statement, with the dirty flag set around the run (golang-migrate's way).
+
+    Not retried on a lock timeout: the statements before the one that failed stay done.
+    """
+    from psycopg import sql
+
+    conn, owner, tables = target.conn, target.owner, target.tables
+    started = time.monotonic()
+    conn.execute(
+        (sql.SQL("BEGIN;\n") + _set_role(owner, local=True) + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode()
+    )
+    checkpoint("marked_dirty")
+    script = file.script
+    # An unparsed file goes as one string, as it is.
+    statements: tuple[Statement | None, ...] = script.statements if script.parsed else (None,)
+    description = f"{file.display} (version {action.version})"
+    try:
+        with run.cancellation.running(conn, description, rolls_back=False):
+            conn.execute((_timeouts(target.service, local=False) + _set_role(owner, local=False)).as_string(conn).encode())
+            for statement in statements:
+                try:
+                    conn.execute((statement.sql if statement else file.text).encode())
+                except Exception as err:
+                    rollback_quietly(conn)
+                    if _sqlstate(err) == QUERY_CANCELED and run.cancellation.requested:
+                        raise run.interrupted(
+                            f"cancelled {file.display} part-way; it runs outside a transaction, so service "
+                            f"'{action.service}' is now dirty at version {action.version}",
+                            hint=f"check what it did, complete or undo it by hand, then 'dbplan force {action.service} "
+                            f"VERSION' (VERSION {action.version} if its changes are complete)",
+                            service=action.service,
+                            version=action.version,
+                        ) from err
+                    raise _migration_failure(
+                        conn, err, action, file, owner, target.server, statement=statement, dirty=True
+                    ) from err
+                checkpoint("statement")
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(_reset_session(target.service, owner))
+    done = (
+        sql.SQL("BEGIN;\n")
+        + _set_role(owner, local=True)
+        + bookkeeping.record_event(
+            tables,
+            version=action.version,
+            title=action.title,
+            checksum=file.checksum,
+            event=event,
+            duration_ms=ms_since(started),
+        )
+        + bookkeeping.set_version(tables, action.version_after, False)
+        + sql.SQL("COMMIT;")
+    )
+    conn.execute(done.as_string(conn).encode())
+
+
+def _set_role(owner: str | None, *, local: bool) -> psycopg.sql.Composable:
+    from psycopg import sql
+
+    if not owner:
+        return sql.SQL("")
+    return sql.SQL("SET LOCAL ROLE {};\n" if local else "SET ROLE {};\n").format(sql.Identifier(owner))
+
+
+def _timeouts(service: Service, *, local: bool) -> psycopg.sql.Composable:
+    """The service's lock_timeout and statement_timeout (ms), for the transaction or the session."""
+    from psycopg import sql
+
+    command = "SET LOCAL" if local else "SET"
+    settings = sql.SQL(command + " lock_timeout = {};\n").format(sql.Literal(service.lock_timeout))
+    if service.statement_timeout is not None:
+        settings += sql.SQL(command + " statement_timeout = {};\n").format(sql.Literal(service.statement_timeout))
+    return settings
+
+
+def _reset_session(service: Service, owner: str | None) -> bytes:
+    resets = ["RESET lock_timeout;"]
+    if service.statement_timeout is not None:
+        resets.append("RESET statement_timeout;")
+    if owner:
+        resets.append("RESET ROLE;")
+    return " ".join(resets).encode()
+
+
+def as_role(
+    conn: psycopg.Connection, owner: str | None, statements: psycopg.sql.Composable, *, guard: psycopg.sql.Composable | None = None
+) -> bytes:
+    from psycopg import sql
+
+    head = sql.SQL("BEGIN;\n") + (guard or sql.SQL(""))
+    return (head + _set_role(owner, local=True) + statements + sql.SQL("COMMIT;")).as_string(conn).encode()
+
+
+def execute_guarded(conn: psycopg.Connection, script: bytes) -> None:
+    """Run a transaction that starts with a guard; a guard's refusal becomes ``GuardFailed``."""
+    import psycopg
+
+    try:
+        conn.execute(script)
+    except psycopg.Error as err:
+        rollback_quietly(conn)
+        if _sqlstate(err) in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
+            raise GuardFailed(str(_sqlstate(err))) from None
+        raise
+
+
+def rollback_quietly(conn: psycopg.Connection) -> None:
+    import psycopg
+
+    if conn.closed or conn.broken:
+        return
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # the connection is going away; the server rolls back on its own
+
+
+def _migration_failure(
+    conn: psycopg.Connection,
+    err: Exception,
+    action: MigrationAction,
+    file: MigrationFile,
+    owner: str | None,
+    server: Server,
+    *,
+    offset: int = 0,
+    statement: Statement | None = None,
+    dirty: bool = False,
+    attempts: int = 1,
+    lock_timeout: int | None = None,
+) -> MigrationFailed:
+    import psycopg
+
+    verb = "revert" if isinstance(action, RevertMigration) else "apply"
+    if not isinstance(err, psycopg.Error):
+        return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
+    diag = err.diag
+    sqlstate = diag.sqlstate
+    message = diag.message_primary or str(err).strip().splitlines()[0]
+    dirty_hint = (
+        f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
+        f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
+    )
+    if connection_lost(conn, err):
+        return MigrationFailed(
+            f"lost the connection to server '{server.name}' while running {file.display} "
+            f"(service '{action.service}', version {action.version}): {message}",
+            sqlstate=sqlstate,
+            pg_message=message,
+            service=action.service,
+            server=server.name,
+            version=action.version,
+            hint=dirty_hint
+            if dirty
+            else "the server rolled the migration back with the session: nothing of it is recorded or left; "
+            "run 'dbplan apply' again once the server is back",
+        )
+    # Replaying to find the failing line would wait for the same lock, or run as long again.
+    replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
+    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay)
+    where = f"{file.display}:{line}" if line else file.display
+    details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
+    if diag.message_detail:
+        details.append(f"detail: {diag.message_detail}")
+    if diag.message_hint:
+        details.append(f"postgres hint: {diag.message_hint}")
+    if sqlstate == LOCK_NOT_AVAILABLE and lock_timeout is not None:
+        tries = f", {attempts} times" if attempts > 1 else ""
+        details.append(
+            f"it waited longer than the service's lock_timeout ({lock_timeout} ms) for a lock another session "
+            f"holds{tries}; find the blocker in pg_stat_activity, or raise lock_timeout of service '{action.service}'"
+        )
+    if dirty:
+        hint = dirty_hint
+    elif sqlstate == LOCK_NOT_AVAILABLE:
+        hint = "the migration was rolled back: nothing of it is left in the database; apply again once the lock is free"
+    elif sqlstate == QUERY_CANCELED:
+        hint = (
+            "the migration was rolled back: nothing of it is left in the database; raise statement_timeout of "
+            f"service '{action.service}', or make the migration faster"
+        )
+    else:
+        hint = "the migration was rolled back: nothing of it is left in the database; fix the file and apply again"
+    return MigrationFailed(
+        f"cannot {verb} version {action.version} of service '{action.service}': " + "\n  ".join(details),
+        sqlstate=sqlstate,
+        pg_message=message,
+        hint=hint,
+        service=action.service,
+        version=action.version,
+        server=server.name,
+    )
+
+
+def _failure_line(
+    conn: psycopg.Connection,
+    file: MigrationFile,
+    position: str | None,
+    offset: int,
+    statement: Statement | None,
+    owner: str | None,
+    *,
+    replay: bool = True,
+) -> int | None:
+    if statement is not None:
+        if position and position.isdigit():
+            return statement.line + statement.sql[: int(position) - 1].count("\n")
+        return statement.line
+    if position and position.isdigit():
+        index = int(position) - 1 - offset
+        if 0 <= index <= len(file.text):
+            return line_of_offset(file.text, index)
+        return None
+    located = _replay_to_find_failure(conn, file.script, owner) if replay else None
+    return located.line if located else None
+
+
+def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str | None) -> Statement | None:
+    """Run the statements one by one in a transaction that is rolled back, to find the one that fails.
+
+    Only used after a failure without an error position, so the fast path stays one round trip.
+    """
+    import psycopg
+
+    if not script.parsed or conn.closed or conn.broken:
+        return None
+    try:
+        conn.execute("BEGIN")
+        if owner:
+            conn.execute(_set_role(owner, local=True).as_string(conn).encode())
+        for statement in script.inner_statements:
+            try:
+                conn.execute(statement.sql.encode())
+            except psycopg.Error:
+                return statement
+        return None
+    except psycopg.Error:
+        return None
+    finally:
+        rollback_quietly(conn)
+
+
+def _sqlstate(err: BaseException) -> str | None:
+    diag = getattr(err, "diag", None)
+    return diag.sqlstate if diag is not None else None
+
+
+def sleep_unless_stopped(run: RunControl, seconds: float, where: str) -> None:
+    """Sleep, but stop at once when a stop is requested."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        run.check_stop(where)
+        time.sleep(min(left, 0.1))
+    run.check_stop(where)
+
+
+def checkpoint(event: str) -> None:
+    """Crash tests: with ``DBPLAN_TEST_KILL_AT=event:n[:ms]`` dbplan kills itself with SIGKILL
+    at the n-th ``event`` of the run, or ``ms`` milliseconds later (while the next query runs).
+
+    Events: locked, create, created, prepared, migration, migrated, marked_dirty, statement.
+    Unset, this is one dictionary lookup.
+    """
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec or spec.split(":", 1)[0] != event:
+        return
+    _, nth, *delay = spec.split(":")
+    _checkpoints_seen[event] = _checkpoints_seen.get(event, 0) + 1
+    if _checkpoints_seen[event] != int(nth):
+        return
+    if delay:
+        threading.Timer(int(delay[0]) / 1000, _kill_self).start()
+    else:
+        _kill_self()
+
+
+_checkpoints_seen: dict[str, int] = {}
+
+
+def _kill_self() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
