@@ -60,12 +60,31 @@ def set_version(tables: Tables, version: int | None, dirty: bool) -> sql.Compose
     project's own migration may add a column to the table (with a default) without
     breaking the bookkeeping of every later migration.
     """
+    table = tables.migrations_id
     if version is None:
-        return sql.SQL("DELETE FROM {table};\n").format(table=tables.migrations_id)
-    return sql.SQL(
-        "UPDATE {table} SET version = {version}, dirty = {dirty};\n"
-        "INSERT INTO {table} (version, dirty) SELECT {version}, {dirty} WHERE NOT EXISTS (SELECT FROM {table});\n"
-    ).format(table=tables.migrations_id, version=sql.Literal(version), dirty=sql.Literal(dirty))
+        return sql.Composed([_DELETE_FROM, table, _END])
+    version_value, dirty_value = sql.Literal(version), sql.Literal(dirty)
+    # Built by joining pieces, not SQL.format: this runs once per migration, and parsing a
+    # format string each time cost more than the statement takes on the server.
+    return sql.Composed(
+        [_UPDATE, table, _SET_VERSION, version_value, _SET_DIRTY, dirty_value, _END,
+         _INSERT_INTO, table, _VERSION_DIRTY_SELECT, version_value, _COMMA, dirty_value,
+         _WHERE_NOT_EXISTS, table, _CLOSE_END]
+    )
+
+
+_DELETE_FROM = sql.SQL("DELETE FROM ")
+_UPDATE = sql.SQL("UPDATE ")
+_SET_VERSION = sql.SQL(" SET version = ")
+_SET_DIRTY = sql.SQL(", dirty = ")
+_END = sql.SQL(";\n")
+_INSERT_INTO = sql.SQL("INSERT INTO ")
+_VERSION_DIRTY_SELECT = sql.SQL(" (version, dirty) SELECT ")
+_COMMA = sql.SQL(", ")
+_WHERE_NOT_EXISTS = sql.SQL(" WHERE NOT EXISTS (SELECT FROM ")
+_CLOSE_END = sql.SQL(");\n")
+_HISTORY_COLUMNS = sql.SQL(" (version, title, checksum, event, duration_ms, applied_by, reason) VALUES (")
+_SERVER_MEASURED_DURATION = sql.SQL("(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer")
 
 
 def record_event(
@@ -81,24 +100,19 @@ def record_event(
     """Append one history row. Without ``duration_ms`` it is measured by the server:
     the time since the transaction began, which is the migration's own run time when the
     row travels in the migration's transaction."""
-    duration = (
-        sql.Literal(duration_ms)
-        if duration_ms is not None
-        else sql.SQL("(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer")
+    duration = sql.Literal(duration_ms) if duration_ms is not None else _SERVER_MEASURED_DURATION
+    values = sql.SQL(", ").join(
+        [
+            sql.Literal(version),
+            sql.Literal(title),
+            sql.Literal(checksum),
+            sql.Literal(event),
+            duration,
+            sql.Literal(applied_by()),
+            sql.Literal(reason),
+        ]
     )
-    return sql.SQL(
-        "INSERT INTO {history} (version, title, checksum, event, duration_ms, applied_by, reason) "
-        "VALUES ({version}, {title}, {checksum}, {event}, {duration}, {by}, {reason});\n"
-    ).format(
-        history=tables.history_id,
-        version=sql.Literal(version),
-        title=sql.Literal(title),
-        checksum=sql.Literal(checksum),
-        event=sql.Literal(event),
-        duration=duration,
-        by=sql.Literal(applied_by()),
-        reason=sql.Literal(reason),
-    )
+    return sql.Composed([_INSERT_INTO, tables.history_id, _HISTORY_COLUMNS, values, _CLOSE_END])
 
 
 @cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import cached_property
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +60,12 @@ class Target:
     owner: str | None
     tables: bookkeeping.Tables
 
+    @cached_property
+    def transaction_settings(self) -> str:
+        """Timeouts and role for a migration's transaction: the same for every one of the
+        service's migrations, so composed once (composing costs more than sending)."""
+        return (_timeouts(self.service, local=True) + _set_role(self.owner, local=True)).as_string(self.conn)
+
 
 class GuardFailed(Exception):
     """Behind a pooler, the transaction's guard stopped it before anything ran."""
@@ -94,15 +101,13 @@ def _run_in_transaction(
     event: str,
     guard: psycopg.sql.Composable | None,
 ) -> None:
-    from psycopg import sql
 
     conn, owner = target.conn, target.owner
     body = _transactional_body(file)
-    head = sql.SQL("BEGIN;\n") + (guard or sql.SQL("")) + _timeouts(target.service, local=True) + _set_role(owner, local=True)
+    head_text = "BEGIN;\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
     tail = bookkeeping.record_event(
         target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event
     ) + bookkeeping.set_version(target.tables, action.version_after, False)
-    head_text = head.as_string(conn)
     # The file's text goes in verbatim so that PostgreSQL's error position maps back to it.
     script = (head_text + body + "\n;\n" + tail.as_string(conn) + "COMMIT;").encode()
     retries = iter(LOCK_TIMEOUT_RETRY_SECONDS)
