@@ -230,6 +230,16 @@ def _dirty_blocker(
     version = facts.version
     migration = by_version.get(version) if version is not None else None
     previous = max((v for v in applied if version is None or v < version), default=0)
+    file = migration.up.display if migration else None
+    if facts.dirty_in_progress:
+        return Blocker(
+            f"service '{service.name}' is being migrated right now: {file or 'a migration'} (version {version}) "
+            f"runs outside a transaction in another session ({facts.dirty_in_progress})",
+            service=service.name,
+            version=version,
+            file=file,
+            hint="wait for that run to finish; 'dbplan apply' waits for it by itself",
+        )
     left_behind = ""
     if facts.invalid_indexes:
         left_behind = f"; invalid indexes left behind: {', '.join(facts.invalid_indexes)}"

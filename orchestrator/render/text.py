@@ -226,6 +226,10 @@ def render_result(result: Result, *, color: bool = False) -> str:
     if result.ok:
         text = f"Apply complete: {done} done" + (f", {skipped} skipped (already done by another run)" if skipped else "") + "."
         return style(text, "green", "bold") + "\n"
+    from ..executor import Interrupted
+
+    if isinstance(result.error, Interrupted):
+        return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"
     return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
 
 
