@@ -40,6 +40,7 @@ FileOption = Annotated[
     Path, typer.Option("--file", "-f", help="Plan file.", show_default=True)
 ]
 DEFAULT_FILE = Path("dbplan.yaml")
+WaitOption = Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).")]
 
 
 class PlanFormat(str, Enum):
@@ -127,10 +128,13 @@ def validate(file: FileOption = DEFAULT_FILE) -> None:
         checked = api.validate(file)
     except DbplanError as err:
         _fail(err)
+    from .render.text import plural
+
     count = sum(len(s.migrations) for s in checked.migration_sets.values())
     _say(
-        f"{file}: valid ({len(checked.estate.servers)} server(s), {len(checked.estate.databases)} database(s), "
-        f"{len(checked.estate.services)} service(s), {count} migration(s))\n"
+        f"{file}: valid ({plural(len(checked.estate.servers), 'server')}, "
+        f"{plural(len(checked.estate.databases), 'database')}, {plural(len(checked.estate.services), 'service')}, "
+        f"{plural(count, 'migration')})\n"
     )
 
 
@@ -142,7 +146,7 @@ def plan(
     detailed_exitcode: Annotated[
         bool, typer.Option("--detailed-exitcode", help="Exit 2 when changes are pending, 0 when none.")
     ] = False,
-    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Read the live servers and print what would change."""
     try:
@@ -191,7 +195,7 @@ def apply(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
     lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
-    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
@@ -265,7 +269,7 @@ def _stop_on_signals(cancellation: Cancellation) -> Iterator[None]:
 def status(
     file: FileOption = DEFAULT_FILE,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
-    wait: Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds.")] = 0.0,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Per service: database, current and latest version, pending, dirty, drift."""
     try:

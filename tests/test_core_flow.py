@@ -27,7 +27,7 @@ def test_repository_example_validates_offline(capsys: pytest.CaptureFixture[str]
     code = main(["validate", "-f", str(REPO / "dbplan.yaml")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "valid" in out and "2 service(s)" in out
+    assert "valid" in out and "2 services" in out
 
 
 def test_plan_on_empty_server_lists_databases_then_migrations_in_dependency_order(estate: Estate) -> None:
@@ -45,7 +45,7 @@ def test_plan_on_empty_server_lists_databases_then_migrations_in_dependency_orde
     product_3 = first_line(r"\+ 3 product_search")
     inventory_1 = first_line(r"\+ 1 create_warehouses")
     assert create_products < create_inventory < product_1 < product_3 < inventory_1
-    assert "Plan: 2 role(s) to create, 2 database(s) to create, 6 migration(s) to apply." in run.out
+    assert "Plan: 2 roles to create, 2 databases to create, 6 migrations to apply." in run.out
     assert not estate.database_exists("products"), "plan must not change anything"
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..graph import EstateGraph, Node
 from ..plan import ApplyMigration, CreateDatabase, CreateRole, Drift, MigrationAction, Plan, ServicePlan, Warning
 from . import graph as render_graph
-from .text import dirty_version, plural, service_blockers, version_label, version_ranges
+from .text import change_phrases, dirty_version, plural, service_blockers, version_label, version_ranges
 
 MAX_COMMENT_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
 MAX_SQL_CHARS_PER_FILE = 8_000
@@ -202,16 +202,7 @@ def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, with_sq
 
 
 def _summary(plan: Plan) -> str:
-    counts = plan.summary()
-    parts = []
-    if counts["create_roles"]:
-        parts.append(f"{plural(counts['create_roles'], 'role')} to create")
-    if counts["create_databases"]:
-        parts.append(f"{plural(counts['create_databases'], 'database')} to create")
-    if counts["apply"] or not counts["revert"]:
-        parts.append(f"{plural(counts['apply'], 'migration')} to apply")
-    if counts["revert"]:
-        parts.append(f"{plural(counts['revert'], 'migration')} to revert")
+    parts = change_phrases(plan)
     drift = sum(len(service.drift) for service in plan.services)
     lint = [w for w in plan.warnings if w.rule != "drift"]
     concerns = [plural(drift, "drifted migration")] if drift else []

@@ -44,6 +44,21 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def change_phrases(plan: Plan) -> list[str]:
+    """``2 databases to create``, ``5 migrations to apply``, ...: the plan's summary in words."""
+    counts = plan.summary()
+    parts = []
+    if counts["create_roles"]:
+        parts.append(f"{plural(counts['create_roles'], 'role')} to create")
+    if counts["create_databases"]:
+        parts.append(f"{plural(counts['create_databases'], 'database')} to create")
+    if counts["apply"] or not counts["revert"]:
+        parts.append(f"{plural(counts['apply'], 'migration')} to apply")
+    if counts["revert"]:
+        parts.append(f"{plural(counts['revert'], 'migration')} to revert")
+    return parts
+
+
 def version_ranges(versions: Iterable[int]) -> str:
     """Versions as short ranges: ``1-3, 5, 7-9``."""
     runs: list[list[int]] = []  # [first, last] of each run of consecutive versions
@@ -82,16 +97,7 @@ def summary_line(plan: Plan, style: Style | None = None) -> str:
         return style(f"Plan blocked: {len(plan.blockers)} problem(s) must be fixed before apply.", "red", "bold")
     if not plan.changes:
         return style("No changes. The databases match the plan file.", "green", "bold")
-    counts = plan.summary()
-    parts = []
-    if counts["create_roles"]:
-        parts.append(f"{counts['create_roles']} role(s) to create")
-    if counts["create_databases"]:
-        parts.append(f"{counts['create_databases']} database(s) to create")
-    if counts["apply"] or not counts["revert"]:
-        parts.append(f"{counts['apply']} migration(s) to apply")
-    if counts["revert"]:
-        parts.append(f"{counts['revert']} {'to revert' if counts['apply'] else 'migration(s) to revert'}")
+    parts = change_phrases(plan)
     drift = sum(len(service.drift) for service in plan.services)
     suffix = f" ({drift} drifted)" if drift else ""
     return style("Plan: " + ", ".join(parts) + "." + suffix, "bold")
