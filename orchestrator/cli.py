@@ -385,12 +385,12 @@ def server_status(file: FileOption = DEFAULT_FILE, server: ServerOption = None) 
 # Entry point
 
 
-def _usage_error() -> type[Exception]:
+def _usage_error() -> Any:
     # typer 0.2x carries its own copy of click; older releases use click itself.
     try:
         from typer._click.exceptions import UsageError
     except ImportError:
-        from click.exceptions import UsageError
+        from click.exceptions import UsageError  # type: ignore[assignment]
     return UsageError
 
 

@@ -247,6 +247,9 @@ def _history(
     ).format(table_id)
     entries = tuple(HistoryEntry(int(v), e, c, t, int(i)) for v, e, c, t, i in conn.execute(latest))
     force_row = conn.execute(last_force).fetchone()
-    force = HistoryEntry(int(force_row[0]), *force_row[1:4], int(force_row[4])) if force_row else None
+    force = None
+    if force_row is not None:
+        version, event, checksum, title, event_id = force_row
+        force = HistoryEntry(int(version), event, checksum, title, int(event_id))
     return entries, force
 

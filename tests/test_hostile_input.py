@@ -293,7 +293,6 @@ CATALOGUE: list[Hostile] = [
     # --- size and depth
     # Named by the anchored value that multiplies (line 2) and the path that expands it.
     Hostile("billion-laughs", plan_file("billion-laughs", BILLION_LAUGHS).build, "{plan}:2:7 (lol5["),
-    plan_file("merge-key-bomb", MERGE_BOMB, at="m6:"),
     plan_file("deep-flow-lists", "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n"),
     plan_file("deep-flow-mappings", "version: 1\nx: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"),
     plan_file("deep-block-lists", "version: 1\nx:\n" + "".join("  " * n + "-\n" for n in range(1, 1500))),
@@ -449,3 +448,24 @@ def test_raw_fragments_in_a_valid_plan_raise_only_dbplan_errors(scratch: Path, e
 @given(YAMLISH_TEXT)
 def test_random_yamlish_text_raises_only_dbplan_errors(scratch: Path, text: str) -> None:
     _load_only_dbplan_errors(scratch, text)
+
+
+def test_merge_key_bomb_is_refused_or_defused(tmp_path: Path) -> None:
+    """``<<: [*m, *m, ...]`` nested nine deep: PyYAML before 6.0.4 copies merged pairs
+    exponentially, and dbplan's cap refuses the file at the mapping that explodes; 6.0.4
+    merges each key once, and the file loads as the ten small servers it spells."""
+    from orchestrator import config
+
+    root = tmp_path / "project"
+    root.mkdir()
+    plan = plan_file("merge-key-bomb", MERGE_BOMB, at="m6:").build(root)
+    try:
+        estate = config.load(plan)
+    except DbplanError as err:
+        assert err.place is not None and err.place.line == MERGE_BOMB.splitlines().index(
+            next(line for line in MERGE_BOMB.splitlines() if "m6:" in line)
+        ) + 1
+        assert "merge keys" in err.message
+    else:
+        assert list(estate.servers) == [f"m{n}" for n in range(10)]
+        assert {server.url for server in estate.servers.values()} == {"x"}
