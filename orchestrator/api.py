@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from . import config, graph, migrations
 from .errors import DbplanError, MigrationFileError
-from .executor import Cancellation, Progress, Result, execute
 from .facts import LiveState, inspect
 from .graph import EstateGraph
 from .locks import DEFAULT_LOCK_WAIT_SECONDS
@@ -24,6 +23,7 @@ from .planner import make_plan
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedServer
+    from .executor import Cancellation, Progress, Result
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,8 @@ def apply(
 
     ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
     """
+    from .executor import execute  # the writer is loaded only by commands that write
+
     return execute(
         planned.plan,
         planned.estate,

@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from . import api
 from .errors import DbplanError
-from .executor import Cancellation, Interrupted, Outcome
 from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+
+if TYPE_CHECKING:
+    from .executor import Cancellation, Outcome
 
 app = typer.Typer(
     help="Plan and apply PostgreSQL databases and migrations from one reviewed file, dbplan.yaml.",
@@ -225,6 +227,8 @@ def apply(
         if not typer.confirm("Apply these changes?", default=False):
             _note("Nothing was changed.")
             raise typer.Exit(1)
+    from .executor import Cancellation, Interrupted  # the writer loads only when applying
+
     cancellation = Cancellation()
     with _stop_on_signals(cancellation):
         result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)

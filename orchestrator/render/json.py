@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..executor import Result
 from ..plan import Plan, ServicePlan, action_to_dict
 
 FORMAT_VERSION = 1
+
+if TYPE_CHECKING:
+    from ..executor import Result
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:

@@ -7,8 +7,8 @@ caller's decision (a terminal, and no ``NO_COLOR``); this module only obeys it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from ..executor import Result
 from ..plan import (
     ApplyMigration,
     Blocker,
@@ -19,6 +19,9 @@ from ..plan import (
 )
 
 _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
+
+if TYPE_CHECKING:
+    from ..executor import Result
 
 
 class Style:
