@@ -1,0 +1,41 @@
+"""Names from the plan file are always quoted, never pasted into SQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from estate import Estate
+
+HOSTILE = 'x"; DROP DATABASE postgres; --'
+
+
+def test_hostile_names_are_created_literally_and_postgres_survives(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    role = estate.add_role(HOSTILE, password="it's a \"secret\"; --")
+    database = estate.add_database(HOSTILE, owner=HOSTILE)
+    estate.add_service("app", HOSTILE, schema="s'; DROP SCHEMA public; --", table='t"x')
+    estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
+
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("select 1 from pg_database where datname = 'postgres'").fetchone() == (1,)
+        assert conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone() == (1,)
+        owner = conn.execute(
+            "select pg_get_userbyid(datdba) from pg_database where datname = %s", (database,)
+        ).fetchone()
+    assert owner == (role,)
+    with psycopg.connect(pg_url, dbname=database, autocommit=True) as conn:
+        tables = set(conn.execute("select schemaname, tablename from pg_tables where schemaname <> 'pg_catalog' and schemaname <> 'information_schema'").fetchall())
+        assert ("s'; DROP SCHEMA public; --", 't"x') in tables
+        assert ("s'; DROP SCHEMA public; --", 't"x_history') in tables
+        assert conn.execute("select 1 from pg_namespace where nspname = 'public'").fetchone() == (1,)
+
+    again = estate.dbplan("plan", "--detailed-exitcode")
+    assert again.code == 0, again.output
