@@ -112,6 +112,18 @@ class Estate:
         return row is not None
 
 
+def example_latest(service: str) -> int:
+    """The latest version among the repository's example migrations of ``service``."""
+    return max(int(path.name.split("_", 1)[0]) for path in (REPO / "migrations" / service).glob("*.up.sql"))
+
+
+def example_migration_count() -> int:
+    return sum(1 for _ in (REPO / "migrations").glob("*/*.up.sql"))
+
+
+EXAMPLE_ACTIONS = 4  # two roles and two databases, before the migrations
+
+
 def example_estate(estate: Estate) -> Estate:
     """The repository's own example (product and inventory), with prefixed names."""
     estate.add_role("product_svc")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from estate import REPO, Estate
+from estate import EXAMPLE_ACTIONS, REPO, Estate, example_migration_count
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_readme_first_command_runs_the_embedded_example(tmp_path: Path) -> None:
             [sys.executable, "-m", "orchestrator", "apply", "--yes"], cwd=example, capture_output=True, text=True, env=env
         )
         assert run.returncode == 0, run.stderr
-        assert "Apply complete: 10 done." in run.stdout
+        assert f"Apply complete: {EXAMPLE_ACTIONS + example_migration_count()} done." in run.stdout
         again = subprocess.run(
             [sys.executable, "-m", "orchestrator", "plan", "--detailed-exitcode"], cwd=example, capture_output=True, text=True, env=env
         )

@@ -1,3 +1,2 @@
-DROP INDEX products_search_idx;
 DROP FUNCTION products_search_vector(products);
 ALTER TABLE products DROP COLUMN description;
