@@ -135,3 +135,16 @@ def test_readme_first_command_runs_the_embedded_example(tmp_path: Path) -> None:
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
         subprocess.run([sys.executable, "-m", "orchestrator", "server", "stop"], cwd=example, capture_output=True, env=env)
+
+
+def test_the_readme_tour_of_the_plan_file_is_a_valid_plan_file(tmp_path: Path) -> None:
+    from orchestrator import api
+
+    readme = (REPO / "README.md").read_text()
+    tour = readme.split("## A tour of the plan file", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    (tmp_path / "dbplan.yaml").write_text(tour)
+    for service in ("product", "inventory"):
+        (tmp_path / "migrations" / service).mkdir(parents=True)
+    checked = api.validate(tmp_path / "dbplan.yaml", environ={})
+    assert list(checked.estate.services) == ["product", "inventory"]
+    assert checked.graph.service_order == ("product", "inventory")
