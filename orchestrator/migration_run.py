@@ -104,7 +104,7 @@ def _run_in_transaction(
 
     conn, owner = target.conn, target.owner
     body = _transactional_body(file)
-    head_text = "BEGIN;\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
+    head_text = _begin(file) + ";\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
     tail = bookkeeping.record_event(
         target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event
     ) + bookkeeping.set_version(target.tables, action.version_after, False)
@@ -143,6 +143,15 @@ def _run_in_transaction(
             f"retrying in {delay:g} s (attempt {attempt} of {len(LOCK_TIMEOUT_RETRY_SECONDS) + 1})"
         )
         sleep_unless_stopped(run, delay, f"before retrying version {action.version} of service '{action.service}'")
+
+
+def _begin(file: MigrationFile) -> str:
+    """The statement that opens the migration's transaction: the file's own BEGIN when it
+    wraps itself in one (it may say ISOLATION LEVEL or READ ONLY), else a plain BEGIN."""
+    script = file.script
+    if script.transaction_style == "wrapped":
+        return script.statements[0].sql
+    return "BEGIN"
 
 
 def _transactional_body(file: MigrationFile) -> str:

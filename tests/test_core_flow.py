@@ -331,3 +331,17 @@ def test_warnings_name_file_line_statement_and_can_be_silenced(estate: Estate) -
     assert [r[0] for r in rules()] == ["drop-column"]
     estate.write("app", "2_cleanup.up.sql", "-- dbplan:allow drop-column (nothing reads it since v2.3)\nALTER TABLE t DROP COLUMN old;\nTRUNCATE u;\n")
     assert rules() == []
+
+
+def test_a_wrapped_file_keeps_the_options_of_its_own_begin(estate: Estate) -> None:
+    estate.add_database("app")
+    estate.add_service("app", "app")
+    estate.write(
+        "app",
+        "1_serializable.up.sql",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE;\nCREATE TABLE seen AS SELECT current_setting('transaction_isolation') AS level;\nCOMMIT;\n",
+    )
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    assert estate.query("app", "select level from seen") == [("serializable",)]
+    assert estate.query("app", "select version, dirty from schema_migrations") == [(1, False)]
