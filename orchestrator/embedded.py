@@ -11,7 +11,7 @@ server to try it. The server:
   authentication, superuser ``postgres``; its unix socket lives in the data folder;
 * writes its settings to ``<data>/dbplan.conf`` (included from ``postgresql.conf``) at every
   start, so ``pg_ctl -D <data> start`` by hand behaves the same;
-* logs to ``<data>/postgres.log``;
+* logs to ``<data>/postgres.log`` (these files: module :mod:`.cluster_files`);
 * when dbplan runs as root (PostgreSQL refuses root) runs as an unprivileged account
   (module :mod:`.runas`), relocating the data folder and copying the binaries to
   ``/var/tmp`` when that account cannot reach them.
@@ -30,6 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cluster_files import (
+    LOG_FILE,
+    PidFile,
+    include_settings,
+    read_pid_file,
+    remove_stale_files,
+    rotate,
+    store_port,
+    stored_port,
+    tail,
+    write_settings,
+)
 from .errors import EmbeddedServerError
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
 from .runas import (
@@ -42,7 +54,6 @@ from .runas import (
     relocated_data_dir,
     run_as_account,
     run_program,
-    safe_write,
     traversable,
 )
 
@@ -59,11 +70,7 @@ PORT_BASE = 20000
 PORT_SPAN = 10000  # default ports are PORT_BASE .. PORT_BASE + PORT_SPAN - 1 (< 32768)
 PORT_ATTEMPTS = 10
 
-PORT_FILE = "dbplan-port"
-CONF_FILE = "dbplan.conf"
-LOG_FILE = "postgres.log"
 START_TIMEOUT = 60  # seconds, for pg_ctl -w and for shutdown
-LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------
@@ -108,15 +115,6 @@ class ServerStatus:
     version: str | None  # running: binaries' version; stopped: the data folder's major
     run_as: str | None  # OS account the server runs as when dbplan runs as root
     note: str | None  # e.g. why the data folder was relocated
-
-
-class _PidFile:
-    """postmaster.pid: line 1 pid, line 4 port, line 8 status ("starting", "ready", ...)."""
-
-    __slots__ = ("pid", "port", "status")
-
-    def __init__(self, pid: int, port: int | None, status: str) -> None:
-        self.pid, self.port, self.status = pid, port, status
 
 
 class EmbeddedServer:
@@ -171,36 +169,17 @@ class EmbeddedServer:
     def url(self) -> str:
         return _url(self.port)
 
-    def _port_of(self, running: _PidFile | None) -> int:
+    def _port_of(self, running: PidFile | None) -> int:
         return running.port if running is not None and running.port else self._first_port()
 
     def _first_port(self) -> int:
         if self.explicit_port is not None:
             return self.explicit_port
-        stored = self._stored_port()
+        stored = stored_port(self.data_dir)
         return stored if stored is not None else default_port(self.requested_dir)
 
-    def _stored_port(self) -> int | None:
-        try:
-            value = int((self.data_dir / PORT_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return value if 1024 <= value <= 65535 else None
-
-    def _read_pid_file(self) -> _PidFile | None:
-        try:
-            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
-            pid = abs(int(lines[0]))
-        except (OSError, ValueError, IndexError):
-            return None
-        port = None
-        if len(lines) > 3 and lines[3].strip().isdigit():
-            port = int(lines[3])
-        status = lines[7].strip() if len(lines) > 7 else ""
-        return _PidFile(pid=pid, port=port, status=status)
-
-    def _running_pid_file(self) -> _PidFile | None:
-        info = self._read_pid_file()
+    def _running_pid_file(self) -> PidFile | None:
+        info = read_pid_file(self.data_dir)
         if info is not None and is_postmaster_of(info.pid, self.data_dir):
             return info
         return None
@@ -283,7 +262,7 @@ class EmbeddedServer:
             if self._cluster_major() is None:
                 self._initdb(bindir, account)
             self._check_major()
-            self._remove_stale_files()
+            remove_stale_files(self.data_dir)
             self._start_on_free_port(bindir, account)
         return self.status()
 
@@ -296,7 +275,7 @@ class EmbeddedServer:
             if info is None or not self._request_fast_shutdown(info.pid):
                 return self.status()
             self._wait_until_stopped(info.pid)
-            self._remove_stale_files()
+            remove_stale_files(self.data_dir)
         return self.status()
 
     def destroy(self) -> None:
@@ -364,11 +343,7 @@ class EmbeddedServer:
                 f"initdb (PostgreSQL {self.binaries.version}) failed for {data_dir}:\n{output}",
                 hint="fix the cause above (disk space, permissions), empty the folder and retry",
             )
-        with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.write(
-                f"\n# dbplan: listen address, port, socket and durability settings\n"
-                f"include_if_exists = '{CONF_FILE}'\n"
-            )
+        include_settings(data_dir)
 
     def _check_major(self) -> None:
         major = self._cluster_major()
@@ -379,45 +354,6 @@ class EmbeddedServer:
                 hint=f"install PostgreSQL {major} binaries (or point {ENV_BINDIR} at them), or "
                 f"move the folder away to create a fresh PostgreSQL {self.binaries.major} cluster",
             )
-
-    def _remove_stale_files(self) -> None:
-        """Remove a stale postmaster.pid and socket lock files (no server runs here)."""
-        data_dir = self.data_dir
-        for path in [data_dir / "postmaster.pid", *data_dir.glob(".s.PGSQL.*")]:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise EmbeddedServerError(
-                    f"could not remove the stale {path}: {err}",
-                    hint="remove it by hand after checking no server uses this folder",
-                ) from err
-
-    def _socket_dir(self) -> str:
-        folder = str(self.data_dir)
-        too_long = len(folder.encode()) + len("/.s.PGSQL.65535.lock") > 100
-        if too_long or "," in folder or '"' in folder:
-            return ""  # TCP only; the URL never uses the socket
-        return folder
-
-    def _write_settings(self, port: int, account: Account | None) -> None:
-        lines = [
-            "# Written by dbplan at every start of the embedded server. To override a",
-            "# setting, use ALTER SYSTEM (postgresql.auto.conf is read after this file).",
-            "listen_addresses = '127.0.0.1'",
-            f"port = {port}",
-            f"unix_socket_directories = {_conf_quote(self._socket_dir())}",
-            "max_connections = 100",
-        ]
-        if not self.durable:
-            lines += [
-                "# throwaway server (durable=False): faster, loses data on a machine crash",
-                "fsync = off",
-                "synchronous_commit = off",
-                "full_page_writes = off",
-            ]
-        safe_write(self.data_dir / CONF_FILE, "\n".join(lines) + "\n", account)
 
     def _ports_to_try(self) -> list[int]:
         if self.explicit_port is not None:
@@ -439,7 +375,7 @@ class EmbeddedServer:
                 continue
             outcome = self._pg_ctl_start(bindir, account, port)
             if outcome is None:
-                safe_write(self.data_dir / PORT_FILE, f"{port}\n", account)
+                store_port(self.data_dir, port, account)
                 return
             if outcome == "port busy":
                 busy.append(port)
@@ -463,8 +399,8 @@ class EmbeddedServer:
     def _pg_ctl_start(self, bindir: Path, account: Account | None, port: int) -> str | None:
         """One start attempt: None when running, "port busy", or the log's last lines."""
         log = self.log_file
-        _rotate(log)
-        self._write_settings(port, account)
+        rotate(log)
+        write_settings(self.data_dir, port, account, durable=self.durable)
         # Orphaned backends of a killed server may hold its shared memory for a moment.
         deadline = time.monotonic() + 10
         while True:
@@ -480,19 +416,19 @@ class EmbeddedServer:
             )  # fmt: skip
             if done.returncode == 0 and self._running_pid_file() is not None:
                 return None
-            tail = _tail(log, offset) or (done.stdout + done.stderr).strip()
-            if "could not bind" in tail or "Address already in use" in tail:
-                self._remove_stale_files()
+            log_tail = tail(log, offset) or (done.stdout + done.stderr).strip()
+            if "could not bind" in log_tail or "Address already in use" in log_tail:
+                remove_stale_files(self.data_dir)
                 return "port busy"
-            if "pre-existing shared memory block" in tail and time.monotonic() < deadline:
-                self._remove_stale_files()
+            if "pre-existing shared memory block" in log_tail and time.monotonic() < deadline:
+                remove_stale_files(self.data_dir)
                 time.sleep(0.05)
                 continue
-            return tail
+            return log_tail
 
     def _wait_until_ready_or_gone(self, pid: int) -> None:
         def settled() -> bool:
-            info = self._read_pid_file()
+            info = read_pid_file(self.data_dir)
             if info is None or info.pid != pid or not pid_alive(pid):
                 return True
             return info.status in ("ready", "standby")
@@ -537,29 +473,6 @@ class EmbeddedServer:
 
 def _url(port: int) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-
-def _tail(log: Path, offset: int, lines: int = 15) -> str:
-    try:
-        with open(log, "rb") as handle:
-            handle.seek(offset)
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _conf_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _rotate(log: Path) -> None:
-    """Move a log over LOG_ROTATE_BYTES to ``<log>.1`` (replacing the previous one)."""
-    try:
-        if log.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(log, log.with_name(log.name + ".1"))
-    except OSError:
-        pass
 
 
 def _poll_until(done: Callable[[], bool], timeout: float) -> bool:
