@@ -148,3 +148,26 @@ def test_the_readme_tour_of_the_plan_file_is_a_valid_plan_file(tmp_path: Path) -
     checked = api.validate(tmp_path / "dbplan.yaml", environ={})
     assert list(checked.estate.services) == ["product", "inventory"]
     assert checked.graph.service_order == ("product", "inventory")
+
+
+def test_apply_and_status_speak_json_for_programs(estate: Estate) -> None:
+    import json
+
+    estate.write("app", "2_two.up.sql", "CREATE TABLE two (id int);")
+    estate.write("app", "3_broken.up.sql", "SELECT 1;\nSELECT * FROM nowhere;\n")
+    run = estate.dbplan("apply", "--yes", "--format", "json")
+    assert run.code == 1
+    result = json.loads(run.out)  # stdout is the JSON document and nothing else
+    assert result["ok"] is False
+    assert result["summary"] == {"done": 3, "skipped": 0, "failed": 1}
+    done = [o for o in result["outcomes"] if o["status"] == "done"]
+    assert [(o["kind"], o.get("version")) for o in done] == [("create_database", None), ("apply_migration", 1), ("apply_migration", 2)]
+    assert all(isinstance(o["duration_ms"], int) for o in done)
+    failed = result["outcomes"][-1]
+    assert (failed["status"], failed["service"], failed["database"], failed["version"]) == ("failed", "app", estate.name("app"), 3)
+    assert result["error"]["sqlstate"] == "42P01"
+    assert "migrations/app/3_broken.up.sql:2" in result["error"]["message"]
+
+    status = json.loads(estate.dbplan("status", "--format", "json").out)
+    (service,) = status["services"]
+    assert (service["service"], service["current"], service["latest"], service["pending"], service["dirty"]) == ("app", 2, 3, [3], False)

@@ -107,3 +107,4 @@ def test_not_a_saved_plan_is_a_clear_error(estate: Estate) -> None:
     run = estate.dbplan("apply", str(bogus), "--yes")
     assert run.code == 1
     assert "is not a saved dbplan plan" in run.err
+
