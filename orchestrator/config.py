@@ -8,6 +8,7 @@ file, line, column and document path it is about.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -214,7 +215,8 @@ class _Builder:
         return self._construct(yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark), path)
 
 
-def _read_text(path: Path, display: str) -> str:
+def _read_text(path: Path, display: str) -> tuple[str, str]:
+    """The plan file's text, and the sha256 of the bytes it was decoded from."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -232,7 +234,7 @@ def _read_text(path: Path, display: str) -> str:
     if b"\0" in raw:
         raise ConfigError(f"plan file {display} is binary, not YAML")
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest()
     except UnicodeDecodeError as err:
         raise ConfigError(f"plan file {display} is not UTF-8 (byte {err.start})") from err
 
@@ -558,7 +560,7 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
     """Read, expand and validate a plan file; return the estate it declares."""
     path = Path(file)
     display = str(file)
-    text = _read_text(path, display)
+    text, checksum = _read_text(path, display)
     document = _Document(display)
     data = _parse_yaml(text, document, os.environ if environ is None else environ)
     if not isinstance(data, dict):
@@ -572,7 +574,15 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
     roles = _roles(data, document, servers)
     databases = _databases(data, document, servers, roles)
     services = _services(data, document, root, databases)
-    estate = Estate(file=path, root=root, servers=servers, roles=roles, databases=databases, services=services)
+    estate = Estate(
+        file=path,
+        root=root,
+        servers=servers,
+        roles=roles,
+        databases=databases,
+        services=services,
+        file_checksum=checksum,
+    )
     from . import graph  # cycles are a property of the whole file: report them at load time
 
     graph.build(estate)

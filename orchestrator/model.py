@@ -99,6 +99,7 @@ class Estate:
     roles: dict[str, Role]
     databases: dict[str, Database]
     services: dict[str, Service]
+    file_checksum: str | None = None  # sha256 of the plan file as it was read
 
     def server_of_service(self, service: Service) -> Server:
         return self.servers[self.databases[service.database].server]

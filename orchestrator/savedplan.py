@@ -10,7 +10,6 @@ servers are identified by system identifier and address, never by URL.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ SAVED_PLAN_KIND = "dbplan-saved-plan"
 def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: LiveState) -> dict[str, Any]:
     """Everything a plan depends on, as plain JSON values (no secrets, no URLs)."""
     return {
-        "plan_file": hashlib.sha256(estate.file.read_bytes()).hexdigest(),
+        # The file as it was read and planned from, not as it may be on disk by now.
+        "plan_file": estate.file_checksum,
         "servers": {
             name: {
                 "system_identifier": facts.system_identifier,

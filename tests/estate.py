@@ -112,6 +112,17 @@ class Estate:
         return row is not None
 
 
+def write_files(folder: Path, files: dict[str, str | bytes]) -> Path:
+    """Write migration files (text as UTF-8, bytes as they are) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content, encoding="utf-8")
+    return folder
+
+
 def example_latest(service: str) -> int:
     """The latest version among the repository's example migrations of ``service``."""
     return max(int(path.name.split("_", 1)[0]) for path in (REPO / "migrations" / service).glob("*.up.sql"))

@@ -173,6 +173,12 @@ def test_failed_no_transaction_migration_leaves_dirty_until_forced(estate: Estat
     forced = estate.dbplan("force", "app", "2", "--reason", "index rebuilt by hand")
     assert forced.code == 0, forced.output
     assert estate.query("app", "select event, reason from dbplan_history where version = 2") == [("force", "index rebuilt by hand")]
+    # who forced it and when, too
+    from orchestrator.bookkeeping import applied_by
+
+    assert estate.query(
+        "app", "select applied_by, applied_at > now() - interval '1 minute' from dbplan_history where event = 'force'"
+    ) == [(applied_by(), True)]
 
     resumed = estate.dbplan("apply", "--yes")
     assert resumed.code == 0, resumed.output

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from estate import write_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,15 +56,7 @@ class Hostile:
 
 
 def _write_folder(root: Path, files: dict[str, str | bytes]) -> Path:
-    folder = root / "migrations" / "product"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        target = folder / name
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            target.write_text(content, encoding="utf-8")
-    return folder
+    return write_files(root / "migrations" / "product", files)
 
 
 def plan_file(id: str, content: str | bytes, at: str | None = None) -> Hostile:

@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+from estate import write_files
 
 from orchestrator import migrations
 from orchestrator.errors import MigrationFileError, Place
 from orchestrator.migrations import Migration, MigrationFile, MigrationSet, RunMode
-from orchestrator.model import Estate, Server, Database, Service
+from orchestrator.model import Database, Estate, Server, Service
 
 MIGRATIONS_PLACE = Place("dbplan.yaml", 12, 17, "services.product.migrations")
 
@@ -30,15 +31,7 @@ def product_service(root: Path, folder: str = "migrations/product") -> Service:
 
 
 def write(root: Path, files: dict[str, str | bytes], folder: str = "migrations/product") -> Path:
-    directory = root / folder
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        path = directory / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, encoding="utf-8")
-    return directory
+    return write_files(root / folder, files)
 
 
 def scan(root: Path) -> MigrationSet:

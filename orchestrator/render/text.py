@@ -241,6 +241,3 @@ def render_result(result: Result, *, color: bool = False) -> str:
         return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"
     return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
 
-
-def bullet_list(items: Iterable[str]) -> str:
-    return "\n".join(f"  - {item}" for item in items)
