@@ -96,10 +96,13 @@ def record_event(
     event: str,
     reason: str | None = None,
     duration_ms: int | None = None,
+    returning_duration: bool = False,
 ) -> sql.Composed:
     """Append one history row. Without ``duration_ms`` it is measured by the server:
     the time since the transaction began, which is the migration's own run time when the
-    row travels in the migration's transaction."""
+    row travels in the migration's transaction. ``returning_duration`` makes the INSERT
+    return it, in a column named ``DONE_MARKER``: the sign, in a stream of results, that
+    the migration before it ran to its end."""
     duration = sql.Literal(duration_ms) if duration_ms is not None else _SERVER_MEASURED_DURATION
     values = sql.SQL(", ").join(
         [
@@ -112,7 +115,12 @@ def record_event(
             sql.Literal(reason),
         ]
     )
-    return sql.Composed([_INSERT_INTO, tables.history_id, _HISTORY_COLUMNS, values, _CLOSE_END])
+    tail = _RETURNING_DONE if returning_duration else _CLOSE_END
+    return sql.Composed([_INSERT_INTO, tables.history_id, _HISTORY_COLUMNS, values, tail])
+
+
+DONE_MARKER = "dbplan_migration_done_ms"
+_RETURNING_DONE = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER};\n")
 
 
 @cache

@@ -3,7 +3,8 @@
 For each group of actions it takes the lock, re-reads the live state, re-plans, and goes
 on only if the fresh plan is what was shown (or what is left of it after another run did
 part of it). A transactional migration travels to the server in one string together
-with its bookkeeping and the COMMIT: one round trip, and nothing of it survives a failure.
+with its bookkeeping and the COMMIT, so nothing of it survives a failure; consecutive
+ones share round trips (``batches``).
 
 Behind a connection pooler (PgBouncer in transaction mode) no session lock holds, so
 each transaction takes a transaction-level lock and checks that the bookkeeping is what
@@ -35,18 +36,20 @@ from .locks import (
     server_lock_key,
     transaction_guard,
 )
+from .batches import Step, run_transactional
 from .migration_run import (
     GuardFailed,
     Target,
     as_role,
     checkpoint,
     execute_guarded,
+    file_of,
     ms_since,
-    run_migration,
+    run_outside_transaction,
 )
 from .migrations import Migration, MigrationSet
 from .model import Estate, Server, Service
-from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, MigrationAction, Plan, RevertMigration
+from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, MigrationAction, Plan, RevertMigration, action_phrase
 from .planner import plan_service
 
 if TYPE_CHECKING:
@@ -217,7 +220,7 @@ def execute(
     try:
         _refuse_unguardable_behind_pooler(run)
         for group in _groups(plan.actions):
-            run.check_stop(f"before {_describe_action(group[0])}")
+            run.check_stop(f"before {action_phrase(group[0])}")
             if isinstance(group[0], (CreateRole, CreateDatabase)):
                 _create_on_server(run, estate.servers[group[0].server], group)
             else:
@@ -243,15 +246,6 @@ def _lock_scope(action: Action) -> tuple[str, str]:
     if isinstance(action, (CreateRole, CreateDatabase)):
         return ("server", action.server)
     return ("service", action.service)
-
-
-def _describe_action(action: Action) -> str:
-    if isinstance(action, CreateRole):
-        return f"creating role '{action.role}'"
-    if isinstance(action, CreateDatabase):
-        return f"creating database '{action.database}'"
-    verb = "applying" if isinstance(action, ApplyMigration) else "reverting"
-    return f"{verb} version {action.version} of service '{action.service}'"
 
 
 def _refuse_unguardable_behind_pooler(run: _Run) -> None:
@@ -310,7 +304,7 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
         if exists:
             run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
             continue
-        run.check_stop(f"before {_describe_action(action)}")
+        run.check_stop(f"before {action_phrase(action)}")
         run.start(action)
         started = time.monotonic()
         checkpoint("create")
@@ -387,9 +381,21 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     for action in shown:
         if action not in still_to_do:
             run.finish(Outcome(action, "skipped", detail="already done by another run"))
-            continue
-        run.check_stop(f"before {_describe_action(action)}")
-        _run_and_report(run, target, action, by_version[action.version])
+    for actions in _runs_of_same_kind(todo):
+        _run_and_report(run, target, actions, by_version)
+
+
+def _runs_of_same_kind(actions: list[MigrationAction]) -> Iterator[list[MigrationAction]]:
+    """Consecutive transactional migrations together (they may share round trips); each
+    no-transaction one alone."""
+    group: list[MigrationAction] = []
+    for action in actions:
+        if group and not (action.transactional and group[-1].transactional):
+            yield group
+            group = []
+        group.append(action)
+    if group:
+        yield group
 
 
 def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], waiting: LockWait) -> None:
@@ -423,8 +429,7 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
                 execute_guarded(target.conn, as_role(target.conn, target.owner, prepare, guard=guard))
                 checkpoint("prepared")
                 continue
-            run.check_stop(f"before {_describe_action(action)}")
-            _run_and_report(run, target, action, by_version[action.version], guard=guard)
+            _run_and_report(run, target, [action], by_version, guard=guard)
             settled += 1
         except GuardFailed as failed:
             if failed.busy:
@@ -440,17 +445,56 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
 
 
 def _run_and_report(
-    run: _Run, target: Target, action: MigrationAction, migration: Migration, *, guard: psycopg.sql.Composable | None = None
+    run: _Run,
+    target: Target,
+    actions: list[MigrationAction],
+    by_version: dict[int, Migration],
+    *,
+    guard: psycopg.sql.Composable | None = None,
 ) -> None:
-    run.start(action)
-    started = time.monotonic()
+    """Run consecutive migrations of one kind (see ``_runs_of_same_kind``), reporting each."""
+    report = _StepProgress(run)
     try:
-        run_migration(run, target, action, migration, guard)
+        if actions[0].transactional:
+            steps = [Step(action, file_of(action, by_version[action.version])) for action in actions]
+            run_transactional(run, target, steps, report, guard=guard)
+        else:
+            (action,) = actions
+            run.check_stop(f"before {action_phrase(action)}")
+            report.started(Step(action, file_of(action, by_version[action.version])))
+            run_outside_transaction(run, target, action, by_version[action.version])
+            report.committed_now()
     except (MigrationFailed, Interrupted) as failure:
-        run.finish(Outcome(action, "failed", ms_since(started), failure.message))
+        report.failed(failure)
         raise
-    checkpoint("migrated")
-    run.finish(Outcome(action, "done", ms_since(started)))
+
+
+class _StepProgress:
+    """Turns what ``batches`` hears of its steps into the run's outcomes and progress."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.current: MigrationAction | None = None
+        self.started_at = 0.0
+
+    def started(self, step: Step) -> None:
+        self.current, self.started_at = step.action, time.monotonic()
+        self.run.start(step.action)
+
+    def committed(self, step: Step, duration_ms: int) -> None:
+        checkpoint("migrated")
+        self.current = None
+        self.run.finish(Outcome(step.action, "done", duration_ms))
+
+    def committed_now(self) -> None:
+        assert self.current is not None
+        checkpoint("migrated")
+        action, self.current = self.current, None
+        self.run.finish(Outcome(action, "done", ms_since(self.started_at)))
+
+    def failed(self, failure: DbplanError) -> None:
+        if self.current is not None:
+            self.run.finish(Outcome(self.current, "failed", ms_since(self.started_at), failure.message))
 
 
 def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> list[MigrationAction]:

@@ -1,10 +1,10 @@
-"""Running one migration: the executor's hands, and the words it uses when one fails.
+"""Running a migration: the executor's hands, and the words it uses when one fails.
 
-A transactional migration travels as one string with its bookkeeping and its COMMIT,
-retried whole after a lock timeout; a no-transaction one runs statement by statement
-with golang-migrate's dirty flag around it. A failure becomes a message that names the
-file, the line and what to do next. The executor decides what runs; this module only
-runs it, watching the stop requests the executor hands in (``RunControl``).
+A no-transaction migration runs here statement by statement with golang-migrate's dirty
+flag around it; transactional ones run in ``batches``, which shares this module's
+pieces: the ``Target`` a run writes to, the stop requests the executor hands in
+(``RunControl``), and ``migration_failure``, which turns an error into a message that
+names the file, the line and what to do next. The executor decides what runs.
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 QUERY_CANCELED = "57014"  # a cancel request, or statement_timeout
-# A transactional migration that hit lock_timeout is rolled back whole, so trying again
-# is safe: the blocker is often a short burst of traffic or a vacuum.
-LOCK_TIMEOUT_RETRY_SECONDS = (1.0, 2.0, 4.0)
 
 # Crash tests only (tests/test_crash.py): see checkpoint.
 KILL_AT_ENV = "DBPLAN_TEST_KILL_AT"
@@ -75,114 +72,25 @@ class GuardFailed(Exception):
         super().__init__(sqlstate)
 
 
-def run_migration(
-    run: RunControl,
-    target: Target,
-    action: MigrationAction,
-    migration: Migration,
-    guard: psycopg.sql.Composable | None = None,
-) -> None:
-    """Apply or revert one migration and record it; ``guard`` heads its transaction behind a pooler."""
-    reverting = isinstance(action, RevertMigration)
-    file = migration.down if reverting else migration.up
-    assert file is not None
-    event = "revert" if reverting else "apply"
-    if action.transactional:
-        _run_in_transaction(run, target, action, file, event, guard)
-    else:
-        _run_outside_transaction(run, target, action, file, event)
+def file_of(action: MigrationAction, migration: Migration) -> MigrationFile:
+    """The file an action runs: the up file, or the down file of a revert."""
+    file = migration.down if isinstance(action, RevertMigration) else migration.up
+    assert file is not None, "the planner reverts only migrations that have a down file"
+    return file
 
 
-def _run_in_transaction(
-    run: RunControl,
-    target: Target,
-    action: MigrationAction,
-    file: MigrationFile,
-    event: str,
-    guard: psycopg.sql.Composable | None,
-) -> None:
-
-    conn, owner = target.conn, target.owner
-    body = _transactional_body(file)
-    head_text = _begin(file) + ";\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
-    tail = bookkeeping.record_event(
-        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event
-    ) + bookkeeping.set_version(target.tables, action.version_after, False)
-    # The file's text goes in verbatim so that PostgreSQL's error position maps back to it.
-    script = (head_text + body + "\n;\n" + tail.as_string(conn) + "COMMIT;").encode()
-    retries = iter(LOCK_TIMEOUT_RETRY_SECONDS)
-    attempt = 1
-    while True:
-        try:
-            with run.cancellation.running(conn, f"{file.display} (version {action.version})", rolls_back=True):
-                checkpoint("migration")
-                conn.execute(script)
-            return
-        except Exception as err:
-            rollback_quietly(conn)
-            sqlstate = _sqlstate(err)
-            if sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
-                raise GuardFailed(sqlstate) from None
-            if sqlstate == QUERY_CANCELED and run.cancellation.requested:
-                raise run.interrupted(
-                    f"cancelled {file.display} (version {action.version} of service '{action.service}') while it ran; "
-                    "it was rolled back, nothing of it is left",
-                    service=action.service,
-                    version=action.version,
-                ) from err
-            delay = next(retries, None) if sqlstate == LOCK_NOT_AVAILABLE and not connection_lost(conn, err) else None
-            if delay is None:
-                raise _migration_failure(
-                    conn, err, action, file, owner, target.server, offset=len(head_text), attempts=attempt,
-                    lock_timeout=target.service.lock_timeout,
-                ) from err
-        attempt += 1
-        run.notice(
-            f"{file.display} (version {action.version}) waited longer than lock_timeout "
-            f"({target.service.lock_timeout} ms) for a lock another session holds; rolled back, "
-            f"retrying in {delay:g} s (attempt {attempt} of {len(LOCK_TIMEOUT_RETRY_SECONDS) + 1})"
-        )
-        sleep_unless_stopped(run, delay, f"before retrying version {action.version} of service '{action.service}'")
+def event_of(action: MigrationAction) -> str:
+    """The history's word for what an action does."""
+    return "revert" if isinstance(action, RevertMigration) else "apply"
 
 
-def _begin(file: MigrationFile) -> str:
-    """The statement that opens the migration's transaction: the file's own BEGIN when it
-    wraps itself in one (it may say ISOLATION LEVEL or READ ONLY), else a plain BEGIN."""
-    script = file.script
-    if script.transaction_style == "wrapped":
-        return script.statements[0].sql
-    return "BEGIN"
-
-
-def _transactional_body(file: MigrationFile) -> str:
-    """The file's text, with its own wrapping BEGIN/COMMIT blanked out (same length, same lines)."""
-    script = file.script
-    if script.transaction_style != "wrapped":
-        return file.text
-    text = list(file.text)
-    inner = set(id(statement) for statement in script.inner_statements)
-    for statement in script.statements:
-        if id(statement) in inner:
-            continue
-        for index in range(statement.offset, statement.offset + len(statement.sql)):
-            if text[index] not in "\r\n":
-                text[index] = " "
-    return "".join(text)
-
-
-def _run_outside_transaction(
-    run: RunControl,
-    target: Target,
-    action: MigrationAction,
-    file: MigrationFile,
-    event: str,
-) -> None:
-    """Statement by statement, with the dirty flag set around the run (golang-migrate's way).
-
-    Not retried on a lock timeout: the statements before the one that failed stay done.
-    """
+def run_outside_transaction(run: RunControl, target: Target, action: MigrationAction, migration: Migration) -> None:
+    """Run a no-transaction migration statement by statement, with the dirty flag set
+    around the run (golang-migrate's way). Not retried on a lock timeout: the statements
+    before the one that failed stay done."""
     from psycopg import sql
 
+    file, event = file_of(action, migration), event_of(action)
     conn, owner, tables = target.conn, target.owner, target.tables
     started = time.monotonic()
     conn.execute(
@@ -201,7 +109,7 @@ def _run_outside_transaction(
                     conn.execute((statement.sql if statement else file.text).encode())
                 except Exception as err:
                     rollback_quietly(conn)
-                    if _sqlstate(err) == QUERY_CANCELED and run.cancellation.requested:
+                    if sqlstate_of(err) == QUERY_CANCELED and run.cancellation.requested:
                         raise run.interrupted(
                             f"cancelled {file.display} part-way; it runs outside a transaction, so service "
                             f"'{action.service}' is now dirty at version {action.version}",
@@ -210,7 +118,7 @@ def _run_outside_transaction(
                             service=action.service,
                             version=action.version,
                         ) from err
-                    raise _migration_failure(
+                    raise migration_failure(
                         conn, err, action, file, owner, target.server, statement=statement, dirty=True
                     ) from err
                 checkpoint("statement")
@@ -279,8 +187,8 @@ def execute_guarded(conn: psycopg.Connection, script: bytes) -> None:
         conn.execute(script)
     except psycopg.Error as err:
         rollback_quietly(conn)
-        if _sqlstate(err) in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
-            raise GuardFailed(str(_sqlstate(err))) from None
+        if sqlstate_of(err) in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
+            raise GuardFailed(str(sqlstate_of(err))) from None
         raise
 
 
@@ -296,7 +204,7 @@ def rollback_quietly(conn: psycopg.Connection) -> None:
             pass  # the connection is going away; the server rolls back on its own
 
 
-def _migration_failure(
+def migration_failure(
     conn: psycopg.Connection,
     err: Exception,
     action: MigrationAction,
@@ -317,7 +225,9 @@ def _migration_failure(
         return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
-    message = diag.message_primary or str(err).strip().splitlines()[0]
+    # psycopg words a connection that broke while results streamed in as "consuming
+    # input failed: <the server's message>"; the server's message is what users need.
+    message = diag.message_primary or str(err).strip().splitlines()[0].removeprefix("consuming input failed: ")
     dirty_hint = (
         f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
         f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
@@ -421,7 +331,7 @@ def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str
         rollback_quietly(conn)
 
 
-def _sqlstate(err: BaseException) -> str | None:
+def sqlstate_of(err: BaseException) -> str | None:
     diag = getattr(err, "diag", None)
     return diag.sqlstate if diag is not None else None
 

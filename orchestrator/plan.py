@@ -72,6 +72,16 @@ Action = CreateRole | CreateDatabase | ApplyMigration | RevertMigration
 MigrationAction = ApplyMigration | RevertMigration
 
 
+def action_phrase(action: Action) -> str:
+    """The action as the middle of a sentence: "applying version 3 of service 'app'"."""
+    if isinstance(action, CreateRole):
+        return f"creating role '{action.role}'"
+    if isinstance(action, CreateDatabase):
+        return f"creating database '{action.database}'"
+    verb = "applying" if isinstance(action, ApplyMigration) else "reverting"
+    return f"{verb} version {action.version} of service '{action.service}'"
+
+
 @dataclass(frozen=True)
 class Drift:
     version: int

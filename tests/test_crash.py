@@ -27,6 +27,9 @@ SERVICES = ("alpha", "beta")
 VERSIONS = range(1, 9)
 NO_TRANSACTION_VERSION = 5  # alpha's index migration, run statement by statement
 SLOW_VERSION = 3  # alpha's migration that sleeps, to be killed while it runs
+# beta's sleeping migration, in the middle of a batch: beta's migrations travel several to a
+# round trip (1, 2-3, 4-7, 8), so a kill while 6 sleeps finds 4 and 5 committed, 7 not begun.
+SLOW_IN_BATCH = ("beta", 6)
 # The sleeps read a setting that only the runs to be killed in them set (through PGOPTIONS),
 # so every other run, dozens of them, goes at full speed.
 SLEEP = "SELECT pg_sleep(coalesce(current_setting('dbplan_test.sleep', true), '0')::float8);\n"
@@ -84,7 +87,7 @@ KILL_POINTS = [
     KillPoint("locked:2"),
     KillPoint("prepared:2"),
     KillPoint("migration:8"),
-    KillPoint("migration:12:5"),
+    KillPoint("migration:13:150", slow=True),  # while beta 6 sleeps, inside a batch (SLOW_IN_BATCH)
     KillPoint("migrated:12"),
     KillPoint("migration:15"),
     KillPoint("migrated:16"),  # the very end: everything recorded, nothing left to do
@@ -114,7 +117,8 @@ def _crash_estate(estate: Estate) -> None:
                     +                     "CREATE INDEX CONCURRENTLY IF NOT EXISTS alpha_t1_b ON alpha_t1 (id);\n"
                 )
             else:
-                pause = SLEEP if service == "alpha" and version == SLOW_VERSION else ""
+                slow = (service, version) in (("alpha", SLOW_VERSION), SLOW_IN_BATCH)
+                pause = SLEEP if slow else ""
                 sql = f"CREATE TABLE {service}_t{version} (id int PRIMARY KEY);\n{pause}INSERT INTO {service}_t{version} VALUES ({version});\n"
             estate.write(service, f"{version:03d}_{service}_{version}.up.sql", sql)
 

@@ -53,9 +53,9 @@ class TableLock:
 
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import migration_run
+    from orchestrator import batches
 
-    monkeypatch.setattr(migration_run, "LOCK_TIMEOUT_RETRY_SECONDS", (0.1, 0.1, 0.1))
+    monkeypatch.setattr(batches, "LOCK_TIMEOUT_RETRY_SECONDS", (0.1, 0.1, 0.1))
 
 
 def test_timeouts_are_set_for_the_migration_with_safe_defaults(estate: Estate) -> None:

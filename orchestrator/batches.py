@@ -1,0 +1,344 @@
+"""Transactional migrations, several to a round trip, each in a transaction of its own.
+
+A transactional migration travels as one string: BEGIN, the service's settings, the
+file's text verbatim, its history row and ``schema_migrations`` update, COMMIT. The strings
+of consecutive migrations travel together as one simple query, so the server runs them
+back to back while dbplan reads each result as it arrives, instead of waiting a round
+trip and its own bookkeeping between every two. Each migration still commits on its own.
+An error stops the rest of the query: what committed before it stays committed and
+recorded, the failing one leaves nothing, and the ones after it never start.
+
+A batch starts at one migration and doubles while batches finish quickly, up to
+``MAX_BATCH_MIGRATIONS`` or ``MAX_BATCH_BYTES``; after a slow one it starts over at one,
+so a long migration is reported the moment it ends. (The server sends results when its
+output buffer fills or the query ends, so the progress of quick migrations arrives in
+bursts; their durations are measured by the server and stay exact.)
+
+Only files the parser read join a batch, and only where the server reads them the same
+way: ``standard_conforming_strings`` on, and PostgreSQL 13 or later, which applies
+``statement_timeout`` to each statement of a multi-statement query rather than the whole.
+Behind a pooler each migration goes alone, with its guard.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from . import bookkeeping
+from .connection import connection_lost
+from .migration_run import (
+    LOCK_NOT_AVAILABLE,
+    QUERY_CANCELED,
+    GuardFailed,
+    RunControl,
+    Target,
+    checkpoint,
+    event_of,
+    migration_failure,
+    rollback_quietly,
+    sleep_unless_stopped,
+    sqlstate_of,
+)
+from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .migrations import MigrationFile
+from .plan import MigrationAction, action_phrase
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.pq.abc import PGresult
+
+MAX_BATCH_MIGRATIONS = 64
+MAX_BATCH_BYTES = 1 << 20  # the server keeps the parse trees of a whole query until it ends
+QUICK_BATCH_SECONDS = 0.25  # a batch that took longer is followed by a batch of one
+FIRST_BATCHING_SERVER = 130000  # PostgreSQL 13: statement_timeout per statement of a query
+# A transactional migration that hit lock_timeout is rolled back whole, so trying again
+# is safe: the blocker is often a short burst of traffic or a vacuum.
+LOCK_TIMEOUT_RETRY_SECONDS = (1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transactional migration to run: the action and the file it runs."""
+
+    action: MigrationAction
+    file: MigrationFile
+
+
+class StepReport(Protocol):
+    """What the executor hears of a run of steps."""
+
+    def started(self, step: Step) -> None: ...
+    def committed(self, step: Step, duration_ms: int) -> None: ...
+
+
+def run_transactional(
+    run: RunControl,
+    target: Target,
+    steps: Sequence[Step],
+    report: StepReport,
+    *,
+    guard: psycopg.sql.Composable | None = None,
+) -> None:
+    """Run ``steps`` in order, each in its own transaction with its bookkeeping.
+
+    Raises ``MigrationFailed`` (or the run's ``Interrupted``, or ``GuardFailed``) for the
+    first step that fails; the steps before it are committed and reported.
+    A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
+    """
+    sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
+    attempts: dict[int, int] = {}
+    position = 0
+    while position < len(steps):
+        run.check_stop(f"before {action_phrase(steps[position].action)}")
+        chunk = sizer.chunk(steps, position)
+        outcome = _run_batch(run, target, chunk, report, guard)
+        position += outcome.committed
+        sizer.after(outcome)
+        if outcome.error is None:
+            continue
+        if outcome.refused_at is not None:
+            continue  # nothing ran; the sizer now runs the steps before the refused one first
+        failed = steps[position]
+        attempts[position] = attempts.get(position, 0) + 1
+        delay = _retry_delay(target.conn, outcome.error, attempts[position])
+        if delay is None:
+            raise _failure(run, target, failed, outcome, attempts[position]) from outcome.error
+        run.notice(
+            f"{failed.file.display} (version {failed.action.version}) waited longer than lock_timeout "
+            f"({target.service.lock_timeout} ms) for a lock another session holds; rolled back, "
+            f"retrying in {delay:g} s (attempt {attempts[position] + 1} of {len(LOCK_TIMEOUT_RETRY_SECONDS) + 1})"
+        )
+        sleep_unless_stopped(
+            run, delay, f"before retrying version {failed.action.version} of service '{failed.action.service}'"
+        )
+
+
+def _retry_delay(conn: psycopg.Connection, error: Exception, attempts: int) -> float | None:
+    """How long to wait before trying a step again after a lock timeout; None: don't."""
+    if sqlstate_of(error) != LOCK_NOT_AVAILABLE or connection_lost(conn, error):
+        return None
+    if attempts > len(LOCK_TIMEOUT_RETRY_SECONDS):
+        return None
+    return LOCK_TIMEOUT_RETRY_SECONDS[attempts - 1]
+
+
+def _failure(run: RunControl, target: Target, failed: Step, outcome: _BatchOutcome, attempts: int) -> Exception:
+    error = outcome.error
+    assert error is not None
+    sqlstate = sqlstate_of(error)
+    if sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
+        return GuardFailed(str(sqlstate))
+    action = failed.action
+    if sqlstate == QUERY_CANCELED and run.cancellation.requested:
+        return run.interrupted(
+            f"cancelled {failed.file.display} (version {action.version} of service '{action.service}') while it "
+            "ran; it was rolled back, nothing of it is left",
+            service=action.service,
+            version=action.version,
+        )
+    return migration_failure(
+        target.conn, error, action, failed.file, target.owner, target.server,
+        offset=outcome.file_offset, attempts=attempts, lock_timeout=target.service.lock_timeout,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass(frozen=True)
+class _BatchOutcome:
+    committed: int  # how many steps of the batch committed, in order
+    seconds: float
+    error: Exception | None = None
+    file_offset: int = 0  # where the failing step's file text starts in the query, for error positions
+    # The server refused the whole query for the text of a later step than the first
+    # uncommitted one (a syntax error, found before anything runs): its index in the batch.
+    refused_at: int | None = None
+
+
+def _run_batch(
+    run: RunControl,
+    target: Target,
+    chunk: list[Step],
+    report: StepReport,
+    guard: psycopg.sql.Composable | None,
+) -> _BatchOutcome:
+    import psycopg
+    from psycopg import pq
+
+    query, file_offsets = _batch_query(target, chunk, guard)
+    for _ in chunk:
+        checkpoint("migration")
+    committed, duration_ms = 0, None
+    error: Exception | None = None
+    started = time.monotonic()
+    report.started(chunk[0])
+    with run.cancellation.running(target.conn, _describe_batch(chunk), rolls_back=True):
+        try:
+            for result in _results(target.conn, query.encode()):
+                if result.status == pq.ExecStatus.FATAL_ERROR:
+                    error = psycopg.errors.error_from_result(result, encoding=target.conn.info.encoding)
+                elif duration_ms is None and _is_done_marker(result):
+                    duration_ms = int(result.get_value(0, 0) or 0)
+                elif duration_ms is not None and result.command_status == b"COMMIT":
+                    report.committed(chunk[committed], duration_ms)
+                    committed, duration_ms = committed + 1, None
+                    if committed < len(chunk):
+                        report.started(chunk[committed])
+        except psycopg.Error as err:  # the connection, not the SQL: no result to read
+            error = err
+    seconds = time.monotonic() - started
+    if error is None:
+        return _BatchOutcome(committed, seconds)
+    rollback_quietly(target.conn)
+    pointed_at = _step_at_position(error, file_offsets)
+    return _BatchOutcome(
+        committed,
+        seconds,
+        error,
+        file_offset=file_offsets[min(committed, len(chunk) - 1)],
+        refused_at=pointed_at if pointed_at is not None and pointed_at > committed else None,
+    )
+
+
+def _batch_query(target: Target, chunk: list[Step], guard: psycopg.sql.Composable | None) -> tuple[str, list[int]]:
+    """The query of a batch, and where each step's file text starts in it."""
+    parts: list[str] = []
+    file_offsets: list[int] = []
+    length = 0
+    for step in chunk:
+        head, body, tail = transaction_text(target, step, guard)
+        file_offsets.append(length + len(head))
+        parts += [head, body, tail]
+        length += len(head) + len(body) + len(tail)
+    return "".join(parts), file_offsets
+
+
+def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable | None) -> tuple[str, str, str]:
+    """One step's transaction as (head, the file's text, tail). The file's text goes in
+    verbatim, so that PostgreSQL's error position maps back to it."""
+    conn, action, file = target.conn, step.action, step.file
+    head = _begin(file) + ";\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
+    bookkeeping_sql = bookkeeping.record_event(
+        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action),
+        returning_duration=True,
+    ) + bookkeeping.set_version(target.tables, action.version_after, False)  # fmt: skip
+    return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
+
+
+def _results(conn: psycopg.Connection, query: bytes) -> Iterator[PGresult]:
+    """Send a multi-statement query and yield each statement's result as it arrives
+    (``conn.execute`` would wait for all of them)."""
+    from psycopg import generators
+
+    pgconn = conn.pgconn
+    pgconn.send_query(query)
+    conn.wait(generators.send(pgconn))
+    while (result := conn.wait(generators.fetch(pgconn))) is not None:
+        yield result
+
+
+def _is_done_marker(result: PGresult) -> bool:
+    from psycopg import pq
+
+    return (
+        result.status == pq.ExecStatus.TUPLES_OK
+        and result.nfields == 1
+        and result.fname(0) == _DONE_MARKER_BYTES
+    )
+
+
+_DONE_MARKER_BYTES = bookkeeping.DONE_MARKER.encode()
+
+
+def _step_at_position(error: Exception, file_offsets: list[int]) -> int | None:
+    """Which step's text an error's position points into, if it has one."""
+    diag = getattr(error, "diag", None)
+    position = diag.statement_position if diag is not None else None
+    if not position or not position.isdigit():
+        return None
+    return max(0, bisect_right(file_offsets, int(position) - 1) - 1)
+
+
+def _describe_batch(chunk: list[Step]) -> str:
+    first, last = chunk[0], chunk[-1]
+    if len(chunk) == 1:
+        return f"{first.file.display} (version {first.action.version})"
+    return f"versions {first.action.version} to {last.action.version} of service '{first.action.service}'"
+
+
+def _begin(file: MigrationFile) -> str:
+    """The statement that opens the migration's transaction: the file's own BEGIN when it
+    wraps itself in one (it may say ISOLATION LEVEL or READ ONLY), else a plain BEGIN."""
+    script = file.script
+    if script.transaction_style == "wrapped":
+        return script.statements[0].sql
+    return "BEGIN"
+
+
+def _transactional_body(file: MigrationFile) -> str:
+    """The file's text, with its own wrapping BEGIN/COMMIT blanked out (same length, same lines)."""
+    script = file.script
+    if script.transaction_style != "wrapped":
+        return file.text
+    text = list(file.text)
+    inner = set(id(statement) for statement in script.inner_statements)
+    for statement in script.statements:
+        if id(statement) in inner:
+            continue
+        for index in range(statement.offset, statement.offset + len(statement.sql)):
+            if text[index] not in "\r\n":
+                text[index] = " "
+    return "".join(text)
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+def _server_reads_batches(conn: psycopg.Connection) -> bool:
+    """Whether the server splits a batch where the parser did (see the module's docstring)."""
+    return (
+        conn.info.server_version >= FIRST_BATCHING_SERVER
+        and conn.info.parameter_status("standard_conforming_strings") == b"on"
+    )
+
+
+class _BatchSizer:
+    """How many steps go in the next batch."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.size = 1
+        self.limit: int | None = None  # a one-off cap, after the server refused a later step's text
+
+    def chunk(self, steps: Sequence[Step], start: int) -> list[Step]:
+        size = self.size if self.limit is None else min(self.size, self.limit)
+        self.limit = None
+        chunk: list[Step] = []
+        total = 0
+        for step in steps[start : start + size]:
+            # A file the parser did not read goes alone: where its text ends is uncertain.
+            alone = not step.file.script.parsed
+            if chunk and (alone or total + len(step.file.text) > MAX_BATCH_BYTES):
+                break
+            chunk.append(step)
+            total += len(step.file.text)
+            if alone:
+                break
+        return chunk
+
+    def after(self, outcome: _BatchOutcome) -> None:
+        if not self.enabled:
+            return
+        if outcome.refused_at is not None:
+            # Nothing ran. Run the steps before the refused one, then that one first in
+            # its batch, so that its error is reported as its own.
+            self.limit, self.size = outcome.refused_at - outcome.committed, 1
+        elif outcome.error is None and outcome.seconds < QUICK_BATCH_SECONDS:
+            self.size = min(self.size * 2, MAX_BATCH_MIGRATIONS)
+        else:
+            self.size = 1

@@ -1,0 +1,139 @@
+"""Consecutive transactional migrations share round trips (orchestrator/batches.py).
+
+What a user must not be able to tell, apart from the speed: each migration is still its
+own transaction with its own bookkeeping, a failure in the middle of a batch keeps what
+came before it and names its own file and line, and the durations are each migration's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from estate import Estate
+
+
+def _app_estate(tmp_path: Path, url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    estate = Estate(tmp_path, url, prefix, capsys)
+    estate.add_database("app")
+    estate.add_service("app", "app")
+    return estate
+
+
+@pytest.fixture
+def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    return _app_estate(tmp_path, pg_url, dbname_prefix, capsys)
+
+
+@pytest.fixture
+def estate_any(tmp_path: Path, pg_any_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    """On each PostgreSQL major the suite runs."""
+    return _app_estate(tmp_path, pg_any_url, dbname_prefix, capsys)
+
+
+def _table(version: int) -> str:
+    return f"CREATE TABLE t{version} (id int PRIMARY KEY);\nINSERT INTO t{version} VALUES ({version});\n"
+
+
+def _write_tables(estate: Estate, versions: range, special: dict[int, str] | None = None) -> None:
+    for version in versions:
+        sql = (special or {}).get(version, _table(version))
+        estate.write("app", f"{version:04d}_m{version}.up.sql", sql)
+
+
+def _applied(estate: Estate) -> list[int]:
+    return [v for (v,) in estate.query("app", "SELECT version FROM dbplan_history WHERE event = 'apply' ORDER BY id")]
+
+
+def test_many_migrations_of_every_kind_each_run_once_in_order(estate: Estate) -> None:
+    special = {
+        40: "BEGIN;\n" + _table(40) + "COMMIT;\n",  # wraps itself: dbplan's transaction replaces its own
+        41: "-- only a comment: a no-op that is still recorded\n",
+        80: "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY t79_id ON t79 (id);\n",
+        81: "BEGIN ISOLATION LEVEL SERIALIZABLE;\n" + _table(81) + "END;\n",
+    }
+    versions = range(1, 151)
+    _write_tables(estate, versions, special)
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 0, run.output
+    assert _applied(estate) == list(versions)
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(150, False)]
+    tables = estate.tables("app")
+    assert all(f"t{v}" in tables for v in versions if v not in (41, 80))
+    assert estate.query("app", "SELECT indisvalid FROM pg_index WHERE indexrelid = 't79_id'::regclass") == [(True,)]
+    assert run.err.count(": done in ") == 151  # the database, then every migration
+    assert "[151/151] apply app 150 m150: done in" in run.err
+    assert estate.dbplan("plan", "--detailed-exitcode").code == 0
+
+
+@pytest.mark.parametrize(
+    ("failing_sql", "line", "message"),
+    [
+        # PostgreSQL gives a position: the line comes from it, counted inside the batch.
+        ("CREATE TABLE t7 (id int);\n\nINSERT INTO nowhere VALUES (1);\n", 3, 'relation "nowhere" does not exist (SQLSTATE 42P01)'),
+        # No position: the file is replayed alone, statement by statement, and rolled back.
+        ("CREATE TABLE t7 (id int);\nSELECT 1;\nSELECT 1 / 0;\n", 3, "division by zero (SQLSTATE 22012)"),
+    ],
+    ids=["with-position", "without-position"],
+)
+def test_a_failure_inside_a_batch_keeps_what_ran_before_it_and_names_its_line(
+    estate: Estate, failing_sql: str, line: int, message: str
+) -> None:
+    # Batches grow 1, 2, 4: version 7 is the last of the batch 4-7, after three that commit.
+    _write_tables(estate, range(1, 13), {7: failing_sql})
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 1
+    assert f"migrations/app/0007_m7.up.sql:{line}: {message}" in run.err
+    assert "nothing of it is left in the database" in run.err
+    assert "[7/13] apply app 6 m6: done in" in run.err  # the database is action 1
+    assert "[8/13] apply app 7 m7: FAILED" in run.err
+    assert _applied(estate) == [1, 2, 3, 4, 5, 6]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(6, False)]
+    tables = estate.tables("app")
+    assert {f"t{v}" for v in range(1, 7)} <= tables
+    assert not tables & {f"t{v}" for v in range(7, 13)}
+
+    estate.write("app", "0007_m7.up.sql", _table(7))
+    assert estate.dbplan("apply", "--yes").code == 0
+    assert _applied(estate) == list(range(1, 13))
+
+
+def test_a_later_file_this_server_cannot_parse_fails_as_its_own_after_those_before_it(estate_any: Estate) -> None:
+    """A file the parser dbplan ships reads (newer PostgreSQL syntax) but an older server
+    refuses: the server refuses the whole query before running any of it, so dbplan runs
+    the files before it, then that file, which fails with its own line."""
+    estate = estate_any
+    with psycopg.connect(estate.url) as conn:
+        if conn.info.server_version >= 170000:
+            pytest.skip("JSON_TABLE is valid SQL from PostgreSQL 17 on")
+    json_table = "SELECT *\nFROM JSON_TABLE('[1]'::jsonb, '$[*]' COLUMNS (a int PATH '$')) AS jt;\n"
+    _write_tables(estate, range(1, 9), {6: _table(6) + json_table})  # in the batch 4-7
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 1
+    assert "migrations/app/0006_m6.up.sql:4: syntax error" in run.err
+    assert "(SQLSTATE 42601)" in run.err
+    assert _applied(estate) == [1, 2, 3, 4, 5]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(5, False)]
+    assert "t6" not in estate.tables("app")
+
+
+def test_each_migration_in_a_batch_keeps_its_own_duration(estate: Estate) -> None:
+    # Version 3 sleeps inside the batch 2-3; version 2, before it in the same query, does not.
+    _write_tables(estate, range(1, 5), {3: _table(3) + "SELECT pg_sleep(0.3);\n"})
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 0, run.output
+    durations = dict(estate.query("app", "SELECT version, duration_ms FROM dbplan_history WHERE event = 'apply'"))
+    assert durations[3] >= 300
+    assert durations[2] < 300
+    shown = {line.split(" m", 1)[1].split(":")[0]: line for line in run.err.splitlines() if " apply app " in line}
+    assert int(shown["3"].rsplit("done in ", 1)[1].split()[0]) == durations[3]
