@@ -222,11 +222,11 @@ def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable |
     """One step's transaction as (head, the file's text, tail). The file's text goes in
     verbatim, so that PostgreSQL's error position maps back to it."""
     conn, action, file = target.conn, step.action, step.file
-    head = _begin(file) + ";\n" + (guard.as_string(conn) if guard is not None else "") + target.transaction_settings
-    bookkeeping_sql = bookkeeping.record_event(
-        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action),
-        returning_duration=True,
-    ) + bookkeeping.set_version(target.tables, action.version_after, False)  # fmt: skip
+    guard_sql = guard.as_string(conn) if guard is not None else ""
+    head = _begin(file) + ";\n" + guard_sql + target.transaction_settings + bookkeeping.MARK_STARTED
+    bookkeeping_sql = bookkeeping.record_migration(
+        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action)
+    ) + bookkeeping.set_version(target.tables, action.version_after, False)
     return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
 
 
@@ -303,7 +303,7 @@ def _server_reads_batches(conn: psycopg.Connection) -> bool:
     """Whether the server splits a batch where the parser did (see the module's docstring)."""
     return (
         conn.info.server_version >= FIRST_BATCHING_SERVER
-        and conn.info.parameter_status("standard_conforming_strings") == b"on"
+        and conn.info.parameter_status("standard_conforming_strings") == "on"
     )
 
 

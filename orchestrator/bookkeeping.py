@@ -84,7 +84,6 @@ _COMMA = sql.SQL(", ")
 _WHERE_NOT_EXISTS = sql.SQL(" WHERE NOT EXISTS (SELECT FROM ")
 _CLOSE_END = sql.SQL(");\n")
 _HISTORY_COLUMNS = sql.SQL(" (version, title, checksum, event, duration_ms, applied_by, reason) VALUES (")
-_SERVER_MEASURED_DURATION = sql.SQL("(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer")
 
 
 def record_event(
@@ -94,33 +93,51 @@ def record_event(
     title: str | None,
     checksum: str | None,
     event: str,
+    duration_ms: int,
     reason: str | None = None,
-    duration_ms: int | None = None,
-    returning_duration: bool = False,
 ) -> sql.Composed:
-    """Append one history row. Without ``duration_ms`` it is measured by the server:
-    the time since the transaction began, which is the migration's own run time when the
-    row travels in the migration's transaction. ``returning_duration`` makes the INSERT
-    return it, in a column named ``DONE_MARKER``: the sign, in a stream of results, that
-    the migration before it ran to its end."""
-    duration = sql.Literal(duration_ms) if duration_ms is not None else _SERVER_MEASURED_DURATION
+    """Append one history row."""
     values = sql.SQL(", ").join(
         [
             sql.Literal(version),
             sql.Literal(title),
             sql.Literal(checksum),
             sql.Literal(event),
-            duration,
+            sql.Literal(duration_ms),
             sql.Literal(applied_by()),
             sql.Literal(reason),
         ]
     )
-    tail = _RETURNING_DONE if returning_duration else _CLOSE_END
-    return sql.Composed([_INSERT_INTO, tables.history_id, _HISTORY_COLUMNS, values, tail])
+    return sql.Composed([_INSERT_INTO, tables.history_id, _HISTORY_COLUMNS, values, _CLOSE_END])
 
 
+# A migration's own start and run time, measured by the server. Not now(): that is the
+# time the query arrived, shared by every transaction of a batch.
+MARK_STARTED = "SELECT set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true);\n"
+# The file may RESET ALL: then the mark is gone, and the query's arrival has to do.
+_STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, extract(epoch FROM now()))"
+_MIGRATION_COLUMNS = sql.SQL(
+    " (version, title, checksum, event, applied_at, duration_ms, applied_by)"
+    f" SELECT version, title, checksum, event, to_timestamp(started),"
+    f" ((extract(epoch FROM clock_timestamp()) - started) * 1000)::integer, applied_by"
+    f" FROM (SELECT {_STARTED} AS started) AS mark, (VALUES ("
+)
 DONE_MARKER = "dbplan_migration_done_ms"
-_RETURNING_DONE = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER};\n")
+_RETURNING_DONE = sql.SQL(
+    ")) AS row (version, title, checksum, event, applied_by)"
+    f" RETURNING duration_ms AS {DONE_MARKER};\n"
+)
+
+
+def record_migration(tables: Tables, *, version: int, title: str | None, checksum: str, event: str) -> sql.Composed:
+    """The history row of a migration, in the migration's own transaction after it ran,
+    timed from ``MARK_STARTED`` at the head of that transaction. The INSERT returns the
+    duration in a column named ``DONE_MARKER``: the sign, in a stream of results, that
+    the migration before it ran to its end."""
+    values = sql.SQL(", ").join(
+        [sql.Literal(version), sql.Literal(title), sql.Literal(checksum), sql.Literal(event), sql.Literal(applied_by())]
+    )
+    return sql.Composed([_INSERT_INTO, tables.history_id, _MIGRATION_COLUMNS, values, _RETURNING_DONE])
 
 
 @cache

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from estate import Estate
+from processes import start_dbplan, wait_until
 
 
 def _app_estate(tmp_path: Path, url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
@@ -125,15 +126,49 @@ def test_a_later_file_this_server_cannot_parse_fails_as_its_own_after_those_befo
     assert "t6" not in estate.tables("app")
 
 
-def test_each_migration_in_a_batch_keeps_its_own_duration(estate: Estate) -> None:
-    # Version 3 sleeps inside the batch 2-3; version 2, before it in the same query, does not.
-    _write_tables(estate, range(1, 5), {3: _table(3) + "SELECT pg_sleep(0.3);\n"})
+def test_each_migration_in_a_batch_keeps_its_own_duration_and_start(estate: Estate) -> None:
+    # Version 2 sleeps first in the batch 2-3; version 3, after it in the same query, does not.
+    # (The server's now() is when the query arrived: the same for both.)
+    _write_tables(estate, range(1, 5), {2: _table(2) + "SELECT pg_sleep(0.3);\n"})
 
     run = estate.dbplan("apply", "--yes")
 
     assert run.code == 0, run.output
-    durations = dict(estate.query("app", "SELECT version, duration_ms FROM dbplan_history WHERE event = 'apply'"))
-    assert durations[3] >= 300
-    assert durations[2] < 300
+    rows = estate.query("app", "SELECT version, duration_ms, applied_at FROM dbplan_history WHERE event = 'apply'")
+    durations = {version: duration for version, duration, _ in rows}
+    started = {version: applied_at for version, _, applied_at in rows}
+    assert durations[2] >= 300
+    assert durations[3] < 300
+    assert (started[3] - started[2]).total_seconds() >= 0.3
     shown = {line.split(" m", 1)[1].split(":")[0]: line for line in run.err.splitlines() if " apply app " in line}
-    assert int(shown["3"].rsplit("done in ", 1)[1].split()[0]) == durations[3]
+    assert int(shown["2"].rsplit("done in ", 1)[1].split()[0]) == durations[2]
+
+
+def _sleeping_query(url: str) -> tuple[object, str] | None:
+    """When the dbplan session sleeps right now: its query's start, and text (the first 1 kB)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT query_start, query FROM pg_stat_activity WHERE application_name = 'dbplan' AND wait_event = 'PgSleep'"
+        ).fetchone()
+    return (row[0], str(row[1])) if row else None
+
+
+def test_quick_migrations_travel_together_and_a_slow_one_ends_its_batch(estate: Estate) -> None:
+    """Version 7 sleeps in a query that begins with version 4: the batch 4-7. After that
+    slow batch each next one holds a single migration: 8 and 9 sleep in queries of their own."""
+    sleep = "SELECT pg_sleep(coalesce(current_setting('dbplan_test.sleep', true), '0')::float8);\n"
+    _write_tables(estate, range(1, 11), {v: sleep + _table(v) for v in (7, 8, 9)})
+
+    process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=0.5"})
+    seen = []
+    for version in (7, 8, 9):
+        seen.append(wait_until(lambda: _sleeping_query(estate.url), what=f"version {version}'s sleep"))
+        wait_until(lambda: estate.query("app", f"SELECT 1 FROM dbplan_history WHERE version = {version}"))
+    run = process.finish(timeout=30)
+
+    assert run.code == 0, run.err
+    (_, seventh), (eighth_started, eighth), (ninth_started, _) = seen  # type: ignore[misc]
+    assert seventh.startswith("BEGIN;") and "CREATE TABLE t4 " in seventh and "CREATE TABLE t3 " not in seventh
+    assert eighth.startswith("BEGIN;") and "CREATE TABLE t7 " not in eighth
+    assert ninth_started != eighth_started
+    assert _applied(estate) == list(range(1, 11))

@@ -154,7 +154,7 @@ def test_transaction_guard_refuses_a_held_lock_and_a_moved_on_state(pg_url: str,
         fresh = read_service(conn, service, None)
         assert guarded(conn, fresh) is None
         other.execute(
-            bookkeeping.record_event(tables, version=1, title="t", checksum="c", event="apply")
+            bookkeeping.record_event(tables, version=1, title="t", checksum="c", event="apply", duration_ms=1)
             + bookkeeping.set_version(tables, 1, False)
         )
         assert guarded(conn, fresh) == GUARD_MOVED_SQLSTATE  # someone applied version 1
