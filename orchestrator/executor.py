@@ -498,7 +498,7 @@ class _StepProgress:
 
 
 def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> list[MigrationAction]:
-    fresh = plan_service(service, run.estate, run.migration_sets[service.name], facts)
+    fresh = plan_service(service, run.estate, run.migration_sets[service.name], facts, lint=False)
     if fresh.blockers:
         raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
     return _still_to_do(service, shown, list(fresh.actions), run.plan)

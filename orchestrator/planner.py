@@ -87,9 +87,11 @@ def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:
 
 
 def plan_service(
-    service: Service, estate: Estate, migration_set: MigrationSet, facts: ServiceFacts
+    service: Service, estate: Estate, migration_set: MigrationSet, facts: ServiceFacts, *, lint: bool = True
 ) -> ServiceOutcome:
-    """Decide what to revert and apply for one service."""
+    """Decide what to revert and apply for one service. ``lint=False`` leaves out the lint
+    findings, which only a reviewer reads: the executor's re-check under its lock compares
+    actions and blockers."""
     by_version = migration_set.by_version()
     applied = _applied(facts, by_version)
     current = max(applied, default=None)
@@ -115,7 +117,7 @@ def plan_service(
     remaining = sorted(set(applied) - {r.version for r in reverts})
     applies = _applies(service, pending, max(remaining, default=None))
     for migration in pending:
-        warnings += _file_warnings(service, migration, blockers)
+        warnings += _file_warnings(service, migration, blockers, lint=lint)
 
     summary = ServicePlan(
         service=service.name,
@@ -320,8 +322,8 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
     return tuple(applies)
 
 
-def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker]) -> list[Warning]:
-    from .lint import lint
+def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
+    from .lint import lint as lint_script
 
     script = migration.up.script
     file = migration.up.display
@@ -348,7 +350,7 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
             Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
         )
     blockers += _non_transactional_blockers(service, migration.version, migration.up, migration.run_mode)
-    for finding in lint(script, allow=service.lint_allow):
+    for finding in lint_script(script, allow=service.lint_allow) if lint else ():
         if finding.severity == "error":
             continue  # reported as a blocker above when it matters
         warnings.append(

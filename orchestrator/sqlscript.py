@@ -7,7 +7,8 @@ and the ``-- dbplan:...`` comments). ``lint`` turns a ``Script`` into :class:`Fi
 reviewer must see (destructive or long-locking statements).
 
 Everything that understands SQL is ``pglast`` (libpg_query, the PostgreSQL parser): one parser
-call and one scanner call per file. A file the parser rejects does not raise: it comes back
+call per file, and a scanner call where comments make a statement's end uncertain or the file
+has ``-- dbplan:allow`` comments (see "statement spans"). A file the parser rejects does not raise: it comes back
 with ``parsed=False`` and the parser's message, because the server reports the precise error
 when the file is applied and the planner turns this into a warning.
 
@@ -174,6 +175,84 @@ def _dollar_tags_match(token: _Token, ascii_text: str, utf8: bytes) -> bool:
     return utf8[token.start : token.start + tag_len] == utf8[token.end - tag_len : token.end]
 
 
+# --------------------------------------------------------------------------- statement spans
+#
+# The parser gives each statement as a byte range from just after the previous semicolon
+# to just before its own, comments and whitespace around it included; a statement is its
+# first token to its last. Between two statements only whitespace and comments can
+# stand, so skipping them forward from the range's start is exact. At the end a comment
+# can hide in the last line, and only the scanner can tell a comment from a string there;
+# so when the last line holds "--", or the range ends in "*/", the file's tokens decide.
+
+_SPACE = b" \t\n\r\f\v"  # the PostgreSQL scanner's whitespace
+
+
+def _statement_spans(raw: list[Node], utf8: bytes) -> list[tuple[int, int]] | None:
+    """Each statement's (first token, end of last token) in bytes; None: scan the file."""
+    spans = []
+    for item in raw:
+        begin = item.get("stmt_location", 0)
+        length = item.get("stmt_len", 0)
+        end = begin + length if length else len(utf8)
+        begin = _skip_space_and_comments(utf8, begin, end)
+        end = begin + len(utf8[begin:end].rstrip(_SPACE))
+        last_line = max(begin, utf8.rfind(b"\n", begin, end) + 1)
+        if utf8.find(b"--", last_line, end) >= 0 or utf8.endswith(b"*/", begin, end):
+            return None
+        spans.append((begin, end))
+    return spans
+
+
+def _skip_space_and_comments(utf8: bytes, position: int, end: int) -> int:
+    while position < end:
+        if utf8[position] in _SPACE:
+            position += 1
+        elif utf8.startswith(b"--", position, end):
+            newline = utf8.find(b"\n", position, end)
+            position = end if newline < 0 else newline + 1
+        elif utf8.startswith(b"/*", position, end):
+            position = _block_comment_end(utf8, position, end)
+        else:
+            break
+    return position
+
+
+def _block_comment_end(utf8: bytes, position: int, end: int) -> int:
+    """Just after the ``*/`` that closes the comment opened at ``position`` (they nest)."""
+    depth = 0
+    while position < end:
+        opening = utf8.find(b"/*", position, end)
+        closing = utf8.find(b"*/", position, end)
+        if closing < 0:
+            return end
+        if 0 <= opening < closing:
+            depth, position = depth + 1, opening + 2
+        else:
+            depth, position = depth - 1, closing + 2
+            if depth == 0:
+                return position
+    return end
+
+
+def _spans_from_tokens(raw: list[Node], utf8: bytes, tokens: list[_Token]) -> list[tuple[int, int]]:
+    starts = [t.start for t in tokens]
+    spans = []
+    for item in raw:
+        begin = item.get("stmt_location", 0)
+        length = item.get("stmt_len", 0)
+        end = begin + length if length else len(utf8)
+        first = bisect_left(starts, begin)
+        last = bisect_left(starts, end) - 1
+        while first <= last and tokens[first].name in _COMMENT_TOKENS:
+            first += 1
+        while last >= first and tokens[last].name in _COMMENT_TOKENS:
+            last -= 1
+        if first <= last:
+            begin, end = tokens[first].start, tokens[last].end
+        spans.append((begin, end))
+    return spans
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -214,24 +293,18 @@ def parse_script(text: str) -> Script:
         return failed(str(err.args[0]), line_of_offset(text, index))
 
     raw = tree.get("stmts", [])
-    tokens = _tokens(src, utf8)
-    starts = [t.start for t in tokens]
+    spans = _statement_spans(raw, utf8)
+    tokens: list[_Token] | None = None
+    if spans is None or _ALLOW_PREFIX.encode() in utf8:
+        tokens = _tokens(src, utf8)
+    if spans is None:
+        assert tokens is not None
+        spans = _spans_from_tokens(raw, utf8, tokens)
     to_char = _ByteToChar(utf8, src.isascii())
 
     statements: list[Statement] = []
     line, line_at = 1, 0
-    for index, item in enumerate(raw):
-        begin = item.get("stmt_location", 0)
-        length = item.get("stmt_len", 0)
-        end = begin + length if length else len(utf8)
-        first = bisect_left(starts, begin)
-        last = bisect_left(starts, end) - 1
-        while first <= last and tokens[first].name in _COMMENT_TOKENS:
-            first += 1
-        while last >= first and tokens[last].name in _COMMENT_TOKENS:
-            last -= 1
-        if first <= last:
-            begin, end = tokens[first].start, tokens[last].end
+    for index, (item, (begin, end)) in enumerate(zip(raw, spans)):
         offset, end_offset = to_char(begin), to_char(end)
         line += text.count("\n", line_at, offset)
         line_at = offset
@@ -261,14 +334,12 @@ def parse_script(text: str) -> Script:
         transaction_style=style,
         inner_statements=inner,
         non_transactional=tuple(s for s in stmts if s.non_transactional),
-        allowed_rules=_allowed_rules(tokens, utf8),
+        allowed_rules=_allowed_rules(tokens, utf8) if tokens else frozenset(),
         empty=not stmts,
     )
 
 
 def _allowed_rules(tokens: list[_Token], utf8: bytes) -> frozenset[str]:
-    if _ALLOW_PREFIX.encode() not in utf8:
-        return frozenset()
     rules: set[str] = set()
     for token in tokens:
         if token.name != "SQL_COMMENT":

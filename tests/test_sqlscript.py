@@ -675,3 +675,54 @@ def test_statement_dataclasses_are_hashable_and_compare_by_position():
     assert a != c
     assert isinstance(a, Statement)
     assert a.ast == {"SelectStmt": a.ast["SelectStmt"]}
+
+
+# --------------------------------------------------------------------------- statement spans
+
+SPAN_CASES = [
+    TEN_STATEMENTS,
+    "SELECT 1",
+    "SELECT 1 -- trailing comment, no semicolon",
+    "SELECT 1 /* trailing block */",
+    "SELECT '--not a comment'",
+    "SELECT 'a' -- comment\n;",
+    "SELECT $$ -- in a dollar quote; $$; SELECT 2 /* x */ ;",
+    "/* a /* nested */ comment */ SELECT 1; -- after\n-- only comments\n",
+    "/**/SELECT 1;/*/ still a comment */SELECT 2;",
+    "SELECT 1;\r\n\r\n  \t-- crlf\r\nSELECT 2;\r\n",
+    "\ufeffSELECT 'é' AS \"ünïcode\"; -- é\nSELECT 'ж';",
+    "SELECT 1 --x\n + 1;",
+    "SELECT 2 /* -- */ + 3;",
+    "SELECT E'it''s -- here';\nSELECT 1\n-- c1\n-- c2\n;",
+    "CREATE TABLE t (\n  a int, -- the a\n  b int  /* the b */\n);",
+    "SELECT 1;;;SELECT 2",
+    "-- only a comment\n",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", SPAN_CASES, ids=range(len(SPAN_CASES)))
+def test_statement_spans_without_the_scanner_are_the_scanners(text: str) -> None:
+    """Skipping comments and whitespace forward from the parser's ranges gives what the
+    scanner's tokens give, or gives up (None) where only the scanner can tell."""
+    import json
+
+    from pglast.parser import parse_sql_json
+
+    from orchestrator import sqlscript
+
+    src = " " + text[1:] if text.startswith("\ufeff") else text
+    utf8 = src.encode()
+    raw = json.loads(parse_sql_json(src)).get("stmts", [])
+    fast = sqlscript._statement_spans(raw, utf8)
+    exact = sqlscript._spans_from_tokens(raw, utf8, sqlscript._tokens(src, utf8))
+    assert fast is None or fast == exact
+    assert_consistent(text, parse_script(text))
+
+
+def test_a_comment_that_may_end_a_statement_is_left_to_the_scanner() -> None:
+    from orchestrator import sqlscript
+
+    script = parse_script("SELECT 'a' -- comment\n;\nSELECT '--' AS dashes;")
+    assert sqls(script) == ["SELECT 'a'", "SELECT '--' AS dashes"]
+    assert sqlscript._statement_spans([{"stmt_location": 0, "stmt_len": 21}], b"SELECT 'a' -- comment\n") is None
