@@ -100,11 +100,15 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
     ups: dict[int, MigrationFile] = {}
     downs: dict[int, MigrationFile] = {}
     titles: dict[int, str] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        if not path.name.endswith(".sql"):
-            continue  # READMEs and the like live beside migrations
+    # Names, not Paths, are sorted and displayed: 1,000 migrations are 2,000 files.
+    folder_display = _display(folder, root)
+    prefix = "" if folder_display in (".", "") else folder_display + "/"
+    with os.scandir(folder) as scanned:
+        entries = sorted((entry for entry in scanned if entry.name.endswith(".sql")), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.name.startswith(".") or _is_folder(entry):
+            continue  # READMEs and the like (not .sql) live beside migrations too
+        path = folder / entry.name
         version, title, direction = _parse_name(path, root)
         target = ups if direction == "up" else downs
         if version in target:
@@ -121,7 +125,7 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
                 place=Place(_display(path, root)),
                 hint="rename one so that both read {version}_{title}.up.sql / .down.sql",
             )
-        target[version] = _read_file(path, root)
+        target[version] = _read_file(path, root, prefix + entry.name, maybe_link=entry.is_symlink())
     for version, down in downs.items():
         if version not in ups:
             raise MigrationFileError(
@@ -172,11 +176,17 @@ def _parse_name(path: Path, root: Path) -> tuple[int, str, str]:
     return version, match["title"], match["direction"]
 
 
-def _read_file(path: Path, root: Path) -> MigrationFile:
-    display = _display(path, root)
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that loops: reading it reports it, as for any unreadable file
+        return False
+
+
+def _read_file(path: Path, root: Path, display: str, *, maybe_link: bool) -> MigrationFile:
     # The folder was checked to lie inside the root, so only a link can lead out of it;
     # resolving every file instead costs more than reading it.
-    if path.is_symlink() and not _is_inside(path, root):
+    if maybe_link and not _is_inside(path, root):
         raise MigrationFileError(
             f"{path.name} is a link that leads outside the plan file's folder", place=Place(display)
         )
