@@ -230,6 +230,7 @@ def apply(
     from .executor import Cancellation, Interrupted  # the writer loads only when applying
 
     cancellation = Cancellation()
+    _collect_garbage_from_here()  # a long run: its garbage must not pile up
     with _stop_on_signals(cancellation):
         result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
     if as_json:
@@ -398,8 +399,59 @@ def _usage_error() -> Any:
     return UsageError
 
 
+def run() -> NoReturn:
+    """The ``dbplan`` console script and ``python -m orchestrator``: ``main``, then exit
+    without tearing the interpreter down. Freeing every parse tree and module one by one
+    only to exit costs 50 ms after planning 1,000 migrations; dbplan holds nothing that
+    needs a finalizer by then (every connection is closed), so the output is flushed and
+    the process ends."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a closed pipe (dbplan plan | head): nothing to add
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console script: run the app, mapping usage errors to exit code 1."""
+    """Run the app, mapping usage errors to exit code 1 (tests call this in-process)."""
+    with _no_cyclic_gc_while_planning():
+        return _main(argv)
+
+
+@contextmanager
+def _no_cyclic_gc_while_planning() -> Iterator[None]:
+    """Loading and planning allocate tens of thousands of objects (parse trees, above all)
+    and free almost none, so the cycle collector's passes over them find nothing: with
+    1,000 migrations they cost a quarter of the time before the first one runs. Plain
+    reference counting still frees what is dropped. Whatever state the collector was in
+    is restored on the way out (tests run commands in-process)."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if _state.pop("gc_frozen", False):
+            gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def _collect_garbage_from_here() -> None:
+    """Before long work: the collector runs again, without walking what planning built."""
+    import gc
+
+    gc.freeze()
+    _state["gc_frozen"] = True
+    gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, prog_name="dbplan", standalone_mode=False)
     except _usage_error() as err:

@@ -83,6 +83,34 @@ def test_usage_errors_exit_1_not_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["force", "svc", "not-a-number"]) == 1
 
 
+def test_a_command_run_in_process_leaves_the_garbage_collector_as_it_found_it(estate: Estate) -> None:
+    """The CLI switches the cycle collector off while it plans (see cli.main)."""
+    import gc
+
+    estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
+    assert gc.isenabled()
+    assert estate.dbplan("apply", "--yes").code == 0  # planning, then a run with the collector back on
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        assert estate.dbplan("plan").code == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_console_script_flushes_its_output_before_it_ends(estate: Estate) -> None:
+    """dbplan ends without the interpreter's teardown (cli.run); nothing written may be lost."""
+    for version in range(100, 300):
+        estate.write("app", f"{version}_m{version}.up.sql", f"CREATE TABLE m{version} (id int);")
+    piped = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", "-f", str(estate.plan_file)], capture_output=True, text=True
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.count("migrations/app/") >= 200
+    assert piped.stdout.splitlines()[-1] == "Plan: 1 database to create, 201 migrations to apply."
+
+
 def test_new_creates_the_next_pair_with_the_folder_padding(estate: Estate) -> None:
     estate.write("app", "000007_seven.up.sql", "select 1;")
     run = estate.dbplan("new", "app", "Add prices & taxes")
