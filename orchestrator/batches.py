@@ -223,10 +223,11 @@ def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable |
     verbatim, so that PostgreSQL's error position maps back to it."""
     conn, action, file = target.conn, step.action, step.file
     guard_sql = guard.as_string(conn) if guard is not None else ""
-    head = _begin(file) + ";\n" + guard_sql + target.transaction_settings + bookkeeping.MARK_STARTED
+    head = _begin(file) + ";\n" + guard_sql + target.transaction_settings
     bookkeeping_sql = bookkeeping.record_migration(
-        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action)
-    ) + bookkeeping.set_version(target.tables, action.version_after, False)
+        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action),
+        version_after=action.version_after,
+    )  # fmt: skip
     return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
 
 

@@ -112,32 +112,53 @@ def record_event(
 
 
 # A migration's own start and run time, measured by the server. Not now(): that is the
-# time the query arrived, shared by every transaction of a batch.
-MARK_STARTED = "SELECT set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true);\n"
+# time the query arrived, shared by every transaction of a batch. START_MARK is a
+# set_config call for the SELECT at the head of the migration's transaction.
+START_MARK = "set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true)"
 # The file may RESET ALL: then the mark is gone, and the query's arrival has to do.
 _STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, extract(epoch FROM now()))"
-_MIGRATION_COLUMNS = sql.SQL(
+DONE_MARKER = "dbplan_migration_done_ms"
+_DONE_INSERT = sql.SQL(
     " (version, title, checksum, event, applied_at, duration_ms, applied_by)"
-    f" SELECT version, title, checksum, event, to_timestamp(started),"
-    f" ((extract(epoch FROM clock_timestamp()) - started) * 1000)::integer, applied_by"
+    " SELECT version, title, checksum, event, to_timestamp(started),"
+    " ((extract(epoch FROM clock_timestamp()) - started) * 1000)::integer, applied_by"
     f" FROM (SELECT {_STARTED} AS started) AS mark, (VALUES ("
 )
-DONE_MARKER = "dbplan_migration_done_ms"
-_RETURNING_DONE = sql.SQL(
-    ")) AS row (version, title, checksum, event, applied_by)"
-    f" RETURNING duration_ms AS {DONE_MARKER};\n"
-)
+_DONE_ROW_END = sql.SQL(")) AS row (version, title, checksum, event, applied_by) RETURNING duration_ms)")
+_WITH_DONE = sql.SQL("WITH done AS (INSERT INTO ")
+_MOVED_UPDATE = sql.SQL(", moved AS (UPDATE ")
+_MOVED_DELETE = sql.SQL(", moved AS (DELETE FROM ")
+_RETURNING_ONE = sql.SQL(" RETURNING 1)")
+_ADDED_INSERT = sql.SQL(", added AS (INSERT INTO ")
+_ADDED_END = sql.SQL(" WHERE NOT EXISTS (SELECT FROM moved))")
+_SELECT_DONE = sql.SQL(f"\nSELECT duration_ms AS {DONE_MARKER} FROM done;\n")
 
 
-def record_migration(tables: Tables, *, version: int, title: str | None, checksum: str, event: str) -> sql.Composed:
-    """The history row of a migration, in the migration's own transaction after it ran,
-    timed from ``MARK_STARTED`` at the head of that transaction. The INSERT returns the
-    duration in a column named ``DONE_MARKER``: the sign, in a stream of results, that
-    the migration before it ran to its end."""
+def record_migration(
+    tables: Tables, *, version: int, title: str | None, checksum: str, event: str, version_after: int | None
+) -> sql.Composed:
+    """All the bookkeeping of a migration, in its own transaction after it ran, as one
+    statement: its history row, timed from ``START_MARK`` at the head of the transaction,
+    and ``schema_migrations`` moved to ``version_after`` (what ``set_version`` does).
+    It returns the duration in a column named ``DONE_MARKER``: the sign, in a stream of
+    results, that the migration before it ran to its end."""
     values = sql.SQL(", ").join(
         [sql.Literal(version), sql.Literal(title), sql.Literal(checksum), sql.Literal(event), sql.Literal(applied_by())]
     )
-    return sql.Composed([_INSERT_INTO, tables.history_id, _MIGRATION_COLUMNS, values, _RETURNING_DONE])
+    table = tables.migrations_id
+    pieces: list[sql.Composable] = [_WITH_DONE, tables.history_id, _DONE_INSERT, values, _DONE_ROW_END]
+    if version_after is None:
+        pieces += [_MOVED_DELETE, table, _RETURNING_ONE]
+    else:
+        after = sql.Literal(version_after)
+        pieces += [
+            _MOVED_UPDATE, table, _SET_VERSION, after, _SET_DIRTY, _FALSE, _RETURNING_ONE,
+            _ADDED_INSERT, table, _VERSION_DIRTY_SELECT, after, _COMMA, _FALSE, _ADDED_END,
+        ]  # fmt: skip
+    return sql.Composed(pieces + [_SELECT_DONE])
+
+
+_FALSE = sql.SQL("false")
 
 
 @cache

@@ -296,6 +296,14 @@ def test_revert_to_target_uses_down_files(estate: Estate) -> None:
     assert {"t1"} == estate.tables("app") - {"schema_migrations", "dbplan_history"}
     assert estate.query("app", "select version from schema_migrations") == [(1,)]
 
+    estate.document["services"]["app"]["target"] = 0  # down to nothing: golang-migrate keeps no row then
+    estate.save()
+    assert estate.dbplan("apply", "--yes").code == 0
+    assert estate.tables("app") == {"schema_migrations", "dbplan_history"}
+    assert estate.query("app", "select version from schema_migrations") == []
+    reverts = "select version from dbplan_history where event = 'revert' order by id"
+    assert estate.query("app", reverts) == [(3,), (2,), (1,)]
+
 
 def test_two_servers_in_one_plan(tmp_path: Path, pg_url: str, pg_url2: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
