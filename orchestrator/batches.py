@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -90,12 +90,18 @@ def run_transactional(
     A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
     """
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
+    texts = _TransactionTexts(target, steps, guard)
     attempts: dict[int, int] = {}
     position = 0
     while position < len(steps):
         run.check_stop(f"before {action_phrase(steps[position].action)}")
         chunk = sizer.chunk(steps, position)
-        outcome = _run_batch(run, target, chunk, report, guard)
+        after = position + len(chunk)
+        ahead = min(2 * len(chunk), MAX_BATCH_MIGRATIONS) if sizer.enabled else 0
+        outcome = _run_batch(
+            run, target, chunk, [texts.of(index) for index in range(position, after)], report,
+            meanwhile=lambda: texts.build(range(after, min(after + ahead, len(steps)))),
+        )  # fmt: skip
         position += outcome.committed
         sizer.after(outcome)
         if outcome.error is None:
@@ -164,13 +170,17 @@ def _run_batch(
     run: RunControl,
     target: Target,
     chunk: list[Step],
+    texts: list[tuple[str, str, str]],
     report: StepReport,
-    guard: psycopg.sql.Composable | None,
+    *,
+    meanwhile: Callable[[], None],
 ) -> _BatchOutcome:
+    """Send the batch and read its results as they come; ``meanwhile`` runs once the
+    query is on its way, while the server works (the next batch's texts are built then)."""
     import psycopg
     from psycopg import pq
 
-    query, file_offsets = _batch_query(target, chunk, guard)
+    query, file_offsets = _batch_query(texts)
     for _ in chunk:
         checkpoint("migration")
     committed, duration_ms = 0, None
@@ -179,7 +189,7 @@ def _run_batch(
     report.started(chunk[0])
     with run.cancellation.running(target.conn, _describe_batch(chunk), rolls_back=True):
         try:
-            for result in _results(target.conn, query.encode()):
+            for result in _results(target.conn, query.encode(), meanwhile):
                 if result.status == pq.ExecStatus.FATAL_ERROR:
                     error = psycopg.errors.error_from_result(result, encoding=target.conn.info.encoding)
                 elif duration_ms is None and _is_done_marker(result):
@@ -205,17 +215,33 @@ def _run_batch(
     )
 
 
-def _batch_query(target: Target, chunk: list[Step], guard: psycopg.sql.Composable | None) -> tuple[str, list[int]]:
+def _batch_query(texts: list[tuple[str, str, str]]) -> tuple[str, list[int]]:
     """The query of a batch, and where each step's file text starts in it."""
     parts: list[str] = []
     file_offsets: list[int] = []
     length = 0
-    for step in chunk:
-        head, body, tail = transaction_text(target, step, guard)
+    for head, body, tail in texts:
         file_offsets.append(length + len(head))
         parts += [head, body, tail]
         length += len(head) + len(body) + len(tail)
     return "".join(parts), file_offsets
+
+
+class _TransactionTexts:
+    """Each step's transaction text, built once, ahead of need where possible."""
+
+    def __init__(self, target: Target, steps: Sequence[Step], guard: psycopg.sql.Composable | None) -> None:
+        self.target, self.steps, self.guard = target, steps, guard
+        self.built: dict[int, tuple[str, str, str]] = {}
+
+    def of(self, index: int) -> tuple[str, str, str]:
+        if index not in self.built:
+            self.built[index] = transaction_text(self.target, self.steps[index], self.guard)
+        return self.built[index]
+
+    def build(self, indexes: range) -> None:
+        for index in indexes:
+            self.of(index)
 
 
 def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable | None) -> tuple[str, str, str]:
@@ -231,7 +257,7 @@ def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable |
     return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
 
 
-def _results(conn: psycopg.Connection, query: bytes) -> Iterator[PGresult]:
+def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> Iterator[PGresult]:
     """Send a multi-statement query and yield each statement's result as it arrives
     (``conn.execute`` would wait for all of them)."""
     from psycopg import generators
@@ -239,6 +265,7 @@ def _results(conn: psycopg.Connection, query: bytes) -> Iterator[PGresult]:
     pgconn = conn.pgconn
     pgconn.send_query(query)
     conn.wait(generators.send(pgconn))
+    meanwhile()
     while (result := conn.wait(generators.fetch(pgconn))) is not None:
         yield result
 
