@@ -26,10 +26,12 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from . import bookkeeping
 from .connection import connection_lost
+from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -43,7 +45,6 @@ from .migration_run import (
     sleep_unless_stopped,
     sqlstate_of,
 )
-from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
 from .migrations import MigrationFile
 from .plan import MigrationAction, action_phrase
 
@@ -100,7 +101,7 @@ def run_transactional(
         ahead = min(2 * len(chunk), MAX_BATCH_MIGRATIONS) if sizer.enabled else 0
         outcome = _run_batch(
             run, target, chunk, [texts.of(index) for index in range(position, after)], report,
-            meanwhile=lambda: texts.build(range(after, min(after + ahead, len(steps)))),
+            meanwhile=partial(texts.build, range(after, min(after + ahead, len(steps)))),
         )  # fmt: skip
         position += outcome.committed
         sizer.after(outcome)
@@ -314,7 +315,7 @@ def _transactional_body(file: MigrationFile) -> str:
     if script.transaction_style != "wrapped":
         return file.text
     text = list(file.text)
-    inner = set(id(statement) for statement in script.inner_statements)
+    inner = {id(statement) for statement in script.inner_statements}
     for statement in script.statements:
         if id(statement) in inner:
             continue

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 from . import bookkeeping
