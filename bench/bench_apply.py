@@ -261,24 +261,32 @@ CREATE TABLE IF NOT EXISTS public.dbplan_history (
   applied_at timestamptz NOT NULL DEFAULT now(), duration_ms integer, applied_by text, reason text);
 """
 BOOKKEEPING_ROW = (
-    "INSERT INTO public.dbplan_history (version, title, checksum, event, duration_ms, applied_by, reason) "
-    "VALUES ({v}, '{title}', '{checksum}', 'apply', (extract(epoch FROM clock_timestamp() - now()) * 1000)::integer, "
-    "'bench@localhost', NULL);\n"
-    "UPDATE public.schema_migrations SET version = {v}, dirty = false;\n"
-    "INSERT INTO public.schema_migrations (version, dirty) SELECT {v}, false "
-    "WHERE NOT EXISTS (SELECT FROM public.schema_migrations);\n"
+    "SELECT set_config('lock_timeout', '30000', true), "
+    "set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true);\n"
+    "\\i '{path}'\n;\n"
+    "WITH done AS (INSERT INTO public.dbplan_history (version, title, checksum, event, applied_at, duration_ms, "
+    "applied_by) SELECT version, title, checksum, event, to_timestamp(started), "
+    "((extract(epoch FROM clock_timestamp()) - started) * 1000)::integer, applied_by "
+    "FROM (SELECT coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, "
+    "extract(epoch FROM now())) AS started) AS mark, "
+    "(VALUES ({v}, '{title}', '{checksum}', 'apply', 'bench@localhost')) AS row (version, title, checksum, event, "
+    "applied_by) RETURNING duration_ms), "
+    "moved AS (UPDATE public.schema_migrations SET version = {v}, dirty = false RETURNING 1), "
+    "added AS (INSERT INTO public.schema_migrations (version, dirty) SELECT {v}, false "
+    "WHERE NOT EXISTS (SELECT FROM moved))\n"
+    "SELECT duration_ms AS dbplan_migration_done_ms FROM done;\n"
 )
 
 
 class Runner:
-    def __init__(self, cluster: Cluster, migrations: Migrations, workdir: Path) -> None:
+    def __init__(self, cluster: Cluster, migrations: Migrations, workdir: Path, dbplan: str | None = None) -> None:
         self.cluster = cluster
         self.migrations = migrations
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.dbmate = find_program("dbmate")
-        self.dbplan = find_program("dbplan")
+        self.dbplan = dbplan or find_program("dbplan")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
         self.env["NO_COLOR"] = "1"
         # psql floor driver: one session, each file in its own transaction
@@ -290,7 +298,7 @@ class Runner:
         # the floor plus dbplan's bookkeeping in each transaction
         self.driver_bk = workdir / "psql_bookkeeping_driver.sql"
         self.driver_bk.write_text(BOOKKEEPING_TABLES + "".join(
-            f"BEGIN;\n\\i '{p}'\n" + BOOKKEEPING_ROW.format(v=v, title=title, checksum=checksum) + "COMMIT;\n"
+            "BEGIN;\n" + BOOKKEEPING_ROW.format(path=p, v=v, title=title, checksum=checksum) + "COMMIT;\n"
             for p, (v, title, checksum) in zip(migrations.up_files, migrations.items)))
 
     def dbmate_url(self, database: str) -> str:
@@ -456,6 +464,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="work folder (default: a new one under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (the server is stopped)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--dbplan", help="the dbplan executable to measure (default: beside this Python, else on "
+                        "PATH); for a user's view, one installed in a fresh venv, away from this environment's "
+                        ".pth start-up hooks")
     options = parser.parse_args()
     tools = [t for t in options.tools.split(",") if t]
     unknown = set(tools) - set(ALL_TOOLS)
@@ -482,7 +493,7 @@ def main() -> int:
         migrations = generate(workdir, options.count)
         print(f"generated {options.count} migrations ({migrations.bytes_up / options.count:.0f} bytes per up file) "
               f"in {migrations.golang_dir} and {migrations.dbmate_dir}", flush=True)
-        runner = Runner(cluster, migrations, workdir)
+        runner = Runner(cluster, migrations, workdir, options.dbplan)
         versions = {
             "psql": run([cluster.psql, "--version"]).stdout.decode().strip(),
             "dbmate": run([runner.dbmate, "--version"]).stdout.decode().strip(),
