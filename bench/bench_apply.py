@@ -260,21 +260,17 @@ CREATE TABLE IF NOT EXISTS public.dbplan_history (
   id bigserial PRIMARY KEY, version bigint NOT NULL, title text, checksum text, event text NOT NULL,
   applied_at timestamptz NOT NULL DEFAULT now(), duration_ms integer, applied_by text, reason text);
 """
+_STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, extract(epoch FROM now()))"
 BOOKKEEPING_ROW = (
     "SELECT set_config('lock_timeout', '30000', true), "
     "set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true);\n"
     "\\i '{path}'\n;\n"
-    "WITH done AS (INSERT INTO public.dbplan_history (version, title, checksum, event, applied_at, duration_ms, "
-    "applied_by) SELECT version, title, checksum, event, to_timestamp(started), "
-    "((extract(epoch FROM clock_timestamp()) - started) * 1000)::integer, applied_by "
-    "FROM (SELECT coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, "
-    "extract(epoch FROM now())) AS started) AS mark, "
-    "(VALUES ({v}, '{title}', '{checksum}', 'apply', 'bench@localhost')) AS row (version, title, checksum, event, "
-    "applied_by) RETURNING duration_ms), "
-    "moved AS (UPDATE public.schema_migrations SET version = {v}, dirty = false RETURNING 1), "
-    "added AS (INSERT INTO public.schema_migrations (version, dirty) SELECT {v}, false "
-    "WHERE NOT EXISTS (SELECT FROM moved))\n"
-    "SELECT duration_ms AS dbplan_migration_done_ms FROM done;\n"
+    "INSERT INTO public.dbplan_history (version, title, checksum, event, applied_at, duration_ms, applied_by) "
+    f"VALUES ({{v}}, '{{title}}', '{{checksum}}', 'apply', to_timestamp({_STARTED}), "
+    f"((extract(epoch FROM clock_timestamp()) - {_STARTED}) * 1000)::integer, 'bench@localhost') "
+    "RETURNING duration_ms AS dbplan_migration_done_ms;\n"
+    "WITH moved AS (UPDATE public.schema_migrations SET version = {v}, dirty = false RETURNING 1)\n"
+    "INSERT INTO public.schema_migrations (version, dirty) SELECT {v}, false WHERE NOT EXISTS (SELECT FROM moved);\n"
 )
 
 
