@@ -22,9 +22,11 @@ Behind a pooler each migration goes alone, with its guard.
 
 from __future__ import annotations
 
+import itertools
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -91,7 +93,14 @@ def run_transactional(
     A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
     """
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
-    texts = _TransactionTexts(target, steps, guard)
+    # Behind a pooler (a guard) the next transaction may get another session: no session state.
+    with _prepared_bookkeeping(target, enabled=guard is None and len(steps) > 1) as prepared:
+        _run_steps(run, target, steps, report, sizer, _TransactionTexts(target, steps, guard, prepared))
+
+
+def _run_steps(
+    run: RunControl, target: Target, steps: Sequence[Step], report: StepReport, sizer: _BatchSizer, texts: _TransactionTexts
+) -> None:
     attempts: dict[int, int] = {}
     position = 0
     while position < len(steps):
@@ -231,13 +240,23 @@ def _batch_query(texts: list[tuple[str, str, str]]) -> tuple[str, list[int]]:
 class _TransactionTexts:
     """Each step's transaction text, built once, ahead of need where possible."""
 
-    def __init__(self, target: Target, steps: Sequence[Step], guard: psycopg.sql.Composable | None) -> None:
-        self.target, self.steps, self.guard = target, steps, guard
+    def __init__(
+        self,
+        target: Target,
+        steps: Sequence[Step],
+        guard: psycopg.sql.Composable | None,
+        prepared: bookkeeping.PreparedBookkeeping | None,
+    ) -> None:
+        self.target, self.steps, self.guard, self.prepared = target, steps, guard, prepared
+        # A file that may DEALLOCATE the session's prepared statements: from it on, the
+        # bookkeeping goes as plain statements.
+        self.first_plain = next((i for i, step in enumerate(steps) if _may_deallocate(step.file)), len(steps))
         self.built: dict[int, tuple[str, str, str]] = {}
 
     def of(self, index: int) -> tuple[str, str, str]:
         if index not in self.built:
-            self.built[index] = transaction_text(self.target, self.steps[index], self.guard)
+            prepared = self.prepared if index < self.first_plain else None
+            self.built[index] = transaction_text(self.target, self.steps[index], self.guard, prepared)
         return self.built[index]
 
     def build(self, indexes: range) -> None:
@@ -245,17 +264,54 @@ class _TransactionTexts:
             self.of(index)
 
 
-def transaction_text(target: Target, step: Step, guard: psycopg.sql.Composable | None) -> tuple[str, str, str]:
+def transaction_text(
+    target: Target,
+    step: Step,
+    guard: psycopg.sql.Composable | None,
+    prepared: bookkeeping.PreparedBookkeeping | None = None,
+) -> tuple[str, str, str]:
     """One step's transaction as (head, the file's text, tail). The file's text goes in
     verbatim, so that PostgreSQL's error position maps back to it."""
     conn, action, file = target.conn, step.action, step.file
     guard_sql = guard.as_string(conn) if guard is not None else ""
     head = _begin(file) + ";\n" + guard_sql + target.transaction_settings
-    bookkeeping_sql = bookkeeping.record_migration(
-        target.tables, version=action.version, title=action.title, checksum=file.checksum, event=event_of(action),
-        version_after=action.version_after,
-    )  # fmt: skip
+    version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
+    if prepared is not None and after is not None:
+        bookkeeping_sql = prepared.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
+    else:
+        bookkeeping_sql = bookkeeping.record_migration(
+            target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
+        )
     return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
+
+
+_prepared_runs = itertools.count(1)
+
+
+@contextmanager
+def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[bookkeeping.PreparedBookkeeping | None]:
+    """The bookkeeping statements prepared in the session for one run of steps, and
+    deallocated after it (their names are the run's own, so nothing else can collide)."""
+    if not enabled:
+        yield None
+        return
+    number = next(_prepared_runs)
+    prepared = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}", f"dbplan_move_version_{number}")
+    target.conn.execute(prepared.prepare(target.tables).as_string(target.conn).encode())
+    try:
+        yield prepared
+    finally:
+        if not (target.conn.closed or target.conn.broken):
+            import psycopg
+
+            rollback_quietly(target.conn)
+            with suppress(psycopg.Error):  # a file may have deallocated them; the session ends soon anyway
+                target.conn.execute(prepared.deallocate().as_string(target.conn).encode())
+
+
+def _may_deallocate(file: MigrationFile) -> bool:
+    script = file.script
+    return not script.parsed or any(statement.kind == "DeallocateStmt" for statement in script.statements)
 
 
 def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> Iterator[PGresult]:

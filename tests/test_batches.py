@@ -172,3 +172,21 @@ def test_quick_migrations_travel_together_and_a_slow_one_ends_its_batch(estate: 
     assert eighth.startswith("BEGIN;") and "CREATE TABLE t7 " not in eighth
     assert ninth_started != eighth_started
     assert _applied(estate) == list(range(1, 11))
+
+
+def test_a_file_that_deallocates_prepared_statements_does_not_break_the_bookkeeping(estate: Estate) -> None:
+    """The bookkeeping goes as statements prepared once per run; a file that runs
+    DEALLOCATE ALL (or one the parser cannot read) makes the rest go as plain statements."""
+    special = {
+        5: _table(5) + "DEALLOCATE ALL;\n",
+        9: _table(9) + "ALTER TABLE schema_migrations ADD COLUMN note text DEFAULT 'kept';\n",
+    }
+    _write_tables(estate, range(1, 13), special)
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 0, run.output
+    assert _applied(estate) == list(range(1, 13))
+    assert estate.query("app", "SELECT version, dirty, note FROM schema_migrations") == [(12, False, "kept")]
+    durations = estate.query("app", "SELECT count(*) FROM dbplan_history WHERE duration_ms IS NULL OR applied_at IS NULL")
+    assert durations == [(0,)]
