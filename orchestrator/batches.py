@@ -18,6 +18,9 @@ Only files the parser read join a batch, and only where the server reads them th
 way: ``standard_conforming_strings`` on, and PostgreSQL 13 or later, which applies
 ``statement_timeout`` to each statement of a multi-statement query rather than the whole.
 Behind a pooler each migration goes alone, with its guard.
+
+The bookkeeping statements are prepared once per run of steps (``_prepared_bookkeeping``):
+parsing and planning them for every migration cost the server more than running them.
 """
 
 from __future__ import annotations

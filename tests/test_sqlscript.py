@@ -709,20 +709,20 @@ def test_statement_spans_without_the_scanner_are_the_scanners(text: str) -> None
 
     from pglast.parser import parse_sql_json
 
-    from orchestrator import sqlscript
+    from orchestrator import sqlspans
 
     src = " " + text[1:] if text.startswith("\ufeff") else text
     utf8 = src.encode()
     raw = json.loads(parse_sql_json(src)).get("stmts", [])
-    fast = sqlscript._statement_spans(raw, utf8)
-    exact = sqlscript._spans_from_tokens(raw, utf8, sqlscript._tokens(src, utf8))
+    fast = sqlspans.statement_spans(raw, utf8)
+    exact = sqlspans.spans_from_tokens(raw, utf8, sqlspans.scan_tokens(src, utf8))
     assert fast is None or fast == exact
     assert_consistent(text, parse_script(text))
 
 
 def test_a_comment_that_may_end_a_statement_is_left_to_the_scanner() -> None:
-    from orchestrator import sqlscript
+    from orchestrator import sqlspans
 
     script = parse_script("SELECT 'a' -- comment\n;\nSELECT '--' AS dashes;")
     assert sqls(script) == ["SELECT 'a'", "SELECT '--' AS dashes"]
-    assert sqlscript._statement_spans([{"stmt_location": 0, "stmt_len": 21}], b"SELECT 'a' -- comment\n") is None
+    assert sqlspans.statement_spans([{"stmt_location": 0, "stmt_len": 21}], b"SELECT 'a' -- comment\n") is None
