@@ -3,16 +3,15 @@
 A transactional migration travels as one string: BEGIN, the service's settings, the
 file's text verbatim, its history row and ``schema_migrations`` update, COMMIT. The strings
 of consecutive migrations travel together as one simple query, so the server runs them
-back to back while dbplan reads each result as it arrives, instead of waiting a round
-trip and its own bookkeeping between every two. Each migration still commits on its own.
-An error stops the rest of the query: what committed before it stays committed and
-recorded, the failing one leaves nothing, and the ones after it never start.
+back to back, instead of waiting a round trip and dbplan's own work between every two
+(the next batch's text is built while the server runs this one). Each migration still
+commits on its own. An error stops the rest of the query: what committed before it stays
+committed and recorded, the failing one leaves nothing, and the ones after it never start.
 
 A batch starts at one migration and doubles while batches finish quickly, up to
 ``MAX_BATCH_MIGRATIONS`` or ``MAX_BATCH_BYTES``; after a slow one it starts over at one,
-so a long migration is reported the moment it ends. (The server sends results when its
-output buffer fills or the query ends, so the progress of quick migrations arrives in
-bursts; their durations are measured by the server and stay exact.)
+so a long migration is reported the moment it ends. The progress of quick migrations
+arrives a batch at a time; their durations are measured by the server and stay exact.
 
 Only files the parser read join a batch, and only where the server reads them the same
 way: ``standard_conforming_strings`` on, and PostgreSQL 13 or later, which applies
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import bookkeeping
 from .connection import connection_lost
+from .errors import MigrationFailed
 from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
@@ -47,6 +47,7 @@ from .migration_run import (
     event_of,
     migration_failure,
     rollback_quietly,
+    server_message,
     sleep_unless_stopped,
     sqlstate_of,
 )
@@ -159,6 +160,18 @@ def _failure(run: RunControl, target: Target, failed: Step, outcome: _BatchOutco
             service=action.service,
             version=action.version,
         )
+    if outcome.unconfirmed_to is not None and connection_lost(target.conn, error):
+        last = outcome.unconfirmed_to.version
+        return MigrationFailed(
+            f"lost the connection to server '{target.server.name}' while it ran versions {action.version} to {last} "
+            f"of service '{action.service}' in one batch: {server_message(error)}",
+            service=action.service,
+            server=target.server.name,
+            version=action.version,
+            hint="each migration commits together with its bookkeeping, so the database is consistent, but the "
+            "server may have finished some of the batch after the connection broke: 'dbplan status' shows where the "
+            "service stands once the server is reachable, and 'dbplan apply' goes on from there",
+        )
     return migration_failure(
         target.conn, error, action, failed.file, target.owner, target.server,
         offset=outcome.file_offset, attempts=attempts, lock_timeout=target.service.lock_timeout,
@@ -177,6 +190,8 @@ class _BatchOutcome:
     # The server refused the whole query for the text of a later step than the first
     # uncommitted one (a syntax error, found before anything runs): its index in the batch.
     refused_at: int | None = None
+    # The connection broke with several steps unconfirmed: the last of them (its action).
+    unconfirmed_to: MigrationAction | None = None
 
 
 def _run_batch(
@@ -198,6 +213,7 @@ def _run_batch(
         checkpoint("migration")
     committed, duration_ms = 0, None
     error: Exception | None = None
+    unconfirmed_to: MigrationAction | None = None
     started = time.monotonic()
     report.started(chunk[0])
     with run.cancellation.running(target.conn, _describe_batch(chunk), rolls_back=True):
@@ -214,6 +230,8 @@ def _run_batch(
                         report.started(chunk[committed])
         except psycopg.Error as err:  # the connection, not the SQL: no result to read
             error = err
+            if len(chunk) - committed > 1:
+                unconfirmed_to = chunk[-1].action
     seconds = time.monotonic() - started
     if error is None:
         return _BatchOutcome(committed, seconds)
@@ -225,6 +243,7 @@ def _run_batch(
         error,
         file_offset=file_offsets[min(committed, len(chunk) - 1)],
         refused_at=pointed_at if pointed_at is not None and pointed_at > committed else None,
+        unconfirmed_to=unconfirmed_to,
     )
 
 
@@ -317,17 +336,21 @@ def _may_deallocate(file: MigrationFile) -> bool:
     return not script.parsed or any(statement.kind == "DeallocateStmt" for statement in script.statements)
 
 
-def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> Iterator[PGresult]:
-    """Send a multi-statement query and yield each statement's result as it arrives
-    (``conn.execute`` would wait for all of them)."""
+def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> list[PGresult]:
+    """Send a multi-statement query and return each statement's result, once all are in.
+
+    Reading them as they arrive woke dbplan for every buffer the server flushed and cost
+    the server more than it gave: measured, a batch read at its end ran faster. Batches are
+    kept short in time (``QUICK_BATCH_SECONDS``), so progress still comes every fraction of
+    a second, and each migration's duration is the server's measure, not the client's.
+    """
     from psycopg import generators
 
     pgconn = conn.pgconn
     pgconn.send_query(query)
     conn.wait(generators.send(pgconn))
     meanwhile()
-    while (result := conn.wait(generators.fetch(pgconn))) is not None:
-        yield result
+    return conn.wait(generators.fetch_many(pgconn))
 
 
 def _is_done_marker(result: PGresult) -> bool:

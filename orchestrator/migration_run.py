@@ -238,9 +238,7 @@ def migration_failure(
         return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
-    # psycopg words a connection that broke while results streamed in as "consuming
-    # input failed: <the server's message>"; the server's message is what users need.
-    message = diag.message_primary or str(err).strip().splitlines()[0].removeprefix("consuming input failed: ")
+    message = server_message(err)
     dirty_hint = (
         f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
         f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
@@ -342,6 +340,14 @@ def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str
         return None
     finally:
         rollback_quietly(conn)
+
+
+def server_message(err: Exception) -> str:
+    """PostgreSQL's own words for an error. psycopg words a connection that broke while
+    results came in as "consuming input failed: <the server's message>"."""
+    diag = getattr(err, "diag", None)
+    primary = diag.message_primary if diag is not None else None
+    return primary or str(err).strip().splitlines()[0].removeprefix("consuming input failed: ")
 
 
 def sqlstate_of(err: BaseException) -> str | None:

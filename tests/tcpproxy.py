@@ -18,6 +18,7 @@ class TcpProxy:
         self.port = self._free_port()
         self._listener: socket.socket | None = None
         self._closed = threading.Event()
+        self._open: list[socket.socket] = []
 
     @staticmethod
     def _free_port() -> int:
@@ -44,6 +45,7 @@ class TcpProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            self._open.extend((client, upstream))
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
@@ -60,6 +62,14 @@ class TcpProxy:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def cut(self) -> None:
+        """Break every connection made through the proxy, as a network failure would."""
+        for end in self._open:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._closed.set()

@@ -8,12 +8,14 @@ came before it and names its own file and line, and the durations are each migra
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from estate import Estate
 from processes import start_dbplan, wait_until
+from tcpproxy import TcpProxy
 
 
 def _app_estate(tmp_path: Path, url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
@@ -32,6 +34,10 @@ def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.Captu
 def estate_any(tmp_path: Path, pg_any_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
     """On each PostgreSQL major the suite runs."""
     return _app_estate(tmp_path, pg_any_url, dbname_prefix, capsys)
+
+
+# Sleeps only in the runs that set the setting (through PGOPTIONS), so replays and later runs are quick.
+SLEEP = "SELECT pg_sleep(coalesce(current_setting('dbplan_test.sleep', true), '0')::float8);\n"
 
 
 def _table(version: int) -> str:
@@ -156,8 +162,7 @@ def _sleeping_query(url: str) -> tuple[object, str] | None:
 def test_quick_migrations_travel_together_and_a_slow_one_ends_its_batch(estate: Estate) -> None:
     """Version 7 sleeps in a query that begins with version 4: the batch 4-7. After that
     slow batch each next one holds a single migration: 8 and 9 sleep in queries of their own."""
-    sleep = "SELECT pg_sleep(coalesce(current_setting('dbplan_test.sleep', true), '0')::float8);\n"
-    _write_tables(estate, range(1, 11), {v: sleep + _table(v) for v in (7, 8, 9)})
+    _write_tables(estate, range(1, 11), {v: SLEEP + _table(v) for v in (7, 8, 9)})
 
     process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=0.5"})
     seen = []
@@ -190,3 +195,57 @@ def test_a_file_that_deallocates_prepared_statements_does_not_break_the_bookkeep
     assert estate.query("app", "SELECT version, dirty, note FROM schema_migrations") == [(12, False, "kept")]
     durations = estate.query("app", "SELECT count(*) FROM dbplan_history WHERE duration_ms IS NULL OR applied_at IS NULL")
     assert durations == [(0,)]
+
+
+def test_a_server_that_ends_the_session_inside_a_batch_names_the_migration_it_ran(estate: Estate) -> None:
+    """The server says why it ends a session before it closes it: the results that came
+    before say exactly which migrations of the batch committed."""
+    _write_tables(estate, range(1, 11), {7: _table(7) + SLEEP})  # the batch 4-7
+
+    process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=5"})
+    wait_until(lambda: _sleeping_query(estate.url), what="version 7's sleep")
+    with psycopg.connect(estate.url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+    run = process.finish(timeout=30)
+
+    assert run.code == 1
+    assert "[7/11] apply app 6 m6: done in" in run.err and "[8/11] apply app 7 m7: FAILED" in run.err
+    assert (
+        "lost the connection to server 'main' while running migrations/app/0007_m7.up.sql (service 'app', "
+        "version 7): terminating connection due to administrator command"
+    ) in run.err
+    assert _applied(estate) == [1, 2, 3, 4, 5, 6]
+    assert estate.dbplan("apply", "--yes").code == 0
+    assert _applied(estate) == list(range(1, 11))
+
+
+def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate) -> None:
+    """Cut without a word from the server, dbplan cannot know which migrations of the batch
+    committed, and says so; the database stays consistent, and the next run goes on."""
+    parts = urlsplit(estate.url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy.start()
+    try:
+        estate.document["servers"]["main"]["url"] = estate.url.replace(f":{parts.port}/", f":{proxy.port}/")
+        estate.save()
+        _write_tables(estate, range(1, 11), {7: _table(7) + SLEEP})  # the batch 4-7
+        process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
+        wait_until(lambda: _sleeping_query(estate.url), what="version 7's sleep")
+        proxy.cut()
+        run = process.finish(timeout=30)
+    finally:
+        proxy.close()
+
+    assert run.code == 1
+    assert "lost the connection to server 'main' while it ran versions 4 to 7 of service 'app' in one batch" in run.err
+    assert "dbplan status" in run.err
+    assert "internal error" not in run.err
+    wait_until(lambda: not _sleeping_query(estate.url), what="the server to finish the batch")
+    applied = _applied(estate)
+    assert applied in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7])  # 7 may have finished on the server
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(applied[-1], False)]
+
+    estate.document["servers"]["main"]["url"] = estate.url
+    estate.save()
+    assert estate.dbplan("apply", "--yes").code == 0
+    assert _applied(estate) == list(range(1, 11))
