@@ -203,8 +203,8 @@ def _run_batch(
     *,
     meanwhile: Callable[[], None],
 ) -> _BatchOutcome:
-    """Send the batch and read its results as they come; ``meanwhile`` runs once the
-    query is on its way, while the server works (the next batch's texts are built then)."""
+    """Send the batch and read its results; ``meanwhile`` runs once the query is on its
+    way, while the server works (the next batch's texts are built then)."""
     import psycopg
     from psycopg import pq
 

@@ -252,10 +252,7 @@ def migration_failure(
             service=action.service,
             server=server.name,
             version=action.version,
-            hint=dirty_hint
-            if dirty
-            else "the server rolled the migration back with the session: nothing of it is recorded or left; "
-            "run 'dbplan apply' again once the server is back",
+            hint=dirty_hint if dirty else _lost_connection_hint(server_said_why=sqlstate is not None),
         )
     # Replaying to find the failing line would wait for the same lock, or run as long again.
     replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
@@ -291,6 +288,19 @@ def migration_failure(
         service=action.service,
         version=action.version,
         server=server.name,
+    )
+
+
+def _lost_connection_hint(*, server_said_why: bool) -> str:
+    if server_said_why:  # the server ended the session (terminated, shut down): it rolled back
+        return (
+            "the server rolled the migration back with the session: nothing of it is recorded or left; "
+            "run 'dbplan apply' again once the server is back"
+        )
+    return (
+        "the connection broke without a word from the server, which may still have finished the migration "
+        "(with its bookkeeping, or not at all): 'dbplan status' shows where the service stands once the server "
+        "is reachable, and 'dbplan apply' goes on from there"
     )
 
 

@@ -7,6 +7,8 @@ came before it and names its own file and line, and the durations are each migra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -219,22 +221,31 @@ def test_a_server_that_ends_the_session_inside_a_batch_names_the_migration_it_ra
     assert _applied(estate) == list(range(1, 11))
 
 
-def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate) -> None:
-    """Cut without a word from the server, dbplan cannot know which migrations of the batch
-    committed, and says so; the database stays consistent, and the next run goes on."""
+@contextmanager
+def _through_a_proxy(estate: Estate) -> Iterator[TcpProxy]:
+    """The plan file's server reached through a TCP proxy that can cut connections."""
     parts = urlsplit(estate.url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     proxy.start()
+    estate.document["servers"]["main"]["url"] = estate.url.replace(f":{parts.port}/", f":{proxy.port}/")
+    estate.save()
     try:
-        estate.document["servers"]["main"]["url"] = estate.url.replace(f":{parts.port}/", f":{proxy.port}/")
+        yield proxy
+    finally:
+        proxy.close()
+        estate.document["servers"]["main"]["url"] = estate.url
         estate.save()
-        _write_tables(estate, range(1, 11), {7: _table(7) + SLEEP})  # the batch 4-7
+
+
+def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate) -> None:
+    """Cut without a word from the server, dbplan cannot know which migrations of the batch
+    committed, and says so; the database stays consistent, and the next run goes on."""
+    _write_tables(estate, range(1, 11), {7: _table(7) + SLEEP})  # the batch 4-7
+    with _through_a_proxy(estate) as proxy:
         process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
         wait_until(lambda: _sleeping_query(estate.url), what="version 7's sleep")
         proxy.cut()
         run = process.finish(timeout=30)
-    finally:
-        proxy.close()
 
     assert run.code == 1
     assert "lost the connection to server 'main' while it ran versions 4 to 7 of service 'app' in one batch" in run.err
@@ -245,7 +256,19 @@ def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate
     assert applied in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7])  # 7 may have finished on the server
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(applied[-1], False)]
 
-    estate.document["servers"]["main"]["url"] = estate.url
-    estate.save()
     assert estate.dbplan("apply", "--yes").code == 0
     assert _applied(estate) == list(range(1, 11))
+
+
+def test_a_network_cut_during_a_lone_migration_does_not_claim_it_was_rolled_back(estate: Estate) -> None:
+    _write_tables(estate, range(1, 3), {1: _table(1) + SLEEP})  # the first batch holds version 1 alone
+    with _through_a_proxy(estate) as proxy:
+        process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
+        wait_until(lambda: _sleeping_query(estate.url), what="version 1's sleep")
+        proxy.cut()
+        run = process.finish(timeout=30)
+
+    assert run.code == 1
+    assert "lost the connection to server 'main' while running migrations/app/0001_m1.up.sql" in run.err
+    assert "broke without a word from the server, which may still have finished the migration" in run.err
+    assert "rolled the migration back" not in run.err
