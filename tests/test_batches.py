@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from estate import Estate
-from processes import start_dbplan, wait_until
+from processes import Finished, start_dbplan, wait_until
 from tcpproxy import TcpProxy
 
 
@@ -237,15 +237,20 @@ def _through_a_proxy(estate: Estate) -> Iterator[TcpProxy]:
         estate.save()
 
 
+def _apply_cut_while_a_migration_sleeps(estate: Estate) -> Finished:
+    """``dbplan apply`` through a proxy whose connections are cut while a migration sleeps."""
+    with _through_a_proxy(estate) as proxy:
+        process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
+        wait_until(lambda: _sleeping_query(estate.url), what="a migration's sleep")
+        proxy.cut()
+        return process.finish(timeout=30)
+
+
 def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate) -> None:
     """Cut without a word from the server, dbplan cannot know which migrations of the batch
     committed, and says so; the database stays consistent, and the next run goes on."""
     _write_tables(estate, range(1, 11), {7: _table(7) + SLEEP})  # the batch 4-7
-    with _through_a_proxy(estate) as proxy:
-        process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
-        wait_until(lambda: _sleeping_query(estate.url), what="version 7's sleep")
-        proxy.cut()
-        run = process.finish(timeout=30)
+    run = _apply_cut_while_a_migration_sleeps(estate)
 
     assert run.code == 1
     assert "lost the connection to server 'main' while it ran versions 4 to 7 of service 'app' in one batch" in run.err
@@ -262,11 +267,7 @@ def test_a_network_cut_inside_a_batch_says_what_may_have_happened(estate: Estate
 
 def test_a_network_cut_during_a_lone_migration_does_not_claim_it_was_rolled_back(estate: Estate) -> None:
     _write_tables(estate, range(1, 3), {1: _table(1) + SLEEP})  # the first batch holds version 1 alone
-    with _through_a_proxy(estate) as proxy:
-        process = start_dbplan(estate.plan_file, "apply", "--yes", env={"PGOPTIONS": "-c dbplan_test.sleep=1"})
-        wait_until(lambda: _sleeping_query(estate.url), what="version 1's sleep")
-        proxy.cut()
-        run = process.finish(timeout=30)
+    run = _apply_cut_while_a_migration_sleeps(estate)
 
     assert run.code == 1
     assert "lost the connection to server 'main' while running migrations/app/0001_m1.up.sql" in run.err
