@@ -104,10 +104,11 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
     folder_display = _display(folder, root)
     prefix = "" if folder_display in (".", "") else folder_display + "/"
     with os.scandir(folder) as scanned:
+        # READMEs and the like live beside migrations: only .sql files count.
         entries = sorted((entry for entry in scanned if entry.name.endswith(".sql")), key=lambda entry: entry.name)
     for entry in entries:
         if entry.name.startswith(".") or _is_folder(entry):
-            continue  # READMEs and the like (not .sql) live beside migrations too
+            continue
         path = folder / entry.name
         version, title, direction = _parse_name(path, root)
         target = ups if direction == "up" else downs
