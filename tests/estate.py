@@ -69,6 +69,11 @@ class Estate:
         self.save()
         return folder
 
+    def add_app(self, **options: Any) -> Path:
+        """The one-service estate most tests start from: database "app", service "app" on it."""
+        self.add_database("app")
+        return self.add_service("app", "app", **options)
+
     def add_server(self, name: str, url: str) -> None:
         self.document["servers"][name] = {"url": url}
         self.save()

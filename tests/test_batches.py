@@ -22,8 +22,7 @@ from tcpproxy import TcpProxy
 
 def _app_estate(tmp_path: Path, url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
     estate = Estate(tmp_path, url, prefix, capsys)
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     return estate
 
 

@@ -18,8 +18,7 @@ from estate import EXAMPLE_ACTIONS, REPO, Estate, example_migration_count
 @pytest.fixture
 def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
     return estate
 

@@ -83,8 +83,7 @@ def test_eight_processes_apply_everything_exactly_once(estate: Estate) -> None:
 def test_lock_wait_runs_out_and_names_the_holder(estate: Estate) -> None:
     from orchestrator.locks import migrations_lock_key
 
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
     estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);")
@@ -110,8 +109,7 @@ def test_create_index_concurrently_finishes_while_others_wait(estate: Estate) ->
     """A waiter polling for the lock holds no transaction, so CIC (which waits for every
     older snapshot) is never blocked by it: no deadlock. Runs that plan while the index
     is being built see the service dirty, learn that a run is in progress, and wait too."""
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_items.up.sql", "CREATE TABLE items AS SELECT g AS id, g % 97 AS sku FROM generate_series(1, 20000) g;")
     assert estate.dbplan("apply", "--yes").code == 0
     # Two tables the test keeps locked hold the first run where the test wants it.

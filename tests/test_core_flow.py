@@ -106,8 +106,7 @@ def test_editing_an_applied_migration_shows_drift(estate: Estate) -> None:
 
 
 def test_sql_error_stops_apply_names_file_line_and_sqlstate_and_leaves_no_trace(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
     estate.write("app", "2_broken.up.sql", "CREATE TABLE half (id int);\n\nINSERT INTO half VALUES (1);\nINSERT INTO missing_table VALUES (1);\n")
     estate.write("app", "3_after.up.sql", "CREATE TABLE after (id int);")
@@ -125,8 +124,7 @@ def test_sql_error_stops_apply_names_file_line_and_sqlstate_and_leaves_no_trace(
 
 
 def test_error_without_position_is_located_by_replay(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write(
         "app",
         "1_dupes.up.sql",
@@ -140,8 +138,7 @@ def test_error_without_position_is_located_by_replay(estate: Estate) -> None:
 
 
 def test_failed_no_transaction_migration_leaves_dirty_until_forced(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_table.up.sql", "CREATE TABLE items (id int, sku text);\nINSERT INTO items VALUES (1, 'a'), (2, 'a');")
     estate.write(
         "app",
@@ -217,8 +214,7 @@ def test_golang_migrate_database_is_adopted(estate: Estate) -> None:
 
 
 def test_out_of_order_file_is_refused_unless_allowed(estate: Estate) -> None:
-    estate.add_database("app")
-    folder = estate.add_service("app", "app")
+    folder = estate.add_app()
     estate.write("app", "1_a.up.sql", "CREATE TABLE a (id int);")
     estate.write("app", "3_c.up.sql", "CREATE TABLE c (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
@@ -270,8 +266,7 @@ def test_messy_real_world_files_all_apply(estate: Estate) -> None:
 
 
 def test_wrapped_file_failure_rolls_back_everything_including_bookkeeping(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_wrapped.up.sql", "BEGIN;\nCREATE TABLE w (id int);\nSELECT 1/0;\nCOMMIT;\n")
     run = estate.dbplan("apply", "--yes")
     assert run.code == 1
@@ -281,8 +276,7 @@ def test_wrapped_file_failure_rolls_back_everything_including_bookkeeping(estate
 
 
 def test_revert_to_target_uses_down_files(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     for version in (1, 2, 3):
         estate.write("app", f"{version}_t{version}.up.sql", f"CREATE TABLE t{version} (id int);")
         estate.write("app", f"{version}_t{version}.down.sql", f"DROP TABLE t{version};")
@@ -326,8 +320,7 @@ def test_two_servers_in_one_plan(tmp_path: Path, pg_url: str, pg_url2: str, dbna
 def test_warnings_name_file_line_statement_and_can_be_silenced(estate: Estate) -> None:
     import json
 
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_t.up.sql", "CREATE TABLE t (id int, old text);\nCREATE TABLE u (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
     estate.write("app", "2_cleanup.up.sql", "-- tidy up\nALTER TABLE t DROP COLUMN old;\nTRUNCATE u;\n")
@@ -348,8 +341,7 @@ def test_warnings_name_file_line_statement_and_can_be_silenced(estate: Estate) -
 
 
 def test_a_wrapped_file_keeps_the_options_of_its_own_begin(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write(
         "app",
         "1_serializable.up.sql",

@@ -221,8 +221,7 @@ def test_sigkill_at_every_moment_then_the_next_run_finishes_the_job(estate: Esta
 
 
 def _app_estate(estate: Estate, second: str) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
     estate.write("app", "2_slow.up.sql", second)

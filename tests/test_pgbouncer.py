@@ -77,8 +77,7 @@ def test_a_direct_session_lock_keeps_pooled_runs_out(estate: Estate, pg_url: str
     (golang-migrate, or dbplan connected without the pooler) keeps a pooled run waiting."""
     from orchestrator.locks import migrations_lock_key
 
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
     estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);")
@@ -95,8 +94,7 @@ def test_a_direct_session_lock_keeps_pooled_runs_out(estate: Estate, pg_url: str
 
 
 def test_no_transaction_migration_through_pgbouncer_is_refused_before_anything_runs(estate: Estate, pg_url: str) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_items.up.sql", "CREATE TABLE items (id int, sku text);")
     estate.write("app", "2_index.up.sql", "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY items_sku_idx ON items (sku);\n")
     run = estate.dbplan("apply", "--yes")
@@ -109,8 +107,7 @@ def test_no_transaction_migration_through_pgbouncer_is_refused_before_anything_r
 
 
 def test_force_through_pgbouncer_refuses_to_take_a_session_lock(estate: Estate, pg_url: str) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
     run = estate.dbplan("force", "app", "0")

@@ -14,8 +14,7 @@ from estate import Estate
 def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
     estate = Estate(tmp_path / "repo", pg_url, dbname_prefix, capsys)
     estate.root.mkdir()
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
     estate.write("app", "2_two.up.sql", "CREATE TABLE two (id int);")
     return estate
@@ -71,8 +70,7 @@ def test_saved_plan_refuses_a_different_server(
 ) -> None:
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
     estate.document["servers"]["main"]["url"] = "${TARGET_URL}"
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_one.up.sql", "CREATE TABLE one (id int);")
     monkeypatch.setenv("TARGET_URL", pg_url)  # "staging"
     path = tmp_path / "plan.json"

@@ -28,8 +28,7 @@ def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.Captu
 
 
 def _items_estate(estate: Estate, **service_options: object) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app", **service_options)
+    estate.add_app(**service_options)
     estate.write("app", "1_items.up.sql", "CREATE TABLE items (id int);")
     assert estate.dbplan("apply", "--yes").code == 0
 
@@ -59,8 +58,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_timeouts_are_set_for_the_migration_with_safe_defaults(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.add_service("tuned", "app", table="tuned_migrations", lock_timeout="5s", statement_timeout=90000)
     estate.write("app", "1_seen.up.sql", "CREATE TABLE seen_default AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
     estate.write("tuned", "1_seen.up.sql", "CREATE TABLE seen_tuned AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
@@ -78,8 +76,7 @@ def test_timeouts_are_set_for_the_migration_with_safe_defaults(estate: Estate) -
 
 
 def test_bad_timeout_is_a_config_error(estate: Estate) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app", lock_timeout="5 parsecs")
+    estate.add_app(lock_timeout="5 parsecs")
     run = estate.dbplan("validate")
     assert run.code == 1
     assert "services.app.lock_timeout" in run.err
@@ -174,8 +171,7 @@ def late_server(pg_url: str) -> Iterator[TcpProxy]:
 
 
 def test_wait_retries_until_a_server_that_starts_two_seconds_later_answers(estate: Estate, pg_url: str, late_server: TcpProxy) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_items.up.sql", "CREATE TABLE items (id int);")
     estate.document["servers"]["main"]["url"] = pg_url.replace(f":{urlsplit(pg_url).port}/", f":{late_server.port}/")
     estate.save()
@@ -194,8 +190,7 @@ def test_wait_retries_until_a_server_that_starts_two_seconds_later_answers(estat
 
 
 def test_unreachable_server_fails_fast_naming_the_server_not_its_password(estate: Estate, late_server: TcpProxy) -> None:
-    estate.add_database("app")
-    estate.add_service("app", "app")
+    estate.add_app()
     estate.write("app", "1_items.up.sql", "CREATE TABLE items (id int);")
     estate.document["servers"]["main"]["url"] = f"postgresql://admin:Hunter2-Secret@127.0.0.1:{late_server.port}/postgres"
     estate.save()  # nothing listens on that port: the proxy is never started
