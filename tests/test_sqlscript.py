@@ -701,8 +701,12 @@ SPAN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text", SPAN_CASES, ids=range(len(SPAN_CASES)))
-def test_statement_spans_without_the_scanner_are_the_scanners(text: str) -> None:
+# The cases where no statement may end in a comment: there the scanner is not needed.
+WITHOUT_SCANNER = {1, 7, 8, 9, 10, 11, 14, 15, 16, 17}
+
+
+@pytest.mark.parametrize(("index", "text"), enumerate(SPAN_CASES), ids=range(len(SPAN_CASES)))
+def test_statement_spans_without_the_scanner_are_the_scanners(index: int, text: str) -> None:
     """Skipping comments and whitespace forward from the parser's ranges gives what the
     scanner's tokens give, or gives up (None) where only the scanner can tell."""
     import json
@@ -716,7 +720,7 @@ def test_statement_spans_without_the_scanner_are_the_scanners(text: str) -> None
     raw = json.loads(parse_sql_json(src)).get("stmts", [])
     fast = sqlspans.statement_spans(raw, utf8)
     exact = sqlspans.spans_from_tokens(raw, utf8, sqlspans.scan_tokens(src, utf8))
-    assert fast is None or fast == exact
+    assert fast == (exact if index in WITHOUT_SCANNER else None)
     assert_consistent(text, parse_script(text))
 
 
