@@ -705,7 +705,7 @@ SPAN_CASES = [
 WITHOUT_SCANNER = {1, 7, 8, 9, 10, 11, 14, 15, 16, 17}
 
 
-@pytest.mark.parametrize(("index", "text"), enumerate(SPAN_CASES), ids=range(len(SPAN_CASES)))
+@pytest.mark.parametrize(("index", "text"), list(enumerate(SPAN_CASES)), ids=range(len(SPAN_CASES)))
 def test_statement_spans_without_the_scanner_are_the_scanners(index: int, text: str) -> None:
     """Skipping comments and whitespace forward from the parser's ranges gives what the
     scanner's tokens give, or gives up (None) where only the scanner can tell."""
