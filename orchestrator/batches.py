@@ -18,8 +18,9 @@ way: ``standard_conforming_strings`` on, and PostgreSQL 13 or later, which appli
 ``statement_timeout`` to each statement of a multi-statement query rather than the whole.
 Behind a pooler each migration goes alone, with its guard.
 
-The bookkeeping statements are prepared once per run of steps (``_prepared_bookkeeping``):
-parsing and planning them for every migration cost the server more than running them.
+The bookkeeping is one statement prepared once per run of steps (``_prepared_bookkeeping``):
+parsing and planning it for every migration cost the server more than running it. It also
+marks the start of the next migration, which then needs no statement of its own for that.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def _run_batch(
     run: RunControl,
     target: Target,
     chunk: list[Step],
-    texts: list[tuple[str, str, str]],
+    texts: list[Transaction],
     report: StepReport,
     *,
     meanwhile: Callable[[], None],
@@ -247,15 +248,22 @@ def _run_batch(
     )
 
 
-def _batch_query(texts: list[tuple[str, str, str]]) -> tuple[str, list[int]]:
-    """The query of a batch, and where each step's file text starts in it."""
+def _batch_query(texts: list[Transaction]) -> tuple[str, list[int]]:
+    """The query of a batch, and where each step's file text starts in it.
+
+    The first transaction marks its own start; each later one was marked by the
+    bookkeeping of the one before, if that one's did (``Transaction.marks_next``).
+    """
     parts: list[str] = []
     file_offsets: list[int] = []
     length = 0
-    for head, body, tail in texts:
+    marked = False
+    for text in texts:
+        head = text.opening if marked else text.opening + bookkeeping.MARK_START
         file_offsets.append(length + len(head))
-        parts += [head, body, tail]
-        length += len(head) + len(body) + len(tail)
+        parts += [head, text.body, text.tail]
+        length += len(head) + len(text.body) + len(text.tail)
+        marked = text.marks_next
     return "".join(parts), file_offsets
 
 
@@ -273,9 +281,9 @@ class _TransactionTexts:
         # A file that may DEALLOCATE the session's prepared statements: from it on, the
         # bookkeeping goes as plain statements.
         self.first_plain = next((i for i, step in enumerate(steps) if _may_deallocate(step.file)), len(steps))
-        self.built: dict[int, tuple[str, str, str]] = {}
+        self.built: dict[int, Transaction] = {}
 
-    def of(self, index: int) -> tuple[str, str, str]:
+    def of(self, index: int) -> Transaction:
         if index not in self.built:
             prepared = self.prepared if index < self.first_plain else None
             self.built[index] = transaction_text(self.target, self.steps[index], self.guard, prepared)
@@ -286,25 +294,36 @@ class _TransactionTexts:
             self.of(index)
 
 
+@dataclass(frozen=True)
+class Transaction:
+    """One step's transaction, in the pieces a batch puts together."""
+
+    opening: str  # BEGIN, the guard, the service's settings
+    body: str  # the file's text, verbatim, so that PostgreSQL's error position maps back to it
+    tail: str  # the bookkeeping and COMMIT
+    marks_next: bool  # the bookkeeping marks the start of the next transaction
+
+
 def transaction_text(
     target: Target,
     step: Step,
     guard: psycopg.sql.Composable | None,
     prepared: bookkeeping.PreparedBookkeeping | None = None,
-) -> tuple[str, str, str]:
-    """One step's transaction as (head, the file's text, tail). The file's text goes in
-    verbatim, so that PostgreSQL's error position maps back to it."""
+) -> Transaction:
+    """One step's transaction; the mark of its start goes between opening and body."""
     conn, action, file = target.conn, step.action, step.file
     guard_sql = guard.as_string(conn) if guard is not None else ""
-    head = _begin(file) + ";\n" + guard_sql + target.transaction_settings
+    opening = _begin(file) + ";\n" + guard_sql + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
-    if prepared is not None and after is not None:
+    marks_next = prepared is not None and after is not None
+    if marks_next:
+        assert prepared is not None and after is not None
         bookkeeping_sql = prepared.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
     else:
         bookkeeping_sql = bookkeeping.record_migration(
             target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
         )
-    return head, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
+    return Transaction(opening, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n", marks_next)
 
 
 _prepared_runs = itertools.count(1)
@@ -312,13 +331,13 @@ _prepared_runs = itertools.count(1)
 
 @contextmanager
 def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[bookkeeping.PreparedBookkeeping | None]:
-    """The bookkeeping statements prepared in the session for one run of steps, and
-    deallocated after it (their names are the run's own, so nothing else can collide)."""
+    """The bookkeeping statement prepared in the session for one run of steps, and
+    deallocated after it (its name is the run's own, so nothing else can collide)."""
     if not enabled:
         yield None
         return
     number = next(_prepared_runs)
-    prepared = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}", f"dbplan_move_version_{number}")
+    prepared = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
     target.conn.execute(prepared.prepare(target.tables).as_string(target.conn).encode())
     try:
         yield prepared
@@ -327,7 +346,7 @@ def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[bookkeep
             import psycopg
 
             rollback_quietly(target.conn)
-            with suppress(psycopg.Error):  # a file may have deallocated them; the session ends soon anyway
+            with suppress(psycopg.Error):  # a file may have deallocated it; the session ends soon anyway
                 target.conn.execute(prepared.deallocate().as_string(target.conn).encode())
 
 
@@ -358,7 +377,7 @@ def _is_done_marker(result: PGresult) -> bool:
 
     return (
         result.status == pq.ExecStatus.TUPLES_OK
-        and result.nfields == 1
+        and result.nfields >= 1  # the prepared bookkeeping returns the next mark too
         and result.fname(0) == _DONE_MARKER_BYTES
     )
 
