@@ -118,6 +118,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def median_interval(values: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval of the median: on a machine whose speed drifts between runs, it
+    says how far the median of this many rounds can be trusted."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int((1 - level) / 2 * draws)], medians[int((1 + level) / 2 * draws) - 1]
+
+
 def with_db(url: str, database: str) -> str:
     """postgresql://user@host:port/postgres -> .../database (the embedded server's URL shape)."""
     base, _, _ = url.rpartition("/")
@@ -573,6 +581,11 @@ def main() -> int:
             print(f"{tool:8s} {med:9.2f} {med * 1000 / n:8.2f} {ratio} {paired} "
                   f"{client:8.2f} ms {server:8.2f} ms   {runs_text}")
         print("(CPU columns in ms per migration; client CPU includes process start)")
+        if floor_runs and len(floor_runs) > 2:
+            for tool in tools:
+                if tool != "psql":
+                    low, high = median_interval([m.wall / f for m, f in zip(results[tool], floor_runs)])
+                    print(f"{tool}: paired ratio, 90% bootstrap interval of the median: {low:.2f}x to {high:.2f}x")
         if floor and "dbplan" in results:
             extra = (median([m.wall for m in results["dbplan"]]) - floor) * 1000 / n
             print(f"dbplan over the floor: {extra:+.2f} ms/migration (target: ratio <= 1.10, "
