@@ -1,0 +1,248 @@
+"""Stage 1a: the plan file's text into plain values, keeping the place of every node.
+
+YAML is composed with PyYAML and built node by node, so that each value's line and column
+are known (``Document.place``) and ``${VAR}`` / ``${VAR:-default}`` are expanded per scalar,
+never anything else. Aliases and merge keys are capped, so a small file cannot expand
+into millions of values. What the values mean is ``config``'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, Place
+
+MAX_PLAN_FILE_BYTES = 4 * 1024 * 1024
+# An alias may point at a node that itself holds aliases ("billion laughs"); expanding
+# them is exponential, so the number of values built is capped.
+MAX_DOCUMENT_VALUES = 100_000
+
+DocPath = tuple[str | int, ...]
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if part.isprintable() else repr(part)[1:-1]  # keep a message on one line
+            text += f".{name}" if text else name
+    return text
+
+
+def quoted(name: str) -> str:
+    """'name' for a message; a key or value with a newline or control character is escaped,
+    so an error stays one paragraph whatever the file holds."""
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
+class Document:
+    """The parsed YAML: plain Python values plus the place of every node."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.marks: dict[DocPath, tuple[int, int]] = {}
+        self.key_marks: dict[DocPath, tuple[int, int]] = {}
+
+    def place(self, path: DocPath, *, key: bool = False) -> Place:
+        marks = self.key_marks if key and path in self.key_marks else self.marks
+        probe = path
+        while probe not in marks and probe:
+            probe = probe[:-1]
+        line, column = marks.get(probe, (None, None))
+        return Place(self.file, line, column, format_path(path) or None)
+
+
+_EXPANSION = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
+_VARIABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
+_SCALAR_RESOLVER = yaml.resolver.Resolver()
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # "<<: [*a, *a, ...]" nested a few levels copies key/value pairs exponentially
+        # before a single value is built, so the values_built cap alone cannot stop it.
+        # PyYAML's flatten_mapping recurses through self, so every level is checked.
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_DOCUMENT_VALUES:
+            raise yaml.constructor.ConstructorError(
+                problem=f"merge keys ('<<') expand this mapping to more than {MAX_DOCUMENT_VALUES} entries",
+                problem_mark=node.start_mark,
+            )
+
+
+def expand_variables(text: str, environ: Mapping[str, str], where: Place) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$$``; nothing else is interpreted."""
+
+    def replace(match: re.Match[str]) -> str:
+        whole = match.group(0)
+        if whole == "$$":
+            return "$"
+        if match.group(1) is None:
+            raise ConfigError("unterminated '${' in value", place=where, hint="write '$$' for a literal '$'")
+        spec = _VARIABLE.match(match.group(1))
+        if spec is None:
+            raise ConfigError(
+                f"'{whole}' is not a variable reference",
+                place=where,
+                hint="use ${NAME} or ${NAME:-default}; write '$$' for a literal '$'",
+            )
+        name, default = spec.group(1), spec.group(2)
+        value = environ.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            raise ConfigError(
+                f"environment variable {name} is not set",
+                place=where,
+                hint=f"set {name}, or give a default with ${{{name}:-default}}",
+            )
+        return value
+
+    return _EXPANSION.sub(replace, text)
+
+
+class _Builder:
+    """Turns composed YAML nodes into Python values, recording marks and expanding."""
+
+    def __init__(self, document: Document, environ: Mapping[str, str]) -> None:
+        self.document = document
+        self.environ = environ
+        self.values_built = 0
+        self.constructor = _Constructor()
+
+    def build(self, node: yaml.Node, path: DocPath) -> Any:
+        self.values_built += 1
+        if self.values_built > MAX_DOCUMENT_VALUES:
+            raise ConfigError(
+                f"the document expands to more than {MAX_DOCUMENT_VALUES} values "
+                "(aliases that multiply?)",
+                place=self.document.place(path),
+            )
+        self.document.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (index,)) for index, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        return self._scalar(node, path)
+
+    def _construct(self, node: yaml.Node, path: DocPath) -> Any:
+        # SafeConstructor raises plain ValueError/KeyError/AttributeError for scalars that
+        # match a tag but do not parse: `!!int abc`, `!!bool maybe`, `2024-13-45`.
+        try:
+            return self.constructor.construct_object(node)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as err:
+            kind = node.tag.rsplit(":", 1)[-1]
+            where = self.document.place(path)
+            if node.start_mark is not None:
+                where = Place(where.file, node.start_mark.line + 1, node.start_mark.column + 1, where.path)
+            raise ConfigError(
+                f"cannot read {node.value!r} as {kind}", place=where, hint="quote the value to make it a string"
+            ) from err
+
+    def _mapping(self, node: yaml.MappingNode, path: DocPath) -> dict[str, Any]:
+        own_pairs = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
+        self.constructor.flatten_mapping(node)  # resolves "<<" merge keys
+        # flatten_mapping puts the merged pairs first; a key written here overrides a merged
+        # one (as YAML merge keys mean), only a key written twice here is a duplicate.
+        merged_pairs = len(node.value) - own_pairs
+        result: dict[str, Any] = {}
+        own_keys: set[str] = set()
+        for index, (key_node, value_node) in enumerate(node.value):
+            key = self._construct(key_node, path)
+            if not isinstance(key, str):
+                # Keys are names: `on:`, `no:` or `null:` mean the name, not YAML 1.1's bool/null.
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
+            child = path + (key,)
+            if index >= merged_pairs:
+                if key in own_keys:
+                    first_line = self.document.key_marks[child][0]
+                    raise ConfigError(
+                        f"duplicate key {quoted(key)} (first defined on line {first_line})",
+                        place=Place(
+                            self.document.file,
+                            key_node.start_mark.line + 1,
+                            key_node.start_mark.column + 1,
+                            format_path(child),
+                        ),
+                    )
+                own_keys.add(key)
+            self.document.key_marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            result[key] = self.build(value_node, child)
+        return result
+
+    def _scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
+        value = self._construct(node, path)
+        if not isinstance(value, str) or "$" not in value:
+            return value
+        expanded = expand_variables(value, self.environ, self.document.place(path))
+        if node.style is not None:  # quoted: stays a string
+            return expanded
+        # The expansion is read as a scalar (never a structure), so `${PORT:-5432}` is a number.
+        tag = _SCALAR_RESOLVER.resolve(yaml.ScalarNode, expanded, (True, False))
+        return self._construct(yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark), path)
+
+
+def read_text(path: Path, display: str) -> tuple[str, str]:
+    """The plan file's text, and the sha256 of the bytes it was decoded from."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(
+            f"plan file {display} not found",
+            hint="run dbplan in the folder that holds dbplan.yaml, or pass -f PATH",
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read plan file {display}: {err.strerror}") from err
+    if path.is_dir():
+        raise ConfigError(f"{display} is a folder, not a plan file", hint="pass -f PATH/dbplan.yaml")
+    if size > MAX_PLAN_FILE_BYTES:
+        raise ConfigError(f"plan file {display} is {size} bytes; the limit is {MAX_PLAN_FILE_BYTES}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"plan file {display} is binary, not YAML")
+    try:
+        return raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"plan file {display} is not UTF-8 (byte {err.start})") from err
+
+
+def parse_yaml(text: str, document: Document, environ: Mapping[str, str]) -> Any:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError as err:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError("the document nests too deeply", place=Place(document.file)) from err
+    except yaml.reader.ReaderError as err:
+        # A control character: PyYAML gives only an offset ("position 23"); name the line.
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - text.rfind("\n", 0, err.position)
+        raise ConfigError(
+            f"invalid YAML: control character #x{err.character:04x} is not allowed",
+            place=Place(document.file, line, column),
+            hint="remove it, or write it as an escape inside double quotes",
+        ) from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        place = Place(document.file, mark.line + 1, mark.column + 1) if mark else Place(document.file)
+        raise ConfigError(f"invalid YAML: {err.problem or err.context}", place=place) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML: {err}", place=Place(document.file)) from err
+    if node is None:
+        raise ConfigError("the plan file is empty", place=Place(document.file), hint="start with 'version: 1'")
+    try:
+        return _Builder(document, environ).build(node, ())
+    except yaml.constructor.ConstructorError as err:
+        mark = err.problem_mark
+        place = Place(document.file, mark.line + 1, mark.column + 1) if mark else Place(document.file)
+        raise ConfigError(f"invalid YAML: {err.problem}", place=place) from err
+    except RecursionError as err:
+        raise ConfigError("the document nests too deeply", place=Place(document.file)) from err
