@@ -315,14 +315,14 @@ def transaction_text(
     guard_sql = guard.as_string(conn) if guard is not None else ""
     opening = _begin(file) + ";\n" + guard_sql + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
-    marks_next = prepared is not None and after is not None
-    if marks_next:
-        assert prepared is not None and after is not None
+    if prepared is not None and after is not None:
         bookkeeping_sql = prepared.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
+        marks_next = True
     else:
         bookkeeping_sql = bookkeeping.record_migration(
             target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
         )
+        marks_next = False
     return Transaction(opening, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n", marks_next)
 
 

@@ -130,8 +130,9 @@ _DONE_TIMES = sql.SQL(
     f"to_timestamp({_STARTED}), ((date_part('epoch', clock_timestamp()) - {_STARTED}) * 1000)::integer"
 )
 _RETURNING_DONE = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER};\n")
-# The same, and the start of the next transaction of the session marked: false is the
-# session, for the next migration of a batch starts right after this one commits.
+# The same, and the start of the next migration marked: set_config(..., false) keeps the
+# mark for the session, since the next migration of a batch runs in a transaction of its
+# own, right after this one commits.
 _RETURNING_DONE_MARK_NEXT = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER}, {_MARK.format('false')};\n")
 
 
