@@ -180,7 +180,7 @@ def start_cluster(workdir: Path, durable: bool, prefer: str | None) -> Cluster:
 
 
 def server_settings(cluster: Cluster) -> dict[str, str]:
-    names = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_sync_method",
+    names = ["server_version", "autovacuum", "fsync", "synchronous_commit", "full_page_writes", "wal_sync_method",
              "wal_level", "shared_buffers", "max_wal_size", "checkpoint_timeout"]
     query = "SELECT string_agg(name || '=' || setting || coalesce(unit, ''), ',' ORDER BY name) FROM pg_settings WHERE name IN (%s)" % (
         ", ".join(f"'{n}'" for n in names))
@@ -460,6 +460,9 @@ def main() -> int:
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help="comma-separated, from psql,psql_1rt,psql_bk,dbmate,dbplan (default psql,dbmate,dbplan); "
                         "psql_1rt sends each transaction as one query, psql_bk adds dbplan's bookkeeping statements")
+    parser.add_argument("--no-autovacuum", action="store_true",
+                        help="turn autovacuum off: a worker that one tool's catalog churn starts may run, and be "
+                        "counted, during the next tool's run")
     parser.add_argument("--non-durable", action="store_true",
                         help="fsync/synchronous_commit/full_page_writes off (NOT the default; printed)")
     parser.add_argument("--pg", choices=("wheel", "system"),
@@ -486,6 +489,9 @@ def main() -> int:
     try:
         t0 = time.perf_counter()
         cluster = start_cluster(workdir, durable=not options.non_durable, prefer=options.pg)
+        if options.no_autovacuum:
+            cluster.sql("ALTER SYSTEM SET autovacuum = off")
+            cluster.sql("SELECT pg_reload_conf()")
         settings = server_settings(cluster)
         binaries = cluster.server.binaries  # type: ignore[attr-defined]
         print(f"cluster: {cluster.url} ({time.perf_counter() - t0:.1f} s to start), PostgreSQL {binaries.version} "
