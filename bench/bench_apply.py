@@ -261,25 +261,24 @@ class Measured:
     server_cpu: float  # seconds of CPU of the server backend(s) serving it
 
 
-# dbplan's bookkeeping, written out by hand (see orchestrator/bookkeeping.py), for the
-# psql_bk variant: the floor plus the same per-migration bookkeeping statements.
-BOOKKEEPING_TABLES = """CREATE TABLE IF NOT EXISTS public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
-CREATE TABLE IF NOT EXISTS public.dbplan_history (
-  id bigserial PRIMARY KEY, version bigint NOT NULL, title text, checksum text, event text NOT NULL,
-  applied_at timestamptz NOT NULL DEFAULT now(), duration_ms integer, applied_by text, reason text);
-"""
-_STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, extract(epoch FROM now()))"
-BOOKKEEPING_ROW = (
-    "SELECT set_config('lock_timeout', '30000', true), "
-    "set_config('dbplan.migration_started', extract(epoch FROM clock_timestamp())::text, true);\n"
-    "\\i '{path}'\n;\n"
-    "INSERT INTO public.dbplan_history (version, title, checksum, event, applied_at, duration_ms, applied_by) "
-    f"VALUES ({{v}}, '{{title}}', '{{checksum}}', 'apply', to_timestamp({_STARTED}), "
-    f"((extract(epoch FROM clock_timestamp()) - {_STARTED}) * 1000)::integer, 'bench@localhost') "
-    "RETURNING duration_ms AS dbplan_migration_done_ms;\n"
-    "WITH moved AS (UPDATE public.schema_migrations SET version = {v}, dirty = false RETURNING 1)\n"
-    "INSERT INTO public.schema_migrations (version, dirty) SELECT {v}, false WHERE NOT EXISTS (SELECT FROM moved);\n"
-)
+def bookkeeping_driver(migrations: Migrations) -> str:
+    """The psql_bk driver: the floor plus dbplan's own statements in each transaction, taken
+    from ``orchestrator.bookkeeping`` (so they cannot drift from what dbplan sends): the
+    bookkeeping tables, the bookkeeping statement prepared once, and per migration the
+    service's default lock_timeout, the file, and the prepared statement, which also marks
+    the next migration's start. The first transaction marks its own, as a batch's first does.
+    """
+    from orchestrator import bookkeeping
+
+    tables = bookkeeping.Tables("public", "schema_migrations", "dbplan_history")
+    prepared = bookkeeping.PreparedBookkeeping("bench_record_migration")
+    parts = [bookkeeping.create_tables(tables, create_schema=False).as_string(None),
+             prepared.prepare(tables).as_string(None)]
+    for index, (path, (version, title, checksum)) in enumerate(zip(migrations.up_files, migrations.items)):
+        record = prepared.execute(version=version, title=title, checksum=checksum, event="apply", version_after=version)
+        parts.append("BEGIN;\nSET LOCAL lock_timeout = '30000';\n" + (bookkeeping.MARK_START if index == 0 else "")
+                     + f"\\i '{path}'\n;\n" + record.as_string(None) + "COMMIT;\n")
+    return "".join(parts)
 
 
 class Runner:
@@ -301,9 +300,7 @@ class Runner:
         self.driver_1rt.write_text("".join(migrations.one_trip))
         # the floor plus dbplan's bookkeeping in each transaction
         self.driver_bk = workdir / "psql_bookkeeping_driver.sql"
-        self.driver_bk.write_text(BOOKKEEPING_TABLES + "".join(
-            "BEGIN;\n" + BOOKKEEPING_ROW.format(path=p, v=v, title=title, checksum=checksum) + "COMMIT;\n"
-            for p, (v, title, checksum) in zip(migrations.up_files, migrations.items)))
+        self.driver_bk.write_text(bookkeeping_driver(migrations))
 
     def dbmate_url(self, database: str) -> str:
         return with_db(self.cluster.url, database).replace("postgresql://", "postgres://", 1) + "?sslmode=disable"
