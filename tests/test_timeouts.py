@@ -75,6 +75,21 @@ def test_timeouts_are_set_for_the_migration_with_safe_defaults(estate: Estate) -
     assert estate.query("app", "SELECT * FROM seen_outside") == [("5s", "90s")]
 
 
+def test_each_migration_of_a_batch_gets_the_service_settings_again(estate: Estate) -> None:
+    """The settings go with every transaction, not once per session: a migration that
+    loosens them for the session (2) does not loosen them for the next one (3), which
+    travels in the same query."""
+    estate.add_app(lock_timeout="5s", statement_timeout=90000)
+    estate.write("app", "1_a.up.sql", "CREATE TABLE a (id int);")
+    estate.write("app", "2_loosen.up.sql", "SET lock_timeout = 0;\nSET statement_timeout = 0;\nCREATE TABLE b (id int);")
+    estate.write("app", "3_seen.up.sql", "CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT * FROM seen") == [("5s", "90s")]
+
+
 def test_bad_timeout_is_a_config_error(estate: Estate) -> None:
     estate.add_app(lock_timeout="5 parsecs")
     run = estate.dbplan("validate")
