@@ -50,6 +50,11 @@ class TableLock:
 
 
 
+def _record_settings(table: str) -> str:
+    """A migration that keeps the timeouts it ran with in ``table``."""
+    return f"CREATE TABLE {table} AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;"
+
+
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator import batches
@@ -60,12 +65,12 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_timeouts_are_set_for_the_migration_with_safe_defaults(estate: Estate) -> None:
     estate.add_app()
     estate.add_service("tuned", "app", table="tuned_migrations", lock_timeout="5s", statement_timeout=90000)
-    estate.write("app", "1_seen.up.sql", "CREATE TABLE seen_default AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
-    estate.write("tuned", "1_seen.up.sql", "CREATE TABLE seen_tuned AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
+    estate.write("app", "1_seen.up.sql", _record_settings("seen_default"))
+    estate.write("tuned", "1_seen.up.sql", _record_settings("seen_tuned"))
     estate.write(
         "tuned",
         "2_seen_outside.up.sql",
-        "-- dbplan:no-transaction\nCREATE TABLE seen_outside AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;",
+        "-- dbplan:no-transaction\n" + _record_settings("seen_outside"),
     )
     run = estate.dbplan("apply", "--yes")
     assert run.code == 0, run.output
@@ -82,7 +87,7 @@ def test_each_migration_of_a_batch_gets_the_service_settings_again(estate: Estat
     estate.add_app(lock_timeout="5s", statement_timeout=90000)
     estate.write("app", "1_a.up.sql", "CREATE TABLE a (id int);")
     estate.write("app", "2_loosen.up.sql", "SET lock_timeout = 0;\nSET statement_timeout = 0;\nCREATE TABLE b (id int);")
-    estate.write("app", "3_seen.up.sql", "CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lock, current_setting('statement_timeout') AS statement;")
+    estate.write("app", "3_seen.up.sql", _record_settings("seen"))
 
     run = estate.dbplan("apply", "--yes")
 
