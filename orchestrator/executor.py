@@ -100,6 +100,14 @@ class _Run:
     def notice(self, message: str) -> None:
         self.progress.notice(message)
 
+    def lock_wait_for(self, conn: psycopg.Connection, key: int, what: str) -> LockWait:
+        """Waiting for a lock the way this run waits: up to ``--lock-wait``, announced, and
+        ended by a stop request."""
+        return LockWait(
+            conn, key, what, wait_seconds=self.lock_wait, on_wait=self.progress.notice,
+            stop=lambda: self.check_stop(f"while waiting for the lock on {what}"),
+        )  # fmt: skip
+
     def check_stop(self, where: str) -> None:
         """Raise ``Interrupted`` if a stop was requested; ``where`` completes "stopped ..."."""
         if self.cancellation.requested:
@@ -199,11 +207,8 @@ def _create_on_server(run: _Run, server: Server, actions: list[Action]) -> None:
             # and a concurrent run's creation shows up as a duplicate error, taken as done.
             _create_each(run, conn, server, actions)
             return
-        with advisory_lock(
-            conn, server_lock_key(server.name), f"server '{server.name}'", wait_seconds=run.lock_wait,
-            on_wait=run.progress.notice, stop=lambda: run.check_stop(f"while waiting for the lock on server '{server.name}'"),
-            server=server.name,
-        ):
+        waiting = run.lock_wait_for(conn, server_lock_key(server.name), f"server '{server.name}'")
+        with advisory_lock(waiting, server=server.name):
             checkpoint("locked")
             _create_each(run, conn, server, actions)
 
@@ -267,16 +272,11 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         target = Target(conn, service, server, owner, bookkeeping.Tables(schema, service.table, service.history_table))
+        waiting = run.lock_wait_for(conn, key, what)
         if behind_pooler(conn):
-            _migrate_guarded(run, target, shown, LockWait(
-                conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice,
-                stop=lambda: run.check_stop(f"while waiting for the lock on {what}"),
-            ))  # fmt: skip
+            _migrate_guarded(run, target, shown, waiting)
             return
-        with advisory_lock(
-            conn, key, what, wait_seconds=run.lock_wait, on_wait=run.progress.notice,
-            stop=lambda: run.check_stop(f"while waiting for the lock on {what}"), server=server.name,
-        ):  # fmt: skip
+        with advisory_lock(waiting, server=server.name):
             checkpoint("locked")
             _migrate_locked(run, target, shown)
 

@@ -10,7 +10,7 @@ from . import bookkeeping
 from .connection import connect, server_url
 from .errors import DbplanError
 from .facts import read_service
-from .locks import advisory_lock, migrations_lock_key
+from .locks import LockWait, advisory_lock, migrations_lock_key
 from .migrations import MigrationSet
 from .model import Estate
 
@@ -48,7 +48,7 @@ def force_version(
         assert facts.schema is not None
         tables = bookkeeping.Tables(facts.schema, service.table, service.history_table)
         key = migrations_lock_key(service.database, facts.schema, service.table)
-        with advisory_lock(conn, key, f"the migrations of service '{service.name}'", wait_seconds=lock_wait):
+        with advisory_lock(LockWait(conn, key, f"the migrations of service '{service.name}'", wait_seconds=lock_wait)):
             migration = by_version.get(version)
             statements = (
                 bookkeeping.create_tables(tables, create_schema=service.schema is not None)

@@ -105,26 +105,18 @@ class LockWait:
 
 
 @contextmanager
-def advisory_lock(
-    conn: psycopg.Connection,
-    key: int,
-    what: str,
-    *,
-    wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS,
-    on_wait: Callable[[str], None] | None = None,
-    stop: Callable[[], None] | None = None,
-    server: str = "",
-) -> Iterator[None]:
-    """Hold a session advisory lock on ``conn`` for the duration of the block."""
+def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
+    """Hold the session advisory lock ``waiting`` is for, on its connection, for the
+    duration of the block; while another session holds it, wait as ``waiting`` says."""
     from .connection import behind_pooler
 
+    conn, key = waiting.conn, waiting.key
     if behind_pooler(conn):
         raise DbplanError(
-            pooler_message(server) + f", so it cannot protect {what}",
+            pooler_message(server) + f", so it cannot protect {waiting.what}",
             server=server or None,
             hint="connect to PostgreSQL directly for this command",
         )
-    waiting = LockWait(conn, key, what, wait_seconds=wait_seconds, on_wait=on_wait, stop=stop)
     while not _try_lock(conn, key):
         waiting.pause()
     try:
