@@ -9,7 +9,7 @@ Run by hand (never part of the test suite):
 
 What it does (see bench/README.md):
 
-1. starts a throwaway PostgreSQL cluster with ``orchestrator.embedded.EmbeddedServer``
+1. starts a throwaway PostgreSQL cluster with ``orchestrator.server.embedded.EmbeddedServer``
    (durable settings by default: fsync, synchronous_commit and full_page_writes stay on;
    the settings in effect are printed), used by every tool alike, over TCP;
 2. generates N golang-migrate-style migrations (a table and an index each; every 10th
@@ -171,7 +171,7 @@ class Cluster:
 
 
 def start_cluster(workdir: Path, durable: bool, prefer: str | None) -> Cluster:
-    from orchestrator.embedded import EmbeddedServer, find_binaries
+    from orchestrator.server.embedded import EmbeddedServer, find_binaries
 
     binaries = find_binaries(prefer) if prefer else None
     server = EmbeddedServer(workdir / "pg", binaries=binaries, durable=durable)
@@ -263,12 +263,12 @@ class Measured:
 
 def bookkeeping_driver(migrations: Migrations) -> str:
     """The psql_bk driver: the floor plus dbplan's own statements in each transaction, taken
-    from ``orchestrator.bookkeeping`` (so they cannot drift from what dbplan sends): the
+    from ``orchestrator.execution.bookkeeping`` (so they cannot drift from what dbplan sends): the
     bookkeeping tables, the bookkeeping statement prepared once, and per migration the
     service's default lock_timeout, the file, and the prepared statement, which also marks
     the next migration's start. The first transaction marks its own, as a batch's first does.
     """
-    from orchestrator import bookkeeping
+    from orchestrator.execution import bookkeeping
 
     tables = bookkeeping.Tables("public", "schema_migrations", "dbplan_history")
     prepared = bookkeeping.PreparedBookkeeping("bench_record_migration")
@@ -426,8 +426,8 @@ def import_breakdown(args: list[str], env: dict[str, str], cwd: Path, runs: int 
 
 
 def profile_apply(runner: Runner, cluster: Cluster, top: int = 40) -> str:
-    import pstats
     import io
+    import pstats
 
     database = "bench_profile"
     cluster.fresh_database(database)

@@ -54,8 +54,8 @@ class CountingServer:
     """A PostgreSQL server run under cachegrind, one output file per backend."""
 
     def __init__(self, workdir: Path, prefer: str | None) -> None:
-        from orchestrator.pgbinaries import find_binaries
-        from orchestrator.runas import reachable_bindir, run_as_account
+        from orchestrator.server.pgbinaries import find_binaries
+        from orchestrator.server.runas import reachable_bindir, run_as_account
 
         self.account = run_as_account()  # PostgreSQL refuses to run as root
         binaries = find_binaries(prefer)

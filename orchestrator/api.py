@@ -11,19 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import config, graph, migrations
 from .errors import DbplanError, MigrationFileError
-from .facts import LiveState, inspect
-from .graph import EstateGraph
-from .locks import DEFAULT_LOCK_WAIT_SECONDS
-from .migrations import MigrationSet
-from .model import Estate
-from .plan import Plan
-from .planner import make_plan
+from .estate import graph
+from .estate import load as plan_file
+from .estate.graph import EstateGraph
+from .estate.model import Estate
+from .live.facts import LiveState, inspect
+from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
+from .migrations import scan as migration_folders
+from .migrations.scan import MigrationSet
+from .planning.plan import Plan
+from .planning.planner import make_plan
 
 if TYPE_CHECKING:
-    from .embedded import EmbeddedServer
-    from .executor import Cancellation, Progress, Result
+    from .execution.progress import Cancellation, Progress, Result
+    from .server.embedded import EmbeddedServer
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,10 @@ class Planned(Checked):
     plan: Plan
 
 
-def validate(file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Checked:
+def validate(file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Checked:
     """Check the plan file and the migration folders, without any server."""
-    estate = config.load(file, environ)
-    return Checked(estate, graph.build(estate), migrations.scan(estate))
+    estate = plan_file.load(file, environ)
+    return Checked(estate, graph.build(estate), migration_folders.scan(estate))
 
 
 # How often a plan blocked by another run's no-transaction migration is made again.
@@ -52,7 +54,7 @@ RUN_IN_PROGRESS_POLL_SECONDS = 0.5
 
 
 def plan(
-    file: str | os.PathLike[str] = config.DEFAULT_PLAN_FILE,
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
     *,
     environ: Mapping[str, str] | None = None,
     wait_seconds: float = 0.0,
@@ -109,7 +111,7 @@ def apply(
 
     ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
     """
-    from .executor import execute  # the writer is loaded only by commands that write
+    from .execution.executor import execute  # the writer is loaded only by commands that write
 
     return execute(
         planned.plan,
@@ -123,7 +125,7 @@ def apply(
 
 def save_plan(planned: Planned, path: str | os.PathLike[str]) -> None:
     """Write the plan with a fingerprint of everything it was computed from."""
-    from . import savedplan
+    from .planning import savedplan
 
     savedplan.save(Path(path), planned.plan, savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live))
 
@@ -137,7 +139,7 @@ def plan_saved(
     on_notice: Callable[[str], None] | None = None,
 ) -> Planned:
     """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything differs."""
-    from . import savedplan
+    from .planning import savedplan
 
     saved = savedplan.load(Path(saved_path))
     planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice)
@@ -156,7 +158,7 @@ def force(
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
 ) -> None:
     """Record VERSION as the service's current version and clear its dirty flag."""
-    from .force import force_version
+    from .execution.force import force_version
 
     checked = validate(file, environ)
     force_version(checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait)
@@ -168,7 +170,7 @@ def new_migration(
     """Create the next up/down pair of a service; return their paths."""
     import re
 
-    estate = config.load(file, environ)
+    estate = plan_file.load(file, environ)
     service = estate.services.get(service_name)
     if service is None:
         raise DbplanError(
@@ -180,7 +182,7 @@ def new_migration(
         raise DbplanError(f"title '{title}' has no letters or digits to name a file with")
     folder = service.migrations_dir
     folder.mkdir(parents=True, exist_ok=True)
-    existing = migrations.scan_service(service, estate.root)
+    existing = migration_folders.scan_service(service, estate.root)
     latest = existing.latest or 0
     width = max((len(m.up.path.name.split("_", 1)[0]) for m in existing.migrations), default=6)
     version = str(latest + 1).zfill(width)
@@ -197,9 +199,9 @@ def embedded_servers(
     file: str | os.PathLike[str], server_name: str | None = None, environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, EmbeddedServer]]:
     """The embedded servers a plan file declares (those without a url), by name."""
-    from .embedded import EmbeddedServer
+    from .server.embedded import EmbeddedServer
 
-    estate = config.load(file, environ)
+    estate = plan_file.load(file, environ)
     if server_name is not None and server_name not in estate.servers:
         raise DbplanError(
             f"unknown server '{server_name}'{_did_you_mean(server_name, estate.servers)}",
@@ -220,5 +222,5 @@ def embedded_servers(
 
 
 def _did_you_mean(word: str, choices: Mapping[str, object]) -> str:
-    match = config.suggest(word, choices)
+    match = plan_file.suggest(word, choices)
     return f"; did you mean '{match}'?" if match else ""

@@ -20,10 +20,10 @@ import typer
 
 from . import api
 from .errors import DbplanError
-from .plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+from .planning.plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
 
 if TYPE_CHECKING:
-    from .executor import Cancellation, Outcome
+    from .execution.progress import Cancellation, Outcome
 
 app = typer.Typer(
     help="Plan and apply PostgreSQL databases and migrations from one reviewed file, dbplan.yaml.",
@@ -216,8 +216,8 @@ def apply(
         _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint))
     if not planned.plan.changes:
         if as_json:
+            from .execution.progress import Result
             from .render import json as render_json
-            from .executor import Result
 
             _say(render_json.render_result(Result(())))
         return
@@ -227,7 +227,7 @@ def apply(
         if not typer.confirm("Apply these changes?", default=False):
             _note("Nothing was changed.")
             raise typer.Exit(1)
-    from .executor import Cancellation, Interrupted  # the writer loads only when applying
+    from .execution.progress import Cancellation, Interrupted
 
     cancellation = Cancellation()
     _collect_garbage_from_here()  # a long run: its garbage must not pile up

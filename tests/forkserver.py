@@ -23,8 +23,12 @@ def _warm_up() -> None:
     from psycopg import errors, sql  # noqa: F401
 
     import orchestrator.cli  # noqa: F401
-    from orchestrator import api, bookkeeping, executor, facts, force, planner  # noqa: F401
-    from orchestrator.render import json as render_json, text  # noqa: F401
+    from orchestrator import api  # noqa: F401
+    from orchestrator.execution import bookkeeping, executor, force  # noqa: F401
+    from orchestrator.live import facts  # noqa: F401
+    from orchestrator.planning import planner  # noqa: F401
+    from orchestrator.render import json as render_json  # noqa: F401
+    from orchestrator.render import text  # noqa: F401
 
 
 def _child(request: dict[str, object]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from orchestrator.embedded import EmbeddedServer, PgBinaries, find_binaries, list_binaries
+from orchestrator.server.embedded import EmbeddedServer, PgBinaries, find_binaries, list_binaries
 
 ENV_URL = "DBPLAN_TEST_URL"
 ENV_URL2 = "DBPLAN_TEST_URL2"

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-
 from estate import Estate
 
 

@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
-from orchestrator import config, graph, migrations
 from orchestrator.api import Planned
-from orchestrator.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
-from orchestrator.migrations import MigrationSet
-from orchestrator.model import Estate
-from orchestrator.plan import Plan
-from orchestrator.planner import make_plan
+from orchestrator.estate import graph
+from orchestrator.estate import load as config
+from orchestrator.estate.model import Estate
+from orchestrator.live.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
+from orchestrator.migrations import scan as migrations
+from orchestrator.migrations.scan import MigrationSet
+from orchestrator.planning.plan import Plan
+from orchestrator.planning.planner import make_plan
 
 ROLE_PASSWORD = "hunter2-role-password"
 URL_PASSWORD = "s3cret-url-password"

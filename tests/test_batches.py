@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from estate import Estate
 from processes import Finished, start_dbplan, wait_until
 from tcpproxy import TcpProxy

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from estate import EXAMPLE_ACTIONS, REPO, Estate, example_migration_count
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from estate import Estate
 from processes import (
     TableGate,
@@ -46,7 +45,7 @@ def _crc32_ieee(data: bytes) -> int:
 
 
 def test_migrations_lock_key_is_golang_migrates() -> None:
-    from orchestrator.locks import migrations_lock_key
+    from orchestrator.live.locks import migrations_lock_key
 
     # golang-migrate's own test vector (database/util_test.go): GenerateAdvisoryLockId(
     # "database_name", "schema_name_1", "schema_name_2") == "3743845847".
@@ -81,7 +80,7 @@ def test_eight_processes_apply_everything_exactly_once(estate: Estate) -> None:
 
 
 def test_lock_wait_runs_out_and_names_the_holder(estate: Estate) -> None:
-    from orchestrator.locks import migrations_lock_key
+    from orchestrator.live.locks import migrations_lock_key
 
     estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import config
 from orchestrator.errors import ConfigError, DbplanError, GraphError
-from orchestrator.model import EmbeddedSpec, Estate, Role, Server
+from orchestrator.estate import load as config
+from orchestrator.estate.model import EmbeddedSpec, Estate, Role, Server
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from estate import EXAMPLE_ACTIONS, REPO, Estate, example_estate, example_latest, example_migration_count
 
 
@@ -171,7 +170,7 @@ def test_failed_no_transaction_migration_leaves_dirty_until_forced(estate: Estat
     assert forced.code == 0, forced.output
     assert estate.query("app", "select event, reason from dbplan_history where version = 2") == [("force", "index rebuilt by hand")]
     # who forced it and when, too
-    from orchestrator.bookkeeping import applied_by
+    from orchestrator.execution.bookkeeping import applied_by
 
     assert estate.query(
         "app", "select applied_by, applied_at > now() - interval '1 minute' from dbplan_history where event = 'force'"

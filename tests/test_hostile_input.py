@@ -20,9 +20,10 @@ from estate import write_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import api, config
+from orchestrator import api
 from orchestrator.cli import main
 from orchestrator.errors import ConfigError, DbplanError, MigrationFileError
+from orchestrator.estate import load as config
 
 BASE_PLAN = """\
 version: 1
@@ -447,7 +448,7 @@ def test_merge_key_bomb_is_refused_or_defused(tmp_path: Path) -> None:
     """``<<: [*m, *m, ...]`` nested nine deep: PyYAML before 6.0.4 copies merged pairs
     exponentially, and dbplan's cap refuses the file at the mapping that explodes; 6.0.4
     merges each key once, and the file loads as the ten small servers it spells."""
-    from orchestrator import config
+    from orchestrator.estate import load as config
 
     root = tmp_path / "project"
     root.mkdir()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from estate import Estate
 
 HOSTILE = 'x"; DROP DATABASE postgres; --'

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from estate import write_files
 
-from orchestrator import migrations
 from orchestrator.errors import MigrationFileError, Place
-from orchestrator.migrations import Migration, MigrationFile, MigrationSet, RunMode
-from orchestrator.model import Database, Estate, Server, Service
+from orchestrator.estate.model import Database, Estate, Server, Service
+from orchestrator.migrations import scan as migrations
+from orchestrator.migrations.scan import Migration, MigrationFile, MigrationSet, RunMode
 
 MIGRATIONS_PLACE = Place("dbplan.yaml", 12, 17, "services.product.migrations")
 

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from estate import REPO
 
 
@@ -31,6 +30,8 @@ def test_wheel_ships_the_schema(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "orchestrator/schemas/dbplan.schema.json" in names
     assert "orchestrator/cli.py" in names
+    for stage in ("estate", "migrations", "server", "live", "planning", "execution", "render"):
+        assert f"orchestrator/{stage}/__init__.py" in names
     assert not any(name.startswith("tests/") for name in names)
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from estate import Estate
 from pgbouncer import PgBouncer, find_pgbouncer
 from processes import assert_applied_exactly_once, finish, race_estate, start_dbplan
@@ -47,7 +46,7 @@ def _advisory_locks_left(pg_url: str) -> list[tuple[object, ...]]:
 
 
 def test_the_pooler_is_recognised(pg_url: str, bouncer: PgBouncer) -> None:
-    from orchestrator.connection import behind_pooler
+    from orchestrator.live.connection import behind_pooler
 
     with psycopg.connect(bouncer.url, autocommit=True, prepare_threshold=None) as pooled:
         assert behind_pooler(pooled)
@@ -75,7 +74,7 @@ def test_eight_processes_through_pgbouncer_apply_everything_exactly_once(estate:
 def test_a_direct_session_lock_keeps_pooled_runs_out(estate: Estate, pg_url: str) -> None:
     """The transaction-level lock uses golang-migrate's key: a session that holds it directly
     (golang-migrate, or dbplan connected without the pooler) keeps a pooled run waiting."""
-    from orchestrator.locks import migrations_lock_key
+    from orchestrator.live.locks import migrations_lock_key
 
     estate.add_app()
     estate.write("app", "1_first.up.sql", "CREATE TABLE first (id int);")
@@ -121,10 +120,11 @@ def test_transaction_guard_refuses_a_held_lock_and_a_moved_on_state(pg_url: str,
     """The guard itself, on a direct connection: it is what makes a pooled run safe."""
     from psycopg import sql
 
-    from orchestrator import bookkeeping
-    from orchestrator.facts import read_service
-    from orchestrator.locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, migrations_lock_key, transaction_guard
-    from orchestrator.model import Service
+    from orchestrator.estate.model import Service
+    from orchestrator.execution import bookkeeping
+    from orchestrator.execution.guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, transaction_guard
+    from orchestrator.live.facts import read_service
+    from orchestrator.live.locks import migrations_lock_key
 
     database = f"{dbname_prefix}_guard"
     with psycopg.connect(pg_url, autocommit=True) as admin:

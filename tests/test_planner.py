@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import graph, migrations
-from orchestrator.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
-from orchestrator.migrations import MigrationSet, RunMode
-from orchestrator.model import Database, Estate, Role, Server, Service
-from orchestrator.plan import (
+from orchestrator.estate import graph
+from orchestrator.estate.model import Database, Estate, Role, Server, Service
+from orchestrator.live.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
+from orchestrator.migrations import scan as migrations
+from orchestrator.migrations.scan import MigrationSet, RunMode
+from orchestrator.planning.plan import (
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -25,7 +26,7 @@ from orchestrator.plan import (
     RevertMigration,
     ServicePlan,
 )
-from orchestrator.planner import make_plan
+from orchestrator.planning.planner import make_plan
 
 TX = RunMode.TRANSACTION
 

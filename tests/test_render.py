@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 import render_cases
+from render_cases import CASES, ROLE_PASSWORD, URL_PASSWORD, Case
+
 from orchestrator.render import graph as render_graph
 from orchestrator.render import json as render_json
 from orchestrator.render import markdown, text
-from render_cases import CASES, ROLE_PASSWORD, URL_PASSWORD, Case
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("DBPLAN_UPDATE_GOLDEN") == "1"

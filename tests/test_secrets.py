@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from estate import CliRun, Estate
 from processes import run_dbplan
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from orchestrator.lint import KNOWN_RULES, Finding, lint
-from orchestrator.sqlscript import Script, Statement, line_of_offset, parse_script
+from orchestrator.migrations.lint import KNOWN_RULES, Finding, lint
+from orchestrator.migrations.sqlscript import Script, Statement, line_of_offset, parse_script
 
 
 def sqls(script: Script) -> list[str]:
@@ -713,7 +713,7 @@ def test_statement_spans_without_the_scanner_are_the_scanners(index: int, text: 
 
     from pglast.parser import parse_sql_json
 
-    from orchestrator import sqlspans
+    from orchestrator.migrations import sqlspans
 
     src = " " + text[1:] if text.startswith("\ufeff") else text
     utf8 = src.encode()
@@ -725,7 +725,7 @@ def test_statement_spans_without_the_scanner_are_the_scanners(index: int, text: 
 
 
 def test_a_comment_that_may_end_a_statement_is_left_to_the_scanner() -> None:
-    from orchestrator import sqlspans
+    from orchestrator.migrations import sqlspans
 
     script = parse_script("SELECT 'a' -- comment\n;\nSELECT '--' AS dashes;")
     assert sqls(script) == ["SELECT 'a'", "SELECT '--' AS dashes"]

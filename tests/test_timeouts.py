@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from estate import Estate
 from processes import wait_until
 from tcpproxy import TcpProxy
@@ -57,7 +56,7 @@ def _record_settings(table: str) -> str:
 
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import batches
+    from orchestrator.execution import batches
 
     monkeypatch.setattr(batches, "LOCK_TIMEOUT_RETRY_SECONDS", (0.1, 0.1, 0.1))
 

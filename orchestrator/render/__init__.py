@@ -1,1 +1,4 @@
-"""Renderers: a Plan or a Result in, text out. Nothing here talks to a server."""
+"""Rendering: a Plan, a status or a Result in, text out (text, JSON, Markdown, Mermaid, DOT).
+
+Pure functions; nothing here talks to a server or writes a file.
+"""

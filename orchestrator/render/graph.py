@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..graph import EstateGraph, Node
+from ..estate.graph import EstateGraph, Node
 
 ARROWS_NOTE = "Arrows point from a prerequisite to what depends on it (the order apply follows)."
 

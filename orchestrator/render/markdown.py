@@ -21,8 +21,17 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..graph import EstateGraph, Node
-from ..plan import ApplyMigration, CreateDatabase, CreateRole, Drift, MigrationAction, Plan, ServicePlan, Warning
+from ..estate.graph import EstateGraph, Node
+from ..planning.plan import (
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    Drift,
+    MigrationAction,
+    Plan,
+    ServicePlan,
+    Warning,
+)
 from . import graph as render_graph
 from .text import change_phrases, dirty_version, plural, service_blockers, version_label, version_ranges
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..plan import (
+from ..planning.plan import (
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -21,7 +21,7 @@ from ..plan import (
 _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
 
 if TYPE_CHECKING:
-    from ..executor import Result
+    from ..execution.progress import Result
 
 
 class Style:
@@ -235,7 +235,7 @@ def render_result(result: Result, *, color: bool = False) -> str:
     if result.ok:
         text = f"Apply complete: {done} done" + (f", {skipped} skipped (already done by another run)" if skipped else "") + "."
         return style(text, "green", "bold") + "\n"
-    from ..executor import Interrupted
+    from ..execution.progress import Interrupted
 
     if isinstance(result.error, Interrupted):
         return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import DbplanError
-from .plan import Action
+from ..errors import DbplanError
+from ..planning.plan import Action
 
 if TYPE_CHECKING:
     import psycopg

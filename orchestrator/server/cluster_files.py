@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import EmbeddedServerError
+from ..errors import EmbeddedServerError
 from .runas import Account, safe_write
 
 PORT_FILE = "dbplan-port"

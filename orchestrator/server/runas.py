@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import EmbeddedServerError
+from ..errors import EmbeddedServerError
 from .pgbinaries import ENV_BINDIR, PgBinaries, is_bindir, pg_env
 
 __all__ = [

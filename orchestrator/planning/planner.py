@@ -1,4 +1,4 @@
-"""Stage 5: the planner, a pure function of (estate, graph, migrations, live state).
+"""The planner, a pure function of (estate, graph, migrations, live state).
 
 It never talks to a server, so every rule here is tested with small in-memory estates.
 The executor calls ``plan_service`` again under its lock to check that what it is about
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .facts import LiveState, ServiceFacts
-from .graph import EstateGraph
-from .migrations import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
-from .model import Estate, Service
+from ..estate.graph import EstateGraph
+from ..estate.model import Estate, Service
+from ..live.facts import LiveState, ServiceFacts
+from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .plan import (
     Action,
     ApplyMigration,
@@ -323,7 +323,7 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
 
 
 def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
-    from .lint import lint as lint_script
+    from ..migrations.lint import lint as lint_script
 
     script = migration.up.script
     file = migration.up.display

@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import DbplanError, PlanChanged
-from .facts import LiveState
-from .migrations import MigrationSet
-from .model import Estate
-from .plan import Plan, action_from_dict
+from ..errors import DbplanError, PlanChanged
+from ..estate.model import Estate
+from ..live.facts import LiveState
+from ..migrations.scan import MigrationSet
+from .plan import Plan, action_from_dict, plan_to_dict
 
 SAVED_PLAN_KIND = "dbplan-saved-plan"
 
@@ -59,7 +59,6 @@ def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: L
 
 
 def save(path: Path, plan: Plan, print_: dict[str, Any]) -> None:
-    from .render.json import plan_to_dict
 
     document = {"kind": SAVED_PLAN_KIND, **plan_to_dict(plan), "fingerprint": print_}
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

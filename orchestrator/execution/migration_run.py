@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import DbplanError, MigrationFailed
+from ..estate.model import Server, Service
+from ..live.connection import connection_lost
+from ..migrations.scan import Migration, MigrationFile
+from ..migrations.sqlscript import Script, Statement, line_of_offset
+from ..planning.plan import MigrationAction, RevertMigration
 from . import bookkeeping
-from .connection import connection_lost
-from .errors import DbplanError, MigrationFailed
-from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
-from .migrations import Migration, MigrationFile
-from .model import Server, Service
-from .plan import MigrationAction, RevertMigration
-from .sqlscript import Script, Statement, line_of_offset
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
 
 if TYPE_CHECKING:
     import psycopg
 
-    from .executor import Cancellation
+    from .progress import Cancellation
 
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 QUERY_CANCELED = "57014"  # a cancel request, or statement_timeout

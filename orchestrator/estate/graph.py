@@ -1,4 +1,4 @@
-"""Stage 2: the dependency graph of servers, roles, databases and services.
+"""The dependency graph of servers, roles, databases and services.
 
 networkx stays inside this module; the rest of dbplan sees plain tuples. Orders are
 deterministic: ties are broken by the order of the plan file.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import GraphError
+from ..errors import GraphError
 from .model import Estate
 
 Node = tuple[str, str]  # (kind, name): ("server", "main"), ("service", "product"), ...

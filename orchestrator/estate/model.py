@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Place
+from ..errors import Place
 
 DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
 DEFAULT_MAINTENANCE_DATABASE = "postgres"

@@ -6,13 +6,13 @@ and records which version it is now at. The history keeps who did it, when and w
 
 from __future__ import annotations
 
+from ..errors import DbplanError
+from ..estate.model import Estate
+from ..live.connection import connect, server_url
+from ..live.facts import read_service
+from ..live.locks import LockWait, advisory_lock, migrations_lock_key
+from ..migrations.scan import MigrationSet
 from . import bookkeeping
-from .connection import connect, server_url
-from .errors import DbplanError
-from .facts import read_service
-from .locks import LockWait, advisory_lock, migrations_lock_key
-from .migrations import MigrationSet
-from .model import Estate
 
 
 def force_version(
@@ -24,7 +24,7 @@ def force_version(
     reason: str | None,
     lock_wait: float,
 ) -> None:
-    from .config import suggest
+    from ..estate.load import suggest
 
     service = estate.services.get(service_name)
     if service is None:

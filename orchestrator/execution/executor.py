@@ -1,4 +1,4 @@
-"""Stage 6: the executor, the only module that writes to servers.
+"""The executor, the only module that writes to servers.
 
 For each group of actions it takes the lock, re-reads the live state, re-plans, and goes
 on only if the fresh plan is what was shown (or what is left of it after another run did
@@ -8,7 +8,7 @@ ones share round trips (``batches``).
 
 Behind a connection pooler (PgBouncer in transaction mode) no session lock holds, so
 each transaction takes a transaction-level lock and checks that the bookkeeping is what
-it planned from (``locks.transaction_guard``); what cannot run in a transaction (a
+it planned from (``guard.transaction_guard``); what cannot run in a transaction (a
 no-transaction migration) is refused there.
 
 A stop request (SIGINT, SIGTERM: see ``Cancellation``) is honoured between actions; a
@@ -22,20 +22,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import bookkeeping
-from .batches import Step, run_transactional
-from .connection import behind_pooler, connect, server_url
-from .errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
-from .facts import ServiceFacts, read_server, read_service, resolve_schema
-from .locks import (
+from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
+from ..estate.model import Estate, Server, Service
+from ..live.connection import behind_pooler, connect, server_url
+from ..live.facts import ServiceFacts, read_server, read_service, resolve_schema
+from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
     advisory_lock,
     migrations_lock_key,
     pooler_message,
     server_lock_key,
-    transaction_guard,
 )
+from ..migrations.scan import Migration, MigrationSet
+from ..planning.plan import (
+    Action,
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    MigrationAction,
+    Plan,
+    RevertMigration,
+    action_phrase,
+)
+from ..planning.planner import plan_service
+from . import bookkeeping
+from .batches import Step, run_transactional
+from .guard import transaction_guard
 from .migration_run import (
     GuardFailed,
     Target,
@@ -46,19 +59,6 @@ from .migration_run import (
     ms_since,
     run_outside_transaction,
 )
-from .migrations import Migration, MigrationSet
-from .model import Estate, Server, Service
-from .plan import (
-    Action,
-    ApplyMigration,
-    CreateDatabase,
-    CreateRole,
-    MigrationAction,
-    Plan,
-    RevertMigration,
-    action_phrase,
-)
-from .planner import plan_service
 from .progress import (
     Cancellation,
     Interrupted,
@@ -71,7 +71,7 @@ from .progress import (
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["Cancellation", "Interrupted", "Outcome", "Progress", "Result", "SilentProgress", "execute"]
+__all__ = ["execute"]
 
 
 @dataclass

@@ -6,8 +6,8 @@ waits for, the deadlock golang-migrate and Flyway users meet.
 
 Through a pooler in transaction mode a session lock would stay behind on whichever
 server connection took it (and block everyone until the pooler recycles it), so there
-``advisory_lock`` refuses, and the executor opens each of its transactions with
-``transaction_guard`` instead: a transaction-level lock on the same key, and a check that
+``advisory_lock`` refuses, and the executor opens each of its transactions with a guard
+instead (``execution.guard``): a transaction-level lock on the same key, and a check that
 the bookkeeping is still what the plan was made from.
 """
 
@@ -19,21 +19,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import DbplanError, LockTimeout
+from ..errors import DbplanError, LockTimeout
+from .connection import behind_pooler
 
 if TYPE_CHECKING:
     import psycopg
 
-    from .bookkeeping import Tables
-    from .facts import ServiceFacts
 
 GOLANG_MIGRATE_SALT = 1486364155
 DEFAULT_LOCK_WAIT_SECONDS = 300.0
 POLL_SECONDS = 0.2
-
-# Raised by transaction_guard; user-defined SQLSTATEs, so they never mean anything else.
-GUARD_BUSY_SQLSTATE = "DP001"  # another session holds the lock: roll back and try again
-GUARD_MOVED_SQLSTATE = "DP002"  # the bookkeeping changed since it was read: re-read, re-plan
 
 POOLER_MESSAGE = (
     "{server} is reached through a connection pooler (PgBouncer or similar): a session "
@@ -108,8 +103,6 @@ class LockWait:
 def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
     """Hold the session advisory lock ``waiting`` is for, on its connection, for the
     duration of the block; while another session holds it, wait as ``waiting`` says."""
-    from .connection import behind_pooler
-
     conn, key = waiting.conn, waiting.key
     if behind_pooler(conn):
         raise DbplanError(
@@ -129,59 +122,6 @@ def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
 def _try_lock(conn: psycopg.Connection, key: int) -> bool:
     row = conn.execute("SELECT pg_try_advisory_lock(%s::bigint)", (key,)).fetchone()
     return bool(row and row[0])
-
-
-def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> psycopg.sql.Composed:
-    """The head of a transaction that must run alone and only on the state ``facts`` saw.
-
-    It takes the transaction-level lock on ``key`` (the key of the session lock, so it
-    excludes golang-migrate and directly connected dbplan runs too), raising
-    GUARD_BUSY_SQLSTATE when another session holds it, then compares the bookkeeping with
-    ``facts`` and raises GUARD_MOVED_SQLSTATE when another run moved it on. Every dbplan
-    event appends a history row, so (version, dirty, number of history rows) changes with
-    every write. A failed guard rolls the transaction back before anything ran.
-    """
-    from psycopg import sql
-
-    def regclass(table: str) -> sql.Composed:
-        return sql.SQL("to_regclass(quote_ident({}) || '.' || quote_ident({}))").format(
-            sql.Literal(tables.schema), sql.Literal(table)
-        )
-
-    return sql.SQL(
-        "DO $dbplan_guard$\n"
-        "DECLARE found_version bigint; found_dirty boolean; found_rows bigint;\n"
-        "BEGIN\n"
-        "  IF NOT pg_try_advisory_xact_lock({key}) THEN\n"
-        "    RAISE EXCEPTION 'dbplan: the lock is held by another session' USING ERRCODE = {busy};\n"
-        "  END IF;\n"
-        "  IF {migrations} IS NOT NULL THEN\n"
-        "    SELECT version, dirty INTO found_version, found_dirty FROM {migrations_id} ORDER BY version DESC LIMIT 1;\n"
-        "  END IF;\n"
-        "  IF {history} IS NOT NULL THEN\n"
-        "    SELECT count(*) INTO found_rows FROM {history_id};\n"
-        "  END IF;\n"
-        "  IF ROW({migrations} IS NOT NULL, {history} IS NOT NULL,\n"
-        "         CASE WHEN found_version >= 0 THEN found_version END, coalesce(found_dirty, false), found_rows)\n"
-        "     IS DISTINCT FROM ROW({table_exists}, {history_exists}, {version}::bigint, {dirty}, {rows}::bigint) THEN\n"
-        "    RAISE EXCEPTION 'dbplan: the migrations moved on since they were read' USING ERRCODE = {moved};\n"
-        "  END IF;\n"
-        "END\n"
-        "$dbplan_guard$;\n"
-    ).format(
-        key=sql.Literal(key),
-        busy=sql.Literal(GUARD_BUSY_SQLSTATE),
-        moved=sql.Literal(GUARD_MOVED_SQLSTATE),
-        migrations=regclass(tables.migrations),
-        history=regclass(tables.history),
-        migrations_id=tables.migrations_id,
-        history_id=tables.history_id,
-        table_exists=sql.Literal(facts.table_exists),
-        history_exists=sql.Literal(facts.history_exists),
-        version=sql.Literal(facts.version),
-        dirty=sql.Literal(facts.dirty),
-        rows=sql.Literal(facts.history_count),
-    )
 
 
 def describe_holder(conn: psycopg.Connection, key: int) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import EmbeddedServerError
+from ..errors import EmbeddedServerError
 
 __all__ = [
     "ENV_BINDIR",

@@ -1,4 +1,4 @@
-"""Stage 1a: the plan file's text into plain values, keeping the place of every node.
+"""The plan file's text into plain values, keeping the place of every node.
 
 YAML is composed with PyYAML and built node by node, so that each value's line and column
 are known (``Document.place``) and ``${VAR}`` / ``${VAR:-default}`` are expanded per scalar,
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Place
+from ..errors import ConfigError, Place
 
 MAX_PLAN_FILE_BYTES = 4 * 1024 * 1024
 # An alias may point at a node that itself holds aliases ("billion laughs"); expanding

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import ConnectionFailed
-from .model import Server, redact_url
+from ..errors import ConnectionFailed
+from ..estate.model import Server, redact_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -35,7 +35,7 @@ def server_url(server: Server) -> str:
     if server.url:
         return server.url
     assert server.embedded is not None  # config guarantees one of the two
-    from .embedded import EmbeddedServer
+    from ..server.embedded import EmbeddedServer
 
     return EmbeddedServer(server.embedded.data_dir, server.embedded.port).ensure_running()
 
@@ -97,7 +97,7 @@ def describe(server: Server) -> str:
 
 def _first_line(message: str, url: str) -> str:
     # libpq messages can quote the conninfo; make sure no password slips through.
-    from .model import url_password
+    from ..estate.model import url_password
 
     line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     password = url_password(url)

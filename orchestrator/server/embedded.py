@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import EmbeddedServerError
 from .cluster_files import (
     LOG_FILE,
     PidFile,
@@ -42,7 +43,6 @@ from .cluster_files import (
     tail,
     write_settings,
 )
-from .errors import EmbeddedServerError
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
 from .runas import (
     Account,

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import MigrationFailed
+from ..live.connection import connection_lost
+from ..migrations.scan import MigrationFile
+from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
-from .connection import connection_lost
-from .errors import MigrationFailed
-from .locks import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -52,8 +54,6 @@ from .migration_run import (
     sleep_unless_stopped,
     sqlstate_of,
 )
-from .migrations import MigrationFile
-from .plan import MigrationAction, action_phrase
 
 if TYPE_CHECKING:
     import psycopg

@@ -1,4 +1,4 @@
-"""Stage 1: read ``dbplan.yaml`` into an ``Estate``.
+"""Read ``dbplan.yaml`` into an ``Estate``.
 
 The YAML is read with every node's line and column and ``${VAR}`` expanded (``document``),
 then validated against ``schemas/dbplan.schema.json`` and its references checked here, so
@@ -17,13 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
+from ..errors import ConfigError, Place
 from .document import DocPath, Document, parse_yaml, quoted, read_text
-from .errors import ConfigError, Place
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
-    DEFAULT_MAINTENANCE_DATABASE,
     DEFAULT_LOCK_TIMEOUT_MS,
+    DEFAULT_MAINTENANCE_DATABASE,
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
     Database,
@@ -49,7 +48,7 @@ def load_schema() -> dict[str, Any]:
     packaged = resources.files("orchestrator").joinpath("schemas/dbplan.schema.json")
     if packaged.is_file():
         return json.loads(packaged.read_text(encoding="utf-8"))
-    source = Path(__file__).resolve().parent.parent / "schemas" / "dbplan.schema.json"
+    source = Path(__file__).resolve().parents[2] / "schemas" / "dbplan.schema.json"
     return json.loads(source.read_text(encoding="utf-8"))
 
 

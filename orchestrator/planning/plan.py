@@ -44,7 +44,7 @@ class ApplyMigration:
 
     @property
     def transactional(self) -> bool:
-        from .migrations import TRANSACTIONAL_MODES
+        from ..migrations.scan import TRANSACTIONAL_MODES
 
         return self.run_mode in TRANSACTIONAL_MODES
 
@@ -63,7 +63,7 @@ class RevertMigration:
 
     @property
     def transactional(self) -> bool:
-        from .migrations import TRANSACTIONAL_MODES
+        from ..migrations.scan import TRANSACTIONAL_MODES
 
         return self.run_mode in TRANSACTIONAL_MODES
 
@@ -190,3 +190,41 @@ def action_from_dict(data: dict[str, Any]) -> Action:
     cls = ACTION_TYPES[data["kind"]]
     fields = {spec.name for spec in dataclasses.fields(cls) if spec.init}
     return cls(**{name: value for name, value in data.items() if name in fields})
+
+
+FORMAT_VERSION = 1  # of the JSON plan, status and result (DESIGN.md)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "changes": plan.changes,
+        "blocked": plan.blocked,
+        "summary": plan.summary(),
+        "actions": [action_to_dict(action) for action in plan.actions],
+        "services": [service_to_dict(service) for service in plan.services],
+        "warnings": [without_nones(vars(warning)) for warning in plan.warnings],
+        "blockers": [without_nones(vars(blocker)) for blocker in plan.blockers],
+    }
+
+
+def service_to_dict(service: ServicePlan) -> dict[str, Any]:
+    return {
+        "service": service.service,
+        "database": service.database,
+        "server": service.server,
+        "current": service.current,
+        "target": service.target,
+        "latest": service.latest,
+        "dirty": service.dirty,
+        "dirty_version": service.dirty_version,
+        "pending": list(service.pending),
+        "reverts": list(service.reverts),
+        "out_of_order": list(service.out_of_order),
+        "drift": [vars(drift) for drift in service.drift],
+        "invalid_indexes": list(service.invalid_indexes),
+    }
+
+
+def without_nones(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if value is not None}

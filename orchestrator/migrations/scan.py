@@ -1,4 +1,4 @@
-"""Stage 3: scan each service's migration folder into an ordered set of migrations.
+"""Scan each service's migration folder into an ordered set of migrations.
 
 Files are named like golang-migrate's: ``{version}_{title}.up.sql`` and
 ``{version}_{title}.down.sql``. Versions are integers, so ``00034`` and ``000034`` are the
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .errors import MigrationFileError, Place
-from .model import Estate, Service
+from ..errors import MigrationFileError, Place
+from ..estate.model import Estate, Service
 from .sqlscript import Script, parse_script
 
 MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]+)_(?P<title>.+)\.(?P<direction>up|down)\.sql$")

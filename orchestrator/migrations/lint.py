@@ -14,6 +14,7 @@ from typing import Any
 
 from .sqlscript import NO_TRANSACTION_MARKER, Node, Script, Statement, alter_commands
 
+
 @dataclass(frozen=True)
 class Finding:
     """Something in a migration a reviewer must see."""

@@ -1,4 +1,4 @@
-"""Stage 4: read the live servers into a frozen snapshot.
+"""Read the live servers into a frozen snapshot.
 
 Each server is read once (its databases and roles) and each existing database once (the
 bookkeeping tables of every service in it). Databases that do not exist are not connected
@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import ConnectionFailed
+from ..estate.model import Estate, Server, Service
 from .connection import connect, server_url
-from .errors import ConnectionFailed
 from .locks import lock_holder, migrations_lock_key
-from .model import Estate, Server, Service
 
 if TYPE_CHECKING:
     import psycopg
