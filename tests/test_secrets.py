@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 from estate import CliRun, Estate
-from processes import run_dbplan
+from processes import dbplan_backends, run_dbplan, start_dbplan, wait_until
+from psycopg import sql
 
 SERVER_PASSWORD = "srv-Pw-7Hq2xZ"
 ROLE_PASSWORD_IN_FILE = "role-Pw-Literal-93kd"
@@ -119,3 +122,118 @@ def test_saved_plan_keeps_no_secret_but_records_that_a_password_is_set(estate: E
         estate.name("shop_svc"): True,
         estate.name("report_svc"): True,
     }
+
+
+# ---------------------------------------------------------------------------
+# Role passwords never travel in clear (the server log, pg_stat_activity)
+
+# Spellings a naive quoting or hashing step could mangle: a quote and a backslash, a
+# password that looks like an MD5 hash (the server would store it as one if sent as it
+# is), and one that is not ASCII (SASLprep normalises it on both sides).
+ROLE_PASSWORDS = {
+    "quoted": "it's a \"pass\" \\ 9Xq",
+    "md5like": "md5" + "0123456789abcdef" * 2,
+    "unicode": "päss-wörd-Ω-7",
+}
+
+
+def _shows(text: str, password: str) -> bool:
+    """Whether ``text`` holds ``password`` as it is, or as an SQL literal spells it."""
+    doubled_quotes = password.replace("'", "''")
+    return any(spelling in text for spelling in (password, doubled_quotes, doubled_quotes.replace("\\", "\\\\")))
+
+
+def _server_log(conn: psycopg.Connection) -> Path:
+    """The test cluster's log (the embedded server writes it to <data>/postgres.log)."""
+    log = Path(str(conn.execute("SHOW data_directory").fetchone()[0])) / "postgres.log"  # type: ignore[index]
+    if not log.is_file():
+        pytest.skip("the server's log is not readable here (DBPLAN_TEST_URL?)")
+    return log
+
+
+@contextmanager
+def _password_auth_for(conn: psycopg.Connection, roles: list[str]) -> Iterator[None]:
+    """pg_hba lines (first match wins) that make these roles log in with SCRAM over TCP."""
+    hba = Path(str(conn.execute("SHOW hba_file").fetchone()[0]))  # type: ignore[index]
+    original = hba.read_text()
+    hba.write_text(f"host all {','.join(roles)} 127.0.0.1/32 scram-sha-256\n" + original)
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        hba.write_text(original)
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _admin_estate(estate: Estate, admin: str, pg_url: str) -> None:
+    parts = urlsplit(pg_url)
+    estate.document["servers"]["main"]["url"] = f"postgresql://{admin}@{parts.hostname}:{parts.port}/postgres"
+    for short, password in ROLE_PASSWORDS.items():
+        estate.add_role(short, password=password)
+    estate.save()
+
+
+def _log_in(pg_url: str, role: str, password: str) -> str:
+    parts = urlsplit(pg_url)
+    with psycopg.connect(
+        host=parts.hostname, port=parts.port, user=role, password=password, dbname="postgres", connect_timeout=10
+    ) as conn:
+        return str(conn.execute("SELECT current_user").fetchone()[0])  # type: ignore[index]
+
+
+def test_role_passwords_reach_neither_the_log_nor_pg_stat_activity(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    admin = estate.name("admin")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN").format(sql.Identifier(admin)))
+        conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
+        log = _server_log(conn)
+        log_start = log.stat().st_size
+        _admin_estate(estate, admin, pg_url)
+        # A role of the same name created and not yet committed holds dbplan's CREATE ROLE
+        # back, so its text can be read in pg_stat_activity while it waits.
+        blocker = psycopg.connect(pg_url)
+        blocker.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(estate.name("quoted"))))
+        running = start_dbplan(estate.plan_file, "apply", "--yes")
+        waiting = wait_until(lambda: dbplan_backends(pg_url, "%CREATE ROLE%", waiting_for_lock=True), 60, "CREATE ROLE")
+        blocker.rollback()
+        blocker.close()
+        finished = running.finish()
+        assert finished.code == 0, finished.err
+
+        seen_text = log.read_bytes()[log_start:].decode("utf-8", "replace")
+        assert "CREATE ROLE" in seen_text, "log_statement = 'all' logged the statements"
+        assert "SCRAM-SHA-256$" in waiting[0][2], "the statement waiting was the one with the password"
+        for password in ROLE_PASSWORDS.values():
+            for where, text in (("server log", seen_text), ("pg_stat_activity", str(waiting[0][2]))):
+                assert not _shows(text, password), f"the {where} shows a password"
+
+        roles = [estate.name(short) for short in ROLE_PASSWORDS]
+        with _password_auth_for(conn, roles):
+            for short, password in ROLE_PASSWORDS.items():
+                assert _log_in(pg_url, estate.name(short), password) == estate.name(short)
+                with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                    _log_in(pg_url, estate.name(short), password + "x")
+
+
+def test_a_failing_create_role_logs_no_password(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At default settings the server logs every failing statement (log_min_error_statement)."""
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    admin = estate.name("admin")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEROLE").format(sql.Identifier(admin)))
+        log = _server_log(conn)
+        log_start = log.stat().st_size
+        _admin_estate(estate, admin, pg_url)
+        run = estate.dbplan("apply", "--yes")
+        assert run.code == 1
+        assert "permission denied to create role" in run.err
+        logged = log.read_bytes()[log_start:].decode("utf-8", "replace")
+    assert "STATEMENT:  CREATE ROLE" in logged, "the failing statement was logged"
+    for password in ROLE_PASSWORDS.values():
+        assert not _shows(logged, password)
+        assert not _shows(run.output, password)

@@ -227,7 +227,7 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
         started = time.monotonic()
         checkpoint("create")
         try:
-            conn.execute(_create_statement(run.estate, action))
+            conn.execute(_create_statement(conn, run.estate, action))
         # UniqueViolation: a concurrent CREATE of the same name committed while this one ran.
         except (errors.DuplicateDatabase, errors.DuplicateObject, errors.UniqueViolation):
             run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
@@ -243,20 +243,33 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
         run.finish(Outcome(action, "done", ms_since(started)))
 
 
-def _create_statement(estate: Estate, action: Action) -> psycopg.sql.Composed:
+def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) -> psycopg.sql.Composed:
     from psycopg import sql
 
     if isinstance(action, CreateRole):
         role = estate.roles[action.role]
         options: list[sql.Composable] = [sql.SQL("LOGIN" if role.login else "NOLOGIN")]
         if role.password is not None:
-            options.append(sql.SQL("PASSWORD {}").format(sql.Literal(role.password)))
+            options.append(sql.SQL("PASSWORD {}").format(sql.Literal(password_verifier(conn, role.name, role.password))))
         return sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role.name), sql.SQL(" ").join(options))
     assert isinstance(action, CreateDatabase)
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(action.database))
     if action.owner:
         statement += sql.SQL(" OWNER {}").format(sql.Identifier(action.owner))
     return statement
+
+
+def password_verifier(conn: psycopg.Connection, role: str, password: str) -> str:
+    """The SCRAM-SHA-256 verifier of ``password``, computed here by libpq.
+
+    The statement that sets a password travels to pg_stat_activity, pg_stat_statements
+    and the server log (with log_statement = 'all', and whenever it fails); sending the
+    verifier instead of the password keeps the password itself out of all of them. The
+    server stores a verifier as it is, whatever password_encryption says, and a password
+    that merely looks like a verifier ('md5' and 32 hex digits) is hashed like any other.
+    """
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
+    return verifier.decode("ascii")
 
 
 # ---------------------------------------------------------------------------
