@@ -69,4 +69,4 @@ def test_unreachable_server_names_the_server_never_the_password(estate: Estate) 
     assert run.code == 1
     assert "cannot connect to server 'main'" in run.err
     assert "hunter2-secret" not in run.output
-    assert "admin:***@127.0.0.1:1" in run.err
+    assert "(database 'postgres', host 127.0.0.1, port 1)" in run.err

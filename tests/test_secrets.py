@@ -97,12 +97,13 @@ def test_no_secret_in_any_output_or_saved_plan(estate: Estate, tmp_path: Path, m
     monkeypatch.setenv("DBPLAN_TEST_PORT", str(_closed_port()))
     for args in (("plan",), ("plan", "--format", "json", "--wait", "0.5"), ("apply", "--yes"), ("status",), ("force", "shop", "3")):
         run = dbplan(*args, expect=1)
+        _assert_no_password_piece(outputs)
         assert "cannot connect to server 'main'" in run.err
     conninfo = f"host=127.0.0.1 port={_closed_port()} user=postgres password=${{DBPLAN_TEST_PASSWORD}} dbname=postgres"
     estate.document["servers"]["main"]["url"] = conninfo
     estate.save()
     run = dbplan("plan", expect=1)
-    assert "password=***" in run.err
+    assert "host 127.0.0.1, port" in run.err
 
     assert len(outputs) > 20
     for command, text in outputs:
@@ -237,3 +238,96 @@ def test_a_failing_create_role_logs_no_password(
     for password in ROLE_PASSWORDS.values():
         assert not _shows(logged, password)
         assert not _shows(run.output, password)
+
+
+# ---------------------------------------------------------------------------
+# A server's url is shown by host and port only, however its password is spelled
+
+LEFT, RIGHT = "Left7q", "Right9z"  # the halves of each password: neither may be shown
+
+# (id, url) with {host}, {port} and {port2} to fill in: libpq reads each as meant.
+READABLE_URLS = [
+    ("percent-encoded", "postgresql://{user}:Left7q%40%2F%3FRight9z@{host}:{port}/postgres"),
+    ("query-parameter", "postgresql://{user}@{host}:{port}/postgres?password=Left7q-Right9z"),
+    ("query-parameter-first", "postgresql://{host}:{port}/postgres?password=Left7q-Right9z&user={user}"),
+    ("unencoded-hash", "postgresql://{user}:Left7q#Right9z@{host}:{port}/postgres"),
+    ("unencoded-question-mark", "postgresql://{user}:Left7q?Right9z@{host}:{port}/postgres"),
+    ("unencoded-colon", "postgresql://{user}:Left7q:Right9z@{host}:{port}/postgres"),
+    ("multi-host", "postgresql://{user}:Left7q-Right9z@{host}:{port},{host}:{port2}/postgres"),
+    ("keyword-spaces", "host={host} port={port} user={user} password = Left7q-Right9z"),
+    ("keyword-quoted-space", "host={host} port={port} user={user} password='Left7q Right9z'"),
+    ("keyword-quoted-quote", r"host={host} port={port} password='Left7q\' Right9z' user={user}"),
+    ("keyword-multi-host", "host={host},{host} port={port},{port2} user={user} password=Left7q-Right9z"),
+]
+# libpq cannot read these, or reads part of the password as the host, port or database.
+MISREAD_URLS = [
+    ("unencoded-slash", "postgresql://{user}:Left7q/Right9z@{host}:{port}/postgres"),
+    ("unencoded-slash-digits", "postgresql://{user}:1234/Left7qRight9z@{host}:{port}/postgres"),
+    ("unencoded-at", "postgresql://{user}:Left7q@Right9z@{host}:{port}/postgres"),
+    ("unencoded-space", "postgresql://{user}:Left7q Right9z@{host}:{port}/postgres"),
+    ("bad-percent", "postgresql://{user}:Left7q%zzRight9z@{host}:{port}/postgres"),
+    ("unterminated-quote", "host={host} port={port} password='Left7q Right9z"),
+    ("keyword-without-value", "host={host} port={port} Left7q Right9z"),
+]
+
+
+def _assert_no_password_piece(outputs: list[tuple[str, str]]) -> None:
+    for command, text in outputs:
+        for piece in (LEFT, RIGHT, "1234/"):
+            assert piece not in text, f"'{command}' printed part of the password:\n{text}"
+
+
+@pytest.mark.parametrize("url", [url for _, url in READABLE_URLS], ids=[name for name, _ in READABLE_URLS])
+def test_a_password_in_any_spelling_is_never_shown(
+    url: str, tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    estate.add_app()
+    estate.write("app", "1_items.up.sql", "CREATE TABLE items (id int);")
+    live = urlsplit(pg_url)
+    outputs: list[tuple[str, str]] = []
+
+    def dbplan(*args: str, expect: int) -> CliRun:
+        run = estate.dbplan(*args)
+        outputs.append((" ".join(args), run.output))
+        assert run.code == expect, f"{args}: {run.output}"
+        return run
+
+    # Reachable (the test cluster trusts local connections and ignores the password).
+    estate.document["servers"]["main"]["url"] = url.format(host=live.hostname, port=live.port, port2=_closed_port(), user=live.username)
+    estate.save()
+    dbplan("validate", expect=0)
+    dbplan("plan", "--format", "json", "--out", str(tmp_path / "plan.json"), expect=0)
+    outputs.append(("saved plan", (tmp_path / "plan.json").read_text()))
+    dbplan("status", "--format", "json", expect=0)
+
+    closed = _closed_port()
+    estate.document["servers"]["main"]["url"] = url.format(host="127.0.0.1", port=closed, port2=_closed_port(), user=live.username)
+    estate.save()
+    for args in (("plan",), ("--debug", "plan", "--format", "json"), ("status",), ("apply", "--yes"), ("force", "app", "1")):
+        run = dbplan(*args, expect=1)
+        _assert_no_password_piece(outputs)
+        assert "cannot connect to server 'main'" in run.err
+        assert "127.0.0.1, port" in run.err and str(closed) in run.err, "the error names the host and port"
+        assert "Traceback" not in run.output and "internal error" not in run.output
+    _assert_no_password_piece(outputs)
+
+
+@pytest.mark.parametrize("url", [url for _, url in MISREAD_URLS], ids=[name for name, _ in MISREAD_URLS])
+def test_a_url_libpq_would_misread_is_refused_offline_without_showing_it(
+    url: str, tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    estate.add_app()
+    estate.document["servers"]["main"]["url"] = url.format(host="127.0.0.1", port=_closed_port(), user="admin")
+    estate.save()
+    outputs = []
+    for args in (("validate",), ("--debug", "plan"), ("apply", "--yes")):
+        run = estate.dbplan(*args)
+        outputs.append((" ".join(args), run.output))
+        _assert_no_password_piece(outputs)
+        assert run.code == 1, run.output
+        assert "dbplan.yaml:" in run.err and "(servers.main.url): the url of server 'main' cannot be used" in run.err
+        assert "Traceback" not in run.output
+    _assert_no_password_piece(outputs)
+    assert not estate.database_exists("app")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Place
+from . import conninfo
 from .document import DocPath, Document, parse_yaml, quoted, read_text
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
@@ -177,6 +178,8 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             embedded = EmbeddedSpec(data_dir=data_dir, port=int(port) if port is not None else None)
         if url is not None and not isinstance(url, str):
             raise ConfigError("expected a string url", place=document.place(("servers", name, "url")))
+        if url is not None:
+            _check_url(url, name, document.place(("servers", name, "url")))
         servers[name] = Server(
             name=name,
             url=url,
@@ -195,6 +198,19 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
                     hint="give each embedded server its own data_dir",
                 )
     return servers
+
+
+def _check_url(url: str, server: str, place: Place) -> None:
+    """A url libpq cannot read, or would read otherwise than meant, fails here, before
+    anything connects; the message never quotes it, since it may hold a password."""
+    problem = conninfo.problem(url)
+    if problem:
+        raise ConfigError(
+            f"the url of server '{server}' cannot be used: {problem}",
+            place=place,
+            hint="the url is not shown, since it may hold a password; libpq's forms are at "
+            "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING",
+        )
 
 
 def _roles(data: dict[str, Any], document: Document, servers: dict[str, Server]) -> dict[str, Role]:

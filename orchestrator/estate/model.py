@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Place
+from . import conninfo
 
 DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
 DEFAULT_MAINTENANCE_DATABASE = "postgres"
@@ -108,46 +109,7 @@ class Estate:
         """Every secret the file holds, so outputs can be checked and scrubbed."""
         found: list[str] = [role.password for role in self.roles.values() if role.password]
         for server in self.servers.values():
-            password = url_password(server.url)
+            password = conninfo.password(server.url)
             if password:
                 found.append(password)
         return tuple(found)
-
-
-def url_password(url: str | None) -> str | None:
-    if not url:
-        return None
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            return unquote(parts.password)
-    except ValueError:
-        return None
-    # key=value conninfo strings: password=...
-    for token in url.split():
-        if token.startswith("password="):
-            return token.split("=", 1)[1].strip("'")
-    return None
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for output."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.scheme and parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    if not parts.scheme:
-        return " ".join(
-            "password=***" if token.startswith("password=") else token for token in url.split()
-        )
-    return url

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectionFailed
-from ..estate.model import Server, redact_url
+from ..estate import conninfo
+from ..estate.model import Server
 
 if TYPE_CHECKING:
     import psycopg
@@ -89,19 +90,24 @@ def connect(
 
 
 def describe(server: Server) -> str:
+    """The server as output may show it: host(s) and port(s), never the rest of its url."""
     if server.url:
-        return redact_url(server.url)
+        return conninfo.describe(server.url)
     assert server.embedded is not None
     return f"embedded, data in {server.embedded.data_dir}"
 
 
 def _first_line(message: str, url: str) -> str:
-    # libpq messages can quote the conninfo; make sure no password slips through.
-    from ..estate.model import url_password
-
+    # A connection error names the host and port; the password is taken out anyway, in
+    # case a libpq or a server message ever quotes it.
     line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    password = url_password(url)
-    return line.replace(password, "***") if password else line
+    password = conninfo.password(url)
+    if password:
+        from urllib.parse import quote
+
+        for spelling in (password, quote(password, safe=""), quote(password)):
+            line = line.replace(spelling, "***")
+    return line
 
 
 def behind_pooler(conn: psycopg.Connection) -> bool:
