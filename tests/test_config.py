@@ -118,6 +118,51 @@ def test_double_dollar_is_a_literal_dollar_and_is_not_expanded(tmp_path: Path) -
     assert estate.roles["product_svc"].password == "pa$word${NOT_A_VARIABLE}"
 
 
+def _password_of(tmp_path: Path, value: str, environ: Mapping[str, str]) -> str | None:
+    text = BASE_PLAN.replace("    login: true\n", f"    login: true\n    password: {value}\n")
+    return load(tmp_path, text, environ).roles["product_svc"].password
+
+
+@pytest.mark.parametrize(
+    ("value", "environ", "expected"),
+    [
+        ("${A:-${B}}", {"B": "from-b"}, "from-b"),
+        ("${A:-${B}}", {"A": "from-a"}, "from-a"),  # B is not needed, so not missing
+        ("${A:-${B:-${C:-last}}}", {}, "last"),
+        ("${A:-x${B:-y}z}", {}, "xyz"),
+        ("${A:-pa$$word}", {}, "pa$word"),
+        ("${A:-$${B}}", {"B": "no"}, "${B}"),
+        ("'${A:-${B}}'", {"B": "quoted"}, "quoted"),
+        ("${A:-}tail", {}, "tail"),
+        ("${A}", {"A": "${B}"}, "${B}"),  # a value from the environment is never expanded again
+    ],
+    ids=["default-is-a-variable", "default-unused", "three-deep", "text-around", "dollar-in-default",
+         "escaped-reference-in-default", "quoted", "empty-default", "values-not-re-expanded"],
+)
+def test_defaults_may_hold_references_and_dollars(
+    tmp_path: Path, value: str, environ: dict[str, str], expected: str
+) -> None:
+    assert _password_of(tmp_path, value, environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("'${A:-${B}'", "unterminated '${' in value"),
+        ("'${A:-x'", "unterminated '${' in value"),
+        ("'${A:-${B}}'", "environment variable B is not set"),
+        ("'" + "${A:-" * 17 + "x" + "}" * 17 + "'", "defaults nest more than 16 levels deep"),
+        ("'" + "${A:-" * 200_000 + "'", "defaults nest more than 16 levels deep"),
+    ],
+    ids=["inner-unterminated", "default-unterminated", "inner-unset", "too-deep", "very-deep"],
+)
+def test_a_nested_default_that_cannot_be_expanded_is_a_located_error(tmp_path: Path, value: str, message: str) -> None:
+    text = BASE_PLAN.replace("    migrations: migrations/product\n", f"    migrations: {value}\n")
+    err = load_error(tmp_path, text)
+    assert err.message == message
+    assert err.place is not None and (err.place.line, err.place.path) == (18, "services.product.migrations")
+
+
 def test_several_variables_in_one_scalar(tmp_path: Path) -> None:
     text = BASE_PLAN.replace(
         "url: postgresql://postgres@127.0.0.1:5432/postgres",
@@ -217,10 +262,91 @@ def test_missing_variable_is_named_with_its_place(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_references_are_errors(tmp_path: Path, value: str, message: str) -> None:
-    text = BASE_PLAN.replace("url: postgresql://postgres@127.0.0.1:5432/postgres", f"url: '{value}'")
+    text = BASE_PLAN.replace("    migrations: migrations/product\n", f"    migrations: '{value}'\n")
     err = load_error(tmp_path, text)
     assert err.message == message
-    assert err.place is not None and (err.place.line, err.place.path) == (4, "servers.main.url")
+    assert err.place is not None and (err.place.line, err.place.path) == (18, "services.product.migrations")
+
+
+SECRET_LOOKALIKES = ["12345", "0123", "1.0e+3", "0x1F", "yes", "off", "null", "~", "Null", "NULL", "2024-01-01",
+                     "2024-13-45", ".inf", "12:30:00"]
+
+
+@pytest.mark.parametrize("value", SECRET_LOOKALIKES)
+@pytest.mark.parametrize("field", ["password", "url"])
+def test_a_secret_that_reads_as_no_text_is_an_error_that_never_shows_it(tmp_path: Path, field: str, value: str) -> None:
+    if field == "password":
+        text = BASE_PLAN.replace("    login: true\n", "    login: true\n    password: ${PW}\n")
+        path = "roles.product_svc.password"
+    else:
+        text = BASE_PLAN.replace("url: postgresql://postgres@127.0.0.1:5432/postgres", "url: ${PW}")
+        path = "servers.main.url"
+    err = load_error(tmp_path, text, {"PW": value})
+    assert value not in str(err), "the message shows the secret"
+    assert "(not shown: it is secret)" in err.message
+    assert 'quote it, as in' in (err.hint or "")
+    assert err.place is not None and err.place.path == path
+
+
+@pytest.mark.parametrize("value", ["12345", "yes", "1.5", "[a, b]", "{a: b}", "!!int 77", "!!timestamp 2024-13-45"])
+def test_a_secret_written_as_no_text_is_an_error_that_never_shows_it(tmp_path: Path, value: str) -> None:
+    text = BASE_PLAN.replace("    login: true\n", f"    login: true\n    password: {value}\n")
+    err = load_error(tmp_path, text)
+    for shown in ("12345", "77", "1.5", "2024-13-45", "'a'"):
+        assert shown not in str(err), "the message shows the secret"
+    assert err.place is not None and err.place.path == "roles.product_svc.password"
+
+
+@pytest.mark.parametrize("value", ["'${a b}'", "'pre${1x}post'", "'x${A-B}y'"])
+def test_a_malformed_reference_in_a_secret_is_not_quoted(tmp_path: Path, value: str) -> None:
+    text = BASE_PLAN.replace("    login: true\n", f"    login: true\n    password: {value}\n")
+    err = load_error(tmp_path, text)
+    assert err.message == "a '${...}' is not a variable reference"
+    assert value.strip("'") not in str(err)
+
+
+def test_a_quoted_secret_stays_text_whatever_it_holds(tmp_path: Path) -> None:
+    assert _password_of(tmp_path, '"${PW}"', {"PW": "null"}) == "null"
+    assert _password_of(tmp_path, '"${PW}"', {"PW": "0123"}) == "0123"
+    assert _password_of(tmp_path, "${PW:-}", {}) is None, "an empty password is no password"
+    assert _password_of(tmp_path, "${PW}", {"PW": "p4ss"}) == "p4ss"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("pg_admin", "role name 'pg_admin' is reserved by PostgreSQL (names starting with 'pg_' are for its own roles)"),
+        ("pg_", "role name 'pg_' is reserved by PostgreSQL (names starting with 'pg_' are for its own roles)"),
+        ("public", "role name 'public' is reserved by PostgreSQL"),
+        ("none", "role name 'none' is reserved by PostgreSQL"),
+    ],
+)
+def test_reserved_role_names_are_refused(tmp_path: Path, name: str, message: str) -> None:
+    text = BASE_PLAN.replace("product_svc", name)
+    err = load_error(tmp_path, text)
+    assert err.message == message
+    assert err.place is not None and (err.place.line, err.place.path) == (line_of(text, f"  {name}:"), f"roles.{name}")
+
+
+@pytest.mark.parametrize("name", ["Pg_admin", "pgadmin", "PUBLIC", "None", "current_user"])
+def test_names_postgresql_accepts_are_not_reserved(tmp_path: Path, name: str) -> None:
+    assert name in load(tmp_path, BASE_PLAN.replace("product_svc", name)).roles
+
+
+@pytest.mark.parametrize("escape", ["\\0", "\\x00", "\\u0000"])
+def test_a_password_with_a_nul_character_is_refused(tmp_path: Path, escape: str) -> None:
+    text = BASE_PLAN.replace("    login: true\n", f'    login: true\n    password: "before{escape}after"\n')
+    err = load_error(tmp_path, text)
+    assert err.message.startswith("the password of role 'product_svc' holds a NUL character")
+    assert "before" not in str(err) and "after" not in str(err)
+    assert err.place is not None and err.place.path == "roles.product_svc.password"
+
+
+def test_an_environment_variable_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    text = BASE_PLAN.replace("    login: true\n", "    login: true\n    password: ${PW}\n")
+    err = load_error(tmp_path, text, {"PW": "ab" + b"\xff".decode("utf-8", "surrogateescape")})
+    assert err.message == "environment variable PW is not valid UTF-8 (at character 3 of its value)"
+    assert err.place is not None and err.place.path == "roles.product_svc.password"
 
 
 def test_keys_are_not_expanded(tmp_path: Path) -> None:
@@ -358,7 +484,7 @@ def test_unknown_key_without_a_close_match_has_no_suggestion(tmp_path: Path) -> 
         ("  products:\n    server: main", "  products:\n    server: [main]", "databases.products.server",
          "expected string, got a list"),
         ("url: postgresql://postgres@127.0.0.1:5432/postgres", "url: 5432", "servers.main.url",
-         "expected string or null, got a number 5432"),
+         "expected string or null, got a number (not shown: it is secret)"),
     ],
     ids=["bool", "array", "string-number", "string-list", "string-or-null"],
 )

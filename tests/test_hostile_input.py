@@ -120,7 +120,7 @@ def _billion_laughs() -> str:
 
 
 def _merge_bomb() -> str:
-    lines = ["version: 1", "servers:", "  m0: &m0 {url: x}"]
+    lines = ["version: 1", "servers:", "  m0: &m0 {url: 'host=x'}"]
     lines += [f"  m{n}: &m{n} {{<<: [{', '.join([f'*m{n - 1}'] * 9)}]}}" for n in range(1, 10)]
     return "\n".join(lines) + "\n"
 
@@ -462,4 +462,4 @@ def test_merge_key_bomb_is_refused_or_defused(tmp_path: Path) -> None:
         assert "merge keys" in err.message
     else:
         assert list(estate.servers) == [f"m{n}" for n in range(10)]
-        assert {server.url for server in estate.servers.values()} == {"x"}
+        assert {server.url for server in estate.servers.values()} == {"host=x"}

@@ -331,3 +331,78 @@ def test_a_url_libpq_would_misread_is_refused_offline_without_showing_it(
         assert "Traceback" not in run.output
     _assert_no_password_piece(outputs)
     assert not estate.database_exists("app")
+
+
+# ---------------------------------------------------------------------------
+# What can be checked offline is refused before anything is created
+
+NOT_UTF8 = "ab" + b"\xff".decode("utf-8", "surrogateescape")  # how Python reads such bytes
+
+
+@pytest.mark.parametrize(
+    ("role", "password", "environ", "message"),
+    [
+        ("{prefix}_second", "x\0y", {}, "holds a NUL character"),
+        ("pg_{prefix}", None, {}, "is reserved by PostgreSQL"),
+        ("public", None, {}, "role name 'public' is reserved"),
+        ("none", "pw", {}, "role name 'none' is reserved"),
+        ("{prefix}_second", "${PW}", {"PW": "null"}, "reads in YAML as nothing, not as text"),
+        ("{prefix}_second", "${PW}", {"PW": "~"}, "reads in YAML as nothing, not as text"),
+        ("{prefix}_second", "${PW}", {"PW": "0012345"}, "reads in YAML as a number, not as text"),
+        ("{prefix}_second", "${PW}", {"PW": "2031-02-30"}, "not shown: it is secret"),
+        ("{prefix}_second", "${PW}", {"PW": NOT_UTF8}, "environment variable PW is not valid UTF-8"),
+        ("{prefix}_second", "${PW:-${PW2}", {}, "unterminated '${' in value"),
+    ],
+    ids=["nul-password", "pg-prefix", "public", "none", "env-null", "env-tilde", "env-number", "env-bad-date",
+         "env-not-utf8", "nested-unterminated"],
+)
+def test_validate_refuses_what_postgresql_would_and_apply_creates_nothing(
+    role: str,
+    password: str | None,
+    environ: dict[str, str],
+    message: str,
+    tmp_path: Path,
+    pg_url: str,
+    dbname_prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    first = estate.add_role("first", password="first-Pw-1")
+    spec: dict[str, object] = {"server": "main", "login": True}
+    if password is not None:
+        spec["password"] = password
+    estate.document["roles"][role.format(prefix=dbname_prefix)] = spec
+    estate.add_database("app", owner="first")
+    estate.save()
+    for command in (("validate",), ("apply", "--yes")):
+        run = estate.dbplan(*command)
+        assert run.code == 1, run.output
+        assert message in run.err and "dbplan.yaml:" in run.err
+        assert "Traceback" not in run.output and "internal error" not in run.output
+        for value in [*environ.values(), "x\0y"]:
+            assert value.strip("~") == "" or value not in run.output, "the message shows the secret"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        created = conn.execute("SELECT rolname FROM pg_roles WHERE rolname = %s", (first,)).fetchall()
+    assert created == [], "apply created a role before it found the problem"
+    assert not estate.database_exists("app")
+
+
+def test_nested_defaults_and_dollars_become_the_role_password(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DBPLAN_TEST_INNER", "inner-Pw-5t")
+    monkeypatch.delenv("DBPLAN_TEST_UNSET", raising=False)
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    nested = estate.add_role("nested", password="${DBPLAN_TEST_UNSET:-${DBPLAN_TEST_INNER}}")
+    dollar = estate.add_role("dollar", password="${DBPLAN_TEST_UNSET:-pa$$word-${DBPLAN_TEST_UNSET:-x}}")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    with psycopg.connect(pg_url, autocommit=True) as conn, _password_auth_for(conn, [nested, dollar]):
+        assert _log_in(pg_url, nested, "inner-Pw-5t") == nested
+        assert _log_in(pg_url, dollar, "pa$word-x") == dollar
+        for role, wrong in ((nested, "${DBPLAN_TEST_INNER}}"), (dollar, "pa$$word-${DBPLAN_TEST_UNSET:-x}")):
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                _log_in(pg_url, role, wrong)

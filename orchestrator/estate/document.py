@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ def quoted(name: str) -> str:
 class Document:
     """The parsed YAML: plain Python values plus the place of every node."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, is_secret: Callable[[DocPath], bool] = lambda path: False) -> None:
         self.file = file
+        # Values under these paths (passwords, urls) are never quoted in a message.
+        self.is_secret = is_secret
         self.marks: dict[DocPath, tuple[int, int]] = {}
         self.key_marks: dict[DocPath, tuple[int, int]] = {}
 
@@ -60,9 +63,11 @@ class Document:
         return Place(self.file, line, column, format_path(path) or None)
 
 
-_EXPANSION = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
-_VARIABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# ${A:-${B:-${C}}} nests; a cap keeps a 4 MB value of "${A:-" from recursing 800,000 deep.
+MAX_EXPANSION_NESTING = 16
 _SCALAR_RESOLVER = yaml.resolver.Resolver()
+_STRING_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -79,35 +84,112 @@ class _Constructor(yaml.constructor.SafeConstructor):
             )
 
 
-def expand_variables(text: str, environ: Mapping[str, str], where: Place) -> str:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$$``; nothing else is interpreted."""
+@dataclass(frozen=True)
+class _Reference:
+    """``${name}``, or ``${name:-default}`` with the default's own parts (it may nest)."""
 
-    def replace(match: re.Match[str]) -> str:
-        whole = match.group(0)
-        if whole == "$$":
-            return "$"
-        if match.group(1) is None:
-            raise ConfigError("unterminated '${' in value", place=where, hint="write '$$' for a literal '$'")
-        spec = _VARIABLE.match(match.group(1))
-        if spec is None:
-            raise ConfigError(
-                f"'{whole}' is not a variable reference",
-                place=where,
-                hint="use ${NAME} or ${NAME:-default}; write '$$' for a literal '$'",
-            )
-        name, default = spec.group(1), spec.group(2)
-        value = environ.get(name)
-        if default is not None and not value:
-            return default
+    name: str
+    default: tuple[str | _Reference, ...] | None
+
+
+class _ExpansionSyntax:
+    """Reads a value into literal text and ``_Reference``s; nothing is looked up yet, so
+    a default is only expanded when it is used (``${SET:-${UNSET}}`` is fine)."""
+
+    def __init__(self, text: str, where: Place, secret: bool) -> None:
+        self.text = text
+        self.where = where
+        self.secret = secret
+
+    def parts(self, start: int, depth: int) -> tuple[tuple[str | _Reference, ...], int]:
+        """The parts from ``start`` to the end of the value (depth 0), or to the ``}`` that
+        closes the default being read (depth > 0), and where they end."""
+        text, index = self.text, start
+        parts: list[str | _Reference] = []
+        literal: list[str] = []
+        while index < len(text):
+            if depth and text[index] == "}":
+                break
+            if text.startswith("$$", index):
+                literal.append("$")
+                index += 2
+            elif text.startswith("${", index):
+                parts.append("".join(literal))
+                literal = []
+                reference, index = self.reference(index, depth)
+                parts.append(reference)
+            else:
+                literal.append(text[index])
+                index += 1
+        else:
+            if depth:
+                raise self.error("unterminated '${' in value")
+        parts.append("".join(literal))
+        return tuple(part for part in parts if part != ""), index
+
+    def reference(self, start: int, depth: int) -> tuple[_Reference, int]:
+        """The reference whose ``${`` is at ``start``, and the index after its ``}``."""
+        name = _VARIABLE_NAME.match(self.text, start + 2)
+        after = name.end() if name else start + 2
+        if name and self.text.startswith("}", after):
+            return _Reference(name.group(0), None), after + 1
+        if name and self.text.startswith(":-", after):
+            if depth >= MAX_EXPANSION_NESTING:
+                raise self.error(f"defaults nest more than {MAX_EXPANSION_NESTING} levels deep")
+            default, end = self.parts(after + 2, depth + 1)
+            return _Reference(name.group(0), default), end + 1
+        close = self.text.find("}", start)
+        if close < 0:
+            raise self.error("unterminated '${' in value")
+        shown = "a '${...}'" if self.secret else f"'{self.text[start : close + 1]}'"
+        raise self.error(f"{shown} is not a variable reference")
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(
+            message, place=self.where, hint="use ${NAME} or ${NAME:-default}; write '$$' for a literal '$'"
+        )
+
+
+def expand_variables(text: str, environ: Mapping[str, str], where: Place, *, secret: bool = False) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` (the default may hold references and ``$$``
+    itself) and ``$$``; nothing else is interpreted. With ``secret``, no message quotes
+    the value."""
+    parts, _ = _ExpansionSyntax(text, where, secret).parts(0, 0)
+    return _evaluate(parts, environ, where)
+
+
+def _evaluate(parts: tuple[str | _Reference, ...], environ: Mapping[str, str], where: Place) -> str:
+    expanded: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            expanded.append(part)
+            continue
+        value = environ.get(part.name)
+        if part.default is not None and not value:
+            expanded.append(_evaluate(part.default, environ, where))
+            continue
         if value is None:
             raise ConfigError(
-                f"environment variable {name} is not set",
+                f"environment variable {part.name} is not set",
                 place=where,
-                hint=f"set {name}, or give a default with ${{{name}:-default}}",
+                hint=f"set {part.name}, or give a default with ${{{part.name}:-default}}",
             )
-        return value
+        expanded.append(_checked_text(part.name, value, where))
+    return "".join(expanded)
 
-    return _EXPANSION.sub(replace, text)
+
+def _checked_text(name: str, value: str, where: Place) -> str:
+    # Python reads bytes that are not UTF-8 in the environment as lone surrogates, which
+    # no connection or statement can encode: an error here, not an internal error later.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"environment variable {name} is not valid UTF-8 (at character {err.start + 1} of its value)",
+            place=where,
+            hint=f"set {name} to UTF-8 text",
+        ) from None
+    return value
 
 
 class _Builder:
@@ -145,8 +227,9 @@ class _Builder:
             where = self.document.place(path)
             if node.start_mark is not None:
                 where = Place(where.file, node.start_mark.line + 1, node.start_mark.column + 1, where.path)
+            shown = "the value" if self.document.is_secret(path) else repr(node.value)
             raise ConfigError(
-                f"cannot read {node.value!r} as {kind}", place=where, hint="quote the value to make it a string"
+                f"cannot read {shown} as {kind}", place=where, hint="quote the value to make it a string"
             ) from err
 
     def _mapping(self, node: yaml.MappingNode, path: DocPath) -> dict[str, Any]:
@@ -184,12 +267,27 @@ class _Builder:
         value = self._construct(node, path)
         if not isinstance(value, str) or "$" not in value:
             return value
-        expanded = expand_variables(value, self.environ, self.document.place(path))
+        secret = self.document.is_secret(path)
+        expanded = expand_variables(value, self.environ, self.document.place(path), secret=secret)
         if node.style is not None:  # quoted: stays a string
             return expanded
         # The expansion is read as a scalar (never a structure), so `${PORT:-5432}` is a number.
         tag = _SCALAR_RESOLVER.resolve(yaml.ScalarNode, expanded, (True, False))
+        if secret and expanded and tag != _STRING_TAG:
+            raise self._secret_not_text(tag, path)
         return self._construct(yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark), path)
+
+    def _secret_not_text(self, tag: str, path: DocPath) -> ConfigError:
+        # PW=null would silently mean "no password", PW=0123 the password "83", PW=yes
+        # True: a secret is text, and what it holds is never shown.
+        kinds = {"null": "nothing", "bool": "a boolean", "int": "a number", "float": "a number", "timestamp": "a date"}
+        read_as = kinds.get(tag.rsplit(":", 1)[-1], "something other than text")
+        key = next((part for part in reversed(path) if isinstance(part, str)), "value")
+        return ConfigError(
+            f"the expanded value reads in YAML as {read_as}, not as text (not shown: it is secret)",
+            place=self.document.place(path),
+            hint=f'quote it, as in {key}: "${{...}}", so that it stays text whatever it holds',
+        )
 
 
 def read_text(path: Path, display: str) -> tuple[str, str]:

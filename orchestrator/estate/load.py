@@ -63,8 +63,22 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{match}'?" if match else ""
 
 
+def is_secret(path: DocPath) -> bool:
+    """Whether ``path`` is a role's password or a server's url (which may hold one)."""
+    return len(path) >= 3 and (path[0], path[2]) in (("roles", "password"), ("servers", "url"))
+
+
 def _schema_error(error: Any, document: Document) -> ConfigError:
     path: DocPath = tuple(error.absolute_path)
+    if is_secret(path):
+        # jsonschema's messages quote the value ("12345 is not of type ..."): never here.
+        expected = error.schema.get("type", "something else")
+        expected_text = " or ".join(expected) if isinstance(expected, list) else expected
+        return ConfigError(
+            f"expected {expected_text}, got {_describe(error.instance, show=False)} (not shown: it is secret)",
+            place=document.place(path),
+            hint='quote a value that must stay text, as in password: "${PW}"',
+        )
     # Names (as keys, or as schema/table values) are checked with a length and a regex;
     # jsonschema reports a bad key at its parent mapping and quotes the regex. Point at the
     # name itself and say what is wrong with it.
@@ -108,11 +122,11 @@ def _schema_error(error: Any, document: Document) -> ConfigError:
     return ConfigError(error.message, place=document.place(path))
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, *, show: bool = True) -> str:
     if value is None:
         return "nothing (null)"
     names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    text = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) < 40 else ""
+    text = repr(value) if show and isinstance(value, (int, float, str)) and len(repr(value)) < 40 else ""
     return f"{names.get(type(value), type(value).__name__)}{' ' + text if text else ''}"
 
 
@@ -218,16 +232,39 @@ def _roles(data: dict[str, Any], document: Document, servers: dict[str, Server])
     for name, spec in (data.get("roles") or {}).items():
         place = document.place(("roles", name), key=True)
         _check_identifier(name, "role", place)
+        _check_role_name(name, place)
         _reference(document, ("roles", name, "server"), spec["server"], servers, "server")
         password = spec.get("password")
+        if password is not None and "\0" in password:
+            raise ConfigError(
+                f"the password of role '{name}' holds a NUL character, which PostgreSQL cannot take "
+                "(libpq would cut the password there)",
+                place=document.place(("roles", name, "password")),
+                hint="remove the \\0 (or \\x00) escape from the password",
+            )
         roles[name] = Role(
             name=name,
             server=spec["server"],
             login=bool(spec.get("login", False)),
-            password=str(password) if password not in (None, "") else None,
+            password=password or None,
             place=place,
         )
     return roles
+
+
+# PostgreSQL refuses these names in CREATE ROLE (role name "..." is reserved).
+_RESERVED_ROLE_NAMES = ("public", "none")
+_RESERVED_ROLE_PREFIX = "pg_"
+
+
+def _check_role_name(name: str, place: Place) -> None:
+    if name.startswith(_RESERVED_ROLE_PREFIX) or name in _RESERVED_ROLE_NAMES:
+        reason = " (names starting with 'pg_' are for its own roles)" if name.startswith(_RESERVED_ROLE_PREFIX) else ""
+        raise ConfigError(
+            f"role name {quoted(name)} is reserved by PostgreSQL{reason}",
+            place=place,
+            hint="choose another name; an existing role such as pg_read_all_data is granted, not created",
+        )
 
 
 def _databases(
@@ -344,7 +381,7 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
     path = Path(file)
     display = str(file)
     text, checksum = read_text(path, display)
-    document = Document(display)
+    document = Document(display, is_secret)
     data = parse_yaml(text, document, os.environ if environ is None else environ)
     if not isinstance(data, dict):
         raise ConfigError(
