@@ -337,7 +337,7 @@ def test_names_postgresql_accepts_are_not_reserved(tmp_path: Path, name: str) ->
 def test_a_password_with_a_nul_character_is_refused(tmp_path: Path, escape: str) -> None:
     text = BASE_PLAN.replace("    login: true\n", f'    login: true\n    password: "before{escape}after"\n')
     err = load_error(tmp_path, text)
-    assert err.message.startswith("the password of role 'product_svc' holds a NUL character")
+    assert err.message.startswith("the value holds a NUL character")
     assert "before" not in str(err) and "after" not in str(err)
     assert err.place is not None and err.place.path == "roles.product_svc.password"
 

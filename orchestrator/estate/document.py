@@ -192,6 +192,26 @@ def _checked_text(name: str, value: str, where: Place) -> str:
     return value
 
 
+def _check_text(value: str, where: Place, what: str = "the value") -> None:
+    """Refuse what no name, password, url or path can hold, before anything uses it: a NUL
+    character (libpq cuts a string there, a file name cannot hold one) and a lone
+    surrogate (a "\\udcff" escape: not UTF-8, so no statement can carry it)."""
+    if "\0" in value:
+        raise ConfigError(
+            f"{what} holds a NUL character, which PostgreSQL, libpq and file names cannot take",
+            place=where,
+            hint="remove the \\0 (or \\x00, \\u0000) escape",
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"{what} holds a lone surrogate (character {err.start + 1}), which is not UTF-8 text",
+            place=where,
+            hint="write the character itself, or the \\U escape of a whole character",
+        ) from None
+
+
 class _Builder:
     """Turns composed YAML nodes into Python values, recording marks and expanding."""
 
@@ -245,6 +265,8 @@ class _Builder:
             if not isinstance(key, str):
                 # Keys are names: `on:`, `no:` or `null:` mean the name, not YAML 1.1's bool/null.
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
+            key_place = Place(self.document.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _check_text(key, key_place, "the name")
             child = path + (key,)
             if index >= merged_pairs:
                 if key in own_keys:
@@ -264,6 +286,12 @@ class _Builder:
         return result
 
     def _scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
+        value = self._expanded_scalar(node, path)
+        if isinstance(value, str):
+            _check_text(value, self.document.place(path))
+        return value
+
+    def _expanded_scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
         value = self._construct(node, path)
         if not isinstance(value, str) or "$" not in value:
             return value
