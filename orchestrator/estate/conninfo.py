@@ -37,8 +37,8 @@ def parse(url: str) -> dict[str, str]:
 
 
 def _without_quoted_text(message: str) -> str:
-    line = _QUOTED.sub('"..."', message).strip().splitlines()
-    return line[0] if line else "unreadable"
+    lines = _QUOTED.sub('"..."', message).strip().splitlines()
+    return lines[0] if lines else "unreadable"
 
 
 def problem(url: str) -> str | None:
@@ -49,9 +49,13 @@ def problem(url: str) -> str | None:
         return f"libpq cannot read it: {err}"
     is_url = url.lstrip().startswith(URL_SCHEMES)
     if "@" in params.get("host", "") or (is_url and "@" in params.get("dbname", "")):
-        return "libpq reads part of it as the host or database: a '@' or '/' in the user name or password must be percent-encoded ('%40', '%2F')"
+        return (
+            "libpq reads part of it as the host or database: a '@' or '/' in the user name or "
+            "password must be percent-encoded ('%40', '%2F')"
+        )
     ports = params.get("port", "")
-    if ports and not all(port.strip().isdigit() for port in ports.split(",")):
+    # An empty entry of a list ("5432,") is libpq's default port.
+    if not all(port.strip().isdigit() or not port.strip() for port in ports.split(",")):
         return "its port is not a number (in a URL, a '/' in the password must be percent-encoded as '%2F')"
     return None
 
@@ -84,5 +88,5 @@ def describe(url: str) -> str:
 
 
 def _plural(what: str, values: str) -> str:
-    items = [value.strip() for value in values.split(",")]
+    items = [value.strip() or "default" for value in values.split(",")]
     return f"{what}s {', '.join(items)}" if len(items) > 1 else f"{what} {items[0]}"

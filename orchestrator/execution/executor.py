@@ -250,7 +250,8 @@ def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) 
         role = estate.roles[action.role]
         options: list[sql.Composable] = [sql.SQL("LOGIN" if role.login else "NOLOGIN")]
         if role.password is not None:
-            options.append(sql.SQL("PASSWORD {}").format(sql.Literal(password_verifier(conn, role.name, role.password))))
+            verifier = password_verifier(conn, role.name, role.password)
+            options.append(sql.SQL("PASSWORD {}").format(sql.Literal(verifier)))
         return sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role.name), sql.SQL(" ").join(options))
     assert isinstance(action, CreateDatabase)
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(action.database))
