@@ -64,6 +64,8 @@ class Document:
 
 
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SPECIAL = re.compile(r"\$\$|\$\{")  # "$$" first: "$${X}" is a literal "${X}"
+_SPECIAL_IN_DEFAULT = re.compile(r"\$\$|\$\{|\}")
 # ${A:-${B:-${C}}} nests; a cap keeps a 4 MB value of "${A:-" from recursing 800,000 deep.
 MAX_EXPANSION_NESTING = 16
 _SCALAR_RESOLVER = yaml.resolver.Resolver()
@@ -107,23 +109,27 @@ class _ExpansionSyntax:
         text, index = self.text, start
         parts: list[str | _Reference] = []
         literal: list[str] = []
-        while index < len(text):
-            if depth and text[index] == "}":
+        special = _SPECIAL_IN_DEFAULT if depth else _SPECIAL
+        while True:
+            found = special.search(text, index)  # jumps over plain text: a value may be 4 MB
+            if found is None:
+                if depth:
+                    raise self.error("unterminated '${' in value")
+                literal.append(text[index:])
+                index = len(text)
                 break
-            if text.startswith("$$", index):
+            literal.append(text[index : found.start()])
+            if found.group(0) == "}":  # closes the default being read
+                index = found.start()
+                break
+            if found.group(0) == "$$":
                 literal.append("$")
-                index += 2
-            elif text.startswith("${", index):
-                parts.append("".join(literal))
-                literal = []
-                reference, index = self.reference(index, depth)
-                parts.append(reference)
-            else:
-                literal.append(text[index])
-                index += 1
-        else:
-            if depth:
-                raise self.error("unterminated '${' in value")
+                index = found.end()
+                continue
+            parts.append("".join(literal))
+            literal = []
+            reference, index = self.reference(found.start(), depth)
+            parts.append(reference)
         parts.append("".join(literal))
         return tuple(part for part in parts if part != ""), index
 
