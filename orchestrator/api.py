@@ -6,16 +6,17 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DbplanError, MigrationFileError
+from .errors import DbplanError, MigrationFileError, PlanBlocked
 from .estate import graph
 from .estate import load as plan_file
 from .estate.graph import EstateGraph
 from .estate.model import Estate
+from .estate.select import select_services
 from .live.facts import LiveState, inspect
 from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
 from .migrations import scan as migration_folders
@@ -43,9 +44,36 @@ class Planned(Checked):
     plan: Plan
 
 
-def validate(file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Checked:
-    """Check the plan file and the migration folders, without any server."""
+@dataclass(frozen=True)
+class Selection:
+    """Which services a command is about: all of them, or a few and (by default) what they
+    depend on (``--only``, ``--no-deps``)."""
+
+    only: tuple[str, ...] = ()  # empty: every service
+    with_dependencies: bool = True
+
+    def to_dict(self) -> dict[str, object] | None:
+        return {"only": list(self.only), "dependencies": self.with_dependencies} if self.only else None
+
+    @classmethod
+    def from_dict(cls, data: object) -> Selection:
+        if not isinstance(data, dict):
+            return cls()
+        return cls(tuple(str(name) for name in data.get("only", ())), bool(data.get("dependencies", True)))
+
+
+EVERY_SERVICE = Selection()
+
+
+def validate(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    environ: Mapping[str, str] | None = None,
+    selection: Selection = EVERY_SERVICE,
+) -> Checked:
+    """Check the plan file and the migration folders (those selected), without any server."""
     estate = plan_file.load(file, environ)
+    if selection.only:
+        estate = select_services(estate, selection.only, with_dependencies=selection.with_dependencies)
     return Checked(estate, graph.build(estate), migration_folders.scan(estate))
 
 
@@ -60,6 +88,7 @@ def plan(
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
     wait_for_runs: float = 0.0,
+    selection: Selection = EVERY_SERVICE,
 ) -> Planned:
     """Read the live servers and compute what would change.
 
@@ -69,7 +98,7 @@ def plan(
     """
     import time
 
-    checked = validate(file, environ)
+    checked = validate(file, environ, selection)
     planned = _plan_checked(checked, wait_seconds, on_notice)
     deadline = time.monotonic() + wait_for_runs
     announced: set[str] = set()
@@ -123,11 +152,17 @@ def apply(
     )
 
 
-def save_plan(planned: Planned, path: str | os.PathLike[str]) -> None:
-    """Write the plan with a fingerprint of everything it was computed from."""
+def save_plan(planned: Planned, path: str | os.PathLike[str], selection: Selection = EVERY_SERVICE) -> None:
+    """Write the plan with a fingerprint of everything it was computed from (and the
+    selection it was made for, so that applying it plans the same services again)."""
     from .planning import savedplan
 
-    savedplan.save(Path(path), planned.plan, savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live))
+    savedplan.save(
+        Path(path),
+        planned.plan,
+        savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live),
+        selection=selection.to_dict(),
+    )
 
 
 def plan_saved(
@@ -142,10 +177,49 @@ def plan_saved(
     from .planning import savedplan
 
     saved = savedplan.load(Path(saved_path))
-    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice)
+    selection = Selection.from_dict(saved.get("selection"))
+    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
     savedplan.check(saved, planned.plan, now)
     return planned
+
+
+def migrate(
+    service: str,
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    with_dependencies: bool = True,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    progress: Progress | None = None,
+    on_notice: Callable[[str], None] | None = None,
+) -> Result:
+    """Bring one service's database up to date: what a service calls at start-up.
+
+    Creates the service's database and owner role if missing, then applies its pending
+    migrations and, unless ``with_dependencies`` is false, those of the services it
+    depends on first. Replicas starting together are safe: one applies, the others wait
+    for its lock (up to ``lock_wait`` seconds) and then find nothing left to do.
+    ``wait_seconds`` retries connecting while the server starts. Raises ``DbplanError``
+    (``PlanBlocked`` for a dirty service, say) instead of returning a failed result.
+    """
+    selection = Selection((service,), with_dependencies)
+    planned = plan(
+        file,
+        environ=environ,
+        wait_seconds=wait_seconds,
+        on_notice=on_notice,
+        wait_for_runs=lock_wait,
+        selection=selection,
+    )
+    if planned.plan.blocked:
+        first = planned.plan.blockers[0]
+        raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
+    result = apply(planned, progress=progress, lock_wait=lock_wait)
+    if result.error is not None:
+        raise result.error
+    return result
 
 
 def force(

@@ -20,7 +20,7 @@ import typer
 
 from . import api
 from .errors import DbplanError
-from .planning.plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+from .planning.plan import FAIL_ON, Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Outcome
@@ -43,6 +43,18 @@ FileOption = Annotated[
 ]
 DEFAULT_FILE = Path("dbplan.yaml")
 WaitOption = Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).")]
+OnlyOption = Annotated[
+    list[str] | None,
+    typer.Option("--only", help="Only this service and the services it depends on (repeat, or separate with commas)."),
+]
+NoDepsOption = Annotated[bool, typer.Option("--no-deps", help="With --only: not the services it depends on.")]
+
+
+def _selection(only: list[str] | None, no_deps: bool) -> api.Selection:
+    names = tuple(name.strip() for value in only or () for name in value.split(",") if name.strip())
+    if no_deps and not names:
+        _fail(DbplanError("--no-deps goes with --only SERVICE", hint="name the service: --only SERVICE --no-deps"))
+    return api.Selection(names, with_dependencies=not no_deps)
 
 
 class PlanFormat(str, Enum):
@@ -54,6 +66,9 @@ class PlanFormat(str, Enum):
 class OutputFormat(str, Enum):
     text = "text"
     json = "json"
+
+
+FailOn = Enum("FailOn", {name: name for name in FAIL_ON}, type=str)  # type: ignore[misc]
 
 
 @app.callback()
@@ -149,18 +164,29 @@ def plan(
         bool, typer.Option("--detailed-exitcode", help="Exit 2 when changes are pending, 0 when none.")
     ] = False,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
+    fail_on: Annotated[
+        list[FailOn] | None,
+        typer.Option("--fail-on", help="Exit 1 when the plan has drift, or any warning (repeatable)."),
+    ] = None,
 ) -> None:
     """Read the live servers and print what would change."""
+    selection = _selection(only, no_deps)
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
     except DbplanError as err:
         _fail(err)
     _say(_render_plan(planned, format))
     if out is not None:
-        api.save_plan(planned, out)
+        api.save_plan(planned, out, selection)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
         raise typer.Exit(1)
+    failures = planned.plan.failures_under(frozenset(choice.value for choice in fail_on or ()))
+    if failures:
+        flags = " ".join(f"--fail-on {choice.value}" for choice in dict.fromkeys(fail_on or ()))
+        _fail(DbplanError("; ".join(failures), hint=f"this fails because of {flags}; without it, it is only a warning"))
     if detailed_exitcode and planned.plan.changes:
         raise typer.Exit(2)
 
@@ -198,13 +224,18 @@ def apply(
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
     lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
 
+    selection = _selection(only, no_deps)
+    if saved_plan is not None and selection.only:
+        _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
     try:
         if saved_plan is None:
-            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait)
+            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection)
         else:
             planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
@@ -275,10 +306,13 @@ def status(
     file: FileOption = DEFAULT_FILE,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
 ) -> None:
     """Per service: database, current and latest version, pending, dirty, drift."""
+    selection = _selection(only, no_deps)
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
     except DbplanError as err:
         _fail(err)
     if format is OutputFormat.json:
