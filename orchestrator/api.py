@@ -20,6 +20,7 @@ from .estate.select import select_services
 from .live.facts import LiveState, inspect
 from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
 from .migrations import scan as migration_folders
+from .migrations.numbering import next_version
 from .migrations.scan import MigrationSet
 from .planning.plan import Plan
 from .planning.planner import make_plan
@@ -257,9 +258,7 @@ def new_migration(
     folder = service.migrations_dir
     folder.mkdir(parents=True, exist_ok=True)
     existing = migration_folders.scan_service(service, estate.root)
-    latest = existing.latest or 0
-    width = max((len(m.up.path.name.split("_", 1)[0]) for m in existing.migrations), default=6)
-    version = str(latest + 1).zfill(width)
+    version = next_version([m.up.path.name.split("_", 1)[0] for m in existing.migrations])
     up = folder / f"{version}_{slug}.up.sql"
     down = folder / f"{version}_{slug}.down.sql"
     if up.exists() or down.exists():

@@ -184,3 +184,39 @@ def test_fail_on_warnings_fails_on_a_lint_finding(estate: Estate) -> None:
     assert "the plan has 1 warning" in failed.err
     unknown = estate.dbplan("plan", "--fail-on", "drfit")
     assert unknown.code == 1 and "drfit" in unknown.err
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        ([], "000001"),
+        (["000001", "000002"], "000003"),
+        (["1", "2", "10"], "11"),
+        (["0007", "0099"], "0100"),
+        # timestamps: now (2026-12-01 10:00:00 UTC), or one past the latest if that is later
+        (["20240101120000"], "20261201100000"),
+        (["20240101120000", "20991231235959"], "20991231235960"),
+        (["1700000000"], "1796119200"),
+    ],
+)
+def test_new_keeps_the_folder_numbering_style(existing: list[str], expected: str) -> None:
+    from datetime import datetime, timezone
+
+    from orchestrator.migrations.numbering import next_version
+
+    assert next_version(existing, now=datetime(2026, 12, 1, 10, 0, 0, tzinfo=timezone.utc)) == expected
+
+
+def test_new_in_a_timestamped_folder_writes_a_timestamp(estate: Estate) -> None:
+    from datetime import datetime, timezone
+
+    estate.add_app()
+    estate.write("app", "20240101120000_init.up.sql", "CREATE TABLE t (id int);\n")
+    before = int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+
+    run = estate.dbplan("new", "app", "add prices")
+
+    assert run.code == 0, run.output
+    (created,) = [p for p in (estate.root / "migrations" / "app").glob("*_add_prices.up.sql")]
+    version = int(created.name.split("_", 1)[0])
+    assert before <= version <= before + 5, f"{created.name} is not the current UTC time"
