@@ -27,6 +27,7 @@ from .planning.planner import make_plan
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
+    from .live.history import ServiceHistory
     from .server.embedded import EmbeddedServer
 
 
@@ -221,6 +222,26 @@ def migrate(
     if result.error is not None:
         raise result.error
     return result
+
+
+def history(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    selection: Selection = EVERY_SERVICE,
+    limit: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    on_notice: Callable[[str], None] | None = None,
+) -> list[ServiceHistory]:
+    """Each selected service's history: what ran, when, how long, by whom and why.
+
+    ``limit`` keeps the latest events of each service (None: every one).
+    """
+    from .live.history import read_history
+
+    checked = validate(file, environ, selection)
+    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    return read_history(checked.estate, live, limit=limit)
 
 
 def force(

@@ -326,6 +326,30 @@ def status(
 
 
 @app.command()
+def history(
+    services: Annotated[list[str] | None, typer.Argument(help="Services to show (default: every one).")] = None,
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    limit: Annotated[int, typer.Option("--limit", help="Latest events per service; 0 shows every one.", min=0)] = 50,
+    wait: WaitOption = 0.0,
+) -> None:
+    """Show what ran, when, how long it took, by whom and why, from each service's history table."""
+    selection = api.Selection(tuple(services or ()), with_dependencies=False)
+    try:
+        histories = api.history(file, selection=selection, limit=limit or None, wait_seconds=wait, on_notice=_note)
+    except DbplanError as err:
+        _fail(err)
+    if format is OutputFormat.json:
+        from .render import json as render_json
+
+        _say(render_json.render_history(histories))
+    else:
+        from .render import text
+
+        _say(text.render_history(histories, color=_use_color()))
+
+
+@app.command()
 def force(
     service: Annotated[str, typer.Argument(help="Service whose version to record.")],
     version: Annotated[int, typer.Argument(help="Version the database is at now (0: none).", min=0)],

@@ -220,3 +220,51 @@ def test_new_in_a_timestamped_folder_writes_a_timestamp(estate: Estate) -> None:
     (created,) = [p for p in (estate.root / "migrations" / "app").glob("*_add_prices.up.sql")]
     version = int(created.name.split("_", 1)[0])
     assert before <= version <= before + 5, f"{created.name} is not the current UTC time"
+
+
+def test_history_shows_what_ran_when_how_long_by_whom_and_why(estate: Estate) -> None:
+    from orchestrator.execution.bookkeeping import applied_by
+
+    three_services(estate)
+    assert estate.dbplan("apply", "--only", "orders", "--yes").code == 0
+    forced = estate.dbplan("force", "orders", "2", "--reason", "rolled back by hand\x1b[2K")
+    assert forced.code == 0, forced.output
+
+    run = estate.dbplan("history", "orders")
+
+    assert run.code == 0, run.output
+    lines = run.out.splitlines()
+    assert lines[0].startswith("service orders  (database " + estate.name("orders"))
+    assert "history in public.dbplan_history" in lines[0]
+    events = [line.split()[:3] for line in lines[2:]]
+    assert events == [["1", "1", "apply"], ["2", "2", "apply"], ["3", "3", "apply"], ["4", "2", "force"]]
+    assert applied_by() in run.out
+    assert re.search(r"step_1\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+\d+ ms", run.out)
+    assert "rolled back by hand\\x1b[2K" in run.out and "\x1b" not in run.out, "a stored escape is shown, not obeyed"
+    assert "billing" not in run.out
+
+
+def test_history_as_json_and_with_a_limit(estate: Estate) -> None:
+    three_services(estate)
+    assert estate.dbplan("apply", "--only", "orders", "--yes").code == 0
+
+    everything = json.loads(estate.dbplan("history", "--format", "json").out)
+    latest = estate.dbplan("history", "orders", "--limit", "1")
+
+    by_service = {s["service"]: s for s in everything["services"]}
+    assert [e["version"] for e in by_service["orders"]["events"]] == [1, 2, 3]
+    assert by_service["orders"]["events"][0]["event"] == "apply"
+    assert by_service["orders"]["events"][0]["duration_ms"] >= 0
+    assert by_service["billing"] == {
+        "service": "billing",
+        "database": estate.name("billing"),
+        "server": "main",
+        "table": None,
+        "more": False,
+        "events": [],
+    }
+    assert latest.code == 0
+    assert "older events left out" in latest.out
+    assert [line.split()[:3] for line in latest.out.splitlines()[3:]] == [["3", "3", "apply"]]
+    unknown = estate.dbplan("history", "order")
+    assert unknown.code == 1 and "did you mean 'orders'" in unknown.err

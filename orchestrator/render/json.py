@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, service_to_dict, without_nones
 
 if TYPE_CHECKING:
+    from ..live.history import ServiceHistory
     from ..execution.progress import Result
 
 
@@ -42,6 +43,25 @@ def render_result(result: Result) -> str:
                     "sqlstate": getattr(error, "sqlstate", None),
                 }
             ),
+        }
+    )
+
+
+def render_history(histories: list[ServiceHistory]) -> str:
+    return dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "services": [
+                {
+                    "service": history.service,
+                    "database": history.database,
+                    "server": history.server,
+                    "table": history.table,
+                    "more": history.more,
+                    "events": [{**vars(event), "applied_at": event.applied_at.isoformat()} for event in history.events],
+                }
+                for history in histories
+            ],
         }
     )
 

@@ -21,6 +21,7 @@ from ..planning.plan import (
 _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
 
 if TYPE_CHECKING:
+    from ..live.history import ServiceHistory
     from ..execution.progress import Result
 
 
@@ -241,3 +242,44 @@ def render_result(result: Result, *, color: bool = False) -> str:
         return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"
     return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
 
+
+def render_history(histories: list[ServiceHistory], *, color: bool = False) -> str:
+    """Per service, its history events oldest first, as a table."""
+    from datetime import timezone
+
+    style = Style(color)
+    lines: list[str] = []
+    for history in histories:
+        where = f"history in {history.table}" if history.table else "no history table yet"
+        lines.append(style(f"service {history.service}", "bold") + f"  (database {history.database} on {history.server}; {where})")
+        if not history.events:
+            lines += ["  nothing recorded yet", ""]
+            continue
+        if history.more:
+            lines.append("  ... older events left out (--limit 0 shows every one)")
+        header = ("ID", "VERSION", "EVENT", "TITLE", "WHEN (UTC)", "DURATION", "BY", "REASON")
+        rows = [header] + [
+            (
+                str(event.id),
+                str(event.version),
+                event.event,
+                printable(event.title or "-"),
+                f"{event.applied_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}",
+                f"{event.duration_ms} ms" if event.duration_ms is not None else "-",
+                printable(event.applied_by or "-"),
+                printable(event.reason or "-"),
+            )
+            for event in history.events
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for index, row in enumerate(rows):
+            text = "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            lines.append(style(text, "bold") if index == 0 else text)
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def printable(text: str) -> str:
+    """Text from a database, fit for a terminal: control characters shown escaped, so that
+    a stored value cannot move the cursor or rewrite what a reviewer reads."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
