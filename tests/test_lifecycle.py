@@ -268,3 +268,26 @@ def test_history_as_json_and_with_a_limit(estate: Estate) -> None:
     assert [line.split()[:3] for line in latest.out.splitlines()[3:]] == [["3", "3", "apply"]]
     unknown = estate.dbplan("history", "order")
     assert unknown.code == 1 and "did you mean 'orders'" in unknown.err
+
+
+def test_the_readme_start_up_examples_run(estate: Estate, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from estate import REPO, example_estate
+
+    example_estate(estate)
+    section = (REPO / "README.md").read_text().split("## Migrating at start-up", 1)[1].split("\n## ", 1)[0]
+    init_command = json.loads(re.search(r"command: (\[.*\])", section).group(1))
+    python_call = section.split("```python", 1)[1].split("```", 1)[0]
+    assert init_command[:2] == ["dbplan", "apply"]
+    monkeypatch.chdir(estate.root)
+
+    exec(compile(python_call, "README.md", "exec"), {})  # noqa: S102 - the README's own snippet
+    assert estate.query("inventory", "SELECT max(version) FROM schema_migrations")[0][0] >= 3
+    container = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *init_command[1:]], capture_output=True, text=True, cwd=estate.root
+    )
+
+    assert container.returncode == 0, container.stderr
+    assert json.loads(container.stdout)["ok"] is True
