@@ -28,6 +28,7 @@ from .planning.planner import make_plan
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
+    from .verification.roundtrip import MigrationCheck, RoundTripReport
     from .server.embedded import EmbeddedServer
 
 
@@ -222,6 +223,30 @@ def migrate(
     if result.error is not None:
         raise result.error
     return result
+
+
+def round_trip(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    selection: Selection = EVERY_SERVICE,
+    require_down: bool = False,
+    scratch_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_check: Callable[[str, MigrationCheck], None] | None = None,
+) -> RoundTripReport:
+    """Apply, revert and re-apply every migration on throwaway databases of the embedded
+    server, and check that each down file puts the schema back as it was before its up."""
+    from .verification.roundtrip import round_trip_estate
+
+    checked = validate(file, environ, selection)
+    return round_trip_estate(
+        checked.estate,
+        checked.migration_sets,
+        checked.graph.service_order,
+        require_down=require_down,
+        scratch_url=scratch_url,
+        on_check=on_check,
+    )
 
 
 def history(

@@ -325,6 +325,49 @@ def status(
         _say(text.render_status(planned.plan, color=_use_color()))
 
 
+@app.command("test")
+def test_command(
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    require_down: Annotated[bool, typer.Option("--require-down", help="A migration without a down file fails.")] = False,
+    scratch_url: Annotated[
+        str | None,
+        typer.Option(
+            "--scratch-url",
+            envvar="DBPLAN_SCRATCH_URL",
+            show_envvar=True,
+            help="Admin URL of a server for the throwaway databases (default: the embedded server).",
+        ),
+    ] = None,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
+) -> None:
+    """Apply, revert and re-apply every migration on a throwaway database of the embedded
+    server; fail when a down file does not put the schema back."""
+    from .render import text
+
+    selection = _selection(only, no_deps)
+    as_json = format is OutputFormat.json
+    try:
+        report = api.round_trip(
+            file,
+            selection=selection,
+            require_down=require_down,
+            scratch_url=scratch_url,
+            on_check=None if as_json else lambda service, check: _note(text.round_trip_line(service, check)),
+        )
+    except DbplanError as err:
+        _fail(err)
+    if as_json:
+        from .render import json as render_json
+
+        _say(render_json.render_round_trips(report))
+    else:
+        _say(text.render_round_trips(report, color=_use_color()))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def history(
     services: Annotated[list[str] | None, typer.Argument(help="Services to show (default: every one).")] = None,
