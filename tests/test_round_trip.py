@@ -195,3 +195,22 @@ def test_ctrl_c_drops_the_throwaway_database(estate: Estate) -> None:
     assert finished.code == 130, finished.err
     assert "Traceback" not in finished.err
     assert twins(estate.url) == []
+
+
+def test_migrations_after_a_bad_down_are_still_tested(estate: Estate) -> None:
+    orders_table(estate)
+    write_pair(estate, 2, "ALTER TABLE orders ADD COLUMN note text;\n", "SELECT 1;\n")  # up cannot run twice
+    write_pair(estate, 3, "CREATE INDEX orders_id_idx ON orders (id, total);\n", "DROP INDEX orders_total_idx;\n")
+
+    run = round_trip(estate, "--format", "json")
+
+    (service,) = json.loads(run.out)["services"]
+    by_version = {m["version"]: m for m in service["migrations"]}
+    assert by_version[2]["problems"][0] == "down of 2 leaves column orders.note"
+    assert "does not apply again after its down" in by_version[2]["problems"][1]
+    assert by_version[3]["status"] == "failed", "version 3 was tested on a fresh twin"
+    assert by_version[3]["problems"][:2] == [
+        "down of 3 leaves index orders_id_idx",
+        "down of 3 drops index orders_total_idx, which was there before the up",
+    ]
+    assert twins(estate.url) == []
