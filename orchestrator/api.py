@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from .planning.planner import make_plan
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
+    from .verification.dryrun import Verification
     from .verification.roundtrip import MigrationCheck, RoundTripReport
     from .server.embedded import EmbeddedServer
 
@@ -45,6 +46,7 @@ class Checked:
 class Planned(Checked):
     live: LiveState
     plan: Plan
+    verification: Verification | None = None  # plan --verify: the dry run on a copy
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,26 @@ def plan(
         time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
         planned = _plan_checked(checked, 0.0, on_notice)
     return planned
+
+
+def verify(
+    planned: Planned, *, scratch_url: str | None = None, on_notice: Callable[[str], None] | None = None
+) -> Planned:
+    """The plan with its dry run: each database's pending migrations run first on a
+    throwaway copy of its live schema (structure and bookkeeping, never data) on an
+    embedded server of the live server's major version, exactly as ``apply`` would."""
+    from .verification.dryrun import verify as dry_run
+
+    verification = dry_run(
+        planned.estate,
+        planned.migration_sets,
+        planned.graph.service_order,
+        planned.live,
+        planned.plan,
+        scratch_url=scratch_url,
+        on_notice=on_notice,
+    )
+    return replace(planned, verification=verification)
 
 
 def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
@@ -317,11 +339,12 @@ def new_migration(
 def embedded_servers(
     file: str | os.PathLike[str], server_name: str | None = None, environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, EmbeddedServer]]:
-    """The embedded servers a plan file declares (those without a url), by name."""
+    """The embedded servers a plan file declares (those without a url), and those
+    ``plan --verify`` started beside it (``verify-pg15``, ...), by name."""
     from .server.embedded import EmbeddedServer
 
     estate = plan_file.load(file, environ)
-    if server_name is not None and server_name not in estate.servers:
+    if server_name is not None and server_name not in estate.servers and not server_name.startswith("verify-pg"):
         raise DbplanError(
             f"unknown server '{server_name}'{_did_you_mean(server_name, estate.servers)}",
             hint=f"servers: {', '.join(estate.servers)}",
@@ -331,6 +354,10 @@ def embedded_servers(
         for server in estate.servers.values()
         if server.embedded is not None and server_name in (None, server.name)
     ]
+    if server_name is None or server_name.startswith("verify-pg"):
+        from .verification.dryrun import verify_servers
+
+        found += [(name, server) for name, server in verify_servers(estate) if server_name in (None, name)]
     if not found:
         which = f"server '{server_name}' is" if server_name else "no server is"
         raise DbplanError(

@@ -48,6 +48,15 @@ OnlyOption = Annotated[
     typer.Option("--only", help="Only this service and the services it depends on (repeat, or separate with commas)."),
 ]
 NoDepsOption = Annotated[bool, typer.Option("--no-deps", help="With --only: not the services it depends on.")]
+ScratchUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scratch-url",
+        envvar="DBPLAN_SCRATCH_URL",
+        show_envvar=True,
+        help="Admin URL of a server for throwaway databases (default: an embedded server).",
+    ),
+]
 
 
 def _selection(only: list[str] | None, no_deps: bool) -> api.Selection:
@@ -170,11 +179,17 @@ def plan(
         list[FailOn] | None,
         typer.Option("--fail-on", help="Exit 1 when the plan has drift, or any warning (repeatable)."),
     ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Run the pending migrations first on a throwaway copy of the live schema.")
+    ] = False,
+    scratch_url: ScratchUrlOption = None,
 ) -> None:
     """Read the live servers and print what would change."""
     selection = _selection(only, no_deps)
     try:
         planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
+        if verify and not planned.plan.blocked:
+            planned = api.verify(planned, scratch_url=scratch_url, on_notice=_note)
     except DbplanError as err:
         _fail(err)
     _say(_render_plan(planned, format))
@@ -182,6 +197,8 @@ def plan(
         api.save_plan(planned, out, selection)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
+        raise typer.Exit(1)
+    if planned.verification is not None and not planned.verification.ok:
         raise typer.Exit(1)
     failures = planned.plan.failures_under(frozenset(choice.value for choice in fail_on or ()))
     if failures:
@@ -193,9 +210,14 @@ def plan(
 
 def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
     plan_value = planned.plan
+    verified = planned.verification
+    if verified is not None:
+        from .render import verification as render_verification
     if format is PlanFormat.json:
         from .render import json as render_json
 
+        if verified is not None:
+            return render_verification.render_json(plan_value, verified)
         return render_json.render_plan(plan_value)
     if format is PlanFormat.markdown:
         from .render import markdown
@@ -208,10 +230,12 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
-        return markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        shown = markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text
 
-    return text.render_plan(plan_value, color=_use_color())
+    shown = text.render_plan(plan_value, color=_use_color())
+    return shown + ("\n" + render_verification.render_text(verified, color=_use_color()) if verified is not None else "")
 
 
 @app.command()
@@ -330,15 +354,7 @@ def test_command(
     file: FileOption = DEFAULT_FILE,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
     require_down: Annotated[bool, typer.Option("--require-down", help="A migration without a down file fails.")] = False,
-    scratch_url: Annotated[
-        str | None,
-        typer.Option(
-            "--scratch-url",
-            envvar="DBPLAN_SCRATCH_URL",
-            show_envvar=True,
-            help="Admin URL of a server for the throwaway databases (default: the embedded server).",
-        ),
-    ] = None,
+    scratch_url: ScratchUrlOption = None,
     only: OnlyOption = None,
     no_deps: NoDepsOption = False,
 ) -> None:
