@@ -6,25 +6,30 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DbplanError, MigrationFileError
+from .errors import DbplanError, MigrationFileError, PlanBlocked
 from .estate import graph
 from .estate import load as plan_file
 from .estate.graph import EstateGraph
 from .estate.model import Estate
+from .estate.select import select_services
 from .live.facts import LiveState, inspect
 from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
 from .migrations import scan as migration_folders
+from .migrations.numbering import next_version
 from .migrations.scan import MigrationSet
 from .planning.plan import Plan
 from .planning.planner import make_plan
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
+    from .live.history import ServiceHistory
+    from .verification.dryrun import Verification
+    from .verification.roundtrip import MigrationCheck, RoundTripReport
     from .server.embedded import EmbeddedServer
 
 
@@ -41,11 +46,39 @@ class Checked:
 class Planned(Checked):
     live: LiveState
     plan: Plan
+    verification: Verification | None = None  # plan --verify: the dry run on a copy
 
 
-def validate(file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Checked:
-    """Check the plan file and the migration folders, without any server."""
+@dataclass(frozen=True)
+class Selection:
+    """Which services a command is about: all of them, or a few and (by default) what they
+    depend on (``--only``, ``--no-deps``)."""
+
+    only: tuple[str, ...] = ()  # empty: every service
+    with_dependencies: bool = True
+
+    def to_dict(self) -> dict[str, object] | None:
+        return {"only": list(self.only), "dependencies": self.with_dependencies} if self.only else None
+
+    @classmethod
+    def from_dict(cls, data: object) -> Selection:
+        if not isinstance(data, dict):
+            return cls()
+        return cls(tuple(str(name) for name in data.get("only", ())), bool(data.get("dependencies", True)))
+
+
+EVERY_SERVICE = Selection()
+
+
+def validate(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    environ: Mapping[str, str] | None = None,
+    selection: Selection = EVERY_SERVICE,
+) -> Checked:
+    """Check the plan file and the migration folders (those selected), without any server."""
     estate = plan_file.load(file, environ)
+    if selection.only:
+        estate = select_services(estate, selection.only, with_dependencies=selection.with_dependencies)
     return Checked(estate, graph.build(estate), migration_folders.scan(estate))
 
 
@@ -60,6 +93,7 @@ def plan(
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
     wait_for_runs: float = 0.0,
+    selection: Selection = EVERY_SERVICE,
 ) -> Planned:
     """Read the live servers and compute what would change.
 
@@ -69,7 +103,7 @@ def plan(
     """
     import time
 
-    checked = validate(file, environ)
+    checked = validate(file, environ, selection)
     planned = _plan_checked(checked, wait_seconds, on_notice)
     deadline = time.monotonic() + wait_for_runs
     announced: set[str] = set()
@@ -87,6 +121,26 @@ def plan(
         time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
         planned = _plan_checked(checked, 0.0, on_notice)
     return planned
+
+
+def verify(
+    planned: Planned, *, scratch_url: str | None = None, on_notice: Callable[[str], None] | None = None
+) -> Planned:
+    """The plan with its dry run: each database's pending migrations run first on a
+    throwaway copy of its live schema (structure and bookkeeping, never data) on an
+    embedded server of the live server's major version, exactly as ``apply`` would."""
+    from .verification.dryrun import verify as dry_run
+
+    verification = dry_run(
+        planned.estate,
+        planned.migration_sets,
+        planned.graph.service_order,
+        planned.live,
+        planned.plan,
+        scratch_url=scratch_url,
+        on_notice=on_notice,
+    )
+    return replace(planned, verification=verification)
 
 
 def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
@@ -123,11 +177,17 @@ def apply(
     )
 
 
-def save_plan(planned: Planned, path: str | os.PathLike[str]) -> None:
-    """Write the plan with a fingerprint of everything it was computed from."""
+def save_plan(planned: Planned, path: str | os.PathLike[str], selection: Selection = EVERY_SERVICE) -> None:
+    """Write the plan with a fingerprint of everything it was computed from (and the
+    selection it was made for, so that applying it plans the same services again)."""
     from .planning import savedplan
 
-    savedplan.save(Path(path), planned.plan, savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live))
+    savedplan.save(
+        Path(path),
+        planned.plan,
+        savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live),
+        selection=selection.to_dict(),
+    )
 
 
 def plan_saved(
@@ -142,10 +202,93 @@ def plan_saved(
     from .planning import savedplan
 
     saved = savedplan.load(Path(saved_path))
-    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice)
+    selection = Selection.from_dict(saved.get("selection"))
+    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
     savedplan.check(saved, planned.plan, now)
     return planned
+
+
+def migrate(
+    service: str,
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    with_dependencies: bool = True,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    progress: Progress | None = None,
+    on_notice: Callable[[str], None] | None = None,
+) -> Result:
+    """Bring one service's database up to date: what a service calls at start-up.
+
+    Creates the service's database and owner role if missing, then applies its pending
+    migrations and, unless ``with_dependencies`` is false, those of the services it
+    depends on first. Replicas starting together are safe: one applies, the others wait
+    for its lock (up to ``lock_wait`` seconds) and then find nothing left to do.
+    ``wait_seconds`` retries connecting while the server starts. Raises ``DbplanError``
+    (``PlanBlocked`` for a dirty service, say) instead of returning a failed result.
+    """
+    selection = Selection((service,), with_dependencies)
+    planned = plan(
+        file,
+        environ=environ,
+        wait_seconds=wait_seconds,
+        on_notice=on_notice,
+        wait_for_runs=lock_wait,
+        selection=selection,
+    )
+    if planned.plan.blocked:
+        first = planned.plan.blockers[0]
+        raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
+    result = apply(planned, progress=progress, lock_wait=lock_wait)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def round_trip(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    selection: Selection = EVERY_SERVICE,
+    require_down: bool = False,
+    scratch_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_check: Callable[[str, MigrationCheck], None] | None = None,
+) -> RoundTripReport:
+    """Apply, revert and re-apply every migration on throwaway databases of the embedded
+    server, and check that each down file puts the schema back as it was before its up."""
+    from .verification.roundtrip import round_trip_estate
+
+    checked = validate(file, environ, selection)
+    return round_trip_estate(
+        checked.estate,
+        checked.migration_sets,
+        checked.graph.service_order,
+        require_down=require_down,
+        scratch_url=scratch_url,
+        on_check=on_check,
+    )
+
+
+def history(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    selection: Selection = EVERY_SERVICE,
+    limit: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    on_notice: Callable[[str], None] | None = None,
+) -> list[ServiceHistory]:
+    """Each selected service's history: what ran, when, how long, by whom and why.
+
+    ``limit`` keeps the latest events of each service (None: every one).
+    """
+    from .live.history import read_history
+
+    checked = validate(file, environ, selection)
+    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    return read_history(checked.estate, live, limit=limit)
 
 
 def force(
@@ -183,9 +326,7 @@ def new_migration(
     folder = service.migrations_dir
     folder.mkdir(parents=True, exist_ok=True)
     existing = migration_folders.scan_service(service, estate.root)
-    latest = existing.latest or 0
-    width = max((len(m.up.path.name.split("_", 1)[0]) for m in existing.migrations), default=6)
-    version = str(latest + 1).zfill(width)
+    version = next_version([m.up.path.name.split("_", 1)[0] for m in existing.migrations])
     up = folder / f"{version}_{slug}.up.sql"
     down = folder / f"{version}_{slug}.down.sql"
     if up.exists() or down.exists():
@@ -198,11 +339,12 @@ def new_migration(
 def embedded_servers(
     file: str | os.PathLike[str], server_name: str | None = None, environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, EmbeddedServer]]:
-    """The embedded servers a plan file declares (those without a url), by name."""
+    """The embedded servers a plan file declares (those without a url), and those
+    ``plan --verify`` started beside it (``verify-pg15``, ...), by name."""
     from .server.embedded import EmbeddedServer
 
     estate = plan_file.load(file, environ)
-    if server_name is not None and server_name not in estate.servers:
+    if server_name is not None and server_name not in estate.servers and not server_name.startswith("verify-pg"):
         raise DbplanError(
             f"unknown server '{server_name}'{_did_you_mean(server_name, estate.servers)}",
             hint=f"servers: {', '.join(estate.servers)}",
@@ -212,6 +354,10 @@ def embedded_servers(
         for server in estate.servers.values()
         if server.embedded is not None and server_name in (None, server.name)
     ]
+    if server_name is None or server_name.startswith("verify-pg"):
+        from .verification.dryrun import verify_servers
+
+        found += [(name, server) for name, server in verify_servers(estate) if server_name in (None, name)]
     if not found:
         which = f"server '{server_name}' is" if server_name else "no server is"
         raise DbplanError(

@@ -20,7 +20,7 @@ import typer
 
 from . import api
 from .errors import DbplanError
-from .planning.plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+from .planning.plan import FAIL_ON, Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Outcome
@@ -43,6 +43,27 @@ FileOption = Annotated[
 ]
 DEFAULT_FILE = Path("dbplan.yaml")
 WaitOption = Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).")]
+OnlyOption = Annotated[
+    list[str] | None,
+    typer.Option("--only", help="Only this service and the services it depends on (repeat, or separate with commas)."),
+]
+NoDepsOption = Annotated[bool, typer.Option("--no-deps", help="With --only: not the services it depends on.")]
+ScratchUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scratch-url",
+        envvar="DBPLAN_SCRATCH_URL",
+        show_envvar=True,
+        help="Admin URL of a server for throwaway databases (default: an embedded server).",
+    ),
+]
+
+
+def _selection(only: list[str] | None, no_deps: bool) -> api.Selection:
+    names = tuple(name.strip() for value in only or () for name in value.split(",") if name.strip())
+    if no_deps and not names:
+        _fail(DbplanError("--no-deps goes with --only SERVICE", hint="name the service: --only SERVICE --no-deps"))
+    return api.Selection(names, with_dependencies=not no_deps)
 
 
 class PlanFormat(str, Enum):
@@ -54,6 +75,9 @@ class PlanFormat(str, Enum):
 class OutputFormat(str, Enum):
     text = "text"
     json = "json"
+
+
+FailOn = Enum("FailOn", {name: name for name in FAIL_ON}, type=str)  # type: ignore[misc]
 
 
 @app.callback()
@@ -149,27 +173,51 @@ def plan(
         bool, typer.Option("--detailed-exitcode", help="Exit 2 when changes are pending, 0 when none.")
     ] = False,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
+    fail_on: Annotated[
+        list[FailOn] | None,
+        typer.Option("--fail-on", help="Exit 1 when the plan has drift, or any warning (repeatable)."),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Run the pending migrations first on a throwaway copy of the live schema.")
+    ] = False,
+    scratch_url: ScratchUrlOption = None,
 ) -> None:
     """Read the live servers and print what would change."""
+    selection = _selection(only, no_deps)
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
+        if verify and not planned.plan.blocked:
+            planned = api.verify(planned, scratch_url=scratch_url, on_notice=_note)
     except DbplanError as err:
         _fail(err)
     _say(_render_plan(planned, format))
     if out is not None:
-        api.save_plan(planned, out)
+        api.save_plan(planned, out, selection)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
         raise typer.Exit(1)
+    if planned.verification is not None and not planned.verification.ok:
+        raise typer.Exit(1)
+    failures = planned.plan.failures_under(frozenset(choice.value for choice in fail_on or ()))
+    if failures:
+        flags = " ".join(f"--fail-on {choice.value}" for choice in dict.fromkeys(fail_on or ()))
+        _fail(DbplanError("; ".join(failures), hint=f"this fails because of {flags}; without it, it is only a warning"))
     if detailed_exitcode and planned.plan.changes:
         raise typer.Exit(2)
 
 
 def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
     plan_value = planned.plan
+    verified = planned.verification
+    if verified is not None:
+        from .render import verification as render_verification
     if format is PlanFormat.json:
         from .render import json as render_json
 
+        if verified is not None:
+            return render_verification.render_json(plan_value, verified)
         return render_json.render_plan(plan_value)
     if format is PlanFormat.markdown:
         from .render import markdown
@@ -182,10 +230,12 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
-        return markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        shown = markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text
 
-    return text.render_plan(plan_value, color=_use_color())
+    shown = text.render_plan(plan_value, color=_use_color())
+    return shown + ("\n" + render_verification.render_text(verified, color=_use_color()) if verified is not None else "")
 
 
 @app.command()
@@ -198,13 +248,18 @@ def apply(
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
     lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
 
+    selection = _selection(only, no_deps)
+    if saved_plan is not None and selection.only:
+        _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
     try:
         if saved_plan is None:
-            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait)
+            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection)
         else:
             planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
@@ -275,10 +330,13 @@ def status(
     file: FileOption = DEFAULT_FILE,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
     wait: WaitOption = 0.0,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
 ) -> None:
     """Per service: database, current and latest version, pending, dirty, drift."""
+    selection = _selection(only, no_deps)
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note)
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
     except DbplanError as err:
         _fail(err)
     if format is OutputFormat.json:
@@ -289,6 +347,65 @@ def status(
         from .render import text
 
         _say(text.render_status(planned.plan, color=_use_color()))
+
+
+@app.command("test")
+def test_command(
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    require_down: Annotated[bool, typer.Option("--require-down", help="A migration without a down file fails.")] = False,
+    scratch_url: ScratchUrlOption = None,
+    only: OnlyOption = None,
+    no_deps: NoDepsOption = False,
+) -> None:
+    """Apply, revert and re-apply every migration on a throwaway database of the embedded
+    server; fail when a down file does not put the schema back."""
+    from .render import text
+
+    selection = _selection(only, no_deps)
+    as_json = format is OutputFormat.json
+    try:
+        report = api.round_trip(
+            file,
+            selection=selection,
+            require_down=require_down,
+            scratch_url=scratch_url,
+            on_check=None if as_json else lambda service, check: _note(text.round_trip_line(service, check)),
+        )
+    except DbplanError as err:
+        _fail(err)
+    if as_json:
+        from .render import json as render_json
+
+        _say(render_json.render_round_trips(report))
+    else:
+        _say(text.render_round_trips(report, color=_use_color()))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def history(
+    services: Annotated[list[str] | None, typer.Argument(help="Services to show (default: every one).")] = None,
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    limit: Annotated[int, typer.Option("--limit", help="Latest events per service; 0 shows every one.", min=0)] = 50,
+    wait: WaitOption = 0.0,
+) -> None:
+    """Show what ran, when, how long it took, by whom and why, from each service's history table."""
+    selection = api.Selection(tuple(services or ()), with_dependencies=False)
+    try:
+        histories = api.history(file, selection=selection, limit=limit or None, wait_seconds=wait, on_notice=_note)
+    except DbplanError as err:
+        _fail(err)
+    if format is OutputFormat.json:
+        from .render import json as render_json
+
+        _say(render_json.render_history(histories))
+    else:
+        from .render import text
+
+        _say(text.render_history(histories, color=_use_color()))
 
 
 @app.command()

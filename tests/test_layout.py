@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
 
 # Each stage may import from the stages before it. errors is shared by all; the thin top
 # (api, cli) sees everything.
-STAGES = ["errors", "estate", "migrations", "server", "live", "planning", "execution", "render", "top"]
+STAGES = ["errors", "estate", "migrations", "server", "live", "planning", "execution", "verification", "render", "top"]
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,22 @@ class Plan:
     def service(self, name: str) -> ServicePlan:
         return next(service for service in self.services if service.service == name)
 
+    def failures_under(self, fail_on: frozenset[str]) -> tuple[str, ...]:
+        """What ``plan --fail-on`` turns into a failure: drift, warnings (see FAIL_ON)."""
+        found: list[str] = []
+        if "drift" in fail_on:
+            for service in self.services:
+                if service.drift:
+                    versions = ", ".join(str(drift.version) for drift in service.drift)
+                    found.append(f"service '{service.service}' has drift: applied files changed or gone ({versions})")
+        if "warnings" in fail_on and self.warnings:
+            count = len(self.warnings)
+            found.append(f"the plan has {count} warning{'s' if count != 1 else ''}")
+        return tuple(found)
+
+
+FAIL_ON = ("drift", "warnings")  # what a CI job may ask ``plan`` to fail on
+
 
 def action_to_dict(action: Action) -> dict[str, Any]:
     """The JSON shape of an action (DESIGN.md); field order follows the dataclass."""

@@ -58,9 +58,10 @@ def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: L
     }
 
 
-def save(path: Path, plan: Plan, print_: dict[str, Any]) -> None:
-
+def save(path: Path, plan: Plan, print_: dict[str, Any], *, selection: dict[str, Any] | None = None) -> None:
     document = {"kind": SAVED_PLAN_KIND, **plan_to_dict(plan), "fingerprint": print_}
+    if selection is not None:
+        document["selection"] = selection  # the services it was planned for (apply --only)
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

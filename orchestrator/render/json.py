@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, service_to_dict, without_nones
 
 if TYPE_CHECKING:
+    from ..live.history import ServiceHistory
+    from ..verification.roundtrip import RoundTripReport
     from ..execution.progress import Result
 
 
@@ -42,6 +44,48 @@ def render_result(result: Result) -> str:
                     "sqlstate": getattr(error, "sqlstate", None),
                 }
             ),
+        }
+    )
+
+
+def render_history(histories: list[ServiceHistory]) -> str:
+    return dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "services": [
+                {
+                    "service": history.service,
+                    "database": history.database,
+                    "server": history.server,
+                    "table": history.table,
+                    "more": history.more,
+                    "events": [{**vars(event), "applied_at": event.applied_at.isoformat()} for event in history.events],
+                }
+                for history in histories
+            ],
+        }
+    )
+
+
+def render_round_trips(report: RoundTripReport) -> str:
+    return dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "ok": report.ok,
+            "server_version": report.server_version,
+            "duration_ms": report.duration_ms,
+            "summary": {status: report.count(status) for status in ("ok", "failed", "no-down", "not-run")},
+            "services": [
+                {
+                    "service": service.service,
+                    "database": service.database,
+                    "migrations": [
+                        {"version": c.version, "title": c.title, "status": c.status, "problems": list(c.problems)}
+                        for c in service.checks
+                    ],
+                }
+                for service in report.services
+            ],
         }
     )
 

@@ -21,6 +21,8 @@ from ..planning.plan import (
 _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
 
 if TYPE_CHECKING:
+    from ..live.history import ServiceHistory
+    from ..verification.roundtrip import MigrationCheck, RoundTripReport
     from ..execution.progress import Result
 
 
@@ -241,3 +243,81 @@ def render_result(result: Result, *, color: bool = False) -> str:
         return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"
     return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
 
+
+def render_history(histories: list[ServiceHistory], *, color: bool = False) -> str:
+    """Per service, its history events oldest first, as a table."""
+    from datetime import timezone
+
+    style = Style(color)
+    lines: list[str] = []
+    for history in histories:
+        where = f"history in {history.table}" if history.table else "no history table yet"
+        lines.append(style(f"service {history.service}", "bold") + f"  (database {history.database} on {history.server}; {where})")
+        if not history.events:
+            lines += ["  nothing recorded yet", ""]
+            continue
+        if history.more:
+            lines.append("  ... older events left out (--limit 0 shows every one)")
+        header = ("ID", "VERSION", "EVENT", "TITLE", "WHEN (UTC)", "DURATION", "BY", "REASON")
+        rows = [header] + [
+            (
+                str(event.id),
+                str(event.version),
+                event.event,
+                printable(event.title or "-"),
+                f"{event.applied_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}",
+                f"{event.duration_ms} ms" if event.duration_ms is not None else "-",
+                printable(event.applied_by or "-"),
+                printable(event.reason or "-"),
+            )
+            for event in history.events
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for index, row in enumerate(rows):
+            text = "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            lines.append(style(text, "bold") if index == 0 else text)
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def printable(text: str) -> str:
+    """Text from a database, fit for a terminal: control characters shown escaped, so that
+    a stored value cannot move the cursor or rewrite what a reviewer reads."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+ROUND_TRIP_MARKS = {"ok": "✓", "failed": "✗", "no-down": "-", "not-run": "·"}
+
+
+def round_trip_line(service: str, check: MigrationCheck) -> str:
+    """One migration's round trip, as the progress line and the report both show it."""
+    mark = ROUND_TRIP_MARKS[check.status]
+    head = f"{mark} {service} {check.version} {printable(check.title)}"
+    if check.status == "ok":
+        return head + ": up, down and up again leave the schema as it should be"
+    return head + ": " + "; ".join(printable(problem) for problem in check.problems)
+
+
+def render_round_trips(report: RoundTripReport, *, color: bool = False) -> str:
+    style = Style(color)
+    colors = {"ok": "green", "failed": "red", "no-down": "yellow", "not-run": "yellow"}
+    lines = []
+    for service in report.services:
+        passed = sum(1 for check in service.checks if check.status == "ok")
+        lines.append(
+            style(f"service {service.service}", "bold")
+            + f"  (database {service.database}): {passed} of {plural(len(service.checks), 'migration')} round-trip cleanly"
+        )
+        # The progress lines named every migration; the report keeps what needs a look.
+        for check in service.checks:
+            if check.status != "ok":
+                lines.append("  " + style(round_trip_line(service.service, check), colors[check.status]))
+        lines.append("")
+    total = sum(len(service.checks) for service in report.services)
+    failed, missing = report.count("failed"), report.count("no-down")
+    parts = [f"{plural(total, 'migration')} of {plural(len(report.services), 'service')} on PostgreSQL {report.server_version}"]
+    parts.append(f"{failed} failed" if failed else "every down file restores the schema")
+    if missing:
+        parts.append(f"{plural(missing, 'migration')} without a down file" + (" (required)" if report.require_down else ""))
+    lines.append(style("Test: " + ", ".join(parts) + f" ({report.duration_ms} ms).", "green" if report.ok else "red"))
+    return "\n".join(lines) + "\n"
