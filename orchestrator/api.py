@@ -202,6 +202,7 @@ def plan_saved(
     from .planning import savedplan
 
     saved = savedplan.load(Path(saved_path))
+    savedplan.check_environment(saved, plan_file.selected_environment(environ))
     selection = Selection.from_dict(saved.get("selection"))
     planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
@@ -304,6 +305,7 @@ def force(
     from .execution.force import force_version
 
     checked = validate(file, environ)
+    checked.estate.require_secrets()
     force_version(checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait)
 
 

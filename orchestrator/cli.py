@@ -83,8 +83,15 @@ FailOn = Enum("FailOn", {name: name for name in FAIL_ON}, type=str)  # type: ign
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    env: Annotated[
+        str | None,
+        typer.Option("--env", help="Environment of the plan file to use (its 'environments:' overlay); DBPLAN_ENV too."),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    if env is not None:
+        # One process, one environment: every command reads it where the plan file is loaded.
+        os.environ["DBPLAN_ENV"] = env
 
 
 # ---------------------------------------------------------------------------
@@ -533,8 +540,21 @@ def run() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping usage errors to exit code 1 (tests call this in-process)."""
-    with _no_cyclic_gc_while_planning():
+    with _no_cyclic_gc_while_planning(), _environment_restored():
         return _main(argv)
+
+
+@contextmanager
+def _environment_restored() -> Iterator[None]:
+    """--env sets DBPLAN_ENV for the command; an in-process caller gets its own back."""
+    before = os.environ.get("DBPLAN_ENV")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DBPLAN_ENV", None)
+        else:
+            os.environ["DBPLAN_ENV"] = before
 
 
 @contextmanager

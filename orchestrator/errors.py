@@ -67,6 +67,10 @@ class ConfigError(DbplanError):
     """The plan file is missing, malformed, or refers to things that do not exist."""
 
 
+class UnsetVariable(ConfigError):
+    """A ``${VAR}`` without a default whose variable is not set."""
+
+
 class MigrationFileError(DbplanError):
     """A migration folder or file cannot be used as it is."""
 

@@ -244,12 +244,19 @@ def test_quoted_expansion_is_not_read_as_a_number(tmp_path: Path) -> None:
 
 
 def test_missing_variable_is_named_with_its_place(tmp_path: Path) -> None:
+    # A url or password may wait until a command connects (see test_lifecycle); any other
+    # value is needed to read the file at all.
     text = BASE_PLAN.replace("url: postgresql://postgres@127.0.0.1:5432/postgres", "url: ${DATABASE_URL}")
-    err = load_error(tmp_path, text)
+    estate = load(tmp_path, text, {})
+    with pytest.raises(ConfigError) as raised:
+        estate.require_secrets()
+    err = raised.value
     assert err.message == "environment variable DATABASE_URL is not set"
     assert err.hint == "set DATABASE_URL, or give a default with ${DATABASE_URL:-default}"
     assert (err.place.line, err.place.column, err.place.path) == (4, 10, "servers.main.url")
     assert str(err).startswith(f"{tmp_path / 'dbplan.yaml'}:4:10 (servers.main.url): environment variable")
+    folder = load_error(tmp_path, text.replace("migrations: migrations/product", "migrations: ${PRODUCT_DIR}"), {})
+    assert folder.message == "environment variable PRODUCT_DIR is not set"
 
 
 @pytest.mark.parametrize(

@@ -291,3 +291,141 @@ def test_the_readme_start_up_examples_run(estate: Estate, monkeypatch: pytest.Mo
 
     assert container.returncode == 0, container.stderr
     assert json.loads(container.stdout)["ok"] is True
+
+
+# -- one file, every environment ------------------------------------------------------
+
+
+def with_environments(estate: Estate) -> None:
+    """The file as written points at a closed port; 'staging' points at the test server."""
+    estate.add_role("app_svc", password="${APP_PW}")
+    estate.add_database("app", owner="app_svc")
+    estate.add_service("app", "app")
+    estate.write("app", "1_init.up.sql", "CREATE TABLE t (id int);\n")
+    estate.document["servers"]["main"]["url"] = "postgresql://postgres@127.0.0.1:1/postgres"
+    estate.document["environments"] = {
+        "staging": {
+            "servers": {"main": {"url": estate.url}},
+            "roles": {estate.name("app_svc"): {"password": "${STAGING_APP_PW}"}},
+            "services": {"app": {"lock_timeout": "5s"}},
+        },
+        "production": {"servers": {"main": {"url": "postgresql://postgres@127.0.0.1:2/postgres"}}},
+    }
+    estate.save()
+
+
+def test_an_environment_overlays_servers_passwords_and_settings(
+    estate: Estate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    with_environments(estate)
+    monkeypatch.setenv("STAGING_APP_PW", "staging-secret-1")
+    monkeypatch.delenv("APP_PW", raising=False)
+
+    plan = estate.dbplan("--env", "staging", "plan")
+    applied_run = estate.dbplan("--env", "staging", "apply", "--yes")
+    as_written = estate.dbplan("plan")
+
+    assert plan.code == 0, plan.output
+    assert plan.out.splitlines()[0] == "Environment: staging"
+    assert applied_run.code == 0, applied_run.output
+    assert applied_run.out.splitlines()[0] == "Environment: staging"
+    with psycopg.connect(estate.url, user=estate.name("app_svc"), password="staging-secret-1", dbname=estate.name("app")) as conn:
+        assert conn.execute("SHOW lock_timeout").fetchone() is not None
+    assert as_written.code == 1
+    assert "environment variable APP_PW is not set" in as_written.err, "the file as written needs its own password"
+    assert "staging-secret-1" not in plan.output + applied_run.output + as_written.output
+
+
+def test_dbplan_env_chooses_the_environment_and_json_and_markdown_name_it(
+    estate: Estate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_environments(estate)
+    monkeypatch.setenv("STAGING_APP_PW", "pw")
+    monkeypatch.setenv("DBPLAN_ENV", "staging")
+
+    as_json = json.loads(estate.dbplan("plan", "--format", "json").out)
+    markdown = estate.dbplan("plan", "--format", "markdown").out
+    status = json.loads(estate.dbplan("status", "--format", "json").out)
+
+    assert as_json["environment"] == "staging"
+    assert markdown.splitlines()[1] == "## dbplan plan: staging"
+    assert status["environment"] == "staging"
+
+
+def test_a_saved_plan_is_for_its_environment_only(estate: Estate, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with_environments(estate)
+    monkeypatch.setenv("STAGING_APP_PW", "pw")
+    monkeypatch.setenv("APP_PW", "pw0")
+    saved = tmp_path / "staging.json"
+    assert estate.dbplan("--env", "staging", "plan", "--out", str(saved)).code == 0
+    assert json.loads(saved.read_text())["environment"] == "staging"
+
+    elsewhere = estate.dbplan("--env", "production", "apply", str(saved), "--yes")
+
+    assert elsewhere.code == 1
+    assert "the saved plan was made for environment 'staging'; this run is for environment 'production'" in elsewhere.err
+    assert not estate.database_exists("app")
+    assert estate.dbplan("--env", "staging", "apply", str(saved), "--yes").code == 0
+    assert applied(estate, "app") == [1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message", "line_of"),
+    [
+        (
+            lambda envs, e: envs["staging"]["services"]["app"].update(migrations="elsewhere"),
+            "unknown key 'migrations'",
+            "migrations: elsewhere",
+        ),
+        (lambda envs, e: envs["staging"].update(databases={}), "unknown key 'databases'", "databases: {}"),
+        (
+            lambda envs, e: envs["staging"]["servers"].update(mian={"url": "postgresql://x"}),
+            "environment 'staging' changes server 'mian', which the plan file does not declare; did you mean 'main'?",
+            "mian:",
+        ),
+        (
+            lambda envs, e: envs["staging"]["roles"][e.name("app_svc")].update(login=True),
+            "unknown key 'login'",
+            "login: true",
+        ),
+    ],
+    ids=["service-folder", "databases", "undeclared-server", "role-login"],
+)
+def test_an_overlay_may_change_only_what_it_may(estate: Estate, edit, message: str, line_of: str) -> None:  # noqa: ANN001
+    with_environments(estate)
+    edit(estate.document["environments"], estate)
+    estate.save()
+
+    run = estate.dbplan("--env", "staging", "validate")
+
+    assert run.code == 1
+    assert message in run.err
+    line = [n for n, text in enumerate(estate.plan_file.read_text().splitlines(), 1) if line_of in text][-1]
+    assert f"dbplan.yaml:{line}:" in run.err, run.err
+
+
+def test_an_unknown_environment_is_a_located_error(estate: Estate) -> None:
+    with_environments(estate)
+
+    run = estate.dbplan("--env", "stagign", "plan")
+
+    assert run.code == 1
+    assert "unknown environment 'stagign'; did you mean 'staging'?" in run.err
+    assert "environments of this file: 'staging', 'production'" in run.err
+
+
+def test_offline_commands_need_no_secrets_and_connecting_ones_change_nothing_without(estate: Estate) -> None:
+    with_environments(estate)
+    estate.document["environments"]["staging"]["servers"]["main"]["url"] = "${STAGING_URL}"
+    estate.save()
+
+    offline = [estate.dbplan("--env", "staging", *args) for args in (("validate",), ("graph",), ("new", "app", "more"))]
+    connecting = estate.dbplan("--env", "staging", "apply", "--yes")
+
+    assert [run.code for run in offline] == [0, 0, 0], [run.err for run in offline]
+    assert connecting.code == 1
+    assert "environment variable STAGING_URL is not set" in connecting.err
+    assert "(environments.staging.servers.main.url)" in connecting.err
+    assert not estate.database_exists("app")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, Place
+from ..errors import ConfigError, Place, UnsetVariable
 
 MAX_PLAN_FILE_BYTES = 4 * 1024 * 1024
 # An alias may point at a node that itself holds aliases ("billion laughs"); expanding
@@ -53,6 +53,9 @@ class Document:
         self.is_secret = is_secret
         self.marks: dict[DocPath, tuple[int, int]] = {}
         self.key_marks: dict[DocPath, tuple[int, int]] = {}
+        # A secret whose variable is unset: an error only for the commands that connect
+        # (validate, graph and new need no secrets). The value reads as empty meanwhile.
+        self.unset_secrets: dict[DocPath, UnsetVariable] = {}
 
     def place(self, path: DocPath, *, key: bool = False) -> Place:
         marks = self.key_marks if key and path in self.key_marks else self.marks
@@ -175,7 +178,7 @@ def _evaluate(parts: tuple[str | _Reference, ...], environ: Mapping[str, str], w
             expanded.append(_evaluate(part.default, environ, where))
             continue
         if value is None:
-            raise ConfigError(
+            raise UnsetVariable(
                 f"environment variable {part.name} is not set",
                 place=where,
                 hint=f"set {part.name}, or give a default with ${{{part.name}:-default}}",
@@ -302,7 +305,13 @@ class _Builder:
         if not isinstance(value, str) or "$" not in value:
             return value
         secret = self.document.is_secret(path)
-        expanded = expand_variables(value, self.environ, self.document.place(path), secret=secret)
+        try:
+            expanded = expand_variables(value, self.environ, self.document.place(path), secret=secret)
+        except UnsetVariable as err:
+            if not secret:
+                raise
+            self.document.unset_secrets[path] = err
+            return ""
         if node.style is not None:  # quoted: stays a string
             return expanded
         # The expansion is read as a scalar (never a structure), so `${PORT:-5432}` is a number.

@@ -64,8 +64,63 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 def is_secret(path: DocPath) -> bool:
-    """Whether ``path`` is a role's password or a server's url (which may hold one)."""
+    """Whether ``path`` is a role's password or a server's url (which may hold one), in the
+    file itself or in one of its environments."""
+    if len(path) >= 5 and path[0] == "environments":
+        path = path[2:]
     return len(path) >= 3 and (path[0], path[2]) in (("roles", "password"), ("servers", "url"))
+
+
+ENVIRONMENT_VARIABLE = "DBPLAN_ENV"
+# What an environment may change, per section: how servers are reached, the passwords of
+# roles, and the settings that rightly differ (the schema lists the same keys).
+OVERLAY_SECTIONS = ("servers", "roles", "services")
+
+
+def selected_environment(environ: Mapping[str, str] | None = None) -> str | None:
+    """The environment a command runs in: ``DBPLAN_ENV`` (which ``--env`` sets), or none."""
+    return (os.environ if environ is None else environ).get(ENVIRONMENT_VARIABLE) or None
+
+
+def _apply_environment(data: dict[str, Any], document: Document, name: str | None) -> dict[str, Any]:
+    """The file's values with environment ``name``'s overlay laid over them; places of the
+    overlaid values point at the overlay, so that later errors name its lines."""
+    environments = data.get("environments") or {}
+    if name is None:
+        return data
+    if name not in environments:
+        known = ", ".join(f"'{env}'" for env in environments)
+        raise ConfigError(
+            f"unknown environment {quoted(name)}{_did_you_mean(name, environments)}",
+            place=document.place(("environments",), key=True) if environments else Place(document.file),
+            hint=f"environments of this file: {known}" if environments else "the plan file defines no environments",
+        )
+    merged = dict(data)
+    for section in OVERLAY_SECTIONS:
+        for item, changes in ((environments[name] or {}).get(section) or {}).items():
+            declared = data.get(section) or {}
+            if item not in declared:
+                raise ConfigError(
+                    f"environment {quoted(name)} changes {section[:-1]} {quoted(item)}, which the plan file "
+                    f"does not declare{_did_you_mean(item, declared)}",
+                    place=document.place(("environments", name, section, item), key=True),
+                    hint=f"an environment changes what the file declares; declare the {section[:-1]} under '{section}' first",
+                )
+            merged[section] = {**merged.get(section, {}), item: {**merged[section][item], **changes}}
+            for key in changes:
+                _move_place(document, ("environments", name, section, item, key), (section, item, key))
+    return merged
+
+
+def _move_place(document: Document, source: DocPath, target: DocPath) -> None:
+    for marks in (document.marks, document.key_marks):
+        if source in marks:
+            marks[target] = marks[source]
+    unset = document.unset_secrets.get(source)
+    if unset is not None:
+        document.unset_secrets[target] = unset
+    else:
+        document.unset_secrets.pop(target, None)  # the overlay's value replaces an unset one
 
 
 def _schema_error(error: Any, document: Document) -> ConfigError:
@@ -178,14 +233,16 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
     for name, spec in (data.get("servers") or {}).items():
         place = document.place(("servers", name), key=True)
         url = spec.get("url") or None
+        unset_url = document.unset_secrets.get(("servers", name, "url"))
         embedded = None
         if url is None:
-            if not spec.get("embedded"):
+            if not spec.get("embedded") and unset_url is None:
                 raise ConfigError(
                     f"server '{name}' has no url",
                     place=place,
                     hint="set url (for example ${DATABASE_URL}) or 'embedded: true' for a local server dbplan runs",
                 )
+        if url is None and spec.get("embedded"):
             data_dir = root / spec.get("data_dir", DEFAULT_EMBEDDED_DATA_DIR)
             port = spec.get("port")
             # JSON Schema's "integer" accepts 5432.0; a float port would end up in a URL.
@@ -200,6 +257,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             embedded=embedded,
             maintenance_database=spec.get("maintenance_database", DEFAULT_MAINTENANCE_DATABASE),
             place=place,
+            unset_url=unset_url,
         )
     data_dirs: dict[Path, str] = {}
     for server in servers.values():
@@ -241,6 +299,7 @@ def _roles(data: dict[str, Any], document: Document, servers: dict[str, Server])
             login=bool(spec.get("login", False)),
             password=password or None,
             place=place,
+            unset_password=document.unset_secrets.get(("roles", name, "password")),
         )
     return roles
 
@@ -370,18 +429,22 @@ def _check_shared_tables(services: dict[str, Service], document: Document) -> No
 
 
 def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str, str] | None = None) -> Estate:
-    """Read, expand and validate a plan file; return the estate it declares."""
+    """Read, expand and validate a plan file; return the estate it declares, in the
+    environment that ``DBPLAN_ENV`` names (the file as written when it is unset)."""
     path = Path(file)
     display = str(file)
     text, checksum = read_text(path, display)
     document = Document(display, is_secret)
-    data = parse_yaml(text, document, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    data = parse_yaml(text, document, environ)
     if not isinstance(data, dict):
         raise ConfigError(
             f"the plan file must be a mapping with 'version: 1' at the top, got {_describe(data)}",
             place=document.place(()),
         )
     _validate_schema(data, document)
+    environment = selected_environment(environ)
+    data = _apply_environment(data, document, environment)
     root = path.resolve().parent
     servers = _servers(data, document, root)
     roles = _roles(data, document, servers)
@@ -395,6 +458,7 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
         databases=databases,
         services=services,
         file_checksum=checksum,
+        environment=environment,
     )
     from . import graph  # cycles are a property of the whole file: report them at load time
 

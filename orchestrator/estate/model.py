@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import Place
+from ..errors import Place, UnsetVariable
 from . import conninfo
 
 DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
@@ -41,6 +41,8 @@ class Server:
     embedded: EmbeddedSpec | None
     maintenance_database: str = DEFAULT_MAINTENANCE_DATABASE
     place: Place = field(default=Place(), compare=False)
+    # The url's variable is not set: fine offline, an error once a command connects.
+    unset_url: UnsetVariable | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Role:
     # Kept out of repr so a stray log line or traceback cannot print it.
     password: str | None = field(default=None, repr=False)
     place: Place = field(default=Place(), compare=False)
+    unset_password: UnsetVariable | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,17 @@ class Estate:
     databases: dict[str, Database]
     services: dict[str, Service]
     file_checksum: str | None = None  # sha256 of the plan file as it was read
+    environment: str | None = None  # the overlay in effect (--env, DBPLAN_ENV); None: the file as written
+
+    def require_secrets(self) -> None:
+        """Raise for the first secret whose variable is unset: called by every command that
+        connects, before it connects, so that nothing is done half-way for want of one."""
+        for server in self.servers.values():
+            if server.unset_url is not None:
+                raise server.unset_url
+        for role in self.roles.values():
+            if role.unset_password is not None:
+                raise role.unset_password
 
     def server_of_service(self, service: Service) -> Server:
         return self.servers[self.databases[service.database].server]

@@ -96,6 +96,7 @@ def inspect(
     on_retry: Callable[[str], None] | None = None,
 ) -> LiveState:
     """Read every server and every existing database the plan file names."""
+    estate.require_secrets()
     servers: dict[str, ServerFacts] = {}
     services: dict[str, ServiceFacts] = {}
     for server in estate.servers.values():

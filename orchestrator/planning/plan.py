@@ -135,6 +135,7 @@ class Plan:
     services: tuple[ServicePlan, ...]
     warnings: tuple[Warning, ...] = ()
     blockers: tuple[Blocker, ...] = ()
+    environment: str | None = None  # the plan file's environment it was made for (--env)
 
     @property
     def changes(self) -> bool:
@@ -214,6 +215,7 @@ FORMAT_VERSION = 1  # of the JSON plan, status and result (DESIGN.md)
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
+        **({"environment": plan.environment} if plan.environment else {}),
         "changes": plan.changes,
         "blocked": plan.blocked,
         "summary": plan.summary(),

@@ -67,6 +67,7 @@ def make_plan(
         services=tuple(outcome.summary for outcome in in_file_order),
         warnings=tuple(warning for outcome in in_file_order for warning in outcome.warnings),
         blockers=tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
+        environment=estate.environment,
     )
 
 

@@ -81,6 +81,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def check(saved: dict[str, Any], plan: Plan, now: dict[str, Any]) -> None:
     """Refuse when the plan's inputs or its actions differ from the saved ones."""
+    check_environment(saved, plan.environment)
     changes = differences(saved["fingerprint"], now)
     if not changes:
         try:
@@ -94,6 +95,20 @@ def check(saved: dict[str, Any], plan: Plan, now: dict[str, Any]) -> None:
             "the saved plan no longer matches; nothing was changed:\n" + "\n".join(f"  - {c}" for c in changes),
             hint="run 'dbplan plan --out FILE' again and review the new plan",
         )
+
+
+def check_environment(saved: dict[str, Any], environment: str | None) -> None:
+    """Refuse a plan saved for another environment, before connecting to this one's servers."""
+    if saved.get("environment") != environment:
+        raise PlanChanged(
+            f"the saved plan was made for {_environment(saved.get('environment'))}; "
+            f"this run is for {_environment(environment)}; nothing was changed",
+            hint=f"apply it with --env {saved['environment']}" if saved.get("environment") else "apply it without --env",
+        )
+
+
+def _environment(name: str | None) -> str:
+    return f"environment '{name}'" if name else "the plan file without an environment"
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -18,7 +18,8 @@ def render_plan(plan: Plan) -> str:
 
 
 def render_status(plan: Plan) -> str:
-    return dumps({"format_version": FORMAT_VERSION, "services": [service_to_dict(s) for s in plan.services]})
+    environment = {"environment": plan.environment} if plan.environment else {}
+    return dumps({"format_version": FORMAT_VERSION, **environment, "services": [service_to_dict(s) for s in plan.services]})
 
 
 def render_result(result: Result) -> str:

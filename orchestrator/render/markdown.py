@@ -193,7 +193,8 @@ def _block_size(blocks: Sequence[Block], index: int) -> int:
 
 
 def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, with_sql: bool) -> list[Block]:
-    blocks: list[Block] = [f"{COMMENT_MARKER}\n## dbplan plan\n", _summary(plan)]
+    title = f"## dbplan plan: {plan.environment}" if plan.environment else "## dbplan plan"
+    blocks: list[Block] = [f"{COMMENT_MARKER}\n{title}\n", _summary(plan)]
     if plan.blockers:
         blocks.append(_blockers(plan, limits))
     if plan.services:

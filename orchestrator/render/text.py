@@ -86,7 +86,7 @@ def dirty_version(plan: Plan, service: ServicePlan) -> int | None:
 
 def render_plan(plan: Plan, *, color: bool = False) -> str:
     style = Style(color)
-    lines: list[str] = []
+    lines: list[str] = environment_line(plan, style)
     lines += _server_section(plan, style)
     for service in plan.services:
         lines += _service_section(plan, service, style)
@@ -199,6 +199,11 @@ def _blockers(plan: Plan, style: Style) -> list[str]:
     return lines
 
 
+def environment_line(plan: Plan, style: Style) -> list[str]:
+    """The first line of every output made for an environment of the plan file."""
+    return [style(f"Environment: {plan.environment}", "bold"), ""] if plan.environment else []
+
+
 def render_status(plan: Plan, *, color: bool = False) -> str:
     style = Style(color)
     header = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT")
@@ -225,6 +230,7 @@ def render_status(plan: Plan, *, color: bool = False) -> str:
         elif row[6] != "-":
             text = style(text, "yellow")
         lines.append(text)
+    lines = environment_line(plan, style) + lines
     lines += [""] + [
         style(f"! {blocker.message}", "red") for blocker in plan.blockers
     ]
