@@ -197,7 +197,7 @@ def test_start_status_stop(make_server: Callable[..., EmbeddedServer], binaries:
     assert server.status().running is False
     status = server.start()
     assert status.running and status.pid and runas.pid_alive(status.pid)
-    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres"
+    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres?passfile={server.data_dir}/dbplan.pgpass"
     assert status.version == binaries.version
     assert status.data_dir == server.requested_dir and status.note is None
     with connect(status.url) as conn:

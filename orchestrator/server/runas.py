@@ -167,14 +167,20 @@ def make_owned_dir(path: Path, mode: int) -> None:
         )
 
 
-def hand_over(data_dir: Path, account: Account) -> None:
-    """Make ``account`` own ``data_dir`` (and an existing cluster's files in it)."""
+def hand_over(data_dir: Path, account: Account, keep: tuple[str, ...] = ()) -> None:
+    """Make ``account`` own ``data_dir`` (and an existing cluster's files in it).
+
+    Files of ``data_dir`` named in ``keep`` (the password file) stay as they are: the
+    account must not be able to read them.
+    """
     st = os.lstat(data_dir)
     if st.st_uid == account.uid and st.st_gid == account.gid:
         return
     if (data_dir / "PG_VERSION").exists():  # an existing cluster changes hands
         for folder, dirs, files in os.walk(data_dir):
             for name in dirs + files:
+                if folder == str(data_dir) and name in keep:
+                    continue
                 os.lchown(os.path.join(folder, name), account.uid, account.gid)
     os.chown(data_dir, account.uid, account.gid)
 
@@ -301,13 +307,22 @@ def _copy_installation(binaries: PgBinaries) -> Path:
 
 
 def run_program(
-    args: list[str | Path], account: Account | None, *, timeout: float = 120
+    args: list[str | Path],
+    account: Account | None,
+    *,
+    timeout: float = 120,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL program (as ``account`` if given) from ``/``; its captured output."""
+    """Run a PostgreSQL program (as ``account`` if given) from ``/``; its captured output.
+
+    ``input`` is its standard input (else none): the way to hand it what must not appear
+    in a process list.
+    """
     try:
         return subprocess.run(
             [str(a) for a in args],
-            stdin=subprocess.DEVNULL,
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             errors="replace",
