@@ -197,7 +197,7 @@ def test_start_status_stop(make_server: Callable[..., EmbeddedServer], binaries:
     assert server.status().running is False
     status = server.start()
     assert status.running and status.pid and runas.pid_alive(status.pid)
-    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres?passfile={server.data_dir}/dbplan.pgpass"
+    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres?passfile={server.data_dir}.pgpass"
     assert status.version == binaries.version
     assert status.data_dir == server.requested_dir and status.note is None
     with connect(status.url) as conn:
@@ -477,8 +477,13 @@ def psql_program(server: EmbeddedServer) -> str:
     return str(bundled) if bundled.is_file() else shutil.which("psql") or pytest.skip("no psql")
 
 
+def pgpass(server: EmbeddedServer) -> Path:
+    """Where the superuser's password is kept: beside the data folder."""
+    return server.data_dir.with_name(server.data_dir.name + ".pgpass")
+
+
 def password_of(server: EmbeddedServer) -> str:
-    lines = (server.data_dir / "dbplan.pgpass").read_text().splitlines()
+    lines = pgpass(server).read_text().splitlines()
     return next(line.rsplit(":", 1)[1] for line in lines if line and not line.startswith("#"))
 
 
@@ -528,7 +533,7 @@ def test_other_local_users_cannot_connect_nor_run_programs(make_server: Callable
         "tcp, a login role without password": ([*tcp, "-U", login_without_password], {}),
         "tcp, replication connection": ([f"host=127.0.0.1 port={status.port} user=postgres replication=database dbname=postgres"], {}),
         "dbplan's url, whose password file it cannot read": ([status.url], {}),
-        "dbplan's password file as PGPASSFILE": ([*tcp, "-U", "postgres"], {"PGPASSFILE": str(server.data_dir / "dbplan.pgpass")}),
+        "dbplan's password file as PGPASSFILE": ([*tcp, "-U", "postgres"], {"PGPASSFILE": str(pgpass(server))}),
         "unix socket": (["-h", str(server.data_dir), "-p", str(status.port), "-U", "postgres", "-d", "postgres"], {}),
         "unix socket as its own name": (["-h", str(server.data_dir), "-p", str(status.port), "-U", "nobody", "-d", "postgres"], {}),
     }
@@ -537,7 +542,7 @@ def test_other_local_users_cannot_connect_nor_run_programs(make_server: Callable
             run = run_as(nobody, [psql, "-X", "-w", *target, "-c", COPY_TO_PROGRAM.format(marker=marker)], **env)
             assert run.returncode != 0, f"{what}: nobody connected\n{run.stdout}{run.stderr}"
             assert not marker.exists(), f"{what}: nobody ran a program as the server's account"
-        assert run_as(nobody, ["cat", str(server.data_dir / "dbplan.pgpass")]).returncode != 0
+        assert run_as(nobody, ["cat", str(pgpass(server))]).returncode != 0
         # The control: nobody can run psql and reach the server; only the password is missing.
         control = run_as(nobody, [psql, "-X", "-w", "-At", *tcp, "-U", "postgres", "-c", "select 42"], PGPASSWORD=password_of(server))
         assert (control.returncode, control.stdout.strip()) == (0, "42"), control.stderr
@@ -551,7 +556,7 @@ def test_other_local_users_cannot_connect_nor_run_programs(make_server: Callable
 def test_the_user_who_runs_dbplan_connects_and_the_password_shows_nowhere(make_server: Callable[..., EmbeddedServer]) -> None:
     server = make_server(durable=True)
     status = server.start()
-    password_file = server.data_dir / "dbplan.pgpass"
+    password_file = pgpass(server)
     st = os.lstat(password_file)
     assert (st.st_mode & 0o777, st.st_uid) == (0o600, os.geteuid())  # the invoking user's, even as root
     password = password_of(server)
@@ -574,6 +579,7 @@ def test_the_user_who_runs_dbplan_connects_and_the_password_shows_nowhere(make_s
         peer = run_as(server_account, [psql_program(server), "-X", "-w", "-h", str(server.data_dir), "-p", str(status.port),
                                        "-U", "postgres", "-d", "postgres", "-c", "select 1"])  # fmt: skip
         assert peer.returncode != 0 and "peer authentication failed" in peer.stderr.lower(), peer.stderr
+        assert run_as(server_account, ["cat", str(pgpass(server))]).returncode != 0  # nor can it pass it on
     server.stop()
     server.start()  # a restart keeps the password
     assert password_of(server) == password and query(status.url, "select 1") == 1
@@ -581,7 +587,7 @@ def test_the_user_who_runs_dbplan_connects_and_the_password_shows_nowhere(make_s
     visible += [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in os.listdir("/proc") if pid.isdigit()
                 and os.path.exists(f"/proc/{pid}/cmdline")]  # fmt: skip
     for path in server.data_dir.iterdir():
-        if path.is_file() and path.name != "dbplan.pgpass":
+        if path.is_file():
             visible.append(path.read_bytes().decode(errors="replace"))
     assert not [text[:200] for text in visible if password in text]
 
@@ -598,9 +604,9 @@ def test_server_status_prints_how_to_connect_never_the_password(workdir: Path) -
         assert run_dbplan(plan, "server", "start").code == 0
         run = run_dbplan(plan, "server", "status")
         assert run.code == 0, run.err
-        password = (workdir / "pg" / "dbplan.pgpass").read_text().splitlines()[-1].rsplit(":", 1)[1]
+        password = (workdir / "pg.pgpass").read_text().splitlines()[-1].rsplit(":", 1)[1]
         assert password not in run.out + run.err
-        assert f"password: in {workdir / 'pg' / 'dbplan.pgpass'} (mode 0600" in run.out
+        assert f"password: in {workdir / 'pg.pgpass'} (mode 0600" in run.out
         lines = [line.strip().removeprefix("connect:").strip() for line in run.out.splitlines()]
         commands = [line for line in lines if line.startswith("psql ")]
         assert len(commands) == 2, run.out  # over TCP, and over the unix socket
@@ -637,7 +643,7 @@ def test_a_trust_data_folder_of_an_older_dbplan_is_closed_on_its_next_start(make
     make_old_trust_cluster(server)
     status = server.start()
     assert status.running
-    st = os.lstat(server.data_dir / "dbplan.pgpass")
+    st = os.lstat(pgpass(server))
     assert (st.st_mode & 0o777, st.st_uid) == (0o600, os.geteuid())
     assert query(status.url, "select 1") == 1
     with pytest.raises(psycopg.OperationalError, match="password"):
@@ -695,12 +701,12 @@ def test_a_password_file_others_may_have_read_or_planted_gets_a_new_password(
     server = make_server()
     status = server.start()
     old = password_of(server)
-    tamper(server.data_dir / "dbplan.pgpass")
+    tamper(pgpass(server))
     with pytest.raises(EmbeddedServerError, match="password file"):
         EmbeddedServer(server.requested_dir, durable=False).ensure_running()  # refused while it runs
     server.stop()
     again = server.start()
-    path = server.data_dir / "dbplan.pgpass"
+    path = pgpass(server)
     st = os.lstat(path)
     assert (st.st_mode & 0o777, st.st_uid, os.path.islink(path)) == (0o600, os.geteuid(), False)
     assert password_of(server) != old

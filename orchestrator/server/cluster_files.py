@@ -4,8 +4,8 @@
   status; removed with the socket lock files when stale;
 * ``dbplan-port``: the port the server last started on;
 * ``dbplan.conf``: dbplan's settings, included from ``postgresql.conf`` and rewritten at
-  every start (``pg_hba.conf``, ``pg_ident.conf`` and ``dbplan.pgpass``: module
-  :mod:`.credentials`);
+  every start (``pg_hba.conf`` and ``pg_ident.conf``, and the password file beside the
+  data folder: module :mod:`.credentials`);
 * ``postgres.log``: the server's log, rotated before a start and tailed for errors.
 
 The server's life cycle that uses them is in :mod:`.embedded`. Only the standard library

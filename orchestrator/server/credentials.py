@@ -4,11 +4,13 @@ Any local account can reach 127.0.0.1, and a superuser session runs shell comman
 server's account (``COPY ... TO PROGRAM``), so every way in is closed to other accounts:
 
 * TCP asks for a password (``scram-sha-256``). dbplan generates the superuser's password
-  and keeps it in ``<data>/dbplan.pgpass``, in libpq's password file format, mode 0600 and
-  owned by the user who runs dbplan. When that user is root the server runs as another
-  account, which cannot read the file (it belongs to root): the server only ever gets the
-  password's SCRAM verifier, from which no client can log in. The server's URL names the
-  file (``?passfile=``), so the password is in no URL, command line, output or log.
+  and keeps it beside the data folder, in ``<data>.pgpass`` (libpq's password file
+  format), mode 0600 and owned by the user who runs dbplan. Not in the data folder: when
+  dbplan is root the server runs as another account, which owns that folder and could
+  swap the file for a link to one of root's; and a file it cannot read would break its
+  base backups. The server only ever gets the password's SCRAM verifier, from which no
+  client can log in. The server's URL names the file (``?passfile=``), so the password
+  is in no URL, command line, output or log.
 * The unix socket lives in the data folder (mode 0700, the server account's), and
   ``peer`` authentication admits only the user who runs dbplan, as ``postgres``.
 * ``pg_hba.conf`` and ``pg_ident.conf`` are rewritten before every start, so a data folder
@@ -27,18 +29,17 @@ from pathlib import Path
 from .runas import Account, safe_write
 
 __all__ = [
-    "PASSWORD_FILE",
     "SUPERUSER",
     "hba_conf",
     "ident_conf",
     "new_password",
+    "password_file",
     "read_password",
     "scram_verifier",
     "store_password",
     "write_access_rules",
 ]
 
-PASSWORD_FILE = "dbplan.pgpass"
 SUPERUSER = "postgres"
 IDENT_MAP = "dbplan"
 PASSWORD_BYTES = 32
@@ -49,7 +50,8 @@ _PASSWORD_SHAPE = re.compile(r"[A-Za-z0-9_-]{40,}")  # what new_password makes: 
 
 
 def password_file(data_dir: Path) -> Path:
-    return data_dir / PASSWORD_FILE
+    """``<data>.pgpass``: beside the data folder, in the folder dbplan made it in."""
+    return data_dir.with_name(f"{data_dir.name}.pgpass")
 
 
 def new_password() -> str:
@@ -142,8 +144,9 @@ def hba_conf() -> str:
     return "\n".join(
         [
             "# Written by dbplan before every start of the embedded server: only the user who",
-            "# runs dbplan may connect (edits here are lost). TCP: the password in",
-            f"# {PASSWORD_FILE}. Unix socket (in this private folder): peer, mapped in pg_ident.conf.",
+            "# runs dbplan may connect (edits here are lost). TCP: the password in the file",
+            "# <this folder>.pgpass beside this folder. Unix socket (in this private folder):",
+            "# peer, mapped in pg_ident.conf.",
             f"local   all           all                  peer map={IDENT_MAP}",
             f"local   replication   all                  peer map={IDENT_MAP}",
             "host    all           all   127.0.0.1/32   scram-sha-256",

@@ -9,8 +9,8 @@ server to try it. The server:
 * listens on 127.0.0.1 only, on a port derived from the data folder's path (20000-29999,
   below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; superuser
   ``postgres``; its unix socket lives in the data folder;
-* lets in only the user who runs dbplan: a generated password in ``<data>/dbplan.pgpass``
-  (mode 0600) over TCP, ``peer`` on the socket (module :mod:`.credentials`);
+* lets in only the user who runs dbplan: a generated password in ``<data>.pgpass`` beside
+  the data folder (mode 0600) over TCP, ``peer`` on the socket (module :mod:`.credentials`);
 * writes its settings to ``<data>/dbplan.conf`` (included from ``postgresql.conf``) at every
   start, so ``pg_ctl -D <data> start`` by hand behaves the same;
 * logs to ``<data>/postgres.log`` (these files: module :mod:`.cluster_files`);
@@ -47,7 +47,6 @@ from .cluster_files import (
     write_settings,
 )
 from .credentials import (
-    PASSWORD_FILE,
     SUPERUSER,
     new_password,
     password_file,
@@ -301,10 +300,14 @@ class EmbeddedServer:
         return self.status()
 
     def destroy(self) -> None:
-        """Stop the server and delete its data folder (and the relocation folder if any)."""
+        """Stop the server; delete its data folder, password file and relocation folder."""
         self.stop()
         data_dir = self.data_dir
         shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            password_file(data_dir).unlink()
+        except OSError:
+            pass
         if data_dir != self.requested_dir:
             try:
                 data_dir.parent.rmdir()  # .../dbplan-<uid>/<hash>/
@@ -334,7 +337,7 @@ class EmbeddedServer:
                         hint="choose another data folder for the embedded server",
                     ) from None
             if account is not None:
-                hand_over(data_dir, account, keep=(PASSWORD_FILE,))
+                hand_over(data_dir, account)
         except OSError as err:
             raise EmbeddedServerError(
                 f"could not create the data folder {data_dir}: {err}",

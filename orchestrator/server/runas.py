@@ -167,20 +167,14 @@ def make_owned_dir(path: Path, mode: int) -> None:
         )
 
 
-def hand_over(data_dir: Path, account: Account, keep: tuple[str, ...] = ()) -> None:
-    """Make ``account`` own ``data_dir`` (and an existing cluster's files in it).
-
-    Files of ``data_dir`` named in ``keep`` (the password file) stay as they are: the
-    account must not be able to read them.
-    """
+def hand_over(data_dir: Path, account: Account) -> None:
+    """Make ``account`` own ``data_dir`` (and an existing cluster's files in it)."""
     st = os.lstat(data_dir)
     if st.st_uid == account.uid and st.st_gid == account.gid:
         return
     if (data_dir / "PG_VERSION").exists():  # an existing cluster changes hands
         for folder, dirs, files in os.walk(data_dir):
             for name in dirs + files:
-                if folder == str(data_dir) and name in keep:
-                    continue
                 os.lchown(os.path.join(folder, name), account.uid, account.gid)
     os.chown(data_dir, account.uid, account.gid)
 
