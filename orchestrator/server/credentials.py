@@ -26,16 +26,19 @@ import re
 import stat
 from pathlib import Path
 
-from .runas import Account, safe_write
+from ..errors import EmbeddedServerError
+from .runas import Account, run_program, safe_write
 
 __all__ = [
     "SUPERUSER",
+    "check_running_server_has_password",
     "hba_conf",
     "ident_conf",
     "new_password",
     "password_file",
     "read_password",
     "scram_verifier",
+    "set_new_password",
     "store_password",
     "write_access_rules",
 ]
@@ -52,6 +55,51 @@ _PASSWORD_SHAPE = re.compile(r"[A-Za-z0-9_-]{40,}")  # what new_password makes: 
 def password_file(data_dir: Path) -> Path:
     """``<data>.pgpass``: beside the data folder, in the folder dbplan made it in."""
     return data_dir.with_name(f"{data_dir.name}.pgpass")
+
+
+# --------------------------------------------------------------------------------------
+# The superuser's password
+# --------------------------------------------------------------------------------------
+
+
+def set_new_password(bindir: Path, data_dir: Path, account: Account | None, *, durable: bool) -> None:
+    """Give the stopped server's superuser a new password, then store it in the file.
+
+    PostgreSQL in single-user mode gets the statement on its standard input, with the
+    SCRAM verifier only: the password itself never reaches the server, its log, or a
+    command line. In this order a failure at any point leaves no password file, and the
+    next start makes another password.
+    """
+    password = new_password()
+    verifier = scram_verifier(password)
+    no_fsync = [] if durable else ["-F"]
+    done = run_program(
+        [bindir / "postgres", "--single", "-D", data_dir, *no_fsync,
+         "-c", "exit_on_error=on", "-c", "log_statement=none", "postgres"],
+        account,
+        input=f"ALTER ROLE {SUPERUSER} PASSWORD '{verifier}';\n",
+    )  # fmt: skip
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).replace(verifier, "***")  # an error may quote it
+        raise EmbeddedServerError(
+            f"could not set the superuser password of the embedded server in {data_dir}:\n"
+            + "\n".join(output.strip().splitlines()[-15:]),
+            hint="fix the cause above and start it again: a new password is generated",
+        )
+    store_password(data_dir, password)
+
+
+def check_running_server_has_password(data_dir: Path) -> None:
+    """Refuse a running server without dbplan's password file (an older dbplan's: trust)."""
+    if read_password(data_dir) is not None:
+        return
+    raise EmbeddedServerError(
+        f"the embedded server in {data_dir} runs without a usable password file "
+        f"({password_file(data_dir)}: missing, or readable by others); it was started by an "
+        "older dbplan, which let every local user in, or the file was changed",
+        hint="stop it with `dbplan server stop` (or pg_ctl stop -D <data folder>); the next "
+        "start closes it to other users and generates a new password",
+    )
 
 
 def new_password() -> str:
@@ -132,6 +180,11 @@ def store_password(data_dir: Path, password: str) -> None:
         except OSError:
             pass
         raise
+
+
+# --------------------------------------------------------------------------------------
+# pg_hba.conf and pg_ident.conf
+# --------------------------------------------------------------------------------------
 
 
 def write_access_rules(data_dir: Path, account: Account | None) -> None:

@@ -48,11 +48,10 @@ from .cluster_files import (
 )
 from .credentials import (
     SUPERUSER,
-    new_password,
+    check_running_server_has_password,
     password_file,
     read_password,
-    scram_verifier,
-    store_password,
+    set_new_password,
     write_access_rules,
 )
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
@@ -274,7 +273,7 @@ class EmbeddedServer:
                 if info.status not in ("ready", "standby"):
                     self._wait_until_ready_or_gone(info.pid)
                 if self._running_pid_file() is not None:
-                    self._check_running_server_has_password()
+                    check_running_server_has_password(self.data_dir)
                     return self.status()
             bindir = self._bindir(account)
             if self._cluster_major() is None:
@@ -283,7 +282,7 @@ class EmbeddedServer:
             remove_stale_files(self.data_dir)
             write_access_rules(self.data_dir, account)
             if read_password(self.data_dir) is None:  # new, made by an older dbplan, or tampered
-                self._set_new_password(bindir, account)
+                set_new_password(bindir, self.data_dir, account, durable=self.durable)
             self._start_on_free_port(bindir, account)
         return self.status()
 
@@ -369,44 +368,6 @@ class EmbeddedServer:
                 hint="fix the cause above (disk space, permissions), empty the folder and retry",
             )
         include_settings(data_dir)
-
-    def _set_new_password(self, bindir: Path, account: Account | None) -> None:
-        """Give the superuser a new password, then store it in the password file.
-
-        PostgreSQL in single-user mode (the server is stopped) gets the statement on its
-        standard input, with the SCRAM verifier only: the password itself never reaches
-        the server, its log, or a command line. In this order a failure at any point
-        leaves no password file, and the next start makes another password.
-        """
-        password = new_password()
-        statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{scram_verifier(password)}';\n"
-        no_fsync = [] if self.durable else ["-F"]
-        done = run_program(
-            [bindir / "postgres", "--single", "-D", self.data_dir, *no_fsync,
-             "-c", "exit_on_error=on", "-c", "log_statement=none", "postgres"],
-            account,
-            input=statement,
-        )  # fmt: skip
-        if done.returncode != 0:
-            output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise EmbeddedServerError(
-                f"could not set the superuser password of the embedded server in "
-                f"{self.data_dir}:\n{output}",
-                hint="fix the cause above and start it again: a new password is generated",
-            )
-        store_password(self.data_dir, password)
-
-    def _check_running_server_has_password(self) -> None:
-        """Refuse a server started without dbplan's password (an older dbplan's: trust)."""
-        if read_password(self.data_dir) is not None:
-            return
-        raise EmbeddedServerError(
-            f"the embedded server in {self.data_dir} runs without a usable password file "
-            f"({password_file(self.data_dir)}: missing, or readable by others); it was started "
-            "by an older dbplan, which let every local user in, or the file was changed",
-            hint="stop it with `dbplan server stop` (or pg_ctl stop -D <data folder>); the next "
-            "start closes it to other users and generates a new password",
-        )
 
     def _check_major(self) -> None:
         major = self._cluster_major()
