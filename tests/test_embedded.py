@@ -713,3 +713,31 @@ def test_a_password_file_others_may_have_read_or_planted_gets_a_new_password(
     assert query(again.url, "select 1") == 1
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         connect(without_passfile(status.url), password=old)
+
+
+@needs_binaries
+def test_a_password_file_that_no_longer_matches_says_how_to_recover(workdir: Path) -> None:
+    from processes import run_dbplan
+
+    plan = workdir / "dbplan.yaml"
+    plan.write_text(f"version: 1\nservers:\n  local:\n    embedded: true\n    data_dir: {workdir / 'pg'}\n"
+                    "databases:\n  app:\n    server: local\n")  # fmt: skip
+    password_file = workdir / "pg.pgpass"
+    try:
+        assert run_dbplan(plan, "server", "start").code == 0
+        assert run_dbplan(plan, "server", "stop").code == 0
+        # e.g. the data folder restored from a backup taken before another password was set
+        other = password_file.read_text().replace(password_file.read_text().splitlines()[-1].rsplit(":", 1)[1], "x" * 43)
+        password_file.write_text(other)
+        run = run_dbplan(plan, "plan")
+        assert run.code == 1
+        assert "password authentication failed" in run.err
+        assert f"password is kept in {password_file}" in run.err and "delete that file" in run.err
+        assert "x" * 43 not in run.out + run.err
+        assert run_dbplan(plan, "server", "stop").code == 0
+        password_file.unlink()
+        again = run_dbplan(plan, "plan")  # the hint followed
+        assert again.code == 0, again.err
+        assert "create database app" in again.out.lower()
+    finally:
+        run_dbplan(plan, "server", "stop")
