@@ -95,7 +95,7 @@ def check_running_server_has_password(data_dir: Path) -> None:
         return
     raise EmbeddedServerError(
         f"the embedded server in {data_dir} runs without a usable password file "
-        f"({password_file(data_dir)}: missing, or readable by others); it was started by an "
+        f"({password_file(data_dir)}: missing, not yours, or readable by others); it was started by an "
         "older dbplan, which let every local user in, or the file was changed",
         hint="stop it with `dbplan server stop` (or pg_ctl stop -D <data folder>); the next "
         "start closes it to other users and generates a new password",
