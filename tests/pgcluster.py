@@ -38,6 +38,20 @@ def connect(url: str, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, **kwargs)  # type: ignore[arg-type]
 
 
+def embedded_password(url: str) -> str | None:
+    """The password of an embedded cluster's URL, read from the file it names (?passfile=).
+
+    For test helpers that cannot read libpq's password file themselves (PgBouncer).
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    passfile = parse_qs(urlsplit(url).query).get("passfile")
+    if not passfile:
+        return None
+    lines = Path(passfile[0]).read_text().splitlines()
+    return next(line.rsplit(":", 1)[1] for line in lines if line and not line.startswith("#"))
+
+
 def new_prefix() -> str:
     """A unique short lowercase name prefix: 't' + 8 hex characters."""
     return "t" + uuid.uuid4().hex[:8]

@@ -197,7 +197,7 @@ def test_start_status_stop(make_server: Callable[..., EmbeddedServer], binaries:
     assert server.status().running is False
     status = server.start()
     assert status.running and status.pid and runas.pid_alive(status.pid)
-    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres"
+    assert status.url == f"postgresql://postgres@127.0.0.1:{status.port}/postgres?passfile={server.data_dir}.pgpass"
     assert status.version == binaries.version
     assert status.data_dir == server.requested_dir and status.note is None
     with connect(status.url) as conn:
@@ -464,3 +464,280 @@ def test_concurrent_starts_share_one_server(make_server: Callable[..., EmbeddedS
     assert len(set(urls)) == 1
     assert len({s.status().pid for s in [first, *others]}) == 1
     assert query(urls[0], "select 1") == 1
+
+
+# -- who may connect: only the user who runs dbplan --------------------------------------
+
+# A shell command the server's account runs if anybody gets a superuser session.
+COPY_TO_PROGRAM = "COPY (SELECT 1) TO PROGRAM 'touch {marker}'"
+
+
+def psql_program(server: EmbeddedServer) -> str:
+    bundled = server.binaries.bindir / "psql"
+    return str(bundled) if bundled.is_file() else shutil.which("psql") or pytest.skip("no psql")
+
+
+def pgpass(server: EmbeddedServer) -> Path:
+    """Where the superuser's password is kept: beside the data folder."""
+    return server.data_dir.with_name(server.data_dir.name + ".pgpass")
+
+
+def password_of(server: EmbeddedServer) -> str:
+    lines = pgpass(server).read_text().splitlines()
+    return next(line.rsplit(":", 1)[1] for line in lines if line and not line.startswith("#"))
+
+
+def without_passfile(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def hba_rules(server: EmbeddedServer) -> list[str]:
+    lines = (server.data_dir / "pg_hba.conf").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def other_account(server: EmbeddedServer) -> pwd.struct_passwd:
+    """'nobody', when it is neither dbplan's user nor the server's (skip otherwise)."""
+    if not IS_ROOT:
+        pytest.skip("switching to another local account needs root")
+    nobody = pwd.getpwnam("nobody")
+    if server.status().run_as == nobody.pw_name:
+        pytest.skip("the server runs as 'nobody' (no 'postgres' account): it owns the data anyway")
+    return nobody
+
+
+def run_as(account: pwd.struct_passwd, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run(
+        args, capture_output=True, text=True, env={**clean, "HOME": "/nonexistent", **env}, cwd="/",
+        user=account.pw_uid, group=account.pw_gid, extra_groups=[], timeout=60,
+    )  # fmt: skip
+
+
+@needs_binaries
+def test_other_local_users_cannot_connect_nor_run_programs(make_server: Callable[..., EmbeddedServer], dbname_prefix: str) -> None:
+    server = make_server(durable=True)
+    status = server.start()
+    nobody = other_account(server)
+    psql = psql_program(server)
+    login_without_password = f"{dbname_prefix}_svc"  # as `login: true` without a password makes
+    with connect(status.url) as conn:
+        conn.execute(f'CREATE ROLE "{login_without_password}" LOGIN SUPERUSER')
+    marker = Path(tempfile.mkdtemp(prefix="dbplan-marker-")) / "ran"
+    os.chmod(marker.parent, 0o777)
+    tcp = ["-h", "127.0.0.1", "-p", str(status.port), "-d", "postgres"]
+    attempts: dict[str, tuple[list[str], dict[str, str]]] = {
+        "tcp, no password": ([*tcp, "-U", "postgres"], {}),
+        "tcp, wrong password": ([*tcp, "-U", "postgres"], {"PGPASSWORD": "postgres"}),
+        "tcp, empty password": ([*tcp, "-U", "postgres"], {"PGPASSWORD": ""}),
+        "tcp, a login role without password": ([*tcp, "-U", login_without_password], {}),
+        "tcp, replication connection": ([f"host=127.0.0.1 port={status.port} user=postgres replication=database dbname=postgres"], {}),
+        "dbplan's url, whose password file it cannot read": ([status.url], {}),
+        "dbplan's password file as PGPASSFILE": ([*tcp, "-U", "postgres"], {"PGPASSFILE": str(pgpass(server))}),
+        "unix socket": (["-h", str(server.data_dir), "-p", str(status.port), "-U", "postgres", "-d", "postgres"], {}),
+        "unix socket as its own name": (["-h", str(server.data_dir), "-p", str(status.port), "-U", "nobody", "-d", "postgres"], {}),
+    }
+    try:
+        for what, (target, env) in attempts.items():
+            run = run_as(nobody, [psql, "-X", "-w", *target, "-c", COPY_TO_PROGRAM.format(marker=marker)], **env)
+            assert run.returncode != 0, f"{what}: nobody connected\n{run.stdout}{run.stderr}"
+            assert not marker.exists(), f"{what}: nobody ran a program as the server's account"
+        assert run_as(nobody, ["cat", str(pgpass(server))]).returncode != 0
+        # The control: nobody can run psql and reach the server; only the password is missing.
+        control = run_as(nobody, [psql, "-X", "-w", "-At", *tcp, "-U", "postgres", "-c", "select 42"], PGPASSWORD=password_of(server))
+        assert (control.returncode, control.stdout.strip()) == (0, "42"), control.stderr
+    finally:
+        shutil.rmtree(marker.parent, ignore_errors=True)
+        with connect(status.url) as conn:
+            conn.execute(f'DROP ROLE "{login_without_password}"')
+
+
+@needs_binaries
+def test_the_user_who_runs_dbplan_connects_and_the_password_shows_nowhere(make_server: Callable[..., EmbeddedServer]) -> None:
+    server = make_server(durable=True)
+    status = server.start()
+    password_file = pgpass(server)
+    st = os.lstat(password_file)
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, os.geteuid())  # the invoking user's, even as root
+    password = password_of(server)
+    assert len(password) >= 40
+    assert query(status.url, "select current_user") == "postgres"  # the URL names the file
+    socket = subprocess.run(
+        [psql_program(server), "-X", "-w", "-At", "-h", str(server.data_dir), "-p", str(status.port), "-U", "postgres",
+         "-d", "postgres", "-c", "select rolsuper from pg_roles where rolname = current_user"],
+        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
+    )  # fmt: skip
+    assert (socket.returncode, socket.stdout.strip()) == (0, "t"), socket.stderr
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        connect(without_passfile(status.url))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(without_passfile(status.url), password="wrong-" + password)
+    assert str(query(status.url, "select rolpassword from pg_authid where rolname = 'postgres'")).startswith("SCRAM-SHA-256$")
+    assert hba_rules(server) and not [rule for rule in hba_rules(server) if "trust" in rule]
+    if IS_ROOT:  # the socket's peer check admits dbplan's user only, not even the server's account
+        server_account = pwd.getpwnam(status.run_as or "")
+        peer = run_as(server_account, [psql_program(server), "-X", "-w", "-h", str(server.data_dir), "-p", str(status.port),
+                                       "-U", "postgres", "-d", "postgres", "-c", "select 1"])  # fmt: skip
+        assert peer.returncode != 0 and "peer authentication failed" in peer.stderr.lower(), peer.stderr
+        assert run_as(server_account, ["cat", str(pgpass(server))]).returncode != 0  # nor can it pass it on
+    server.stop()
+    server.start()  # a restart keeps the password
+    assert password_of(server) == password and query(status.url, "select 1") == 1
+    visible = [status.url, str(server.status()), server.log_file.read_text()]
+    visible += [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in os.listdir("/proc") if pid.isdigit()
+                and os.path.exists(f"/proc/{pid}/cmdline")]  # fmt: skip
+    for path in server.data_dir.iterdir():
+        if path.is_file():
+            visible.append(path.read_bytes().decode(errors="replace"))
+    assert not [text[:200] for text in visible if password in text]
+
+
+@needs_binaries
+def test_server_status_prints_how_to_connect_never_the_password(workdir: Path) -> None:
+    import shlex
+
+    from processes import run_dbplan
+
+    plan = workdir / "dbplan.yaml"
+    plan.write_text(f"version: 1\nservers:\n  local:\n    embedded: true\n    data_dir: {workdir / 'pg'}\n")
+    try:
+        assert run_dbplan(plan, "server", "start").code == 0
+        run = run_dbplan(plan, "server", "status")
+        assert run.code == 0, run.err
+        password = (workdir / "pg.pgpass").read_text().splitlines()[-1].rsplit(":", 1)[1]
+        assert password not in run.out + run.err
+        assert f"password: in {workdir / 'pg.pgpass'} (mode 0600" in run.out
+        lines = [line.strip().removeprefix("connect:").strip() for line in run.out.splitlines()]
+        commands = [line for line in lines if line.startswith("psql ")]
+        assert len(commands) == 2, run.out  # over TCP, and over the unix socket
+        for command in commands:  # each printed command works as it is
+            args = shlex.split(command)
+            done = subprocess.run(
+                [psql_program(EmbeddedServer(workdir / "pg")), *args[1:], "-X", "-w", "-At", "-c", "select 42"],
+                capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
+            )  # fmt: skip
+            assert (done.returncode, done.stdout.strip()) == (0, "42"), f"{command}: {done.stderr}"
+    finally:
+        run_dbplan(plan, "server", "stop")
+
+
+def make_old_trust_cluster(server: EmbeddedServer) -> None:
+    """A data folder as dbplan made it before passwords: initdb --auth=trust, no password file."""
+    from orchestrator.server import cluster_files
+
+    account = runas.run_as_account()
+    server.data_dir.mkdir(mode=0o700)
+    if account is not None:
+        os.chown(server.data_dir, account.uid, account.gid)
+    done = runas.run_program(
+        [server.binaries.bindir / "initdb", "-D", server.data_dir, "-U", "postgres", "--auth=trust", "--no-sync"], account
+    )
+    assert done.returncode == 0, done.stderr
+    cluster_files.include_settings(server.data_dir)
+    assert "trust" in (server.data_dir / "pg_hba.conf").read_text()
+
+
+@needs_binaries
+def test_a_trust_data_folder_of_an_older_dbplan_is_closed_on_its_next_start(make_server: Callable[..., EmbeddedServer]) -> None:
+    server = make_server()
+    make_old_trust_cluster(server)
+    status = server.start()
+    assert status.running
+    st = os.lstat(pgpass(server))
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, os.geteuid())
+    assert query(status.url, "select 1") == 1
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        connect(without_passfile(status.url))
+    assert hba_rules(server) and not [rule for rule in hba_rules(server) if "trust" in rule]
+    if IS_ROOT and status.run_as != "nobody":
+        nobody = other_account(server)
+        run = run_as(nobody, [psql_program(server), "-X", "-w", "-h", "127.0.0.1", "-p", str(status.port), "-U", "postgres", "-c", "select 1"])
+        assert run.returncode != 0
+
+
+@needs_binaries
+def test_a_running_trust_server_of_an_older_dbplan_is_refused_until_restarted(make_server: Callable[..., EmbeddedServer]) -> None:
+    server = make_server()
+    make_old_trust_cluster(server)
+    account = runas.run_as_account()
+    port = server.port
+    started = runas.run_program(
+        [server.binaries.bindir / "pg_ctl", "start", "-D", server.data_dir, "-l", server.log_file, "-w", "-s",
+         "-o", f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"],
+        account,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    with pytest.raises(EmbeddedServerError, match="older dbplan") as caught:
+        server.ensure_running()
+    assert "dbplan server stop" in (caught.value.hint or "")
+    assert server.stop().running is False
+    status = server.start()
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        connect(without_passfile(status.url))
+    assert query(status.url, "select 1") == 1
+
+
+def _loosen(path: Path) -> None:
+    os.chmod(path, 0o644)
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+def _plant_symlink(path: Path) -> None:
+    planted = path.with_name("planted")
+    planted.write_text(f"127.0.0.1:*:*:postgres:{'p' * 43}\n")
+    os.chmod(planted, 0o600)
+    path.unlink()
+    path.symlink_to(planted)
+
+
+@needs_binaries
+@pytest.mark.parametrize("tamper", [_loosen, _remove, _plant_symlink], ids=["readable-by-others", "removed", "symlink"])
+def test_a_password_file_others_may_have_read_or_planted_gets_a_new_password(
+    make_server: Callable[..., EmbeddedServer], tamper: Callable[[Path], None]
+) -> None:
+    server = make_server()
+    status = server.start()
+    old = password_of(server)
+    tamper(pgpass(server))
+    with pytest.raises(EmbeddedServerError, match="password file"):
+        EmbeddedServer(server.requested_dir, durable=False).ensure_running()  # refused while it runs
+    server.stop()
+    again = server.start()
+    path = pgpass(server)
+    st = os.lstat(path)
+    assert (st.st_mode & 0o777, st.st_uid, os.path.islink(path)) == (0o600, os.geteuid(), False)
+    assert password_of(server) != old
+    assert query(again.url, "select 1") == 1
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(without_passfile(status.url), password=old)
+
+
+@needs_binaries
+def test_a_password_file_that_no_longer_matches_says_how_to_recover(workdir: Path) -> None:
+    from processes import run_dbplan
+
+    plan = workdir / "dbplan.yaml"
+    plan.write_text(f"version: 1\nservers:\n  local:\n    embedded: true\n    data_dir: {workdir / 'pg'}\n"
+                    "databases:\n  app:\n    server: local\n")  # fmt: skip
+    password_file = workdir / "pg.pgpass"
+    try:
+        assert run_dbplan(plan, "server", "start").code == 0
+        assert run_dbplan(plan, "server", "stop").code == 0
+        # e.g. the data folder restored from a backup taken before another password was set
+        other = password_file.read_text().replace(password_file.read_text().splitlines()[-1].rsplit(":", 1)[1], "x" * 43)
+        password_file.write_text(other)
+        run = run_dbplan(plan, "plan")
+        assert run.code == 1
+        assert "password authentication failed" in run.err
+        assert f"password is kept in {password_file}" in run.err and "delete that file" in run.err
+        assert "x" * 43 not in run.out + run.err
+        assert run_dbplan(plan, "server", "stop").code == 0
+        password_file.unlink()
+        again = run_dbplan(plan, "plan")  # the hint followed
+        assert again.code == 0, again.err
+        assert "create database app" in again.out.lower()
+    finally:
+        run_dbplan(plan, "server", "stop")

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 from estate import CliRun, Estate
 from processes import dbplan_backends, run_dbplan, start_dbplan, wait_until
 from psycopg import sql
@@ -36,9 +37,14 @@ def estate(
     monkeypatch.setenv("DBPLAN_TEST_PASSWORD", SERVER_PASSWORD)
     monkeypatch.setenv("DBPLAN_TEST_PORT", str(parts.port))
     monkeypatch.setenv("DBPLAN_TEST_ROLE_PASSWORD", ROLE_PASSWORD_FROM_ENV)
-    # The test cluster trusts local connections, so the password is sent and ignored.
-    url = f"postgresql://{parts.username}:${{DBPLAN_TEST_PASSWORD}}@{parts.hostname}:${{DBPLAN_TEST_PORT}}/postgres"
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    # The server checks the password: an administrator of this test's own that has it.
+    admin = estate.name("admin")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(sql.Identifier(admin), sql.Literal(SERVER_PASSWORD))
+        )
+    url = f"postgresql://{admin}:${{DBPLAN_TEST_PASSWORD}}@{parts.hostname}:${{DBPLAN_TEST_PORT}}/postgres"
     estate.document["servers"]["main"]["url"] = url
     estate.add_role("shop_svc", password=ROLE_PASSWORD_IN_FILE)
     estate.add_role("report_svc", password="${DBPLAN_TEST_ROLE_PASSWORD}")

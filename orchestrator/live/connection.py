@@ -80,13 +80,32 @@ def connect(
             raise ConnectionFailed(
                 f"cannot connect to server '{server.name}' (database '{dbname}', {describe(server)}): {reason}",
                 server=server.name,
-                hint="check that the server is running and the url is right"
+                hint=_embedded_password_hint(server, url, reason)
+                or "check that the server is running and the url is right"
                 + ("" if wait_seconds else "; --wait SECONDS retries while it starts"),
             ) from None
         except psycopg.Error as err:
             raise ConnectionFailed(
                 f"cannot connect to server '{server.name}': {_first_line(str(err), url)}", server=server.name
             ) from None
+
+
+def _embedded_password_hint(server: Server, url: str, reason: str) -> str | None:
+    """What to do when the embedded server refuses the password its file holds.
+
+    That happens when the file and the data folder part (a data folder restored from a
+    backup, a file copied from another one): a start without the file sets a new password.
+    """
+    if server.embedded is None or "password authentication failed" not in reason:
+        return None
+    from urllib.parse import parse_qs, urlsplit
+
+    passfile = parse_qs(urlsplit(url).query).get("passfile", ["the password file"])[0]
+    return (
+        f"the embedded server's password is kept in {passfile}; if it no longer matches the "
+        "data folder's, run `dbplan server stop`, delete that file and run the command again: "
+        "the next start sets a new password"
+    )
 
 
 def describe(server: Server) -> str:

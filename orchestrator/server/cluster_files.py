@@ -4,7 +4,8 @@
   status; removed with the socket lock files when stale;
 * ``dbplan-port``: the port the server last started on;
 * ``dbplan.conf``: dbplan's settings, included from ``postgresql.conf`` and rewritten at
-  every start;
+  every start (``pg_hba.conf`` and ``pg_ident.conf``, and the password file beside the
+  data folder: module :mod:`.credentials`);
 * ``postgres.log``: the server's log, rotated before a start and tailed for errors.
 
 The server's life cycle that uses them is in :mod:`.embedded`. Only the standard library
@@ -112,6 +113,8 @@ def write_settings(data_dir: Path, port: int, account: Account | None, *, durabl
         "listen_addresses = '127.0.0.1'",
         f"port = {port}",
         f"unix_socket_directories = {conf_quote(socket_dir(data_dir))}",
+        "unix_socket_permissions = 0700  # and the folder is private: see pg_hba.conf",
+        "password_encryption = 'scram-sha-256'  # what pg_hba.conf asks of TCP clients",
         "max_connections = 100",
     ]
     if not durable:

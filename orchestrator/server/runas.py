@@ -301,13 +301,22 @@ def _copy_installation(binaries: PgBinaries) -> Path:
 
 
 def run_program(
-    args: list[str | Path], account: Account | None, *, timeout: float = 120
+    args: list[str | Path],
+    account: Account | None,
+    *,
+    timeout: float = 120,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL program (as ``account`` if given) from ``/``; its captured output."""
+    """Run a PostgreSQL program (as ``account`` if given) from ``/``; its captured output.
+
+    ``input`` is its standard input (else none): the way to hand it what must not appear
+    in a process list.
+    """
     try:
         return subprocess.run(
             [str(a) for a in args],
-            stdin=subprocess.DEVNULL,
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             errors="replace",
