@@ -172,9 +172,15 @@ def _password_auth_for(conn: psycopg.Connection, roles: list[str]) -> Iterator[N
         conn.execute("SELECT pg_reload_conf()")
 
 
+# The test servers ask for a password over TCP (the embedded server's own rule).
+ADMIN_PASSWORD = sql.Literal("admin-pw-for-the-test")
+
+
 def _admin_estate(estate: Estate, admin: str, pg_url: str) -> None:
     parts = urlsplit(pg_url)
-    estate.document["servers"]["main"]["url"] = f"postgresql://{admin}@{parts.hostname}:{parts.port}/postgres"
+    estate.document["servers"]["main"]["url"] = (
+        f"postgresql://{admin}:admin-pw-for-the-test@{parts.hostname}:{parts.port}/postgres"
+    )
     for short, password in ROLE_PASSWORDS.items():
         estate.add_role(short, password=password)
     estate.save()
@@ -194,7 +200,7 @@ def test_role_passwords_reach_neither_the_log_nor_pg_stat_activity(
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
     admin = estate.name("admin")
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN").format(sql.Identifier(admin)))
+        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
         conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
         log = _server_log(conn)
         log_start = log.stat().st_size
@@ -232,7 +238,7 @@ def test_a_failing_create_role_logs_no_password(
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
     admin = estate.name("admin")
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEROLE").format(sql.Identifier(admin)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEROLE PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
         log = _server_log(conn)
         log_start = log.stat().st_size
         _admin_estate(estate, admin, pg_url)
@@ -299,8 +305,19 @@ def test_a_password_in_any_spelling_is_never_shown(
         assert run.code == expect, f"{args}: {run.output}"
         return run
 
-    # Reachable (the test cluster trusts local connections and ignores the password).
-    estate.document["servers"]["main"]["url"] = url.format(host=live.hostname, port=live.port, port2=_closed_port(), user=live.username)
+    # Reachable: an administrator of this test's own whose password is the one libpq reads
+    # from this spelling (the test servers check passwords over TCP).
+    from psycopg.conninfo import conninfo_to_dict
+
+    admin = estate.name("admin")
+    reachable = url.format(host=live.hostname, port=live.port, port2=_closed_port(), user=admin)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(
+                sql.Identifier(admin), sql.Literal(conninfo_to_dict(reachable)["password"])
+            )
+        )
+    estate.document["servers"]["main"]["url"] = reachable
     estate.save()
     dbplan("validate", expect=0)
     dbplan("plan", "--format", "json", "--out", str(tmp_path / "plan.json"), expect=0)
@@ -308,7 +325,7 @@ def test_a_password_in_any_spelling_is_never_shown(
     dbplan("status", "--format", "json", expect=0)
 
     closed = _closed_port()
-    estate.document["servers"]["main"]["url"] = url.format(host="127.0.0.1", port=closed, port2=_closed_port(), user=live.username)
+    estate.document["servers"]["main"]["url"] = url.format(host="127.0.0.1", port=closed, port2=_closed_port(), user=admin)
     estate.save()
     for args in (("plan",), ("--debug", "plan", "--format", "json"), ("status",), ("apply", "--yes"), ("force", "app", "1")):
         run = dbplan(*args, expect=1)
