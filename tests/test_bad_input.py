@@ -44,7 +44,8 @@ CASES: dict[str, tuple[Callable[[Estate], object], list[str]]] = {
     "missing folder": (lambda e: (e.document["services"]["app"].update(migrations="migrations/nope"), e.save()), ["migrations/nope", "does not exist", "services.app.migrations"]),
     "malformed file name": (lambda e: e.write("app", "one.up.sql", "select 1"), ["cannot read the migration file name 'one.up.sql'"]),
     "duplicate versions": (lambda e: e.write("app", "001_again.up.sql", "select 1"), ["two up files for version 1"]),
-    "unset variable": (lambda e: (e.document["servers"]["main"].update(url="${NO_SUCH_VARIABLE_X}"), e.save()), ["NO_SUCH_VARIABLE_X is not set", "servers.main.url"]),
+    # An unset url or password waits for a command that connects: test_lifecycle.py.
+    "unset variable": (lambda e: (e.document["services"]["app"].update(migrations="${NO_SUCH_VARIABLE_X}"), e.save()), ["NO_SUCH_VARIABLE_X is not set", "services.app.migrations"]),
 }
 
 
