@@ -301,7 +301,10 @@ def test_no_transaction_marker(text, expected):
         ("SELECT 1;\nCOMMIT;\nSELECT 2;", "multiple", None),
         ("BEGIN;\nSELECT 1;\nROLLBACK;", "multiple", None),
         ("BEGIN;\nSELECT 1;\nABORT;", "multiple", None),
-        ("BEGIN;\nSAVEPOINT s;\nSELECT 1;\nRELEASE SAVEPOINT s;\nCOMMIT;", "multiple", None),
+        # Savepoints live inside a transaction: they neither open nor end one.
+        ("BEGIN;\nSAVEPOINT s;\nSELECT 1;\nRELEASE SAVEPOINT s;\nCOMMIT;", "wrapped", ["SAVEPOINT s", "SELECT 1", "RELEASE SAVEPOINT s"]),
+        ("SAVEPOINT a;\nSELECT 1;\nROLLBACK TO SAVEPOINT a;\nRELEASE a;", "none", ["SAVEPOINT a", "SELECT 1", "ROLLBACK TO SAVEPOINT a", "RELEASE a"]),
+        ("BEGIN;\nSAVEPOINT a;\nROLLBACK TO a;\nCOMMIT;\nSAVEPOINT b;", "multiple", None),
         ("BEGIN;\nSELECT 1;\nCOMMIT AND CHAIN;", "multiple", None),
         ("BEGIN;\nSELECT 1;", "multiple", None),
         ("SELECT 1;\nCOMMIT;", "multiple", None),
