@@ -50,7 +50,13 @@ KNOWN_RULES: frozenset[str] = frozenset(
         "non-transactional-statement",
     }
 )
-"""Every rule ``lint`` can report; useful to warn about a misspelt ``dbplan:allow``."""
+"""Every rule ``lint`` can report."""
+
+PLAN_RULES: frozenset[str] = frozenset({"missing-down", "own-transaction"})
+"""Warnings of the planner about a file that ``dbplan:allow`` and ``lint.allow`` silence too."""
+
+ALLOWABLE_RULES: frozenset[str] = KNOWN_RULES | PLAN_RULES
+"""What ``-- dbplan:allow`` and ``lint.allow`` may name; any other name is an error."""
 
 # Functions PostgreSQL marks VOLATILE that turn up in column defaults. A non-volatile default
 # (a constant, now(), current_timestamp, ...) is evaluated once since PostgreSQL 11 and added
