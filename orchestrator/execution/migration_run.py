@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import DbplanError, MigrationFailed
 from ..estate.model import Server, Service
-from ..live.connection import connection_lost
+from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset
 from ..planning.plan import MigrationAction, RevertMigration
@@ -118,7 +118,11 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
             conn.execute((_timeouts(target.service, local=False) + _set_role(owner, local=False)).as_string(conn).encode())
             for statement in statements:
                 try:
-                    conn.execute((statement.sql if statement else file.text).encode())
+                    read_as_parser(conn)
+                    if statement is None:
+                        conn.execute(file.text.encode())
+                    else:
+                        run_statement(conn, statement)
                 except Exception as err:
                     rollback_quietly(conn)
                     if sqlstate_of(err) == QUERY_CANCELED and run.cancellation.requested:
@@ -152,6 +156,15 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
         + sql.SQL("COMMIT;")
     )
     conn.execute(done.as_string(conn).encode())
+
+
+def run_statement(conn: psycopg.Connection, statement: Statement) -> None:
+    """One statement of a file; a COPY ... FROM STDIN is fed the data the file holds."""
+    if statement.copy_data is None:
+        conn.execute(statement.sql.encode())
+        return
+    with conn.cursor() as cursor, cursor.copy(statement.sql.encode()) as copy:
+        copy.write(statement.copy_data.encode())
 
 
 def _set_role(owner: str | None, *, local: bool) -> psycopg.sql.Composable:
@@ -336,12 +349,13 @@ def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str
     if not script.parsed or conn.closed or conn.broken:
         return None
     try:
+        read_as_parser(conn)
         conn.execute("BEGIN")
         if owner:
             conn.execute(_set_role(owner, local=True).as_string(conn).encode())
         for statement in script.inner_statements:
             try:
-                conn.execute(statement.sql.encode())
+                run_statement(conn, statement)
             except psycopg.Error:
                 return statement
         return None
