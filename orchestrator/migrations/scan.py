@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -109,6 +110,7 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
     for entry in entries:
         if entry.name.startswith(".") or _is_folder(entry):
             continue
+        _check_printable(entry.name, prefix)
         path = folder / entry.name
         version, title, direction = _parse_name(path, root)
         target = ups if direction == "up" else downs
@@ -158,6 +160,30 @@ def _check_folder(service: Service, folder: Path, root: Path) -> None:
             place=service.migrations_place,
             hint="keep migrations beside dbplan.yaml so reviewers see them in the same repository",
         )
+
+
+def _is_unprintable(char: str) -> bool:
+    # Control characters (ESC starts terminal sequences, CR returns to the line's start),
+    # format characters (bidi overrides reorder what a reviewer reads), line separators,
+    # and the surrogates Python makes of bytes that are not UTF-8.
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+
+
+def escaped(name: str) -> str:
+    """``name`` with every unprintable character written as a Python escape (``\\x1b``, ``\\r``)."""
+    return "".join(repr(char)[1:-1] if _is_unprintable(char) else char for char in name)
+
+
+def _check_printable(name: str, folder_prefix: str) -> None:
+    """A file name is printed in the plan a reviewer reads: it must not be able to rewrite it."""
+    if name.isprintable() or not any(_is_unprintable(char) for char in name):  # isprintable: fast, stricter
+        return
+    raise MigrationFileError(
+        f"the migration file name '{escaped(name)}' holds control or formatting characters, "
+        "which could rewrite what a terminal shows",
+        place=Place(folder_prefix + escaped(name)),
+        hint="rename the file to plain printable characters, {version}_{title}.up.sql",
+    )
 
 
 def _parse_name(path: Path, root: Path) -> tuple[int, str, str]:
