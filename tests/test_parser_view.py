@@ -118,13 +118,17 @@ def test_an_unreadable_file_marked_no_transaction_runs_outside_one_as_the_hint_s
     ("sql", "rows"),
     [
         (
-            "CREATE TABLE seeded (id int);\nSAVEPOINT before_seed;\nINSERT INTO seeded VALUES (1);\n"
-            "ROLLBACK TO SAVEPOINT before_seed;\nINSERT INTO seeded VALUES (2);\nRELEASE SAVEPOINT before_seed;\n",
+            (
+                "CREATE TABLE seeded (id int);\nSAVEPOINT before_seed;\nINSERT INTO seeded VALUES (1);\n"
+                "ROLLBACK TO SAVEPOINT before_seed;\nINSERT INTO seeded VALUES (2);\nRELEASE SAVEPOINT before_seed;\n"
+            ),
             [(2,)],
         ),
         (
-            "BEGIN;\nCREATE TABLE seeded (id int);\nSAVEPOINT a;\nINSERT INTO seeded VALUES (3);\nRELEASE a;\n"
-            "SAVEPOINT b;\nINSERT INTO seeded VALUES (4);\nROLLBACK TO b;\nCOMMIT;\n",
+            (
+                "BEGIN;\nCREATE TABLE seeded (id int);\nSAVEPOINT a;\nINSERT INTO seeded VALUES (3);\nRELEASE a;\n"
+                "SAVEPOINT b;\nINSERT INTO seeded VALUES (4);\nROLLBACK TO b;\nCOMMIT;\n"
+            ),
             [(3,)],
         ),
     ],
@@ -203,7 +207,7 @@ def test_copy_data_that_fails_rolls_back_the_whole_migration(estate: Estate) -> 
     run = estate.dbplan("apply", "--yes")
 
     assert run.code == 1
-    assert "migrations/app/2_seed.up.sql:2: invalid input syntax for type integer" in run.err
+    assert "migrations/app/2_seed.up.sql:4: invalid input syntax for type integer" in run.err  # the row's line
     assert "FAILED" in run.err
     assert "nothing of it is left in the database" in run.err
     assert "n" not in estate.tables("app")

@@ -268,7 +268,7 @@ def migration_failure(
         )
     # Replaying to find the failing line would wait for the same lock, or run as long again.
     replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
-    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay)
+    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay, context=diag.context)
     where = f"{file.display}:{line}" if line else file.display
     details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
     if diag.message_detail:
@@ -325,8 +325,12 @@ def _failure_line(
     owner: str | None,
     *,
     replay: bool = True,
+    context: str | None = None,
 ) -> int | None:
     if statement is not None:
+        data_line = _copy_data_line(statement, context)
+        if data_line is not None:
+            return data_line
         if position and position.isdigit():
             return statement.line + statement.sql[: int(position) - 1].count("\n")
         return statement.line
@@ -337,6 +341,17 @@ def _failure_line(
         return None
     located = _replay_to_find_failure(conn, file.script, owner) if replay else None
     return located.line if located else None
+
+
+def _copy_data_line(statement: Statement, context: str | None) -> int | None:
+    """The file line of the row a COPY ... FROM STDIN failed on: PostgreSQL names the row
+    in the error's context ("COPY t, line 2, column id: ...")."""
+    if statement.copy_data_line is None:
+        return None
+    import re
+
+    match = re.search(r"^COPY [^,]+, line ([0-9]+)", context or "", re.MULTILINE)
+    return statement.copy_data_line + int(match.group(1)) - 1 if match else None
 
 
 def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str | None) -> Statement | None:

@@ -96,7 +96,7 @@ def _statement_refusals(statement: Statement, *, transactional: bool) -> list[Re
                 statement.line,
                 f"{how} changes how PostgreSQL reads the statements after it ({setting}), so the server could see "
                 "a statement, a COMMIT say, where dbplan's parser sees none",
-                f"remove it: dbplan runs every migration with standard_conforming_strings on and client_encoding "
+                "remove it: dbplan runs every migration with standard_conforming_strings on and client_encoding "
                 "UTF8, as its parser reads them (write E'...' for strings with backslash escapes)",
             )
         )

@@ -76,6 +76,8 @@ class Statement:
     copy_data: str | None = field(default=None, repr=False)
     """For ``COPY ... FROM STDIN`` followed in the file by its data (psql's and pg_dump's
     way, ended by a line ``\\.``): the data, without the end line; else ``None``."""
+    copy_data_line: int | None = field(default=None, repr=False)
+    """1-based line of the file where ``copy_data`` starts (for errors in the data)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,11 @@ def _with_copy_data(stmts: tuple[Statement, ...], text: str, blocks: list[CopyBl
         before = [s for s in stmts if s.end_offset <= block.data_start]
         if before:
             last = before[-1]
-            result[last.index] = replace(last, copy_data=text[block.data_start : block.data_end])
+            result[last.index] = replace(
+                last,
+                copy_data=text[block.data_start : block.data_end],
+                copy_data_line=line_of_offset(text, block.data_start),
+            )
     return tuple(result)
 
 
