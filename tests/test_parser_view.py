@@ -304,6 +304,8 @@ def test_a_migration_that_turns_escapes_on_behind_the_parsers_back_does_not_chan
         "SELECT pg_catalog.set_config('standard_conforming_strings', current_setting('x.y'), true)",
         "SET NAMES 'SJIS'",
         "SET client_encoding = 'LATIN1'",
+        "ALTER ROLE CURRENT_USER SET standard_conforming_strings = off",
+        "ALTER SYSTEM SET standard_conforming_strings = off",
     ],
 )
 def test_a_statement_that_changes_how_the_server_reads_the_file_blocks_the_plan(estate: Estate, statement: str) -> None:
@@ -362,6 +364,24 @@ def test_a_file_name_with_control_characters_is_refused_and_shown_escaped(estate
     assert f"migrations/app/{shown}" in run.output
     assert "control or formatting characters" in run.output
     assert not any(char in run.output for char in "\x1b\r\x9b\u202e")
+
+
+@pytest.mark.parametrize(
+    ("sql", "shown"),
+    [
+        ("ALTER TABLE start ADD COLUMN c text;\nUPDATE start SET c = '\x1b[2K\x1b[1Aall good\r';\n", "\\x1b[2K\\x1b[1Aall good '"),
+        ("SELECT 1;\n\x1b[2K;\n", "\\x1b"),
+    ],
+    ids=["lint-excerpt", "parse-error-quoting-the-escape"],
+)
+def test_what_a_file_holds_is_shown_escaped_in_the_plan(estate: Estate, sql: str, shown: str) -> None:
+    _start(estate)
+    estate.write("app", "2_noisy.up.sql", sql)
+
+    run = estate.dbplan("plan")
+
+    assert shown in run.output
+    assert "\x1b" not in run.output and "\r" not in run.output
 
 
 # --------------------------------------------------------------------------- item 19: allow lists

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .sqlscript import NO_TRANSACTION_MARKER, Node, Script, Statement, alter_commands
+from .sqlscript import NO_TRANSACTION_MARKER, Node, Script, Statement, alter_commands, printable
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ _Report = Callable[[str, str, str], None]  # rule, severity, message
 
 
 def _shorten(sql: str, limit: int = 120) -> str:
-    one_line = " ".join(sql.split())
+    one_line = printable(" ".join(sql.split()))  # a string in the SQL may hold terminal escapes
     return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
 
 

@@ -11,14 +11,13 @@ import hashlib
 import os
 import re
 import stat
-import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from ..errors import MigrationFileError, Place
 from ..estate.model import Estate, Service
-from .sqlscript import Script, parse_script
+from .sqlscript import Script, parse_script, printable
 
 MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]+)_(?P<title>.+)\.(?P<direction>up|down)\.sql$")
 MAX_MIGRATION_BYTES = 64 * 1024 * 1024
@@ -162,26 +161,14 @@ def _check_folder(service: Service, folder: Path, root: Path) -> None:
         )
 
 
-def _is_unprintable(char: str) -> bool:
-    # Control characters (ESC starts terminal sequences, CR returns to the line's start),
-    # format characters (bidi overrides reorder what a reviewer reads), line separators,
-    # and the surrogates Python makes of bytes that are not UTF-8.
-    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
-
-
-def escaped(name: str) -> str:
-    """``name`` with every unprintable character written as a Python escape (``\\x1b``, ``\\r``)."""
-    return "".join(repr(char)[1:-1] if _is_unprintable(char) else char for char in name)
-
-
 def _check_printable(name: str, folder_prefix: str) -> None:
     """A file name is printed in the plan a reviewer reads: it must not be able to rewrite it."""
-    if name.isprintable() or not any(_is_unprintable(char) for char in name):  # isprintable: fast, stricter
+    if printable(name) == name:
         return
     raise MigrationFileError(
-        f"the migration file name '{escaped(name)}' holds control or formatting characters, "
+        f"the migration file name '{printable(name)}' holds control or formatting characters, "
         "which could rewrite what a terminal shows",
-        place=Place(folder_prefix + escaped(name)),
+        place=Place(folder_prefix + printable(name)),
         hint="rename the file to plain printable characters, {version}_{title}.up.sql",
     )
 

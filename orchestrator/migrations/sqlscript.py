@@ -20,6 +20,7 @@ character, like any other).
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -118,6 +119,21 @@ class Script:
 # --------------------------------------------------------------------------- parsing
 
 
+def is_unprintable(char: str) -> bool:
+    """Control characters (ESC starts terminal sequences, CR returns to the line's start),
+    format characters (bidi overrides reorder what a reviewer reads), line separators, and
+    the surrogates Python makes of bytes that are not UTF-8."""
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character written as a Python escape (``\\x1b``,
+    ``\\r``), so that what a file holds cannot rewrite the terminal that shows it."""
+    if text.isprintable():  # fast, and stricter: no escape needed
+        return text
+    return "".join(repr(char)[1:-1] if is_unprintable(char) else char for char in text)
+
+
 def parse_script(text: str) -> Script:
     """Parse the text of one migration file. Never raises for bad SQL (see ``Script.parsed``)."""
     # PostgreSQL does not skip a byte order mark; a space keeps character offsets unchanged.
@@ -129,7 +145,7 @@ def parse_script(text: str) -> Script:
         return Script(
             statements=(),
             parsed=False,
-            parse_error=f"line {line}: {message}",
+            parse_error=f"line {line}: {printable(message)}",  # it may quote the file's text
             no_transaction_marker=marker,
             transaction_style="none",
             inner_statements=(),
