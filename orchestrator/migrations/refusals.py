@@ -107,9 +107,15 @@ def _reading_changes(statement: Statement) -> Iterator[tuple[str, str]]:
     """(setting, statement) for each change of a reading setting away from the parser's."""
     node = statement.ast
     kind, body = next(iter(node.items()))
+    prefix = ""
+    if kind in _ALTER_SET and "setstmt" in body:
+        # ALTER SYSTEM reaches running sessions at the next reload, between two of dbplan's
+        # queries; ALTER DATABASE and ALTER ROLE, every later session, other tools' too.
+        prefix, kind, body = _ALTER_SET[kind] + " ", "VariableSetStmt", body["setstmt"]
     if kind == "VariableSetStmt" and body.get("name") in READING_SETTINGS:
         name = body["name"]
         verb = "RESET" if body.get("kind") == "VAR_RESET" else ("SET LOCAL" if body.get("is_local") else "SET")
+        verb = prefix + verb
         if body.get("kind") in ("VAR_RESET", "VAR_SET_DEFAULT") or not _is_parser_value(name, _constants(body.get("args", []))):
             yield name, f"{verb} {name}"
     if "set_config" not in statement.sql.lower():  # walking every tree would cost more than the parse
@@ -121,6 +127,9 @@ def _reading_changes(statement: Statement) -> Iterator[tuple[str, str]]:
             name = first[0].lower()
             if not _is_parser_value(name, _constants(args[1:2])):
                 yield name, f"set_config('{name}', ...)"
+
+
+_ALTER_SET = {"AlterSystemStmt": "ALTER SYSTEM", "AlterDatabaseSetStmt": "ALTER DATABASE", "AlterRoleSetStmt": "ALTER ROLE"}
 
 
 def _is_parser_value(name: str, values: list[str]) -> bool:
