@@ -119,7 +119,8 @@ def plan_service(
     for migration in pending:
         warnings += _file_warnings(service, migration, blockers, lint=lint)
     for revert in reverts:  # a revert drops what its up file made: the reviewer sees that too
-        warnings += _lint_warnings(service, by_version[revert.version].down, lint=lint)  # type: ignore[arg-type]
+        down = by_version[revert.version].down
+        warnings += _lint_warnings(service, down, lint=lint) if down is not None else []
 
     summary = ServicePlan(
         service=service.name,
