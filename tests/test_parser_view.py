@@ -214,6 +214,32 @@ def test_copy_data_that_fails_rolls_back_the_whole_migration(estate: Estate) -> 
     assert _state(estate) == [(1, False)]
 
 
+def test_copy_data_waiting_for_a_lock_is_retried_then_leaves_nothing(
+    estate: Estate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.execution import batches
+
+    monkeypatch.setattr(batches, "LOCK_TIMEOUT_RETRY_SECONDS", (0.1, 0.1, 0.1))
+    estate.document["services"]["app"]["lock_timeout"] = "100ms"
+    estate.save()
+    _start(estate)
+    estate.write("app", "2_seed.up.sql", "CREATE TABLE side (id int);\nCOPY start FROM stdin;\n1\n\\.\n")
+    with psycopg.connect(estate.url, dbname=estate.name("app"), autocommit=True) as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE start IN ACCESS EXCLUSIVE MODE")
+        run = estate.dbplan("apply", "--yes")
+        blocker.execute("ROLLBACK")
+
+    assert run.code == 1
+    assert run.err.count("retrying in") == 3
+    assert "migrations/app/2_seed.up.sql:2: canceling statement due to lock timeout (SQLSTATE 55P03)" in run.err
+    assert "for a lock another session holds, 4 times" in run.err
+    assert "rolled back: nothing of it is left in the database" in run.err
+    assert "side" not in estate.tables("app")
+    assert estate.query("app", "SELECT count(*) FROM start") == [(0,)]
+    assert _state(estate) == [(1, False)]
+
+
 def test_copy_with_inline_data_in_a_no_transaction_file(estate: Estate) -> None:
     _start(estate)
     estate.write(
