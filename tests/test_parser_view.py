@@ -318,6 +318,24 @@ def test_a_migration_that_turns_escapes_on_behind_the_parsers_back_does_not_chan
     assert _state(estate) == [(2, False)]
 
 
+def test_a_client_encoding_from_the_environment_does_not_change_how_the_server_reads(
+    estate: Estate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read as Shift JIS, the last byte of "ā" (C4 81) and the backslash after it make one
+    character: the escaped quote is gone, the string ends early and the COMMIT is seen."""
+    _start(estate)
+    estate.execute("app", f"ALTER DATABASE {estate.name('app')} SET backslash_quote = on")
+    estate.write("app", "2_sjis.up.sql", "CREATE TABLE early (id int);\nSELECT E'ā\\'; COMMIT; --';\nSELECT 1/0;\n")
+    monkeypatch.setenv("PGCLIENTENCODING", "SJIS")
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 1
+    assert "migrations/app/2_sjis.up.sql:3: division by zero" in run.err
+    assert "early" not in estate.tables("app")
+    assert _state(estate) == [(1, False)]
+
+
 @pytest.mark.parametrize(
     "statement",
     [
