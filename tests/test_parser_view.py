@@ -162,6 +162,30 @@ def test_a_failing_file_with_savepoints_leaves_nothing_and_no_dirty_service(esta
     assert estate.dbplan("plan").code == 0
 
 
+def test_a_savepoint_in_a_file_that_runs_outside_a_transaction_is_refused_in_the_plan(estate: Estate) -> None:
+    _start(estate)
+    estate.write("app", "2_outside.up.sql", "-- dbplan:no-transaction\nCREATE TABLE t (id int);\nSAVEPOINT a;\n")
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 1
+    assert "migrations/app/2_outside.up.sql:3: SAVEPOINT works only inside a transaction" in run.output
+    assert "t" not in estate.tables("app")
+    assert _state(estate) == [(1, False)]
+
+    # Inside the file's own transaction blocks, the same savepoint is fine.
+    estate.write(
+        "app",
+        "2_outside.up.sql",
+        "BEGIN;\nCREATE TABLE t (id int);\nSAVEPOINT a;\nINSERT INTO t VALUES (1);\nROLLBACK TO a;\nCOMMIT;\n"
+        "BEGIN;\nINSERT INTO t VALUES (2);\nCOMMIT;\n",
+    )
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT id FROM t") == [(2,)]
+    assert _state(estate) == [(2, False)]
+
+
 # --------------------------------------------------------------------------- item 6: COPY
 
 # Data as pg_dump writes it, with what would confuse a splitter: a quote, "--", a COMMIT.

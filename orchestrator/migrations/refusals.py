@@ -48,8 +48,36 @@ def refusals(script: Script, *, transactional: bool) -> list[Refusal]:
     found: list[Refusal] = []
     for statement in script.statements:
         found += _statement_refusals(statement, transactional=transactional)
+    if not transactional:
+        found += _savepoints_outside_a_block(script)
     found += _unknown_rules(script)
+    return sorted(found, key=lambda refusal: refusal.line or 0)
+
+
+def _savepoints_outside_a_block(script: Script) -> list[Refusal]:
+    """Run statement by statement outside a transaction, a savepoint outside the file's own
+    BEGIN ... COMMIT fails for certain (after the statements before it have run)."""
+    found: list[Refusal] = []
+    in_block = False
+    for statement in script.statements:
+        kind = statement.transaction_kind
+        if kind in ("begin", "start"):
+            in_block = True
+        elif kind in ("commit", "rollback", "prepare"):
+            in_block = False
+        elif kind in ("savepoint", "release", "rollback_to") and not in_block:
+            found.append(
+                Refusal(
+                    statement.line,
+                    f"{_SAVEPOINT_WORDS[kind]} works only inside a transaction, and this file runs outside one",
+                    f"remove '{NO_TRANSACTION_MARKER}' so that the file runs in dbplan's transaction, or open "
+                    "the transaction yourself with BEGIN before it",
+                )
+            )
     return found
+
+
+_SAVEPOINT_WORDS = {"savepoint": "SAVEPOINT", "release": "RELEASE SAVEPOINT", "rollback_to": "ROLLBACK TO SAVEPOINT"}
 
 
 def _unparsed(script: Script) -> Refusal:
