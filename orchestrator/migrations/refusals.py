@@ -200,7 +200,7 @@ def _unknown_rules(script: Script) -> list[Refusal]:
         Refusal(
             line,
             f"-- dbplan:allow names {unknown_rule(rule)}",
-            "name one of the rules in the plan's warnings, or remove the comment",
+            "name a rule as the plan shows it in brackets after a warning ([drop-column]), or remove the comment",
         )
         for rule, line in script.allow_comments
         if rule not in ALLOWABLE_RULES
