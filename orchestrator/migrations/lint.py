@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .sqlscript import NO_TRANSACTION_MARKER, Node, Script, Statement, alter_commands, printable
+from .sqlscript import (
+    NO_TRANSACTION_MARKER,
+    Node,
+    Script,
+    Statement,
+    alter_commands,
+    printable,
+)
 
 
 @dataclass(frozen=True)
