@@ -452,6 +452,17 @@ def test_what_a_file_holds_is_shown_escaped_in_the_plan(estate: Estate, sql: str
     assert "\x1b" not in run.output and "\r" not in run.output
 
 
+def test_a_servers_error_quoting_the_file_is_shown_escaped(estate: Estate) -> None:
+    _start(estate)
+    estate.write("app", "2_noisy.up.sql", "COPY start FROM stdin;\n\x1b[2K\x1b[1A\n\\.\n")
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 1
+    assert 'invalid input syntax for type integer: "\\x1b[2K\\x1b[1A"' in run.err
+    assert "\x1b" not in run.output
+
+
 # --------------------------------------------------------------------------- item 19: allow lists
 
 

@@ -20,7 +20,7 @@ from ..errors import DbplanError, MigrationFailed
 from ..estate.model import Server, Service
 from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import Migration, MigrationFile
-from ..migrations.sqlscript import Script, Statement, line_of_offset
+from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
 from ..planning.plan import MigrationAction, RevertMigration
 from . import bookkeeping
 from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
@@ -250,7 +250,7 @@ def migration_failure(
         return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
-    message = server_message(err)
+    message = printable(server_message(err))  # it may quote the file: "invalid input syntax: \"<ESC>...\""
     dirty_hint = (
         f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
         f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
