@@ -311,7 +311,7 @@ CATALOGUE: list[Hostile] = [
     folder("malformed-name", {"init.up.sql": ""}, "migrations/product/init.up.sql"),
     folder("name-without-direction", {"000002_prices.sql": ""}, "migrations/product/000002_prices.sql"),
     folder("unicode-digits-version", {"٠٠٢_prices.up.sql": ""}, "migrations/product/٠٠٢_prices.up.sql"),
-    folder("newline-in-file-name", {"000002_a\n.up.sql": ""}, "migrations/product/000002_a\n.up.sql"),
+    folder("newline-in-file-name", {"000002_a\n.up.sql": ""}, "migrations/product/000002_a\\n.up.sql"),
     folder("version-beyond-bigint", {"99999999999999999999_big.up.sql": ""},
            "migrations/product/99999999999999999999_big.up.sql"),
     folder("duplicate-version", {"00001_init.up.sql": ""}, "migrations/product/00001_init.up.sql"),

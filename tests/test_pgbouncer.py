@@ -160,3 +160,17 @@ def test_transaction_guard_refuses_a_held_lock_and_a_moved_on_state(pg_url: str,
         assert guarded(conn, fresh) == GUARD_BUSY_SQLSTATE  # golang-migrate (or a direct dbplan) holds the lock
         other.execute("SELECT pg_advisory_unlock(%s::bigint)", (key,))
         assert guarded(conn, fresh) is None
+
+
+def test_inline_copy_data_through_pgbouncer_is_guarded_and_recorded_with_its_migration(estate: Estate) -> None:
+    """The COPY path runs statement by statement, all in the transaction that holds the guard."""
+    estate.add_app()
+    estate.write("app", "1_seed.up.sql", "CREATE TABLE seed (id int);\nCOPY seed FROM stdin;\n1\n2\n\\.\n")
+    estate.write("app", "2_after.up.sql", "INSERT INTO seed VALUES (3);\n")
+
+    run = estate.dbplan("apply", "--yes")
+
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT id FROM seed ORDER BY id") == [(1,), (2,), (3,)]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(2, False)]
+    assert estate.query("app", "SELECT version FROM dbplan_history WHERE event = 'apply' ORDER BY id") == [(1,), (2,)]

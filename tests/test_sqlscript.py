@@ -301,7 +301,9 @@ def test_no_transaction_marker(text, expected):
         ("SELECT 1;\nCOMMIT;\nSELECT 2;", "multiple", None),
         ("BEGIN;\nSELECT 1;\nROLLBACK;", "multiple", None),
         ("BEGIN;\nSELECT 1;\nABORT;", "multiple", None),
-        ("BEGIN;\nSAVEPOINT s;\nSELECT 1;\nRELEASE SAVEPOINT s;\nCOMMIT;", "multiple", None),
+        # Savepoints live inside a transaction: they neither open nor end one.
+        ("BEGIN;\nSAVEPOINT s;\nSELECT 1;\nRELEASE SAVEPOINT s;\nCOMMIT;", "wrapped", ["SAVEPOINT s", "SELECT 1", "RELEASE SAVEPOINT s"]),
+        ("SAVEPOINT a;\nSELECT 1;\nROLLBACK TO SAVEPOINT a;\nRELEASE a;", "none", ["SAVEPOINT a", "SELECT 1", "ROLLBACK TO SAVEPOINT a", "RELEASE a"]),
         ("BEGIN;\nSELECT 1;\nCOMMIT AND CHAIN;", "multiple", None),
         ("BEGIN;\nSELECT 1;", "multiple", None),
         ("SELECT 1;\nCOMMIT;", "multiple", None),
@@ -730,3 +732,61 @@ def test_a_comment_that_may_end_a_statement_is_left_to_the_scanner() -> None:
     script = parse_script("SELECT 'a' -- comment\n;\nSELECT '--' AS dashes;")
     assert sqls(script) == ["SELECT 'a'", "SELECT '--' AS dashes"]
     assert sqlspans.statement_spans([{"stmt_location": 0, "stmt_len": 21}], b"SELECT 'a' -- comment\n") is None
+
+
+# --------------------------------------------------------------------------- inline COPY data
+
+
+@pytest.mark.parametrize(
+    ("text", "data"),
+    [
+        ("COPY t FROM stdin;\n1\tO'Brien\n\\.\n", ["1\tO'Brien\n"]),
+        ("COPY t FROM STDIN;\r\n1\r\n\\.\r\nSELECT 1;\r\n", ["1\r\n"]),
+        ("COPY t FROM STDIN;\n\\.\n", [""]),
+        ("COPY t (a)\n  FROM STDIN WITH (FORMAT csv) ; -- rows\n\"x;\ny\"\n\\.\nCOPY u FROM stdin;\n2\n\\.", ['"x;\ny"\n', "2\n"]),
+        # A BOM and non-ASCII data keep every offset a character offset.
+        ("\ufeffCOPY t FROM stdin;\nÄ\t€\n\\.\nSELECT 'é';\n", ["Ä\t€\n"]),
+    ],
+    ids=["text", "crlf", "empty", "multi-line-statement-and-two-blocks", "non-ascii"],
+)
+def test_inline_copy_data_goes_to_its_statement_and_the_rest_parses(text: str, data: list[str]) -> None:
+    script = parse_script(text)
+    assert script.parsed, script.parse_error
+    assert [s.copy_data for s in script.statements if s.kind == "CopyStmt"] == data
+    assert script.has_inline_copy
+    assert_consistent(text, script)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT '\n\\.\n';\n",  # inside a string
+        "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $$\nSELECT 'stdin';\n\\.\n$$;\n",  # inside a body
+        "-- COPY t FROM STDIN;\nSELECT 1;\n",  # a comment
+    ],
+    ids=["string", "function-body", "comment"],
+)
+def test_what_only_looks_like_copy_data_is_sql(text: str) -> None:
+    script = parse_script(text)
+    assert script.parsed
+    assert not script.has_inline_copy
+
+
+def test_a_stray_end_of_data_line_is_a_parse_error_on_its_line() -> None:
+    script = parse_script("COPY t FROM stdin;\n1\n\\.\nSELECT 1;\n\\.\n")
+    assert not script.parsed
+    assert script.parse_error_line == 5
+
+
+def test_the_lines_after_inline_data_are_the_files_lines() -> None:
+    script = parse_script("COPY t FROM stdin;\n1\n2\n\\.\nSELECT 1;\n-- dbplan:allow truncate\nTRUNCATE t;\n")
+    assert [(s.line, s.kind) for s in script.statements] == [(1, "CopyStmt"), (5, "SelectStmt"), (7, "TruncateStmt")]
+    assert script.statements[0].copy_data_line == 2
+    assert script.allow_comments == (("truncate", 6),)
+
+
+def test_the_schema_names_exactly_the_rules_that_can_be_allowed() -> None:
+    from orchestrator.estate.load import load_schema
+    from orchestrator.migrations.lint import ALLOWABLE_RULES
+
+    assert set(load_schema()["$defs"]["lint_rule"]["enum"]) == ALLOWABLE_RULES

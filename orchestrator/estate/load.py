@@ -169,6 +169,13 @@ def _schema_error(error: Any, document: Document) -> ConfigError:
             f"expected {expected_text}, got {_describe(error.instance)}",
             place=document.place(path),
         )
+    if error.validator == "enum" and isinstance(error.instance, str):
+        what = error.schema.get("title", "value")
+        return ConfigError(
+            f"unknown {what} {quoted(error.instance)}{_did_you_mean(error.instance, error.validator_value)}",
+            place=document.place(path),
+            hint=f"known: {', '.join(error.validator_value)}",
+        )
     if error.validator == "const" and path == ("version",):
         return ConfigError(
             f"unsupported plan file version {error.instance!r}; this dbplan reads version 1",

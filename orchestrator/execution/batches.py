@@ -35,7 +35,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import MigrationFailed
-from ..live.connection import connection_lost
+from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import MigrationFile
 from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
@@ -97,6 +97,7 @@ def run_transactional(
     first step that fails; the steps before it are committed and reported.
     A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
     """
+    read_as_parser(target.conn)
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
     # Behind a pooler (a guard) the next transaction may get another session: no session state.
     with _prepared_bookkeeping(target, enabled=guard is None and len(steps) > 1) as prepared:
@@ -215,6 +216,7 @@ def _run_batch(
     committed, duration_ms = 0, None
     error: Exception | None = None
     unconfirmed_to: MigrationAction | None = None
+    read_as_parser(target.conn)  # an earlier batch's migration may have changed how the server reads
     started = time.monotonic()
     report.started(chunk[0])
     with run.cancellation.running(target.conn, _describe_batch(chunk), rolls_back=True):

@@ -47,8 +47,9 @@ from ..planning.plan import (
 )
 from ..planning.planner import plan_service
 from . import bookkeeping
-from .batches import Step, run_transactional
+from .batches import Step
 from .guard import transaction_guard
+from .inline_copy import run_transactional_steps
 from .migration_run import (
     GuardFailed,
     Target,
@@ -384,7 +385,7 @@ def _run_and_report(
     try:
         if actions[0].transactional:
             steps = [Step(action, file_of(action, by_version[action.version])) for action in actions]
-            run_transactional(run, target, steps, report, guard=guard)
+            run_transactional_steps(run, target, steps, report, guard=guard)
         else:
             (action,) = actions
             run.check_stop(f"before {action_phrase(action)}")

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import DbplanError, MigrationFailed
 from ..estate.model import Server, Service
-from ..live.connection import connection_lost
+from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import Migration, MigrationFile
-from ..migrations.sqlscript import Script, Statement, line_of_offset
+from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
 from ..planning.plan import MigrationAction, RevertMigration
 from . import bookkeeping
 from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
@@ -118,7 +118,11 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
             conn.execute((_timeouts(target.service, local=False) + _set_role(owner, local=False)).as_string(conn).encode())
             for statement in statements:
                 try:
-                    conn.execute((statement.sql if statement else file.text).encode())
+                    read_as_parser(conn)
+                    if statement is None:
+                        conn.execute(file.text.encode())
+                    else:
+                        run_statement(conn, statement)
                 except Exception as err:
                     rollback_quietly(conn)
                     if sqlstate_of(err) == QUERY_CANCELED and run.cancellation.requested:
@@ -152,6 +156,15 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
         + sql.SQL("COMMIT;")
     )
     conn.execute(done.as_string(conn).encode())
+
+
+def run_statement(conn: psycopg.Connection, statement: Statement) -> None:
+    """One statement of a file; a COPY ... FROM STDIN is fed the data the file holds."""
+    if statement.copy_data is None:
+        conn.execute(statement.sql.encode())
+        return
+    with conn.cursor() as cursor, cursor.copy(statement.sql.encode()) as copy:
+        copy.write(statement.copy_data.encode())
 
 
 def _set_role(owner: str | None, *, local: bool) -> psycopg.sql.Composable:
@@ -237,7 +250,7 @@ def migration_failure(
         return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
-    message = server_message(err)
+    message = printable(server_message(err))  # it may quote the file: "invalid input syntax: \"<ESC>...\""
     dirty_hint = (
         f"the migration ran outside a transaction, so service '{action.service}' is now dirty at version "
         f"{action.version}: fix the database by hand, then 'dbplan force {action.service} VERSION'"
@@ -255,7 +268,7 @@ def migration_failure(
         )
     # Replaying to find the failing line would wait for the same lock, or run as long again.
     replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
-    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay)
+    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay, context=diag.context)
     where = f"{file.display}:{line}" if line else file.display
     details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
     if diag.message_detail:
@@ -312,8 +325,12 @@ def _failure_line(
     owner: str | None,
     *,
     replay: bool = True,
+    context: str | None = None,
 ) -> int | None:
     if statement is not None:
+        data_line = _copy_data_line(statement, context)
+        if data_line is not None:
+            return data_line
         if position and position.isdigit():
             return statement.line + statement.sql[: int(position) - 1].count("\n")
         return statement.line
@@ -326,6 +343,17 @@ def _failure_line(
     return located.line if located else None
 
 
+def _copy_data_line(statement: Statement, context: str | None) -> int | None:
+    """The file line of the row a COPY ... FROM STDIN failed on: PostgreSQL names the row
+    in the error's context ("COPY t, line 2, column id: ...")."""
+    if statement.copy_data_line is None:
+        return None
+    import re
+
+    match = re.search(r"^COPY [^,]+, line ([0-9]+)", context or "", re.MULTILINE)
+    return statement.copy_data_line + int(match.group(1)) - 1 if match else None
+
+
 def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str | None) -> Statement | None:
     """Run the statements one by one in a transaction that is rolled back, to find the one that fails.
 
@@ -336,12 +364,13 @@ def _replay_to_find_failure(conn: psycopg.Connection, script: Script, owner: str
     if not script.parsed or conn.closed or conn.broken:
         return None
     try:
+        read_as_parser(conn)
         conn.execute("BEGIN")
         if owner:
             conn.execute(_set_role(owner, local=True).as_string(conn).encode())
         for statement in script.inner_statements:
             try:
-                conn.execute(statement.sql.encode())
+                run_statement(conn, statement)
             except psycopg.Error:
                 return statement
         return None

@@ -129,6 +129,22 @@ def _first_line(message: str, url: str) -> str:
     return line
 
 
+# How dbplan's parser reads a migration file; the server must read it alike, or a COMMIT
+# could hide from the parser in what it takes for a string (standard_conforming_strings
+# off reads backslashes in '...' as escapes; some client encodings hide a quote in a
+# multibyte character).
+PARSER_READING = (("standard_conforming_strings", "on"), ("client_encoding", "UTF8"))
+
+
+def read_as_parser(conn: psycopg.Connection) -> None:
+    """Make the session read the next query as dbplan's parser read the file, whatever the
+    server's, the database's or an earlier migration's setting. The server reports both
+    settings whenever they change, so this costs a query only when one is off."""
+    if all(conn.info.parameter_status(name) == value for name, value in PARSER_READING):
+        return
+    conn.execute(b"SET standard_conforming_strings = on; SET client_encoding = 'UTF8'")
+
+
 def behind_pooler(conn: psycopg.Connection) -> bool:
     """Whether ``conn`` reaches PostgreSQL through a pooler rather than its own backend.
 

@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .sqlscript import NO_TRANSACTION_MARKER, Node, Script, Statement, alter_commands
+from .sqlscript import (
+    NO_TRANSACTION_MARKER,
+    Node,
+    Script,
+    Statement,
+    alter_commands,
+    printable,
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,13 @@ KNOWN_RULES: frozenset[str] = frozenset(
         "non-transactional-statement",
     }
 )
-"""Every rule ``lint`` can report; useful to warn about a misspelt ``dbplan:allow``."""
+"""Every rule ``lint`` can report."""
+
+PLAN_RULES: frozenset[str] = frozenset({"missing-down", "own-transaction"})
+"""Warnings of the planner about a file that ``dbplan:allow`` and ``lint.allow`` silence too."""
+
+ALLOWABLE_RULES: frozenset[str] = KNOWN_RULES | PLAN_RULES
+"""What ``-- dbplan:allow`` and ``lint.allow`` may name; any other name is an error."""
 
 # Functions PostgreSQL marks VOLATILE that turn up in column defaults. A non-volatile default
 # (a constant, now(), current_timestamp, ...) is evaluated once since PostgreSQL 11 and added
@@ -83,7 +96,7 @@ _Report = Callable[[str, str, str], None]  # rule, severity, message
 
 
 def _shorten(sql: str, limit: int = 120) -> str:
-    one_line = " ".join(sql.split())
+    one_line = printable(" ".join(sql.split()))  # a string in the SQL may hold terminal escapes
     return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import MigrationFileError, Place
 from ..estate.model import Estate, Service
-from .sqlscript import Script, parse_script
+from .sqlscript import Script, parse_script, printable
 
 MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]+)_(?P<title>.+)\.(?P<direction>up|down)\.sql$")
 MAX_MIGRATION_BYTES = 64 * 1024 * 1024
@@ -109,6 +109,7 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
     for entry in entries:
         if entry.name.startswith(".") or _is_folder(entry):
             continue
+        _check_printable(entry.name, prefix)
         path = folder / entry.name
         version, title, direction = _parse_name(path, root)
         target = ups if direction == "up" else downs
@@ -158,6 +159,18 @@ def _check_folder(service: Service, folder: Path, root: Path) -> None:
             place=service.migrations_place,
             hint="keep migrations beside dbplan.yaml so reviewers see them in the same repository",
         )
+
+
+def _check_printable(name: str, folder_prefix: str) -> None:
+    """A file name is printed in the plan a reviewer reads: it must not be able to rewrite it."""
+    if printable(name) == name:
+        return
+    raise MigrationFileError(
+        f"the migration file name '{printable(name)}' holds control or formatting characters, "
+        "which could rewrite what a terminal shows",
+        place=Place(folder_prefix + printable(name)),
+        hint="rename the file to plain printable characters, {version}_{title}.up.sql",
+    )
 
 
 def _parse_name(path: Path, root: Path) -> tuple[int, str, str]:

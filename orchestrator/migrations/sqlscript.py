@@ -20,12 +20,14 @@ character, like any other).
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
+from .copydata import CopyBlock, blank_blocks, find_copy_blocks
 from .sqlspans import (
     ByteToChar,
     Token,
@@ -72,6 +74,11 @@ class Statement:
     block (``CREATE INDEX CONCURRENTLY``, ``VACUUM``, ...); ``None`` when it can."""
     ast: Node = field(default_factory=dict, compare=False, hash=False, repr=False)
     """The statement's parse tree as libpg_query's JSON (``{"CreateStmt": {...}}``)."""
+    copy_data: str | None = field(default=None, repr=False)
+    """For ``COPY ... FROM STDIN`` followed in the file by its data (psql's and pg_dump's
+    way, ended by a line ``\\.``): the data, without the end line; else ``None``."""
+    copy_data_line: int | None = field(default=None, repr=False)
+    """1-based line of the file where ``copy_data`` starts (for errors in the data)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ class Script:
     transaction_style: str
     """``none``: no transaction control; ``wrapped``: the file is exactly one BEGIN/START
     TRANSACTION ... COMMIT/END block around everything else; ``multiple``: any other use of
-    transaction control (several blocks, COMMIT mid-file, ROLLBACK, SAVEPOINT, ...)."""
+    transaction control (several blocks, COMMIT mid-file, ROLLBACK, ...). Savepoints
+    (SAVEPOINT, RELEASE, ROLLBACK TO) do not count: they work inside a transaction."""
     inner_statements: tuple[Statement, ...]
     """The statements without the wrapping BEGIN and COMMIT when ``wrapped``, else ``statements``."""
     non_transactional: tuple[Statement, ...]
@@ -99,9 +107,31 @@ class Script:
     """No statements at all (empty or comments only); still a valid migration."""
     parse_error_line: int | None = None
     """1-based line of the parse error, for a ``Place``."""
+    allow_comments: tuple[tuple[str, int], ...] = ()
+    """Each rule named by a ``-- dbplan:allow`` comment, with the comment's line."""
+
+    @property
+    def has_inline_copy(self) -> bool:
+        """Some ``COPY ... FROM STDIN`` carries its data in the file: it cannot travel as text."""
+        return any(statement.copy_data is not None for statement in self.statements)
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+def is_unprintable(char: str) -> bool:
+    """Control characters (ESC starts terminal sequences, CR returns to the line's start),
+    format characters (bidi overrides reorder what a reviewer reads), line separators, and
+    the surrogates Python makes of bytes that are not UTF-8."""
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character written as a Python escape (``\\x1b``,
+    ``\\r``), so that what a file holds cannot rewrite the terminal that shows it."""
+    if text.isprintable():  # fast, and stricter: no escape needed
+        return text
+    return "".join(repr(char)[1:-1] if is_unprintable(char) else char for char in text)
 
 
 def parse_script(text: str) -> Script:
@@ -115,7 +145,7 @@ def parse_script(text: str) -> Script:
         return Script(
             statements=(),
             parsed=False,
-            parse_error=f"line {line}: {message}",
+            parse_error=f"line {line}: {printable(message)}",  # it may quote the file's text
             no_transaction_marker=marker,
             transaction_style="none",
             inner_statements=(),
@@ -132,6 +162,10 @@ def parse_script(text: str) -> Script:
         utf8 = src.encode("utf-8")
     except UnicodeEncodeError as err:
         return failed(f"the text is not valid Unicode ({err.reason})", line_of_offset(text, err.start))
+    copy_blocks = find_copy_blocks(src) if "\\." in src else []
+    if copy_blocks:  # the data is not SQL: the parser reads spaces in its place
+        src = blank_blocks(src, copy_blocks)
+        utf8 = src.encode("utf-8")
     try:
         tree = json.loads(parse_sql_json(src))
     except ParseError as err:
@@ -172,8 +206,9 @@ def parse_script(text: str) -> Script:
             )
         )
 
-    stmts = tuple(statements)
+    stmts = _with_copy_data(tuple(statements), text, copy_blocks)
     style, inner = _transaction_style(stmts)
+    allow_comments = _allow_comments(tokens, utf8, text) if tokens else ()
     return Script(
         statements=stmts,
         parsed=True,
@@ -182,13 +217,33 @@ def parse_script(text: str) -> Script:
         transaction_style=style,
         inner_statements=inner,
         non_transactional=tuple(s for s in stmts if s.non_transactional),
-        allowed_rules=_allowed_rules(tokens, utf8) if tokens else frozenset(),
+        allowed_rules=frozenset(rule for rule, _ in allow_comments),
         empty=not stmts,
+        allow_comments=allow_comments,
     )
 
 
-def _allowed_rules(tokens: list[Token], utf8: bytes) -> frozenset[str]:
-    rules: set[str] = set()
+def _with_copy_data(stmts: tuple[Statement, ...], text: str, blocks: list[CopyBlock]) -> tuple[Statement, ...]:
+    """Each block's data given to the statement before it (a COPY FROM STDIN, as
+    ``find_copy_blocks`` made sure)."""
+    if not blocks:
+        return stmts
+    result = list(stmts)
+    for block in blocks:
+        before = [s for s in stmts if s.end_offset <= block.data_start]
+        if before:
+            last = before[-1]
+            result[last.index] = replace(
+                last,
+                copy_data=text[block.data_start : block.data_end],
+                copy_data_line=line_of_offset(text, block.data_start),
+            )
+    return tuple(result)
+
+
+def _allow_comments(tokens: list[Token], utf8: bytes, text: str) -> tuple[tuple[str, int], ...]:
+    rules: list[tuple[str, int]] = []
+    to_char = ByteToChar(utf8, text.isascii())
     for token in tokens:
         if token.name != "SQL_COMMENT":
             continue
@@ -198,15 +253,16 @@ def _allowed_rules(tokens: list[Token], utf8: bytes) -> frozenset[str]:
         rest = body[len(_ALLOW_PREFIX) :]
         if rest and not rest[0].isspace():
             continue  # "dbplan:allowed" or the like
+        line = line_of_offset(text, to_char(token.start))
         # "rule, rule other words": the words after a rule are a free-text reason
         for item in rest.split(","):
             words = item.split()
             if not words:
                 continue
-            rules.add(words[0].lower())
+            rules.append((words[0].lower(), line))
             if len(words) > 1:
                 break
-    return frozenset(rules)
+    return tuple(rules)
 
 
 _TRANSACTION_KINDS = {
@@ -231,8 +287,13 @@ def _transaction_kind(node: Node) -> str | None:
     return _TRANSACTION_KINDS.get(kind, kind.lower())
 
 
+# Savepoints live inside a transaction and cannot end it: a file that uses them runs in
+# dbplan's transaction as written (and outside one they would fail).
+_INSIDE_A_TRANSACTION = frozenset({"savepoint", "release", "rollback_to"})
+
+
 def _transaction_style(stmts: tuple[Statement, ...]) -> tuple[str, tuple[Statement, ...]]:
-    control = [s.index for s in stmts if s.transaction_kind]
+    control = [s.index for s in stmts if s.transaction_kind and s.transaction_kind not in _INSIDE_A_TRANSACTION]
     if not control:
         return "none", stmts
     first, last = stmts[0], stmts[-1]

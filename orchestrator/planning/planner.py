@@ -119,6 +119,9 @@ def plan_service(
     applies = _applies(service, pending, max(remaining, default=None))
     for migration in pending:
         warnings += _file_warnings(service, migration, blockers, lint=lint)
+    for revert in reverts:  # a revert drops what its up file made: the reviewer sees that too
+        down = by_version[revert.version].down
+        warnings += _lint_warnings(service, down, lint=lint) if down is not None else []
 
     summary = ServicePlan(
         service=service.name,
@@ -286,7 +289,7 @@ def _reverts(
             )
             continue
         run_mode = run_mode_of(migration.down.script)
-        blockers += _non_transactional_blockers(service, migration.version, migration.down, run_mode)
+        blockers += _file_blockers(service, migration.version, migration.down, run_mode)
         after = doomed[index + 1 :] + remaining
         reverts.append(
             RevertMigration(
@@ -324,15 +327,15 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
 
 
 def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
-    from ..migrations.lint import lint as lint_script
-
     script = migration.up.script
     file = migration.up.display
     warnings: list[Warning] = []
-    if not script.parsed:
+    silenced = script.allowed_rules | service.lint_allow
+    if not script.parsed and not migration.transactional:
         warnings.append(
             Warning(
-                f"could not parse the SQL ({script.parse_error}); it is sent to the server as it is",
+                f"could not parse the SQL ({script.parse_error}); it runs as one string outside a transaction, "
+                "with the service marked dirty until it has succeeded",
                 service=service.name,
                 file=file,
                 rule="parse-error",
@@ -344,42 +347,45 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
         RunMode.OWN_TRANSACTIONS: "holds several transaction blocks: it runs statement by statement as "
         "written, and a failure part-way leaves the service dirty",
     }
-    if migration.run_mode in mode_notes:
+    if migration.run_mode in mode_notes and "own-transaction" not in silenced:
         warnings.append(Warning(mode_notes[migration.run_mode], service=service.name, file=file, rule="own-transaction"))
-    if migration.down is None:
+    if migration.down is None and "missing-down" not in silenced:
         warnings.append(
             Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
         )
-    blockers += _non_transactional_blockers(service, migration.version, migration.up, migration.run_mode)
-    for finding in lint_script(script, allow=service.lint_allow) if lint else ():
-        if finding.severity == "error":
-            continue  # reported as a blocker above when it matters
-        warnings.append(
-            Warning(
-                finding.message,
-                service=service.name,
-                file=file,
-                line=finding.line,
-                rule=finding.rule,
-                statement=finding.statement,
-                severity=finding.severity,
-            )
+    blockers += _file_blockers(service, migration.version, migration.up, migration.run_mode)
+    return warnings + _lint_warnings(service, migration.up, lint=lint)
+
+
+def _lint_warnings(service: Service, file: MigrationFile, *, lint: bool) -> list[Warning]:
+    from ..migrations.lint import lint as lint_script
+
+    return [
+        Warning(
+            finding.message,
+            service=service.name,
+            file=file.display,
+            line=finding.line,
+            rule=finding.rule,
+            statement=finding.statement,
+            severity=finding.severity,
         )
-    return warnings
+        for finding in (lint_script(file.script, allow=service.lint_allow) if lint else ())
+        if finding.severity != "error"  # reported as a blocker when it matters
+    ]
 
 
-def _non_transactional_blockers(service: Service, version: int, file: MigrationFile, run_mode: str) -> list[Blocker]:
-    """Statements PostgreSQL refuses in a transaction, in a file that would run in one."""
-    if run_mode not in TRANSACTIONAL_MODES:
-        return []
+def _file_blockers(service: Service, version: int, file: MigrationFile, run_mode: str) -> list[Blocker]:
+    """What in a file stops the plan (``refusals``): each names the file and line."""
+    from ..migrations.refusals import refusals
+
     return [
         Blocker(
-            f"{file.display}:{statement.line}: {statement.non_transactional} cannot run inside a transaction, "
-            "and this file runs in one",
+            f"{file.display}:{refusal.line}: {refusal.message}" if refusal.line else f"{file.display}: {refusal.message}",
             service=service.name,
             version=version,
             file=file.display,
-            hint="put '-- dbplan:no-transaction' on the file's first line to run it outside a transaction",
+            hint=refusal.hint,
         )
-        for statement in file.script.non_transactional
+        for refusal in refusals(file.script, transactional=run_mode in TRANSACTIONAL_MODES)
     ]
