@@ -157,7 +157,10 @@ def plan(
         _fail(err)
     _say(_render_plan(planned, format))
     if out is not None:
-        api.save_plan(planned, out)
+        try:
+            api.save_plan(planned, out)
+        except DbplanError as err:
+            _fail(err)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
         raise typer.Exit(1)

@@ -59,9 +59,14 @@ def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: L
 
 
 def save(path: Path, plan: Plan, print_: dict[str, Any]) -> None:
-
     document = {"kind": SAVED_PLAN_KIND, **plan_to_dict(plan), "fingerprint": print_}
-    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as err:  # a missing folder, a directory, no permission, a full disk
+        raise DbplanError(
+            f"cannot save the plan to {path}: {err.strerror or err}",
+            hint="--out takes the path of a file in a folder that exists and that you may write to",
+        ) from err
 
 
 def load(path: Path) -> dict[str, Any]:
