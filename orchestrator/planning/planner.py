@@ -100,7 +100,7 @@ def plan_service(
     target = service.target if service.target is not None else max((v for v in (latest, current) if v is not None), default=None)
     drift = _drift(applied, by_version)
     warnings: list[Warning] = _drift_warnings(service, drift) + _missing_file_warnings(service, applied, by_version)
-    blockers: list[Blocker] = []
+    blockers: list[Blocker] = _unreachable_target_blockers(service, by_version, applied)
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
 
@@ -163,6 +163,35 @@ def _missing_file_warnings(
         )
         for version in sorted(applied)
         if version not in by_version and (service.target is None or version <= service.target)
+    ]
+
+
+def _unreachable_target_blockers(
+    service: Service, by_version: dict[int, Migration], applied: dict[int, str | None]
+) -> list[Blocker]:
+    """A target must be a version the service can stand at: one with a file, one already
+    applied (its file may be gone), or 0 (nothing applied). Any other number would be
+    shown as reached and leave the service below it, at the last file under it."""
+    target = service.target
+    if target is None or target == 0 or target in by_version or target in applied:
+        return []
+    below = max((v for v in by_version if v < target), default=None)
+    above = min((v for v in by_version if v > target), default=None)
+    if not by_version:
+        where = f"{service.migrations_display} has no migration files"
+    elif above is None:
+        where = f"the newest file in {service.migrations_display} is version {below}"
+    elif below is None:
+        where = f"the oldest file in {service.migrations_display} is version {above}"
+    else:
+        where = f"the files nearest it are versions {below} and {above}"
+    return [
+        Blocker(
+            f"target {target} of service '{service.name}' names no migration: {where}",
+            service=service.name,
+            version=target,
+            hint=f"set the service's target to a version that has a file, or add the file of version {target}",
+        )
     ]
 
 
