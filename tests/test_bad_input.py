@@ -79,5 +79,5 @@ def test_a_target_above_the_newest_file_blocks_the_plan_and_changes_nothing(esta
     run = estate.dbplan(command, *(["--yes"] if command == "apply" else []))
     assert run.code == 1, run.output
     assert "target 7 of service 'app' names no migration: the newest file in migrations/app is version 1" in run.output
-    assert "Plan blocked" in run.out
+    assert "Plan blocked: 1 problem must be fixed before apply." in run.out
     assert not estate.database_exists("app")

@@ -197,3 +197,36 @@ def test_apply_and_status_speak_json_for_programs(estate: Estate) -> None:
     status = json.loads(estate.dbplan("status", "--format", "json").out)
     (service,) = status["services"]
     assert (service["service"], service["current"], service["latest"], service["pending"], service["dirty"]) == ("app", 2, 3, [3], False)
+
+
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        ("edit", "1 migration drifted"),  # the applied file was changed afterwards
+        ("delete", "1 applied version has no file"),  # the applied file is gone
+    ],
+)
+def test_no_changes_never_claims_a_match_when_the_database_differs(estate: Estate, change: str, difference: str) -> None:
+    assert estate.dbplan("apply", "--yes").code == 0
+    path = estate.root / "migrations" / "app" / "1_one.up.sql"
+    if change == "edit":
+        path.write_text("CREATE TABLE one (id bigint);")
+    else:
+        path.unlink()
+    text = estate.dbplan("plan")
+    assert text.code == 0, text.output
+    assert "match" not in text.out
+    assert text.out.splitlines()[-1] == f"No changes to apply, but the databases differ from the plan file: {difference}."
+    markdown = estate.dbplan("plan", "--format", "markdown")
+    assert "match the plan file" not in markdown.out
+    assert f"the databases differ from the plan file: {difference}." in markdown.out
+
+
+def test_counts_in_messages_are_spelled_in_the_singular_when_there_is_one(estate: Estate) -> None:
+    estate.write("app", "2_two.up.sql", "-- dbplan:no-transaction\nCREATE TABLE two (id int);\nSELECT * FROM nowhere;\n")
+    assert estate.dbplan("apply", "--yes").code == 1  # version 2 fails part-way: the service is dirty
+    run = estate.dbplan("plan")
+    assert run.code == 1
+    assert "! blocked: 1 migration not planned (version 2) until the problems below are fixed" in run.out
+    assert run.out.splitlines()[-1] == "Plan blocked: 1 problem must be fixed before apply."
+    assert "(s)" not in run.output

@@ -126,7 +126,7 @@ def _validate_schema(data: Any, document: Document) -> None:
     if errors:
         first = _schema_error(jsonschema.exceptions.best_match([errors[0]]), document)
         if len(errors) > 1:
-            first.hint = (first.hint + "; " if first.hint else "") + f"{len(errors) - 1} more problem(s) after this one"
+            first.hint = (first.hint + "; " if first.hint else "") + f"{len(errors) - 1} more {'problem' if len(errors) == 2 else 'problems'} after this one"
             first.args = (first.render(),)
         raise first
 

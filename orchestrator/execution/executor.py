@@ -117,7 +117,7 @@ class _Run:
         signal_name = self.cancellation.signal_name or "a stop request"
         done = sum(1 for outcome in self.outcomes if outcome.status == "done")
         return Interrupted(
-            f"{signal_name}: {what} ({done} of {len(self.plan.actions)} action(s) done)",
+            f"{signal_name}: {what} ({done} of {len(self.plan.actions)} {'action' if len(self.plan.actions) == 1 else 'actions'} done)",
             signal_name=signal_name,
             hint=hint or "nothing is half done; run 'dbplan apply' again to go on from here",
             **context,

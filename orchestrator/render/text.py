@@ -73,6 +73,12 @@ def version_ranges(versions: Iterable[int]) -> str:
     return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
 
 
+def versions_phrase(versions: Iterable[int]) -> str:
+    """``version 4``, ``versions 1-3, 5``."""
+    listed = sorted(set(versions))
+    return f"{'version' if len(listed) == 1 else 'versions'} {version_ranges(listed)}"
+
+
 def service_blockers(plan: Plan, service: str) -> tuple[Blocker, ...]:
     return tuple(blocker for blocker in plan.blockers if blocker.service == service)
 
@@ -96,14 +102,27 @@ def render_plan(plan: Plan, *, color: bool = False) -> str:
 
 def summary_line(plan: Plan, style: Style | None = None) -> str:
     style = style or Style(False)
+    differences = difference_phrases(plan)
+    noted = f" {', '.join(differences).capitalize()}." if differences else ""
     if plan.blocked:
-        return style(f"Plan blocked: {len(plan.blockers)} problem(s) must be fixed before apply.", "red", "bold")
+        return style(f"Plan blocked: {plural(len(plan.blockers), 'problem')} must be fixed before apply.{noted}", "red", "bold")
+    if not plan.changes and differences:
+        return style(f"No changes to apply, but the databases differ from the plan file: {', '.join(differences)}.", "yellow", "bold")
     if not plan.changes:
         return style("No changes. The databases match the plan file.", "green", "bold")
-    parts = change_phrases(plan)
+    return style("Plan: " + ", ".join(change_phrases(plan)) + "." + noted, "bold")
+
+
+def difference_phrases(plan: Plan) -> list[str]:
+    """What differs from the plan file without being an action: ``1 migration drifted``
+    (changed after it was applied), ``1 applied version has no file``. A plan with any of
+    these must not say that the databases match."""
     drift = sum(len(service.drift) for service in plan.services)
-    suffix = f" ({drift} drifted)" if drift else ""
-    return style("Plan: " + ", ".join(parts) + "." + suffix, "bold")
+    missing = sum(1 for warning in plan.warnings if warning.rule == "missing-file")
+    phrases = [f"{plural(drift, 'migration')} drifted"] if drift else []
+    if missing:
+        phrases.append(f"{plural(missing, 'applied version')} {'has' if missing == 1 else 'have'} no file")
+    return phrases
 
 
 def _server_section(plan: Plan, style: Style) -> list[str]:
@@ -157,7 +176,7 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
     if held_back:
         lines.append(
             style(
-                f"  ! blocked: {plural(len(waiting), 'migration')} not planned (versions {version_ranges(waiting)}) "
+                f"  ! blocked: {plural(len(waiting), 'migration')} not planned ({versions_phrase(waiting)}) "
                 "until the problems below are fixed",
                 "red",
             )
