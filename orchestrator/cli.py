@@ -29,6 +29,7 @@ app = typer.Typer(
     help="Plan and apply PostgreSQL databases and migrations from one reviewed file, dbplan.yaml.",
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
     # Tracebacks with local variables would print connection strings and passwords.
     pretty_exceptions_show_locals=False,
     pretty_exceptions_enable=False,
@@ -56,9 +57,20 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        _say(f"dbplan {__version__}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print dbplan's version and exit.", callback=_show_version, is_eager=True)
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -100,7 +112,7 @@ class _CliProgress:
         self.started = time.monotonic()
 
     def action_finished(self, outcome: Outcome, index: int, total: int) -> None:
-        status = {"done": "done", "skipped": "skipped", "failed": "FAILED"}[outcome.status]
+        status = {"done": "done", "skipped": "skipped", "failed": "FAILED", "cancelled": "cancelled"}[outcome.status]
         timing = f" in {outcome.duration_ms} ms" if outcome.status == "done" else ""
         detail = f" ({outcome.detail})" if outcome.status == "skipped" and outcome.detail else ""
         _note(f"[{index}/{total}] {describe_action(outcome.action)}: {status}{timing}{detail}")

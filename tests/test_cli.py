@@ -185,7 +185,7 @@ def test_apply_and_status_speak_json_for_programs(estate: Estate) -> None:
     assert run.code == 1
     result = json.loads(run.out)  # stdout is the JSON document and nothing else
     assert result["ok"] is False
-    assert result["summary"] == {"done": 3, "skipped": 0, "failed": 1}
+    assert result["summary"] == {"done": 3, "skipped": 0, "failed": 1, "cancelled": 0}
     done = [o for o in result["outcomes"] if o["status"] == "done"]
     assert [(o["kind"], o.get("version")) for o in done] == [("create_database", None), ("apply_migration", 1), ("apply_migration", 2)]
     assert all(isinstance(o["duration_ms"], int) for o in done)
@@ -230,3 +230,17 @@ def test_counts_in_messages_are_spelled_in_the_singular_when_there_is_one(estate
     assert "! blocked: 1 migration not planned (version 2) until the problems below are fixed" in run.out
     assert run.out.splitlines()[-1] == "Plan blocked: 1 problem must be fixed before apply."
     assert "(s)" not in run.output
+
+
+def test_version_and_short_help(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from orchestrator.cli import main
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dbplan {declared}\n"
+    for args in (["-h"], ["plan", "-h"], ["apply", "-h"], ["server", "stop", "-h"]):
+        assert main(args) == 0, args
+        out = capsys.readouterr().out
+        assert "Usage: dbplan" in out and re.search(r"-h, --help|--help +-h", out), args

@@ -407,7 +407,10 @@ class _StepProgress:
 
     def failed(self, failure: DbplanError) -> None:
         if self.current is not None:
-            self.run.finish(Outcome(self.current, "failed", ms_since(self.started_at), failure.message))
+            # A migration stopped on request was rolled back (or left dirty, as the message
+            # says): cancelled, not a failure of its SQL.
+            status = "cancelled" if isinstance(failure, Interrupted) else "failed"
+            self.run.finish(Outcome(self.current, status, ms_since(self.started_at), failure.message))
 
 
 def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> list[MigrationAction]:

@@ -25,7 +25,7 @@ def render_result(result: Result) -> str:
         {
             "format_version": FORMAT_VERSION,
             "ok": result.ok,
-            "summary": {status: result.count(status) for status in ("done", "skipped", "failed")},
+            "summary": {status: result.count(status) for status in ("done", "skipped", "failed", "cancelled")},
             "outcomes": [
                 {**action_to_dict(o.action), "status": o.status, "duration_ms": o.duration_ms, "detail": o.detail}
                 for o in result.outcomes
