@@ -43,7 +43,24 @@ FileOption = Annotated[
     Path, typer.Option("--file", "-f", help="Plan file.", show_default=True)
 ]
 DEFAULT_FILE = Path("dbplan.yaml")
-WaitOption = Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).")]
+
+
+def _seconds(value: float) -> float:
+    """A duration option: a finite number of seconds, 0 or more (``nan`` would wait forever)."""
+    import math
+
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"{value:g} is not a number of seconds: give 0 or more, such as 30 or 2.5")
+    return value
+
+
+WaitOption = Annotated[
+    float,
+    typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).", callback=_seconds),
+]
+LockWaitOption = Annotated[
+    float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.", callback=_seconds)
+]
 
 
 class PlanFormat(str, Enum):
@@ -211,7 +228,7 @@ def apply(
     file: FileOption = DEFAULT_FILE,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
-    lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
+    lock_wait: LockWaitOption = 300.0,
     wait: WaitOption = 0.0,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,130 @@ def test_a_migration_stopped_by_a_signal_is_reported_cancelled_not_failed(
         assert [o["status"] for o in result["outcomes"]] == ["cancelled"]
     else:
         assert "Apply stopped on request after 0 done." in run.out
+
+
+# ---------------------------------------------------------------------------
+# Connecting: --wait, refusals, the maintenance database
+
+
+@pytest.mark.parametrize("option", ["--wait", "--lock-wait"])
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "-inf"])
+def test_a_wait_that_would_never_end_or_is_negative_is_a_usage_error(estate: Estate, option: str, value: str) -> None:
+    estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);")
+    run = estate.dbplan("apply", "--yes", option, value)
+    assert run.code == 1
+    assert f"Invalid value for '{option}': {value} is not a number of seconds: give 0 or more" in run.err
+    assert "second" not in estate.tables("app")
+
+
+def test_wait_retries_for_the_whole_time_it_was_given(estate: Estate) -> None:
+    import time
+
+    estate.document["servers"]["main"]["url"] = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens
+    estate.save()
+    started = time.monotonic()
+    run = estate.dbplan("plan", "--wait", "3")
+    elapsed = time.monotonic() - started
+    assert run.code == 1
+    assert 2.9 <= elapsed < 6, f"gave up after {elapsed:.1f} s of --wait 3"
+    assert "server 'main' is not reachable yet" in run.err
+    assert "cannot connect to server 'main'" in run.err and "retried for 3 s" in run.err
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """A server of its own that checks passwords (the shared ones trust every local user)."""
+    import os
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    from orchestrator.server.embedded import EmbeddedServer
+
+    root = Path(tempfile.mkdtemp(prefix="dbplan-pw-"))
+    os.chmod(root, 0o755)  # reachable by the account PostgreSQL runs as under root
+    server = EmbeddedServer(root / "data", durable=False)
+    url = server.ensure_running()
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER ROLE postgres PASSWORD 'right-pw-2718'")
+            hba = conn.execute("SHOW hba_file").fetchone()[0]
+            Path(hba).write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+            conn.execute("SELECT pg_reload_conf()")
+        yield url
+    finally:
+        server.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _with_user(url: str, userinfo: str, database: str = "postgres") -> str:
+    host = url.split("@", 1)[1].split("/", 1)[0]
+    return f"postgresql://{userinfo}@{host}/{database}"
+
+
+@pytest.mark.parametrize(
+    "how, said, hint",
+    [
+        ("wrong password", "password authentication failed", "check the password"),
+        ("no password", "password", "check the password"),
+        ("unknown user", "password authentication failed", "check the password"),
+    ],
+)
+def test_a_refused_password_fails_at_once_and_is_not_called_unreachable(
+    estate: Estate, password_server: str, how: str, said: str, hint: str
+) -> None:
+    import time
+
+    userinfo = {"wrong password": "postgres:wrong-pw-1414", "no password": "postgres", "unknown user": "nobody:x-pw-99"}[how]
+    estate.document["servers"]["main"]["url"] = _with_user(password_server, userinfo)
+    estate.save()
+    started = time.monotonic()
+    run = estate.dbplan("plan", "--wait", "30")
+    assert run.code == 1
+    assert time.monotonic() - started < 10, "a refusal was retried"
+    assert "refused the connection" in run.err and said in run.err
+    assert f"hint: {hint}" in run.err
+    assert "not reachable yet" not in run.err and "check that the server is running" not in run.err
+    assert "wrong-pw-1414" not in run.output and "x-pw-99" not in run.output
+    assert "internal error" not in run.output
+
+
+def test_the_right_password_connects(estate: Estate, password_server: str) -> None:
+    estate.document["servers"]["main"]["url"] = _with_user(password_server, "postgres:right-pw-2718")
+    estate.save()
+    run = estate.dbplan("plan")
+    assert run.code == 0, run.output
+
+
+def test_a_role_that_may_not_log_in_is_refused_at_once(estate: Estate) -> None:
+    role = estate.name("nologin")
+    estate.execute("app", f'CREATE ROLE "{role}" NOLOGIN')
+    estate.document["servers"]["main"]["url"] = _with_user(estate.url, role)
+    estate.save()
+    run = estate.dbplan("plan", "--wait", "30")
+    assert run.code == 1
+    assert f'role "{role}" is not permitted to log in' in run.err and "refused the connection" in run.err
+    assert "not reachable yet" not in run.err
+
+
+def test_the_database_a_url_names_is_the_maintenance_database(estate: Estate) -> None:
+    estate.document["servers"]["main"]["url"] = _with_user(estate.url, "postgres", estate.name("nowhere"))
+    estate.save()
+    missing = estate.dbplan("plan", "--wait", "30")
+    assert missing.code == 1
+    assert f"server 'main' (database '{estate.name('nowhere')}'," in missing.err
+    assert f'database "{estate.name("nowhere")}" does not exist' in missing.err
+    assert "for server-wide work: name one that exists" in missing.err
+    assert "not reachable yet" not in missing.err
+
+    estate.document["servers"]["main"]["url"] = _with_user(estate.url, "postgres", estate.name("app"))  # exists
+    estate.save()
+    assert estate.dbplan("plan").code == 0
+
+    # maintenance_database, when set, wins over the url's database.
+    estate.document["servers"]["main"]["url"] = _with_user(estate.url, "postgres", estate.name("nowhere"))
+    estate.document["servers"]["main"]["maintenance_database"] = "postgres"
+    estate.save()
+    chosen = estate.dbplan("plan")
+    assert chosen.code == 0, chosen.output

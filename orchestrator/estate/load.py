@@ -22,7 +22,6 @@ from .document import DocPath, Document, parse_yaml, quoted, read_text
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
     DEFAULT_LOCK_TIMEOUT_MS,
-    DEFAULT_MAINTENANCE_DATABASE,
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
     Database,
@@ -181,7 +180,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             name=name,
             url=url,
             embedded=embedded,
-            maintenance_database=spec.get("maintenance_database", DEFAULT_MAINTENANCE_DATABASE),
+            maintenance_database=spec.get("maintenance_database"),
             place=place,
         )
     data_dirs: dict[Path, str] = {}

@@ -38,7 +38,7 @@ class Server:
     name: str
     url: str | None  # None when the server is embedded
     embedded: EmbeddedSpec | None
-    maintenance_database: str = DEFAULT_MAINTENANCE_DATABASE
+    maintenance_database: str | None = None  # None: the url's database, else DEFAULT_MAINTENANCE_DATABASE
     place: Place = field(default=Place(), compare=False)
 
 

@@ -33,7 +33,16 @@ from ..planning.plan import (
     Warning,
 )
 from . import graph as render_graph
-from .text import change_phrases, difference_phrases, dirty_version, plural, service_blockers, version_label, versions_phrase
+from .text import (
+    change_phrases,
+    difference_phrases,
+    dirty_version,
+    plural,
+    service_blockers,
+    version_label,
+    version_ranges,
+    versions_phrase,
+)
 
 MAX_COMMENT_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
 MAX_SQL_CHARS_PER_FILE = 8_000
