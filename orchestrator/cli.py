@@ -19,8 +19,16 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from . import api
-from .errors import DbplanError
-from .planning.plan import Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+from .errors import DbplanError, signal_number_behind
+from .planning.plan import (
+    Action,
+    AlterDatabaseOwner,
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    Plan,
+    RevertMigration,
+)
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Outcome
@@ -113,10 +121,21 @@ def _note(text: str) -> None:
     sys.stderr.flush()
 
 
-def _fail(err: DbplanError, code: int = 1) -> NoReturn:
+def _fail(err: DbplanError, code: int = 1, *, plan: Plan | None = None) -> NoReturn:
+    """Say what went wrong on stderr and exit; under ``apply --format json``, before
+    anything ran, stdout gets the JSON result of an apply that did nothing, too."""
     prefix = "\033[31merror:\033[0m " if _use_color(sys.stderr) else "error: "
     _note(prefix + err.render())
+    if _state.get("json_refusal"):
+        _say_json_refusal(err, plan)
     raise typer.Exit(code)
+
+
+def _say_json_refusal(err: DbplanError, plan: Plan | None = None) -> None:
+    from .render import json as render_json
+
+    _state["json_refusal"] = False  # one object, however the run ends
+    _say(render_json.render_refusal(err, plan))
 
 
 class _CliProgress:
@@ -143,6 +162,8 @@ def describe_action(action: Action) -> str:
         return f"create role {action.role} on {action.server}"
     if isinstance(action, CreateDatabase):
         return f"create database {action.database} on {action.server}"
+    if isinstance(action, AlterDatabaseOwner):
+        return f"change owner of database {action.database} on {action.server} to {action.owner}"
     verb = "apply" if isinstance(action, ApplyMigration) else "revert"
     assert isinstance(action, (ApplyMigration, RevertMigration))
     return f"{verb} {action.service} {action.version} {action.title}"
@@ -234,6 +255,9 @@ def apply(
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
 
+    as_json = format is OutputFormat.json
+    # From here on every way out prints one JSON object on stdout (see _fail).
+    _state["json_refusal"] = as_json
     try:
         if saved_plan is None:
             planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait)
@@ -241,11 +265,10 @@ def apply(
             planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
         _fail(err)
-    as_json = format is OutputFormat.json
     if not as_json:
         _say(text.render_plan(planned.plan, color=_use_color()))
     if planned.plan.blocked:
-        _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint))
+        _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint), plan=planned.plan)
     if not planned.plan.changes:
         if as_json:
             from .execution.progress import Result
@@ -256,15 +279,17 @@ def apply(
     if not yes:
         if not sys.stdin.isatty():
             _fail(DbplanError("refusing to apply without confirmation: input is not a terminal", hint="pass --yes"))
-        if not typer.confirm("Apply these changes?", default=False):
-            _note("Nothing was changed.")
-            raise typer.Exit(1)
+        # With JSON on stdout the question goes to stderr, where a person at the terminal sees it.
+        if not typer.confirm("Apply these changes?", default=False, err=as_json):
+            _fail(DbplanError("Nothing was changed.", hint="answer y to apply, or pass --yes"))
     from .execution.progress import Cancellation, Interrupted
 
     cancellation = Cancellation()
     _collect_garbage_from_here()  # a long run: its garbage must not pile up
     with _stop_on_signals(cancellation):
         result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
+    _state["phase"] = "applied"
+    _state["json_refusal"] = False  # the result below is the JSON object
     if as_json:
         from .render import json as render_json
 
@@ -484,25 +509,70 @@ def _collect_garbage_from_here() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    _state["json_refusal"] = _asks_for_apply_json(sys.argv[1:] if argv is None else argv)
+    _state["phase"] = "before"
     try:
         code = app(args=argv, prog_name="dbplan", standalone_mode=False)
     except _usage_error() as err:
         err.show()
+        if _state["json_refusal"]:
+            _say_json_refusal(DbplanError(f"usage: {err.format_message()}", hint="see 'dbplan apply -h'"))
         return 1
     except typer.Abort:
-        _note("Aborted; nothing was changed.")
+        _refuse("Aborted; nothing was changed.")
         return 1
     except typer.Exit as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # typer's silent Exit(130) for any stop
+            return _stopped(err.__cause__)
         return err.exit_code
-    except KeyboardInterrupt:
-        _note("Interrupted.")
-        return 130
-    except Exception:
+    except KeyboardInterrupt as stop:
+        return _stopped(stop)
+    except Exception as err:
+        if signal_number_behind(err) is not None:  # a signal's stop, wrapped by Python on its way
+            return _stopped(err)
         if _state["debug"]:
             raise
-        _note("internal error: dbplan failed unexpectedly. Run again with --debug for the traceback, and report it.")
+        _refuse("internal error: dbplan failed unexpectedly. Run again with --debug for the traceback, and report it.")
         return 1
+    except BaseException as stop:
+        if signal_number_behind(stop) is not None:  # __main__.Stopped: a signal outside apply's own handling
+            return _stopped(stop)
+        raise
     return code if isinstance(code, int) else 0
+
+
+def _stopped(stop: BaseException) -> int:
+    """A Ctrl-C or SIGTERM outside apply's own handling: say what it interrupted; exit
+    with the shell's code for it."""
+    import signal
+
+    number = signal_number_behind(stop) or signal.SIGINT
+    _refuse(f"{signal.Signals(number).name}: {_what_was_done()}")
+    return 128 + number
+
+
+def _refuse(message: str) -> None:
+    """The last word of a run that ended outside its own error handling: on stderr, and
+    as the JSON result when ``apply --format json`` has not printed one yet."""
+    _note(message)
+    if _state.get("json_refusal"):
+        _say_json_refusal(DbplanError(message))
+
+
+def _what_was_done() -> str:
+    """For a stop that arrived outside apply's signal handling: what it interrupted."""
+    if _state.get("phase") == "applied":
+        return "stopped after the run ended, before its report; 'dbplan status' shows where each service stands"
+    return "stopped before anything was changed (reading the plan file and the servers only reads)"
+
+
+def _asks_for_apply_json(args: list[str]) -> bool:
+    """Whether the command line is ``apply ... --format json``, read before click does, so
+    that even a usage error of such a run answers with a JSON object."""
+    if "apply" not in args:
+        return False
+    after = args[args.index("apply") + 1 :]
+    return "--format=json" in after or any(a == "--format" and b == "json" for a, b in zip(after, after[1:]))
 
 
 if __name__ == "__main__":  # pragma: no cover

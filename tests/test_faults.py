@@ -180,3 +180,97 @@ def test_the_database_a_url_names_is_the_maintenance_database(estate: Estate) ->
     estate.save()
     chosen = estate.dbplan("plan")
     assert chosen.code == 0, chosen.output
+
+
+# ---------------------------------------------------------------------------
+# Sessions that go away, and signals that come early (issue 11, item 28)
+
+
+def _terminate_dbplan_sessions(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dbplan'"
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_session_lost_while_waiting_for_the_lock_is_said_so_and_the_next_run_resumes(estate: Estate) -> None:
+    import psycopg
+
+    from orchestrator.live.locks import migrations_lock_key
+
+    estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);")
+    key = migrations_lock_key(estate.name("app"), "public", "schema_migrations")
+    with psycopg.connect(estate.url, dbname=estate.name("app"), autocommit=True, application_name="blocker") as blocker:
+        blocker.execute("SELECT pg_advisory_lock(%s::bigint)", (key,))
+        process = start_dbplan(estate.plan_file, "apply", "--yes")
+        process.wait_for("waiting for the lock on the migrations of service 'app'")
+        assert _terminate_dbplan_sessions(estate.url) >= 1
+        run = process.finish(timeout=30)
+    assert run.code == 1
+    assert "internal error" not in run.err and "Traceback" not in run.err
+    assert (
+        "error: lost the connection to server 'main' while waiting for the lock on the migrations of service 'app'"
+    ) in run.err
+    assert "nothing of it had started" in run.err
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
+    assert estate.dbplan("apply", "--yes").code == 0
+    assert "second" in estate.tables("app")
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_in_the_first_moments_ends_in_a_sentence_not_a_traceback(estate: Estate, number: signal.Signals) -> None:
+    import time
+
+    estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);\nSELECT pg_sleep(3);\n")  # outlasts each run
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4):
+        process = start_dbplan(estate.plan_file, "apply", "--yes")
+        time.sleep(delay)
+        process.signal(number)
+        run = process.finish(timeout=30)
+        if "Traceback" in run.err and "orchestrator" not in run.err:
+            continue  # the interpreter's own start (site, runpy), before the first line of dbplan runs
+        # Killed before Python took the signal over (-N), or stopped by dbplan (128 + N).
+        assert run.code in (-number, 128 + number), f"after {delay} s: exit {run.code}\n{run.err}"
+        assert "Traceback" not in run.err and "internal error" not in run.err, f"after {delay} s:\n{run.err}"
+        if delay >= 0.25:  # dbplan's code runs by then: it, not the signal's default, ends the process
+            assert run.code == 128 + number, f"after {delay} s: exit {run.code}"
+        if run.code == 128 + number:
+            assert number.name in run.err and ("nothing" in run.err or "stopped" in run.err), run.err
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
+
+
+def test_sessions_terminated_at_random_moments_never_end_in_an_internal_error(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import random
+    import time
+
+    from processes import assert_applied_exactly_once, race_estate
+
+    from pgcluster import drop_databases_with_prefix
+
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    latest = race_estate(estate, migrations=12, sleep=0.01)
+    rng = random.Random(11)
+    endings: list[int] = []
+    for _ in range(10):
+        process = start_dbplan(estate.plan_file, "apply", "--yes")
+        # From its first session on (planning, creating roles and databases, migrating), at a random moment.
+        wait_until(lambda: dbplan_backends(estate.url) or process.process.poll() is not None, what="a session")
+        time.sleep(rng.uniform(0, 0.5))
+        _terminate_dbplan_sessions(estate.url)
+        run = process.finish(timeout=60)
+        endings.append(run.code)
+        assert run.code in (0, 1), run.err
+        assert "internal error" not in run.err and "Traceback" not in run.err, run.err
+        if run.code == 1:
+            assert "error: " in run.err and "server 'main'" in run.err, run.err
+        final = estate.dbplan("apply", "--yes")  # picks up where the cut run stopped
+        assert final.code == 0, final.output
+        for service in ("orders", "billing"):
+            assert_applied_exactly_once(estate, service, service, range(1, latest[service] + 1))
+        drop_databases_with_prefix(estate.url, dbname_prefix)  # the next round starts from nothing
+    assert endings.count(1) >= 3, f"too few rounds were cut short: {endings}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..estate.graph import EstateGraph, Node
 from ..planning.plan import (
+    AlterDatabaseOwner,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -312,8 +313,13 @@ def _graph(plan: Plan, graph: EstateGraph) -> str:
     )
 
 
+def _handed_over(action: AlterDatabaseOwner) -> str:
+    tables = ", ".join(code(table) for table in action.bookkeeping_tables)
+    return f", with {tables}" if tables else ""
+
+
 def _servers(plan: Plan, limits: _Limits) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
         mine = [action for action in creations if action.server == server]
@@ -323,6 +329,11 @@ def _servers(plan: Plan, limits: _Limits) -> list[str]:
             if isinstance(action, CreateRole):
                 detail = ("login" if action.login else "no login") + (", with password" if action.with_password else "")
                 items.append(f"- **create role** {code(action.role)} ({detail})")
+            elif isinstance(action, AlterDatabaseOwner):
+                items.append(
+                    f"- **change owner** of database {code(action.database)}: {code(action.previous_owner)} → "
+                    f"{code(action.owner)}{_handed_over(action)}"
+                )
             else:
                 owner = f", owned by {code(action.owner)}" if action.owner else ""
                 items.append(f"- **create database** {code(action.database)}{owner}")

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..planning.plan import (
+    AlterDatabaseOwner,
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -55,6 +56,8 @@ def change_phrases(plan: Plan) -> list[str]:
         parts.append(f"{plural(counts['create_roles'], 'role')} to create")
     if counts["create_databases"]:
         parts.append(f"{plural(counts['create_databases'], 'database')} to create")
+    if counts["change_owners"]:
+        parts.append(f"{plural(counts['change_owners'], 'database owner')} to change")
     if counts["apply"] or not counts["revert"]:
         parts.append(f"{plural(counts['apply'], 'migration')} to apply")
     if counts["revert"]:
@@ -126,7 +129,7 @@ def difference_phrases(plan: Plan) -> list[str]:
 
 
 def _server_section(plan: Plan, style: Style) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     lines: list[str] = []
     for server in dict.fromkeys(a.server for a in creations):
         lines.append(style(f"server {server}", "bold"))
@@ -138,6 +141,12 @@ def _server_section(plan: Plan, style: Style) -> list[str]:
                     part for part in ("login" if action.login else "nologin", "password" if action.with_password else "") if part
                 )
                 lines.append(style(f"  + create role {action.role} ({detail})", "green"))
+            elif isinstance(action, AlterDatabaseOwner):
+                tables = f", with {', '.join(action.bookkeeping_tables)}" if action.bookkeeping_tables else ""
+                lines.append(
+                    style(f"  ~ change owner of database {action.database}: {action.previous_owner} -> {action.owner}", "yellow")
+                    + style(tables, "dim")
+                )
             else:
                 owner = f" (owner {action.owner})" if action.owner else ""
                 lines.append(style(f"  + create database {action.database}{owner}", "green"))
