@@ -452,7 +452,7 @@ def _usage_error() -> Any:
     try:
         from typer._click.exceptions import UsageError
     except ImportError:
-        from click.exceptions import UsageError  # type: ignore[assignment]
+        from click.exceptions import UsageError  # type: ignore[assignment,no-redef]
     return UsageError
 
 

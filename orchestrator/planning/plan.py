@@ -208,7 +208,9 @@ ACTION_TYPES: dict[str, type[Action]] = {
 def action_from_dict(data: dict[str, Any]) -> Action:
     cls = ACTION_TYPES[data["kind"]]
     fields = {spec.name for spec in dataclasses.fields(cls) if spec.init}
-    values = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items() if name in fields}
+    values: dict[str, Any] = {
+        name: tuple(value) if isinstance(value, list) else value for name, value in data.items() if name in fields
+    }
     return cls(**values)  # JSON lists back to the tuples that compare by value
 
 
