@@ -257,17 +257,21 @@ def test_sessions_terminated_at_random_moments_never_end_in_an_internal_error(
     rng = random.Random(11)
     endings: list[int] = []
     for _ in range(10):
-        process = start_dbplan(estate.plan_file, "apply", "--yes")
-        # From its first session on (planning, creating roles and databases, migrating), at a random moment.
-        wait_until(lambda: dbplan_backends(estate.url) or process.process.poll() is not None, what="a session")
+        # Two runs at once, so that one of them is often waiting for the other's lock.
+        processes = [start_dbplan(estate.plan_file, "apply", "--yes") for _ in range(2)]
+        # From the first session on (planning, creating roles and databases, waiting, migrating), at a random moment.
+        wait_until(
+            lambda: dbplan_backends(estate.url) or all(p.process.poll() is not None for p in processes), what="a session"
+        )
         time.sleep(rng.uniform(0, 0.5))
         _terminate_dbplan_sessions(estate.url)
-        run = process.finish(timeout=60)
-        endings.append(run.code)
-        assert run.code in (0, 1), run.err
-        assert "internal error" not in run.err and "Traceback" not in run.err, run.err
-        if run.code == 1:
-            assert "error: " in run.err and "server 'main'" in run.err, run.err
+        for process in processes:
+            run = process.finish(timeout=60)
+            endings.append(run.code)
+            assert run.code in (0, 1), run.err
+            assert "internal error" not in run.err and "Traceback" not in run.err, run.err
+            if run.code == 1:
+                assert "error: " in run.err and "server 'main'" in run.err, run.err
         final = estate.dbplan("apply", "--yes")  # picks up where the cut run stopped
         assert final.code == 0, final.output
         for service in ("orders", "billing"):
