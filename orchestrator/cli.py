@@ -286,9 +286,9 @@ def apply(
 
     cancellation = Cancellation()
     _collect_garbage_from_here()  # a long run: its garbage must not pile up
+    _state["phase"] = "applying"  # set before the handlers, so no stop can be told "nothing was changed"
     with _stop_on_signals(cancellation):
         result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
-    _state["phase"] = "applied"
     _state["json_refusal"] = False  # the result below is the JSON object
     if as_json:
         from .render import json as render_json
@@ -561,8 +561,8 @@ def _refuse(message: str) -> None:
 
 def _what_was_done() -> str:
     """For a stop that arrived outside apply's signal handling: what it interrupted."""
-    if _state.get("phase") == "applied":
-        return "stopped after the run ended, before its report; 'dbplan status' shows where each service stands"
+    if _state.get("phase") == "applying":
+        return "stopped as the run began or ended, outside its own handling; 'dbplan status' shows where each service stands"
     return "stopped before anything was changed (reading the plan file and the servers only reads)"
 
 
