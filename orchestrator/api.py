@@ -103,6 +103,8 @@ def plan(
     """
     import time
 
+    _check_seconds("wait_seconds", wait_seconds)
+    _check_seconds("wait_for_runs", wait_for_runs)
     checked = validate(file, environ, selection)
     planned = _plan_checked(checked, wait_seconds, on_notice)
     deadline = time.monotonic() + wait_for_runs
@@ -166,6 +168,8 @@ def apply(
     ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
     """
     from .execution.executor import execute  # the writer is loaded only by commands that write
+
+    _check_seconds("lock_wait", lock_wait)
 
     return execute(
         planned.plan,
@@ -367,6 +371,14 @@ def embedded_servers(
             hint="an embedded server has 'embedded: true' and an empty or absent url",
         )
     return found
+
+
+def _check_seconds(name: str, value: float) -> None:
+    """A wait must end: ``nan`` compares false with every deadline and would wait forever."""
+    import math
+
+    if not math.isfinite(value) or value < 0:
+        raise DbplanError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
 
 
 def _did_you_mean(word: str, choices: Mapping[str, object]) -> str:

@@ -19,8 +19,17 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from . import api
-from .errors import DbplanError
-from .planning.plan import FAIL_ON, Action, ApplyMigration, CreateDatabase, CreateRole, RevertMigration
+from .errors import DbplanError, signal_number_behind
+from .planning.plan import (
+    FAIL_ON,
+    Action,
+    AlterDatabaseOwner,
+    ApplyMigration,
+    CreateDatabase,
+    CreateRole,
+    Plan,
+    RevertMigration,
+)
 
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Outcome
@@ -29,6 +38,7 @@ app = typer.Typer(
     help="Plan and apply PostgreSQL databases and migrations from one reviewed file, dbplan.yaml.",
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
     # Tracebacks with local variables would print connection strings and passwords.
     pretty_exceptions_show_locals=False,
     pretty_exceptions_enable=False,
@@ -42,7 +52,24 @@ FileOption = Annotated[
     Path, typer.Option("--file", "-f", help="Plan file.", show_default=True)
 ]
 DEFAULT_FILE = Path("dbplan.yaml")
-WaitOption = Annotated[float, typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).")]
+
+
+def _seconds(value: float) -> float:
+    """A duration option: a finite number of seconds, 0 or more (``nan`` would wait forever)."""
+    import math
+
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"{value:g} is not a number of seconds: give 0 or more, such as 30 or 2.5")
+    return value
+
+
+WaitOption = Annotated[
+    float,
+    typer.Option("--wait", help="Retry connecting for this many seconds (servers still starting).", callback=_seconds),
+]
+LockWaitOption = Annotated[
+    float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.", callback=_seconds)
+]
 OnlyOption = Annotated[
     list[str] | None,
     typer.Option("--only", help="Only this service and the services it depends on (repeat, or separate with commas)."),
@@ -80,9 +107,20 @@ class OutputFormat(str, Enum):
 FailOn = Enum("FailOn", {name: name for name in FAIL_ON}, type=str)  # type: ignore[misc]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        _say(f"dbplan {__version__}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print dbplan's version and exit.", callback=_show_version, is_eager=True)
+    ] = False,
     env: Annotated[
         str | None,
         typer.Option("--env", help="Environment of the plan file to use (its 'environments:' overlay); DBPLAN_ENV too."),
@@ -115,10 +153,21 @@ def _note(text: str) -> None:
     sys.stderr.flush()
 
 
-def _fail(err: DbplanError, code: int = 1) -> NoReturn:
+def _fail(err: DbplanError, code: int = 1, *, plan: Plan | None = None) -> NoReturn:
+    """Say what went wrong on stderr and exit; under ``apply --format json``, before
+    anything ran, stdout gets the JSON result of an apply that did nothing, too."""
     prefix = "\033[31merror:\033[0m " if _use_color(sys.stderr) else "error: "
     _note(prefix + err.render())
+    if _state.get("json_refusal"):
+        _say_json_refusal(err, plan)
     raise typer.Exit(code)
+
+
+def _say_json_refusal(err: DbplanError, plan: Plan | None = None) -> None:
+    from .render import json as render_json
+
+    _state["json_refusal"] = False  # one object, however the run ends
+    _say(render_json.render_refusal(err, plan))
 
 
 class _CliProgress:
@@ -131,7 +180,7 @@ class _CliProgress:
         self.started = time.monotonic()
 
     def action_finished(self, outcome: Outcome, index: int, total: int) -> None:
-        status = {"done": "done", "skipped": "skipped", "failed": "FAILED"}[outcome.status]
+        status = {"done": "done", "skipped": "skipped", "failed": "FAILED", "cancelled": "cancelled"}[outcome.status]
         timing = f" in {outcome.duration_ms} ms" if outcome.status == "done" else ""
         detail = f" ({outcome.detail})" if outcome.status == "skipped" and outcome.detail else ""
         _note(f"[{index}/{total}] {describe_action(outcome.action)}: {status}{timing}{detail}")
@@ -145,6 +194,8 @@ def describe_action(action: Action) -> str:
         return f"create role {action.role} on {action.server}"
     if isinstance(action, CreateDatabase):
         return f"create database {action.database} on {action.server}"
+    if isinstance(action, AlterDatabaseOwner):
+        return f"change owner of database {action.database} on {action.server} to {action.owner}"
     verb = "apply" if isinstance(action, ApplyMigration) else "revert"
     assert isinstance(action, (ApplyMigration, RevertMigration))
     return f"{verb} {action.service} {action.version} {action.title}"
@@ -201,7 +252,10 @@ def plan(
         _fail(err)
     _say(_render_plan(planned, format))
     if out is not None:
-        api.save_plan(planned, out, selection)
+        try:
+            api.save_plan(planned, out, selection)
+        except DbplanError as err:
+            _fail(err)
         _note(f"plan saved to {out}; apply exactly this plan with 'dbplan apply {out}'")
     if planned.plan.blocked:
         raise typer.Exit(1)
@@ -253,7 +307,7 @@ def apply(
     file: FileOption = DEFAULT_FILE,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format of the result.")] = OutputFormat.text,
-    lock_wait: Annotated[float, typer.Option("--lock-wait", help="Seconds to wait for another run's lock.")] = 300.0,
+    lock_wait: LockWaitOption = 300.0,
     wait: WaitOption = 0.0,
     only: OnlyOption = None,
     no_deps: NoDepsOption = False,
@@ -261,6 +315,9 @@ def apply(
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
 
+    as_json = format is OutputFormat.json
+    # From here on every way out prints one JSON object on stdout (see _fail).
+    _state["json_refusal"] = as_json
     selection = _selection(only, no_deps)
     if saved_plan is not None and selection.only:
         _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
@@ -271,11 +328,10 @@ def apply(
             planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
     except DbplanError as err:
         _fail(err)
-    as_json = format is OutputFormat.json
     if not as_json:
         _say(text.render_plan(planned.plan, color=_use_color()))
     if planned.plan.blocked:
-        _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint))
+        _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint), plan=planned.plan)
     if not planned.plan.changes:
         if as_json:
             from .execution.progress import Result
@@ -286,15 +342,17 @@ def apply(
     if not yes:
         if not sys.stdin.isatty():
             _fail(DbplanError("refusing to apply without confirmation: input is not a terminal", hint="pass --yes"))
-        if not typer.confirm("Apply these changes?", default=False):
-            _note("Nothing was changed.")
-            raise typer.Exit(1)
+        # With JSON on stdout the question goes to stderr, where a person at the terminal sees it.
+        if not typer.confirm("Apply these changes?", default=False, err=as_json):
+            _fail(DbplanError("Nothing was changed.", hint="answer y to apply, or pass --yes"))
     from .execution.progress import Cancellation, Interrupted
 
     cancellation = Cancellation()
     _collect_garbage_from_here()  # a long run: its garbage must not pile up
+    _state["phase"] = "applying"  # set before the handlers, so no stop can be told "nothing was changed"
     with _stop_on_signals(cancellation):
         result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
+    _state["json_refusal"] = False  # the result below is the JSON object
     if as_json:
         from .render import json as render_json
 
@@ -531,7 +589,7 @@ def _usage_error() -> Any:
     try:
         from typer._click.exceptions import UsageError
     except ImportError:
-        from click.exceptions import UsageError  # type: ignore[assignment]
+        from click.exceptions import UsageError  # type: ignore[assignment,no-redef]
     return UsageError
 
 
@@ -601,25 +659,70 @@ def _collect_garbage_from_here() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    _state["json_refusal"] = _asks_for_apply_json(sys.argv[1:] if argv is None else argv)
+    _state["phase"] = "before"
     try:
         code = app(args=argv, prog_name="dbplan", standalone_mode=False)
     except _usage_error() as err:
         err.show()
+        if _state["json_refusal"]:
+            _say_json_refusal(DbplanError(f"usage: {err.format_message()}", hint="see 'dbplan apply -h'"))
         return 1
     except typer.Abort:
-        _note("Aborted; nothing was changed.")
+        _refuse("Aborted; nothing was changed.")
         return 1
     except typer.Exit as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # typer's silent Exit(130) for any stop
+            return _stopped(err.__cause__)
         return err.exit_code
-    except KeyboardInterrupt:
-        _note("Interrupted.")
-        return 130
-    except Exception:
+    except KeyboardInterrupt as stop:
+        return _stopped(stop)
+    except Exception as err:
+        if signal_number_behind(err) is not None:  # a signal's stop, wrapped by Python on its way
+            return _stopped(err)
         if _state["debug"]:
             raise
-        _note("internal error: dbplan failed unexpectedly. Run again with --debug for the traceback, and report it.")
+        _refuse("internal error: dbplan failed unexpectedly. Run again with --debug for the traceback, and report it.")
         return 1
+    except BaseException as stop:
+        if signal_number_behind(stop) is not None:  # __main__.Stopped: a signal outside apply's own handling
+            return _stopped(stop)
+        raise
     return code if isinstance(code, int) else 0
+
+
+def _stopped(stop: BaseException) -> int:
+    """A Ctrl-C or SIGTERM outside apply's own handling: say what it interrupted; exit
+    with the shell's code for it."""
+    import signal
+
+    number = signal_number_behind(stop) or signal.SIGINT
+    _refuse(f"{signal.Signals(number).name}: {_what_was_done()}")
+    return 128 + number
+
+
+def _refuse(message: str) -> None:
+    """The last word of a run that ended outside its own error handling: on stderr, and
+    as the JSON result when ``apply --format json`` has not printed one yet."""
+    _note(message)
+    if _state.get("json_refusal"):
+        _say_json_refusal(DbplanError(message))
+
+
+def _what_was_done() -> str:
+    """For a stop that arrived outside apply's signal handling: what it interrupted."""
+    if _state.get("phase") == "applying":
+        return "stopped as the run began or ended, outside its own handling; 'dbplan status' shows where each service stands"
+    return "stopped before anything was changed (reading the plan file and the servers only reads)"
+
+
+def _asks_for_apply_json(args: list[str]) -> bool:
+    """Whether the command line is ``apply ... --format json``, read before click does, so
+    that even a usage error of such a run answers with a JSON object."""
+    if "apply" not in args:
+        return False
+    after = args[args.index("apply") + 1 :]
+    return "--format=json" in after or any(a == "--format" and b == "json" for a, b in zip(after, after[1:]))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,3 +113,19 @@ class MigrationFailed(DbplanError):
 
 class EmbeddedServerError(DbplanError):
     """The embedded PostgreSQL server could not be found, initialised, started or stopped."""
+
+
+
+def signal_number_behind(err: BaseException | None) -> int | None:
+    """The signal that stopped dbplan, if ``err`` is (or was caused by) the stop that
+    ``__main__``'s handlers raise for SIGINT and SIGTERM outside apply's own handling.
+    Python wraps what a handler raises in some places (a RuntimeError from
+    ``__set_name__`` while a class is made, for one), so the chain is followed."""
+    for _ in range(20):
+        if err is None:
+            return None
+        number = getattr(err, "signal_number", None)
+        if isinstance(number, int):
+            return number
+        err = err.__cause__ or err.__context__
+    return None

@@ -71,3 +71,14 @@ def test_unreachable_server_names_the_server_never_the_password(estate: Estate) 
     assert "cannot connect to server 'main'" in run.err
     assert "hunter2-secret" not in run.output
     assert "(database 'postgres', host 127.0.0.1, port 1)" in run.err
+
+
+@pytest.mark.parametrize("command", ["plan", "apply"])
+def test_a_target_above_the_newest_file_blocks_the_plan_and_changes_nothing(estate: Estate, command: str) -> None:
+    estate.document["services"]["app"]["target"] = 7
+    estate.save()
+    run = estate.dbplan(command, *(["--yes"] if command == "apply" else []))
+    assert run.code == 1, run.output
+    assert "target 7 of service 'app' names no migration: the newest file in migrations/app is version 1" in run.output
+    assert "Plan blocked: 1 problem must be fixed before apply." in run.out
+    assert not estate.database_exists("app")

@@ -185,7 +185,7 @@ def test_apply_and_status_speak_json_for_programs(estate: Estate) -> None:
     assert run.code == 1
     result = json.loads(run.out)  # stdout is the JSON document and nothing else
     assert result["ok"] is False
-    assert result["summary"] == {"done": 3, "skipped": 0, "failed": 1}
+    assert result["summary"] == {"done": 3, "skipped": 0, "failed": 1, "cancelled": 0}
     done = [o for o in result["outcomes"] if o["status"] == "done"]
     assert [(o["kind"], o.get("version")) for o in done] == [("create_database", None), ("apply_migration", 1), ("apply_migration", 2)]
     assert all(isinstance(o["duration_ms"], int) for o in done)
@@ -197,3 +197,178 @@ def test_apply_and_status_speak_json_for_programs(estate: Estate) -> None:
     status = json.loads(estate.dbplan("status", "--format", "json").out)
     (service,) = status["services"]
     assert (service["service"], service["current"], service["latest"], service["pending"], service["dirty"]) == ("app", 2, 3, [3], False)
+
+
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        ("edit", "1 migration drifted"),  # the applied file was changed afterwards
+        ("delete", "1 applied version has no file"),  # the applied file is gone
+    ],
+)
+def test_no_changes_never_claims_a_match_when_the_database_differs(estate: Estate, change: str, difference: str) -> None:
+    assert estate.dbplan("apply", "--yes").code == 0
+    path = estate.root / "migrations" / "app" / "1_one.up.sql"
+    if change == "edit":
+        path.write_text("CREATE TABLE one (id bigint);")
+    else:
+        path.unlink()
+    text = estate.dbplan("plan")
+    assert text.code == 0, text.output
+    assert "match" not in text.out
+    assert text.out.splitlines()[-1] == f"No changes to apply, but the databases differ from the plan file: {difference}."
+    markdown = estate.dbplan("plan", "--format", "markdown")
+    assert "match the plan file" not in markdown.out
+    assert f"the databases differ from the plan file: {difference}." in markdown.out
+
+
+def test_counts_in_messages_are_spelled_in_the_singular_when_there_is_one(estate: Estate) -> None:
+    estate.write("app", "2_two.up.sql", "-- dbplan:no-transaction\nCREATE TABLE two (id int);\nSELECT * FROM nowhere;\n")
+    assert estate.dbplan("apply", "--yes").code == 1  # version 2 fails part-way: the service is dirty
+    run = estate.dbplan("plan")
+    assert run.code == 1
+    assert "! blocked: 1 migration not planned (version 2) until the problems below are fixed" in run.out
+    assert run.out.splitlines()[-1] == "Plan blocked: 1 problem must be fixed before apply."
+    assert "(s)" not in run.output
+
+
+def test_version_and_short_help(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from orchestrator.cli import main
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dbplan {declared}\n"
+    for args in (["-h"], ["plan", "-h"], ["apply", "-h"], ["server", "stop", "-h"]):
+        assert main(args) == 0, args
+        out = capsys.readouterr().out
+        assert "Usage: dbplan" in out and re.search(r"-h, --help|--help +-h", out), args
+
+
+# ---------------------------------------------------------------------------
+# An owner added to a database that exists (issue 11, item 16)
+
+
+def _owner_added_later(estate: Estate) -> str:
+    """app exists, owned by the administrator, with version 1 applied; then the plan file
+    gives it an owner and a second migration."""
+    role = estate.add_role("svc")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.document["databases"][estate.name("app")]["owner"] = role
+    estate.save()
+    estate.write("app", "2_two.up.sql", "CREATE TABLE two (id int);")
+    return role
+
+
+def test_an_owner_added_to_an_existing_database_is_planned_shown_and_applied(estate: Estate) -> None:
+    import json
+
+    role = _owner_added_later(estate)
+    app = estate.name("app")
+    shown = estate.dbplan("plan")
+    assert shown.code == 0, shown.output
+    assert (
+        f"~ change owner of database {app}: postgres -> {role}, with public.schema_migrations, public.dbplan_history"
+        in shown.out
+    )
+    assert shown.out.splitlines()[-1] == "Plan: 1 database owner to change, 1 migration to apply."
+    assert "[owner-change]" in shown.out  # what the handover leaves with the old owner
+    markdown = estate.dbplan("plan", "--format", "markdown").out
+    assert f"**change owner** of database `{app}`: `postgres` → `{role}`, with `public.schema_migrations`" in markdown
+    action = json.loads(estate.dbplan("plan", "--format", "json").out)["actions"][0]
+    assert action == {
+        "kind": "alter_database_owner", "server": "main", "database": app, "owner": role, "previous_owner": "postgres",
+        "bookkeeping_tables": ["public.schema_migrations", "public.dbplan_history"],
+    }  # fmt: skip
+
+    saved = estate.root / "plan.json"
+    assert estate.dbplan("plan", "--out", str(saved)).code == 0
+    run = estate.dbplan("apply", str(saved), "--yes")  # a saved plan carries the change too
+    assert run.code == 0, run.output
+    assert "internal error" not in run.output
+    assert f"[1/2] change owner of database {app} on main to {role}: done" in run.err
+    owners = estate.query(
+        "app",
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database() UNION ALL "
+        "SELECT tableowner::text FROM pg_tables WHERE tablename IN ('schema_migrations', 'dbplan_history', 'two')",
+    )
+    assert owners == [(role,)] * 4  # the database, its bookkeeping, and what migration 2 made as the owner
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(2, False)]
+    again = estate.dbplan("plan")
+    assert again.out.splitlines()[-1] == "No changes. The databases match the plan file."
+
+
+def test_bookkeeping_the_owner_may_not_create_is_an_error_that_says_so(estate: Estate) -> None:
+    role = estate.add_role("svc")
+    estate.document["databases"][estate.name("app")]["owner"] = role
+    estate.document["services"]["app"]["schema"] = "audit"
+    estate.save()
+    import psycopg
+
+    with psycopg.connect(estate.url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'CREATE DATABASE "{estate.name("app")}" OWNER "{role}"')
+    estate.execute("app", "CREATE SCHEMA audit")  # the administrator's, closed to the owner
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1
+    assert "internal error" not in run.output
+    assert (
+        f"cannot prepare the migrations table audit.schema_migrations of service 'app' in database "
+        f"'{estate.name('app')}' on server 'main' as role '{role}'"
+    ) in run.err
+    assert "permission denied for schema audit" in run.err
+    assert estate.query("app", "SELECT count(*) FROM pg_tables WHERE schemaname = 'audit'") == [(0,)]
+
+
+# ---------------------------------------------------------------------------
+# apply --format json answers with one JSON object, however it ends (issue 11, item 22)
+
+
+def _target_7(estate: Estate) -> None:
+    estate.document["services"]["app"]["target"] = 7
+    estate.save()
+
+
+def _unreachable(estate: Estate) -> None:
+    estate.document["servers"]["main"]["url"] = "postgresql://postgres:pw-31337@127.0.0.1:1/postgres"
+    estate.save()
+
+
+def _no_plan_file(estate: Estate) -> None:
+    estate.plan_file.unlink()
+
+
+def _stale_saved_plan(estate: Estate) -> list[str]:
+    saved = estate.root / "plan.json"
+    assert estate.dbplan("plan", "--out", str(saved)).code == 0
+    estate.write("app", "2_two.up.sql", "CREATE TABLE two (id int);")  # a new file since the plan was saved
+    return [str(saved)]
+
+
+@pytest.mark.parametrize(
+    "make, args, said",
+    [
+        (_target_7, ["--yes"], "the plan is blocked; nothing was changed"),
+        (_unreachable, ["--yes"], "cannot connect to server 'main'"),
+        (_no_plan_file, ["--yes"], "dbplan.yaml not found"),
+        (_stale_saved_plan, ["--yes"], "the saved plan no longer matches; nothing was changed"),
+        (None, [], "refusing to apply without confirmation"),  # no --yes, input not a terminal
+        (None, ["--yes", "--lock-wait", "soon"], "usage: Invalid value for '--lock-wait'"),
+    ],
+    ids=["blocked", "unreachable", "bad-input", "stale-saved-plan", "no-confirmation", "usage-error"],
+)
+def test_apply_json_prints_one_object_for_every_refusal(estate: Estate, make, args: list[str], said: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    extra = (make(estate) or []) if make else []
+    run = estate.dbplan("apply", *extra, "--format", "json", *args)
+    assert run.code == 1
+    result = json.loads(run.out)  # exactly one document: json.loads refuses two
+    assert result["ok"] is False and result["outcomes"] == []
+    assert result["summary"] == {"done": 0, "skipped": 0, "failed": 0, "cancelled": 0}
+    assert said in result["error"]["message"], result["error"]
+    assert "pw-31337" not in run.output
+    if make is _target_7:
+        assert [b["version"] for b in result["blockers"]] == [7]
+    assert not estate.database_exists("app")

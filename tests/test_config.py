@@ -533,7 +533,7 @@ def test_several_schema_problems_report_the_first_and_count_the_rest(tmp_path: P
     text = BASE_PLAN.replace("    login: true", "    login: 'yes'").replace("depends_on: [product]", "depends_on: 1")
     err = load_error(tmp_path, text)
     assert err.place.path == "roles.product_svc.login"
-    assert err.hint == "1 more problem(s) after this one"
+    assert err.hint == "1 more problem after this one"
 
 
 def test_a_tagged_scalar_that_does_not_parse_is_an_error_not_a_crash(tmp_path: Path) -> None:

@@ -167,7 +167,7 @@ def test_fresh_estate_creates_roles_then_databases_then_migrations_in_dependency
         world.apply("inventory", 2, "create_stock", 2),
     )
     assert plan.changes and not plan.blocked
-    assert plan.summary() == {"create_roles": 1, "create_databases": 2, "apply": 5, "revert": 0}
+    assert plan.summary() == {"create_roles": 1, "create_databases": 2, "change_owners": 0, "apply": 5, "revert": 0}
     # Services are reported in file order, actions in dependency order.
     assert plan.services == (
         ServicePlan("inventory", "inventory", "main", None, 2, 2, False, (1, 2), (), ()),
@@ -476,3 +476,32 @@ def test_concurrent_statement_in_a_transactional_down_file_is_blocked(tmp_path: 
     assert [(b.version, b.file) for b in plan.blockers] == [(4, "migrations/product/000004_name_index.down.sql")]
     assert "-- dbplan:no-transaction" in plan.blockers[0].hint
     assert plan.actions == ()
+
+
+@pytest.mark.parametrize(
+    "target, where",
+    [
+        (7, "the newest file in migrations/product is version 3"),  # above every file
+        (2, "the files nearest it are versions 1 and 3"),  # in a gap between files
+    ],
+)
+def test_a_target_that_names_no_migration_is_blocked(tmp_path: Path, target: int, where: str) -> None:
+    world = World(tmp_path, target=target)
+    if target == 2:
+        world.remove("product", "000002_add_prices.up.sql")
+        world.remove("product", "000002_add_prices.down.sql")
+    plan = world.plan(applied(world, "product", 1), applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert (blocker.service, blocker.version) == ("product", target)
+    assert blocker.message == f"target {target} of service 'product' names no migration: {where}"
+    assert "set the service's target to a version that has a file" in (blocker.hint or "")
+    assert plan.actions_of("product") == ()
+
+
+def test_a_target_at_an_applied_version_whose_file_is_gone_is_kept(world: World) -> None:
+    world.estate.services["product"] = replace(world.estate.services["product"], target=3)
+    product = applied(world, "product", 1, 2, 3)
+    world.remove("product", "000003_product_search.up.sql")
+    world.remove("product", "000003_product_search.down.sql")
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert (plan.blockers, plan.actions) == ((), ())

@@ -105,3 +105,19 @@ def test_not_a_saved_plan_is_a_clear_error(estate: Estate) -> None:
     assert run.code == 1
     assert "is not a saved dbplan plan" in run.err
 
+
+
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        ("missing/plan.json", "No such file or directory"),
+        (".", "Is a directory"),
+        ("dbplan.yaml/plan.json", "Not a directory"),
+    ],
+)
+def test_a_plan_that_cannot_be_saved_is_a_clear_error(estate: Estate, where: str, reason: str) -> None:
+    run = estate.dbplan("plan", "--out", str(estate.root / where))
+    assert run.code == 1
+    assert f"cannot save the plan to {estate.root / where}: {reason}" in run.err
+    assert "hint: --out takes the path of a file" in run.err
+    assert "internal error" not in run.output and "Traceback" not in run.output

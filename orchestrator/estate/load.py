@@ -23,7 +23,6 @@ from .document import DocPath, Document, parse_yaml, quoted, read_text
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
     DEFAULT_LOCK_TIMEOUT_MS,
-    DEFAULT_MAINTENANCE_DATABASE,
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
     Database,
@@ -203,7 +202,7 @@ def _validate_schema(data: Any, document: Document) -> None:
     if errors:
         first = _schema_error(jsonschema.exceptions.best_match([errors[0]]), document)
         if len(errors) > 1:
-            first.hint = (first.hint + "; " if first.hint else "") + f"{len(errors) - 1} more problem(s) after this one"
+            first.hint = (first.hint + "; " if first.hint else "") + f"{len(errors) - 1} more {'problem' if len(errors) == 2 else 'problems'} after this one"
             first.args = (first.render(),)
         raise first
 
@@ -262,7 +261,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             name=name,
             url=url,
             embedded=embedded,
-            maintenance_database=spec.get("maintenance_database", DEFAULT_MAINTENANCE_DATABASE),
+            maintenance_database=spec.get("maintenance_database"),
             place=place,
             unset_url=unset_url,
         )

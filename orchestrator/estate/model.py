@@ -39,7 +39,7 @@ class Server:
     name: str
     url: str | None  # None when the server is embedded
     embedded: EmbeddedSpec | None
-    maintenance_database: str = DEFAULT_MAINTENANCE_DATABASE
+    maintenance_database: str | None = None  # None: the url's database, else DEFAULT_MAINTENANCE_DATABASE
     place: Place = field(default=Place(), compare=False)
     # The url's variable is not set: fine offline, an error once a command connects.
     unset_url: UnsetVariable | None = field(default=None, compare=False, repr=False)

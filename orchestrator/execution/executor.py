@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
-from ..live.connection import behind_pooler, connect, server_url
+from ..live.connection import behind_pooler, connect, connection_lost, server_url
 from ..live.facts import ServiceFacts, read_server, read_service, resolve_schema
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
@@ -37,6 +37,7 @@ from ..live.locks import (
 from ..migrations.scan import Migration, MigrationSet
 from ..planning.plan import (
     Action,
+    AlterDatabaseOwner,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -52,6 +53,7 @@ from .guard import transaction_guard
 from .inline_copy import run_transactional_steps
 from .migration_run import (
     GuardFailed,
+    rollback_quietly,
     Target,
     as_role,
     checkpoint,
@@ -118,7 +120,7 @@ class _Run:
         signal_name = self.cancellation.signal_name or "a stop request"
         done = sum(1 for outcome in self.outcomes if outcome.status == "done")
         return Interrupted(
-            f"{signal_name}: {what} ({done} of {len(self.plan.actions)} action(s) done)",
+            f"{signal_name}: {what} ({done} of {len(self.plan.actions)} {'action' if len(self.plan.actions) == 1 else 'actions'} done)",
             signal_name=signal_name,
             hint=hint or "nothing is half done; run 'dbplan apply' again to go on from here",
             **context,
@@ -138,18 +140,44 @@ def execute(
     if plan.blocked:
         first = plan.blockers[0]
         raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
+    import psycopg
+
     run = _Run(plan, estate, migration_sets, progress or SilentProgress(), lock_wait, cancellation or Cancellation())
     try:
         _refuse_unguardable_behind_pooler(run)
         for group in _groups(plan.actions):
             run.check_stop(f"before {action_phrase(group[0])}")
-            if isinstance(group[0], (CreateRole, CreateDatabase)):
-                _create_on_server(run, estate.servers[group[0].server], group)
-            else:
-                _migrate_service(run, estate.services[group[0].service], group)  # type: ignore[arg-type]
+            try:
+                if isinstance(group[0], (CreateRole, CreateDatabase, AlterDatabaseOwner)):
+                    _create_on_server(run, estate.servers[group[0].server], group)
+                else:
+                    _migrate_service(run, estate.services[group[0].service], group)  # type: ignore[arg-type]
+            except psycopg.Error as err:
+                raise _driver_error(run, group[0], err) from err
     except DbplanError as err:
         return Result(tuple(run.outcomes), err)
     return Result(tuple(run.outcomes))
+
+
+def _driver_error(run: _Run, first: Action, err: Exception) -> DbplanError:
+    """A driver error that no step turned into a sentence of its own: mostly a session
+    terminated, or a server restarted, between the steps of a run (connected, not yet
+    queried; reading the bookkeeping; waiting for a lock). What a migration does is
+    reported by its own step, so this names the server, the step and what was done."""
+    if isinstance(first, (CreateRole, CreateDatabase, AlterDatabaseOwner)):
+        server = run.estate.servers[first.server]
+    else:
+        server = run.estate.server_of_service(run.estate.services[first.service])
+    done = sum(1 for outcome in run.outcomes if outcome.status == "done")
+    total = len(run.plan.actions)
+    reason = _pg_message(err).splitlines()[0]
+    return DbplanError(
+        f"lost the connection to server '{server.name}' before {action_phrase(first)}: {reason} "
+        f"({done} of {total} {'action' if total == 1 else 'actions'} done)",
+        server=server.name,
+        hint="what is done is recorded and is not applied twice: run 'dbplan apply' again "
+        "('dbplan status' shows where each service stands)",
+    )
 
 
 def _groups(actions: tuple[Action, ...]) -> Iterator[list[Action]]:
@@ -165,7 +193,7 @@ def _groups(actions: tuple[Action, ...]) -> Iterator[list[Action]]:
 
 
 def _lock_scope(action: Action) -> tuple[str, str]:
-    if isinstance(action, (CreateRole, CreateDatabase)):
+    if isinstance(action, (CreateRole, CreateDatabase, AlterDatabaseOwner)):
         return ("server", action.server)
     return ("service", action.service)
 
@@ -219,6 +247,9 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
 
     live = read_server(conn, server)  # re-read under the lock
     for action in actions:
+        if isinstance(action, AlterDatabaseOwner):
+            _alter_owner(run, server, action, live.database_owners.get(action.database))
+            continue
         exists = action.role in live.roles if isinstance(action, CreateRole) else action.database in live.databases
         if exists:
             run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
@@ -242,6 +273,41 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
             raise failure from err
         checkpoint("created")
         run.finish(Outcome(action, "done", ms_since(started)))
+
+
+def _alter_owner(run: _Run, server: Server, action: AlterDatabaseOwner, owner_now: str | None) -> None:
+    """Hand the database and its bookkeeping tables to the declared owner, in one
+    transaction in the database itself: never the database without its tables."""
+    import psycopg
+    from psycopg import sql
+
+    if owner_now == action.owner:
+        run.finish(Outcome(action, "skipped", detail=f"already owned by {action.owner} (changed by another run)"))
+        return
+    run.check_stop(f"before {action_phrase(action)}")
+    run.start(action)
+    started = time.monotonic()
+    owner = sql.Identifier(action.owner)
+    statements = [sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(action.database), owner)]
+    statements += [
+        sql.SQL("ALTER TABLE IF EXISTS {} OWNER TO {}").format(sql.Identifier(*table.split(".", 1)), owner)
+        for table in action.bookkeeping_tables
+    ]
+    try:
+        with connect(server, run.url(server), action.database) as conn, conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+    except psycopg.Error as err:
+        failure = DbplanError(
+            f"cannot change the owner of database '{action.database}' on server '{server.name}' to "
+            f"'{action.owner}': {_pg_message(err)}; nothing was changed",
+            server=server.name,
+            hint="the administrator in the server's url must own the database or be a superuser, and be a member "
+            f"of role '{action.owner}'",
+        )
+        run.finish(Outcome(action, "failed", detail=failure.message))
+        raise failure from err
+    run.finish(Outcome(action, "done", ms_since(started)))
 
 
 def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) -> psycopg.sql.Composed:
@@ -302,7 +368,7 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     facts = read_service(target.conn, service, target.owner)  # under the lock: another run may have moved on
     todo = _fresh_todo(run, service, shown, facts)
     if todo:
-        target.conn.execute(as_role(target.conn, target.owner, _prepare_bookkeeping(target.tables, service, facts)))
+        _prepare(target, facts)
         checkpoint("prepared")
     by_version = run.migration_sets[service.name].by_version()
     still_to_do = set(todo)  # actions are frozen values: a set keeps 1,000 migrations linear
@@ -311,6 +377,30 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
             run.finish(Outcome(action, "skipped", detail="already done by another run"))
     for actions in _runs_of_same_kind(todo):
         _run_and_report(run, target, actions, by_version)
+
+
+def _prepare(target: Target, facts: ServiceFacts) -> None:
+    """Create the bookkeeping tables (as the owner) before the first migration; a refusal
+    (the owner may not create or write them) is an error that names them, not a crash."""
+    import psycopg
+
+    service = target.service
+    try:
+        target.conn.execute(as_role(target.conn, target.owner, _prepare_bookkeeping(target.tables, service, facts)))
+    except psycopg.Error as err:
+        rollback_quietly(target.conn)
+        if connection_lost(target.conn, err):
+            raise
+        who = f"role '{target.owner}' (the database's owner, which migrations run as)" if target.owner else "the url's user"
+        raise DbplanError(
+            f"cannot prepare the migrations table {target.tables.schema}.{service.table} of service '{service.name}' "
+            f"in database '{service.database}' on server '{target.server.name}' as {who}: {_pg_message(err)}; "
+            "nothing was changed",
+            server=target.server.name,
+            service=service.name,
+            hint=f"give {who.split(' (')[0]} the tables and their schema (ALTER TABLE ... OWNER TO, GRANT), "
+            "or make it the database's owner",
+        ) from err
 
 
 def _runs_of_same_kind(actions: list[MigrationAction]) -> Iterator[list[MigrationAction]]:
@@ -422,7 +512,10 @@ class _StepProgress:
 
     def failed(self, failure: DbplanError) -> None:
         if self.current is not None:
-            self.run.finish(Outcome(self.current, "failed", ms_since(self.started_at), failure.message))
+            # A migration stopped on request was rolled back (or left dirty, as the message
+            # says): cancelled, not a failure of its SQL.
+            status = "cancelled" if isinstance(failure, Interrupted) else "failed"
+            self.run.finish(Outcome(self.current, status, ms_since(self.started_at), failure.message))
 
 
 def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> list[MigrationAction]:

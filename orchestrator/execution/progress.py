@@ -42,7 +42,7 @@ class SilentProgress:
 @dataclass(frozen=True)
 class Outcome:
     action: Action
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | cancelled (stopped by a signal)
     duration_ms: int = 0
     detail: str | None = None  # why skipped, or the error
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionFailed
 from ..estate import conninfo
-from ..estate.model import Server
+from ..estate.model import DEFAULT_MAINTENANCE_DATABASE, Server
 
 if TYPE_CHECKING:
     import psycopg
@@ -52,11 +52,13 @@ def connect(
     """Connect to ``database`` (default: the server's maintenance database).
 
     With ``wait_seconds`` the connection is retried with backoff while the server is not
-    accepting connections yet (containers that start the database and dbplan together).
+    accepting connections yet (containers that start the database and dbplan together),
+    until that many seconds have passed; a server that answers and refuses (a wrong
+    password, a database that does not exist) is not retried.
     """
     import psycopg
 
-    dbname = database or server.maintenance_database
+    dbname = database or maintenance_database(server, url)
     deadline = time.monotonic() + wait_seconds
     delay = 0.2
     while True:
@@ -71,18 +73,24 @@ def connect(
             )
         except psycopg.OperationalError as err:
             reason = _first_line(str(err), url)
-            if time.monotonic() + delay < deadline:
+            where = f"server '{server.name}' (database '{dbname}', {describe(server)})"
+            if refused_by_server(reason):
+                raise ConnectionFailed(
+                    f"{where} refused the connection: {reason}", server=server.name, hint=_refusal_hint(reason, database)
+                ) from None
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
                 if on_retry:
                     on_retry(f"server '{server.name}' is not reachable yet ({reason}); retrying")
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))  # the last pause ends at the deadline, then one more try
                 delay = min(delay * 2, 5.0)
                 continue
             raise ConnectionFailed(
-                f"cannot connect to server '{server.name}' (database '{dbname}', {describe(server)}): {reason}",
+                f"cannot connect to {where}: {reason}",
                 server=server.name,
                 hint=_embedded_password_hint(server, url, reason)
                 or "check that the server is running and the url is right"
-                + ("" if wait_seconds else "; --wait SECONDS retries while it starts"),
+                + (f" (retried for {wait_seconds:g} s)" if wait_seconds else "; --wait SECONDS retries while it starts"),
             ) from None
         except psycopg.Error as err:
             raise ConnectionFailed(
@@ -106,6 +114,51 @@ def _embedded_password_hint(server: Server, url: str, reason: str) -> str | None
         "data folder's, run `dbplan server stop`, delete that file and run the command again: "
         "the next start sets a new password"
     )
+def maintenance_database(server: Server, url: str) -> str:
+    """The database dbplan connects to for server-wide work (reading roles and databases,
+    creating them, their lock): ``maintenance_database`` when the plan file sets it, else
+    the database the url names, else ``postgres``."""
+    if server.maintenance_database:
+        return server.maintenance_database
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        named = conninfo_to_dict(url).get("dbname")  # libpq's own reading of the url
+    except psycopg.Error:
+        named = None  # connecting reports what is wrong with the url
+    return str(named) if named else DEFAULT_MAINTENANCE_DATABASE
+
+
+# libpq gives no SQLSTATE for a connection that failed, so a server's refusal is told from
+# a server that cannot be reached by its message: "FATAL:" means it answered. Only these
+# answers change by waiting.
+NOT_READY_YET = (
+    "the database system is starting up",
+    "the database system is not yet accepting connections",
+    "the database system is in recovery mode",
+    "the database system is shutting down",
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
+)
+
+
+def refused_by_server(reason: str) -> bool:
+    """Whether the server answered and said no for a reason that waiting does not change
+    (or asked for a password that the url does not hold: libpq's "no password supplied")."""
+    answered = "FATAL:" in reason or "no password supplied" in reason
+    return answered and not any(state in reason for state in NOT_READY_YET)
+
+
+def _refusal_hint(reason: str, database: str | None) -> str:
+    if "password" in reason:
+        return "check the password of the url's user (in the url, PGPASSWORD or ~/.pgpass); retrying would not help"
+    if "database" in reason and "does not exist" in reason and database is None:
+        return (
+            "dbplan connects to the database the url names (or maintenance_database, if the server sets it) "
+            "for server-wide work: name one that exists, such as postgres"
+        )
+    return "check the url's user and the server's pg_hba.conf; retrying would not help"
 
 
 def describe(server: Server) -> str:

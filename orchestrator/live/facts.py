@@ -7,8 +7,8 @@ to. All queries are named constants and run read-only; nothing here writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectionFailed
@@ -23,6 +23,7 @@ SERVER_FACTS = """
 SELECT current_setting('server_version') AS version,
        (SELECT array_agg(datname::text) FROM pg_database) AS databases,
        (SELECT array_agg(rolname::text) FROM pg_roles) AS roles,
+       (SELECT json_object_agg(datname, pg_get_userbyid(datdba)) FROM pg_database) AS database_owners,
        inet_server_addr()::text AS address,
        current_setting('port') AS port
 """
@@ -81,6 +82,7 @@ class ServerFacts:
     address: str | None
     databases: frozenset[str]
     roles: frozenset[str]
+    database_owners: Mapping[str, str] = field(default_factory=dict)  # database -> owning role
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
     try:
         row = conn.execute(SERVER_FACTS).fetchone()
         assert row is not None
-        version, databases, roles, address, port = row
+        version, databases, roles, database_owners, address, port = row
         try:
             identifier_row = conn.execute(SYSTEM_IDENTIFIER).fetchone()
             identifier = identifier_row[0] if identifier_row else None
@@ -144,6 +146,7 @@ def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
         address=f"{address or 'local'}:{port}",
         databases=frozenset(databases or ()),
         roles=frozenset(roles or ()),
+        database_owners=dict(database_owners or {}),
     )
 
 

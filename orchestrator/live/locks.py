@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ..errors import DbplanError, LockTimeout
+from ..errors import ConnectionFailed, DbplanError, LockTimeout
 from .connection import behind_pooler
 
 if TYPE_CHECKING:
@@ -110,13 +110,44 @@ def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
             server=server or None,
             hint="connect to PostgreSQL directly for this command",
         )
-    while not _try_lock(conn, key):
-        waiting.pause()
+    _wait_for(waiting, server)
     try:
         yield
     finally:
-        if not conn.closed and not conn.broken:
-            conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (key,))
+        _unlock(conn, key)
+
+
+def _wait_for(waiting: LockWait, server: str) -> None:
+    """Try, pause, try again; a session lost while waiting is said to be lost while waiting
+    (nothing runs before the lock is held), not left as a driver error."""
+    import psycopg
+
+    try:
+        while not _try_lock(waiting.conn, waiting.key):
+            waiting.pause()
+    except psycopg.Error as err:
+        reason = (str(err).strip().splitlines() or ["unknown error"])[0]
+        raise ConnectionFailed(
+            f"lost the connection to {f'server {server!r}' if server else 'the server'} while waiting for the lock "
+            f"on {waiting.what}: {reason}; nothing of it had started",
+            server=server or None,
+            hint="run 'dbplan apply' again once the server is back",
+        ) from err
+
+
+def _unlock(conn: psycopg.Connection, key: int) -> None:
+    """Release the lock without hiding why the block ended: a transaction the block left
+    failed is rolled back first, and a session that is gone took its lock with it."""
+    import psycopg
+
+    if conn.closed or conn.broken:
+        return
+    try:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (key,))
+    except psycopg.Error:
+        pass  # the connection is closed right after this, which releases the lock as well
 
 
 def _try_lock(conn: psycopg.Connection, key: int) -> bool:

@@ -31,6 +31,20 @@ class CreateDatabase:
 
 
 @dataclass(frozen=True)
+class AlterDatabaseOwner:
+    """Hand an existing database whose owner is not the one the plan file declares to that
+    owner, with the bookkeeping tables in it, so that migrations run as the owner (SET
+    ROLE) can write them; one transaction in the database itself."""
+
+    server: str
+    database: str
+    owner: str
+    previous_owner: str
+    bookkeeping_tables: tuple[str, ...] = ()  # "schema.table" of the services' tables that exist
+    kind: str = field(default="alter_database_owner", init=False)
+
+
+@dataclass(frozen=True)
 class ApplyMigration:
     service: str
     database: str
@@ -68,7 +82,8 @@ class RevertMigration:
         return self.run_mode in TRANSACTIONAL_MODES
 
 
-Action = CreateRole | CreateDatabase | ApplyMigration | RevertMigration
+Action = CreateRole | CreateDatabase | AlterDatabaseOwner | ApplyMigration | RevertMigration
+ServerAction = CreateRole | CreateDatabase | AlterDatabaseOwner  # run on the server, under its lock
 MigrationAction = ApplyMigration | RevertMigration
 
 
@@ -78,6 +93,8 @@ def action_phrase(action: Action) -> str:
         return f"creating role '{action.role}'"
     if isinstance(action, CreateDatabase):
         return f"creating database '{action.database}'"
+    if isinstance(action, AlterDatabaseOwner):
+        return f"handing database '{action.database}' to owner '{action.owner}'"
     verb = "applying" if isinstance(action, ApplyMigration) else "reverting"
     return f"{verb} version {action.version} of service '{action.service}'"
 
@@ -146,10 +163,11 @@ class Plan:
         return bool(self.blockers)
 
     def summary(self) -> dict[str, int]:
-        counts = {"create_roles": 0, "create_databases": 0, "apply": 0, "revert": 0}
+        counts = {"create_roles": 0, "create_databases": 0, "change_owners": 0, "apply": 0, "revert": 0}
         key = {
             "create_role": "create_roles",
             "create_database": "create_databases",
+            "alter_database_owner": "change_owners",
             "apply_migration": "apply",
             "revert_migration": "revert",
         }
@@ -198,6 +216,7 @@ def action_to_dict(action: Action) -> dict[str, Any]:
 ACTION_TYPES: dict[str, type[Action]] = {
     "create_role": CreateRole,
     "create_database": CreateDatabase,
+    "alter_database_owner": AlterDatabaseOwner,
     "apply_migration": ApplyMigration,
     "revert_migration": RevertMigration,
 }
@@ -206,7 +225,10 @@ ACTION_TYPES: dict[str, type[Action]] = {
 def action_from_dict(data: dict[str, Any]) -> Action:
     cls = ACTION_TYPES[data["kind"]]
     fields = {spec.name for spec in dataclasses.fields(cls) if spec.init}
-    return cls(**{name: value for name, value in data.items() if name in fields})
+    values: dict[str, Any] = {
+        name: tuple(value) if isinstance(value, list) else value for name, value in data.items() if name in fields
+    }
+    return cls(**values)  # JSON lists back to the tuples that compare by value
 
 
 FORMAT_VERSION = 1  # of the JSON plan, status and result (DESIGN.md)

@@ -15,6 +15,7 @@ from ..live.facts import LiveState, ServiceFacts
 from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .plan import (
     Action,
+    AlterDatabaseOwner,
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -52,6 +53,8 @@ def make_plan(
     actions: list[Action] = []
     actions += _missing_roles(estate, live)
     actions += _missing_databases(estate, live)
+    owner_changes = _owner_changes(estate, live)
+    actions += owner_changes
     outcomes = {
         name: plan_service(estate.services[name], estate, migration_sets[name], live.services[name])
         for name in graph.service_order
@@ -65,7 +68,8 @@ def make_plan(
     return Plan(
         actions=tuple(actions),
         services=tuple(outcome.summary for outcome in in_file_order),
-        warnings=tuple(warning for outcome in in_file_order for warning in outcome.warnings),
+        warnings=tuple(_owner_change_warnings(owner_changes, estate, live))
+        + tuple(warning for outcome in in_file_order for warning in outcome.warnings),
         blockers=tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
     )
@@ -87,6 +91,52 @@ def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:
     ]
 
 
+def _owner_changes(estate: Estate, live: LiveState) -> list[AlterDatabaseOwner]:
+    """Existing databases owned by another role than the plan file declares. Migrations run
+    as the declared owner, so the database, and the bookkeeping tables in it, go to it."""
+    changes = []
+    for database in estate.databases.values():
+        owners = live.servers[database.server].database_owners
+        if database.owner is None or database.name not in owners or owners[database.name] == database.owner:
+            continue
+        changes.append(
+            AlterDatabaseOwner(
+                database.server,
+                database.name,
+                database.owner,
+                owners[database.name],
+                _bookkeeping_tables(estate, live, database.name),
+            )
+        )
+    return changes
+
+
+def _bookkeeping_tables(estate: Estate, live: LiveState, database: str) -> tuple[str, ...]:
+    tables: list[str] = []
+    for service in estate.services.values():
+        facts = live.services[service.name]
+        if service.database != database or facts.schema is None:
+            continue
+        tables += [f"{facts.schema}.{service.table}"] if facts.table_exists else []
+        tables += [f"{facts.schema}.{service.history_table}"] if facts.history_exists else []
+    return tuple(tables)
+
+
+def _owner_change_warnings(changes: list[AlterDatabaseOwner], estate: Estate, live: LiveState) -> list[Warning]:
+    """What handing a database over does not do: objects earlier migrations made stay with
+    the role that made them, and a later migration that alters one of them fails."""
+    return [
+        Warning(
+            f"database {change.database} goes from owner {change.previous_owner} to {change.owner}, with its "
+            f"bookkeeping tables; what earlier migrations created stays owned by {change.previous_owner}, so a "
+            f"migration that alters it fails until it is handed over too (REASSIGN OWNED BY or ALTER ... OWNER TO)",
+            rule="owner-change",
+        )
+        for change in changes
+        if any(live.services[s.name].version is not None for s in estate.services.values() if s.database == change.database)
+    ]
+
+
 def plan_service(
     service: Service, estate: Estate, migration_set: MigrationSet, facts: ServiceFacts, *, lint: bool = True
 ) -> ServiceOutcome:
@@ -101,7 +151,7 @@ def plan_service(
     target = service.target if service.target is not None else max((v for v in (latest, current) if v is not None), default=None)
     drift = _drift(applied, by_version)
     warnings: list[Warning] = _drift_warnings(service, drift) + _missing_file_warnings(service, applied, by_version)
-    blockers: list[Blocker] = []
+    blockers: list[Blocker] = _unreachable_target_blockers(service, by_version, applied)
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
 
@@ -167,6 +217,35 @@ def _missing_file_warnings(
         )
         for version in sorted(applied)
         if version not in by_version and (service.target is None or version <= service.target)
+    ]
+
+
+def _unreachable_target_blockers(
+    service: Service, by_version: dict[int, Migration], applied: dict[int, str | None]
+) -> list[Blocker]:
+    """A target must be a version the service can stand at: one with a file, one already
+    applied (its file may be gone), or 0 (nothing applied). Any other number would be
+    shown as reached and leave the service below it, at the last file under it."""
+    target = service.target
+    if target is None or target == 0 or target in by_version or target in applied:
+        return []
+    below = max((v for v in by_version if v < target), default=None)
+    above = min((v for v in by_version if v > target), default=None)
+    if not by_version:
+        where = f"{service.migrations_display} has no migration files"
+    elif above is None:
+        where = f"the newest file in {service.migrations_display} is version {below}"
+    elif below is None:
+        where = f"the oldest file in {service.migrations_display} is version {above}"
+    else:
+        where = f"the files nearest it are versions {below} and {above}"
+    return [
+        Blocker(
+            f"target {target} of service '{service.name}' names no migration: {where}",
+            service=service.name,
+            version=target,
+            hint=f"set the service's target to a version that has a file, or add the file of version {target}",
+        )
     ]
 
 

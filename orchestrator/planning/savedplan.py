@@ -62,7 +62,13 @@ def save(path: Path, plan: Plan, print_: dict[str, Any], *, selection: dict[str,
     document = {"kind": SAVED_PLAN_KIND, **plan_to_dict(plan), "fingerprint": print_}
     if selection is not None:
         document["selection"] = selection  # the services it was planned for (apply --only)
-    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as err:  # a missing folder, a directory, no permission, a full disk
+        raise DbplanError(
+            f"cannot save the plan to {path}: {err.strerror or err}",
+            hint="--out takes the path of a file in a folder that exists and that you may write to",
+        ) from err
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DbplanError
 from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, service_to_dict, without_nones
 
 if TYPE_CHECKING:
@@ -23,28 +24,50 @@ def render_status(plan: Plan) -> str:
 
 
 def render_result(result: Result) -> str:
-    error = result.error
     return dumps(
         {
             "format_version": FORMAT_VERSION,
             "ok": result.ok,
-            "summary": {status: result.count(status) for status in ("done", "skipped", "failed")},
+            "summary": {status: result.count(status) for status in RESULT_STATUSES},
             "outcomes": [
                 {**action_to_dict(o.action), "status": o.status, "duration_ms": o.duration_ms, "detail": o.detail}
                 for o in result.outcomes
             ],
-            "error": None
-            if error is None
-            else without_nones(
-                {
-                    "message": error.message,
-                    "hint": error.hint,
-                    "server": error.server,
-                    "service": error.service,
-                    "version": error.version,
-                    "sqlstate": getattr(error, "sqlstate", None),
-                }
-            ),
+            "error": None if result.error is None else error_to_dict(result.error),
+        }
+    )
+
+
+def render_refusal(error: DbplanError, plan: Plan | None = None) -> str:
+    """The result of an apply that ended before anything ran (bad input, an unreachable
+    server, a blocked plan, a saved plan that no longer matches, a usage error): the
+    same shape as ``render_result``, with nothing done. ``plan``, when there is one, adds
+    its blockers."""
+    document: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "ok": False,
+        "summary": dict.fromkeys(RESULT_STATUSES, 0),
+        "outcomes": [],
+        "error": error_to_dict(error),
+    }
+    if plan is not None and plan.blocked:
+        document["blockers"] = [without_nones(vars(blocker)) for blocker in plan.blockers]
+    return dumps(document)
+
+
+RESULT_STATUSES = ("done", "skipped", "failed", "cancelled")
+
+
+def error_to_dict(error: DbplanError) -> dict[str, Any]:
+    return without_nones(
+        {
+            "kind": type(error).__name__,
+            "message": error.message,
+            "hint": error.hint,
+            "server": error.server,
+            "service": error.service,
+            "version": error.version,
+            "sqlstate": getattr(error, "sqlstate", None),
         }
     )
 

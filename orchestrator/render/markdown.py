@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..estate.graph import EstateGraph, Node
 from ..planning.plan import (
+    AlterDatabaseOwner,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -33,7 +34,16 @@ from ..planning.plan import (
     Warning,
 )
 from . import graph as render_graph
-from .text import change_phrases, dirty_version, plural, service_blockers, version_label, version_ranges
+from .text import (
+    change_phrases,
+    difference_phrases,
+    dirty_version,
+    plural,
+    service_blockers,
+    version_label,
+    version_ranges,
+    versions_phrase,
+)
 
 MAX_COMMENT_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
 MAX_SQL_CHARS_PER_FILE = 8_000
@@ -164,15 +174,17 @@ def _alert(kind: str, lines: Iterable[str]) -> str:
     return "\n".join([f"> [!{kind}]"] + [f"> {line}".rstrip() for line in lines]) + "\n"
 
 
-def _more(shown: int, total: int, what: str) -> list[str]:
+def _more(shown: int, total: int, one: str, many: str) -> list[str]:
+    """``… and 3 more warnings not listed``: ``one`` and ``many`` are the noun's two forms."""
     if shown >= total:
         return []
-    return [f"*… and {total - shown} more {what} not listed, to keep this comment short.*\n"]
+    left = total - shown
+    return [f"*… and {left} more {one if left == 1 else many} not listed, to keep this comment short.*\n"]
 
 
-def _more_lines(shown: int, total: int, what: str) -> list[str]:
+def _more_lines(shown: int, total: int, one: str, many: str) -> list[str]:
     """``_more`` as lines of an alert, after a blank line so that it does not join the list."""
-    return ["", *(line.rstrip("\n") for line in _more(shown, total, what))] if shown < total else []
+    return ["", *(line.rstrip("\n") for line in _more(shown, total, one, many))] if shown < total else []
 
 
 def _size(blocks: Sequence[Block]) -> int:
@@ -221,6 +233,9 @@ def _summary(plan: Plan) -> str:
     if plan.blocked:
         planned = f" Otherwise planned: {', '.join(parts)}." if plan.changes else ""
         return f"⛔ **Blocked:** {plural(len(plan.blockers), 'problem')} must be fixed before apply.{planned}{concern}\n"
+    differences = difference_phrases(plan)
+    if not plan.changes and differences:
+        return f"⚠️ **No changes to apply**, but the databases differ from the plan file: {', '.join(differences)}.{concern}\n"
     if not plan.changes:
         return f"✅ **No changes.** The databases match the plan file.{concern}\n"
     return f"**Plan:** {', '.join(parts)}.{concern}\n"
@@ -233,7 +248,7 @@ def _blockers(plan: Plan, limits: _Limits) -> str:
         lines.append(f"- {md_text(blocker.message)}")
         if blocker.hint:
             lines.append(f"  - *Fix:* {md_text(blocker.hint)}")
-    lines += _more_lines(len(shown), len(plan.blockers), "problems")
+    lines += _more_lines(len(shown), len(plan.blockers), "problem", "problems")
     return _alert("CAUTION", lines)
 
 
@@ -250,7 +265,7 @@ def _service_notes(plan: Plan, service: ServicePlan) -> str:
     elif service_blockers(plan, service.service):
         notes.append("⛔ blocked")
     if service.drift:
-        notes.append(f"⚠️ {len(service.drift)} drifted")
+        notes.append(f"⚠️ {plural(len(service.drift), 'migration')} drifted")
     lint = [w for w in plan.warnings if w.service == service.service and w.rule != "drift"]
     if lint:
         notes.append(f"⚠️ {plural(len(lint), 'warning')}")
@@ -274,7 +289,7 @@ def _overview(plan: Plan, limits: _Limits) -> list[str]:
             + [_version_change(service), str(applies), str(len(actions) - applies), _service_notes(plan, service)]
         )
     table = [_table(header, align, rows)] if rows else []
-    return table + _more(len(services), len(plan.services), "services")
+    return table + _more(len(services), len(plan.services), "service", "services")
 
 
 def _graph(plan: Plan, graph: EstateGraph) -> str:
@@ -299,8 +314,13 @@ def _graph(plan: Plan, graph: EstateGraph) -> str:
     )
 
 
+def _handed_over(action: AlterDatabaseOwner) -> str:
+    tables = ", ".join(code(table) for table in action.bookkeeping_tables)
+    return f", with {tables}" if tables else ""
+
+
 def _servers(plan: Plan, limits: _Limits) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
         mine = [action for action in creations if action.server == server]
@@ -310,13 +330,18 @@ def _servers(plan: Plan, limits: _Limits) -> list[str]:
             if isinstance(action, CreateRole):
                 detail = ("login" if action.login else "no login") + (", with password" if action.with_password else "")
                 items.append(f"- **create role** {code(action.role)} ({detail})")
+            elif isinstance(action, AlterDatabaseOwner):
+                items.append(
+                    f"- **change owner** of database {code(action.database)}: {code(action.previous_owner)} → "
+                    f"{code(action.owner)}{_handed_over(action)}"
+                )
             else:
                 owner = f", owned by {code(action.owner)}" if action.owner else ""
                 items.append(f"- **create database** {code(action.database)}{owner}")
         blocks.append(f"### Server {code(server)}\n")
         if items:
             blocks.append("\n".join(items) + "\n")
-        blocks += _more(len(shown), len(mine), "roles and databases")
+        blocks += _more(len(shown), len(mine), "role or database", "roles and databases")
     return blocks
 
 
@@ -370,9 +395,10 @@ def _migration_table(actions: Sequence[MigrationAction], folder: str | None, lim
     ]
     blocks = [_table(["Action", "Version", "File", "In a transaction"], ["---", "---:", "---", "---"], rows)] if rows else []
     if len(shown) < len(actions):
-        rest = version_ranges(action.version for action in actions[len(shown) :])
+        rest = [action.version for action in actions[len(shown) :]]
         more = "more " if shown else ""
-        blocks.append(f"*{len(actions) - len(shown)} {more}migrations (versions {rest}) not listed, to keep this comment short.*\n")
+        left = plural(len(actions) - len(shown), f"{more}migration")
+        blocks.append(f"*{left} ({versions_phrase(rest)}) not listed, to keep this comment short.*\n")
     return blocks
 
 
@@ -385,7 +411,7 @@ def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationActi
         )
     waiting = service.pending or service.reverts
     if waiting and not actions:
-        text += f" {plural(len(waiting), 'migration')} (versions {version_ranges(waiting)}) will be planned once this is fixed."
+        text += f" {plural(len(waiting), 'migration')} ({versions_phrase(waiting)}) will be planned once this is fixed."
     return _alert("CAUTION", [text])
 
 
@@ -395,7 +421,7 @@ def _drift_alert(drift: Sequence[Drift], limits: _Limits) -> str:
     for item in shown:
         now = f"file now {code(item.file_checksum[:12])}" if item.file_checksum else "the file is gone"
         lines.append(f"- version {item.version}, {code(item.file)}: recorded sha256 {code(item.recorded_checksum[:12])}, {now}")
-    lines += _more_lines(len(shown), len(drift), "drifted migrations")
+    lines += _more_lines(len(shown), len(drift), "drifted migration", "drifted migrations")
     return _alert("WARNING", lines)
 
 
@@ -410,7 +436,7 @@ def _warnings_alert(warnings: Sequence[Warning], limits: _Limits) -> str:
         lines.append(f"- {rule}{place}{md_text(warning.message)}")
         if warning.statement:
             lines.append(f"  {code(warning.statement)}")
-    lines += _more_lines(len(shown), len(warnings), "warnings")
+    lines += _more_lines(len(shown), len(warnings), "warning", "warnings")
     return _alert("WARNING", lines)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..planning.plan import (
+    AlterDatabaseOwner,
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -57,6 +58,8 @@ def change_phrases(plan: Plan) -> list[str]:
         parts.append(f"{plural(counts['create_roles'], 'role')} to create")
     if counts["create_databases"]:
         parts.append(f"{plural(counts['create_databases'], 'database')} to create")
+    if counts["change_owners"]:
+        parts.append(f"{plural(counts['change_owners'], 'database owner')} to change")
     if counts["apply"] or not counts["revert"]:
         parts.append(f"{plural(counts['apply'], 'migration')} to apply")
     if counts["revert"]:
@@ -73,6 +76,12 @@ def version_ranges(versions: Iterable[int]) -> str:
         else:
             runs.append([version, version])
     return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def versions_phrase(versions: Iterable[int]) -> str:
+    """``version 4``, ``versions 1-3, 5``."""
+    listed = sorted(set(versions))
+    return f"{'version' if len(listed) == 1 else 'versions'} {version_ranges(listed)}"
 
 
 def service_blockers(plan: Plan, service: str) -> tuple[Blocker, ...]:
@@ -98,18 +107,31 @@ def render_plan(plan: Plan, *, color: bool = False) -> str:
 
 def summary_line(plan: Plan, style: Style | None = None) -> str:
     style = style or Style(False)
+    differences = difference_phrases(plan)
+    noted = f" {', '.join(differences).capitalize()}." if differences else ""
     if plan.blocked:
-        return style(f"Plan blocked: {len(plan.blockers)} problem(s) must be fixed before apply.", "red", "bold")
+        return style(f"Plan blocked: {plural(len(plan.blockers), 'problem')} must be fixed before apply.{noted}", "red", "bold")
+    if not plan.changes and differences:
+        return style(f"No changes to apply, but the databases differ from the plan file: {', '.join(differences)}.", "yellow", "bold")
     if not plan.changes:
         return style("No changes. The databases match the plan file.", "green", "bold")
-    parts = change_phrases(plan)
+    return style("Plan: " + ", ".join(change_phrases(plan)) + "." + noted, "bold")
+
+
+def difference_phrases(plan: Plan) -> list[str]:
+    """What differs from the plan file without being an action: ``1 migration drifted``
+    (changed after it was applied), ``1 applied version has no file``. A plan with any of
+    these must not say that the databases match."""
     drift = sum(len(service.drift) for service in plan.services)
-    suffix = f" ({drift} drifted)" if drift else ""
-    return style("Plan: " + ", ".join(parts) + "." + suffix, "bold")
+    missing = sum(1 for warning in plan.warnings if warning.rule == "missing-file")
+    phrases = [f"{plural(drift, 'migration')} drifted"] if drift else []
+    if missing:
+        phrases.append(f"{plural(missing, 'applied version')} {'has' if missing == 1 else 'have'} no file")
+    return phrases
 
 
 def _server_section(plan: Plan, style: Style) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     lines: list[str] = []
     for server in dict.fromkeys(a.server for a in creations):
         lines.append(style(f"server {server}", "bold"))
@@ -121,6 +143,12 @@ def _server_section(plan: Plan, style: Style) -> list[str]:
                     part for part in ("login" if action.login else "nologin", "password" if action.with_password else "") if part
                 )
                 lines.append(style(f"  + create role {action.role} ({detail})", "green"))
+            elif isinstance(action, AlterDatabaseOwner):
+                tables = f", with {', '.join(action.bookkeeping_tables)}" if action.bookkeeping_tables else ""
+                lines.append(
+                    style(f"  ~ change owner of database {action.database}: {action.previous_owner} -> {action.owner}", "yellow")
+                    + style(tables, "dim")
+                )
             else:
                 owner = f" (owner {action.owner})" if action.owner else ""
                 lines.append(style(f"  + create database {action.database}{owner}", "green"))
@@ -159,7 +187,7 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
     if held_back:
         lines.append(
             style(
-                f"  ! blocked: {plural(len(waiting), 'migration')} not planned (versions {version_ranges(waiting)}) "
+                f"  ! blocked: {plural(len(waiting), 'migration')} not planned ({versions_phrase(waiting)}) "
                 "until the problems below are fixed",
                 "red",
             )

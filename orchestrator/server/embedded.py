@@ -415,8 +415,8 @@ class EmbeddedServer:
         else:
             hint = "stop what listens on them, or give the embedded server an explicit port"
         raise EmbeddedServerError(
-            f"could not start the embedded PostgreSQL server in {self.data_dir}: port(s) "
-            f"{', '.join(map(str, busy))} on 127.0.0.1 are in use",
+            f"could not start the embedded PostgreSQL server in {self.data_dir}: "
+            + (f"port {busy[0]} on 127.0.0.1 is in use" if len(busy) == 1 else f"ports {', '.join(map(str, busy))} on 127.0.0.1 are in use"),
             hint=hint,
         )
 
