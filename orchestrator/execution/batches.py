@@ -39,7 +39,7 @@ from ..live.connection import connection_lost
 from ..migrations.scan import MigrationFile
 from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, ExpectFunction, expect_version
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -74,6 +74,9 @@ class Step:
 
     action: MigrationAction
     file: MigrationFile
+    # What schema_migrations holds when the step starts (the version after the step before,
+    # or what the run read): its transaction refuses to run on anything else.
+    version_before: int | None = None
 
 
 class StepReport(Protocol):
@@ -96,6 +99,9 @@ def run_transactional(
     Raises ``MigrationFailed`` (or the run's ``Interrupted``, or ``GuardFailed``) for the
     first step that fails; the steps before it are committed and reported.
     A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
+    Without a ``guard`` (a pooler's), each transaction first checks that the bookkeeping
+    holds the step's ``version_before`` (``guard.expect_version``): a session lock that a
+    migration dropped cannot let a second run apply anything twice.
     """
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
     # Behind a pooler (a guard) the next transaction may get another session: no session state.
@@ -275,12 +281,12 @@ class _TransactionTexts:
         target: Target,
         steps: Sequence[Step],
         guard: psycopg.sql.Composable | None,
-        prepared: bookkeeping.PreparedBookkeeping | None,
+        prepared: _SessionStatements | None,
     ) -> None:
         self.target, self.steps, self.guard, self.prepared = target, steps, guard, prepared
-        # A file that may DEALLOCATE the session's prepared statements: from it on, the
-        # bookkeeping goes as plain statements.
-        self.first_plain = next((i for i, step in enumerate(steps) if _may_deallocate(step.file)), len(steps))
+        # A file that may DEALLOCATE or DISCARD the session's prepared statement and
+        # function: from it on, the bookkeeping goes as plain statements.
+        self.first_plain = next((i for i, step in enumerate(steps) if _may_drop_session_statements(step.file)), len(steps))
         self.built: dict[int, Transaction] = {}
 
     def of(self, index: int) -> Transaction:
@@ -308,15 +314,14 @@ def transaction_text(
     target: Target,
     step: Step,
     guard: psycopg.sql.Composable | None,
-    prepared: bookkeeping.PreparedBookkeeping | None = None,
+    prepared: _SessionStatements | None = None,
 ) -> Transaction:
     """One step's transaction; the mark of its start goes between opening and body."""
     conn, action, file = target.conn, step.action, step.file
-    guard_sql = guard.as_string(conn) if guard is not None else ""
-    opening = _begin(file) + ";\n" + guard_sql + target.transaction_settings
+    opening = _begin(file) + ";\n" + _head_guard(target, step, guard, prepared) + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
     if prepared is not None and after is not None:
-        bookkeeping_sql = prepared.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
+        bookkeeping_sql = prepared.record.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
         marks_next = True
     else:
         bookkeeping_sql = bookkeeping.record_migration(
@@ -326,33 +331,66 @@ def transaction_text(
     return Transaction(opening, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n", marks_next)
 
 
+def _head_guard(
+    target: Target, step: Step, guard: psycopg.sql.Composable | None, prepared: _SessionStatements | None
+) -> str:
+    """What a step's transaction checks first: behind a pooler, the pooler's guard; else
+    that the bookkeeping still holds the step's ``version_before``."""
+    if guard is not None:
+        return guard.as_string(target.conn)
+    if prepared is not None and prepared.expect is not None:
+        return prepared.expect.call(step.version_before).as_string(target.conn)
+    return expect_version(target.tables, step.version_before).as_string(target.conn)
+
+
+@dataclass(frozen=True)
+class _SessionStatements:
+    """What a run of steps keeps in the session: the bookkeeping statement, prepared, and
+    the check at the head of each transaction, as a function (None: the role may not
+    create temporary objects, and the check goes as a DO block)."""
+
+    record: bookkeeping.PreparedBookkeeping
+    expect: ExpectFunction | None
+
+
 _prepared_runs = itertools.count(1)
 
 
 @contextmanager
-def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[bookkeeping.PreparedBookkeeping | None]:
-    """The bookkeeping statement prepared in the session for one run of steps, and
-    deallocated after it (its name is the run's own, so nothing else can collide)."""
+def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[_SessionStatements | None]:
+    """The bookkeeping statement prepared in the session for one run of steps, and the
+    check function, both removed after it (their names are the run's own, so nothing
+    else can collide)."""
     if not enabled:
         yield None
         return
+    import psycopg
+
+    conn = target.conn
     number = next(_prepared_runs)
-    prepared = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
-    target.conn.execute(prepared.prepare(target.tables).as_string(target.conn).encode())
+    record = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
+    conn.execute(record.prepare(target.tables).as_string(conn).encode())
+    expect: ExpectFunction | None = ExpectFunction(f"dbplan_expect_{number}")
     try:
-        yield prepared
+        conn.execute(expect.create(target.tables).as_string(conn).encode())  # type: ignore[union-attr]
+    except psycopg.Error:  # no TEMP privilege on the database: DO blocks do the same
+        rollback_quietly(conn)
+        expect = None
+    try:
+        yield _SessionStatements(record, expect)
     finally:
-        if not (target.conn.closed or target.conn.broken):
-            import psycopg
-
-            rollback_quietly(target.conn)
+        if not (conn.closed or conn.broken):
+            rollback_quietly(conn)
             with suppress(psycopg.Error):  # a file may have deallocated it; the session ends soon anyway
-                target.conn.execute(prepared.deallocate().as_string(target.conn).encode())
+                conn.execute(record.deallocate().as_string(conn).encode())
+            with suppress(psycopg.Error):
+                if expect is not None:
+                    conn.execute(expect.drop().as_string(conn).encode())
 
 
-def _may_deallocate(file: MigrationFile) -> bool:
+def _may_drop_session_statements(file: MigrationFile) -> bool:
     script = file.script
-    return not script.parsed or any(statement.kind == "DeallocateStmt" for statement in script.statements)
+    return not script.parsed or any(statement.kind in ("DeallocateStmt", "DiscardStmt") for statement in script.statements)
 
 
 def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> list[PGresult]:

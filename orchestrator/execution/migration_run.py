@@ -23,11 +23,12 @@ from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset
 from ..planning.plan import MigrationAction, RevertMigration
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, expect_version
 
 if TYPE_CHECKING:
     import psycopg
 
+    from ..live.locks import LockWait
     from .progress import Cancellation
 
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
@@ -56,6 +57,7 @@ class Target:
     server: Server
     owner: str | None
     tables: bookkeeping.Tables
+    lock: LockWait | None = None  # the session lock the run holds (None behind a pooler)
 
     @cached_property
     def transaction_settings(self) -> str:
@@ -96,18 +98,29 @@ def event_of(action: MigrationAction) -> str:
     return "revert" if isinstance(action, RevertMigration) else "apply"
 
 
-def run_outside_transaction(run: RunControl, target: Target, action: MigrationAction, migration: Migration) -> None:
+def run_outside_transaction(
+    run: RunControl, target: Target, action: MigrationAction, migration: Migration, version_before: int | None
+) -> None:
     """Run a no-transaction migration statement by statement, with the dirty flag set
     around the run (golang-migrate's way). Not retried on a lock timeout: the statements
-    before the one that failed stay done."""
+    before the one that failed stay done.
+
+    Nothing but the session lock keeps another run out of the statements, so it must still
+    be held (a migration before may have released it) when the service is marked dirty,
+    and again (this one may have) before the version is recorded. Both writes also check
+    the bookkeeping they expect (``expect_version``): marking it raises ``GuardFailed``
+    when another run moved on meanwhile."""
     from psycopg import sql
 
     file, event = file_of(action, migration), event_of(action)
     conn, owner, tables = target.conn, target.owner, target.tables
     started = time.monotonic()
-    conn.execute(
-        (sql.SQL("BEGIN;\n") + _set_role(owner, local=True) + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode()
-    )
+    _hold_lock(target)
+    execute_guarded(
+        conn,
+        (sql.SQL("BEGIN;\n") + expect_version(tables, version_before) + _set_role(owner, local=True)
+         + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode(),
+    )  # fmt: skip
     checkpoint("marked_dirty")
     script = file.script
     # An unparsed file goes as one string, as it is.
@@ -137,8 +150,10 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
     finally:
         if not conn.closed and not conn.broken:
             conn.execute(_reset_session(target.service, owner))
+    _hold_lock(target)
     done = (
         sql.SQL("BEGIN;\n")
+        + expect_version(tables, action.version, dirty=True)
         + _set_role(owner, local=True)
         + bookkeeping.record_event(
             tables,
@@ -151,7 +166,27 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
         + bookkeeping.set_version(tables, action.version_after, False)
         + sql.SQL("COMMIT;")
     )
-    conn.execute(done.as_string(conn).encode())
+    try:
+        execute_guarded(conn, done.as_string(conn).encode())
+    except GuardFailed:
+        raise DbplanError(
+            f"{file.display} (version {action.version} of service '{action.service}') ran to its end, but meanwhile "
+            f"someone changed the bookkeeping it had marked dirty at version {action.version}; nothing was recorded "
+            "for it",
+            service=action.service,
+            version=action.version,
+            hint="see who did what in 'dbplan status' and the history table, then 'dbplan force "
+            f"{action.service} VERSION' to record where the database stands",
+        ) from None
+
+
+def _hold_lock(target: Target) -> None:
+    """Take the run's session lock again if a migration released it (see ``hold_again``)."""
+    from ..live.locks import hold_again
+
+    lock = target.lock
+    if lock is not None and hold_again(lock) and lock.on_wait is not None:
+        lock.on_wait(f"a migration released the lock on {lock.what}; dbplan took it again")
 
 
 def _set_role(owner: str | None, *, local: bool) -> psycopg.sql.Composable:

@@ -1,0 +1,92 @@
+"""Guarantees no migration can break (issue 11): nothing applied twice, the bookkeeping
+found where it is, each migration from the same session state.
+
+The session advisory lock, ``current_schema()`` and the session's settings are all things
+a migration can change; these tests change them from inside migrations, the way a real
+project (or an attacker with a migration file) would, and check what a user notices: exit
+codes, output, and what is in the database afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from estate import Estate
+from processes import TableGate, dbplan_backends, finish, start_dbplan, wait_until
+
+LATEST = 8
+
+
+@pytest.fixture
+def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    return Estate(tmp_path, pg_url, dbname_prefix, capsys)
+
+
+# --------------------------------------------------------------------------- item 2: the lock
+
+
+def _logging_estate(estate: Estate, dropper: str, *, no_transaction: bool) -> None:
+    """Service 'app': 1 creates a log, 2 releases the session lock (``dropper``), 3 waits for
+    the test's gate, every migration from 2 on writes its version into the log: a version
+    applied twice shows up as two rows, since an INSERT never conflicts."""
+    from orchestrator.live.locks import migrations_lock_key
+
+    key = migrations_lock_key(estate.name("app"), "public", "schema_migrations")
+    header = "-- dbplan:no-transaction\n" if no_transaction else ""
+    estate.write("app", "1_log.up.sql", "CREATE TABLE applied_log (version int NOT NULL);\n")
+    estate.write(
+        "app", "2_drop_lock.up.sql", header + dropper.format(key=key) + "\nINSERT INTO applied_log VALUES (2);\n"
+    )
+    estate.write("app", "3_gated.up.sql", "SELECT count(*) FROM gate;\nINSERT INTO applied_log VALUES (3);\n")
+    for version in range(4, LATEST + 1):
+        estate.write(
+            "app", f"{version}_step.up.sql", f"SELECT pg_sleep(0.05);\nINSERT INTO applied_log VALUES ({version});\n"
+        )
+
+
+LOCK_DROPPERS = [
+    pytest.param("SELECT pg_advisory_unlock_all();", False, id="unlock-all-in-a-transaction"),
+    pytest.param("SELECT pg_advisory_unlock({key}::bigint);", False, id="unlock-the-key-in-a-transaction"),
+    pytest.param("DISCARD ALL;", True, id="discard-all-outside-a-transaction"),
+    pytest.param("SELECT pg_advisory_unlock_all();", True, id="unlock-all-outside-a-transaction"),
+]
+
+
+@pytest.mark.parametrize(("dropper", "no_transaction"), LOCK_DROPPERS)
+def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_twice(
+    estate: Estate, dropper: str, no_transaction: bool
+) -> None:
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0  # the database, nothing in it
+    _logging_estate(estate, dropper, no_transaction=no_transaction)
+    gate = TableGate(estate.url, estate.name("app"), "gate")
+    try:
+        first = start_dbplan(estate.plan_file, "apply", "--yes")
+        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 3")
+        second = start_dbplan(estate.plan_file, "apply", "--yes")
+        # The second run gets the lock the first one lost, or waits for it where dbplan took
+        # it again; either way it must not get past the first one's migration 3.
+        wait_until(
+            lambda: "waiting for the lock" in second.err
+            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
+            or second.process.poll() is not None,
+            timeout=30,
+            what="the second run to wait",
+        )
+    finally:
+        gate.open()
+    runs = [finish(first), finish(second)]
+
+    for run in runs:
+        assert run.code == 0, run.err
+    log = estate.query("app", "SELECT version, count(*) FROM applied_log GROUP BY version ORDER BY version")
+    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
+    history = estate.query(
+        "app", "SELECT version, count(*) FROM dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version"
+    )
+    assert history == [(version, 1) for version in range(1, LATEST + 1)]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
+    done = [re.findall(r"apply app (\d+) \w+: done", run.err) for run in runs]
+    assert sorted(int(v) for versions in done for v in versions) == list(range(1, LATEST + 1)), done
