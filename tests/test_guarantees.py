@@ -90,3 +90,70 @@ def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_tw
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
     done = [re.findall(r"apply app (\d+) \w+: done", run.err) for run in runs]
     assert sorted(int(v) for versions in done for v in versions) == list(range(1, LATEST + 1)), done
+
+
+# --------------------------------------------------------------------------- item 1: where the bookkeeping is
+
+MOVERS = [
+    pytest.param("CREATE SCHEMA AUTHORIZATION CURRENT_USER;", id="schema-named-like-the-role"),
+    pytest.param(
+        "CREATE SCHEMA elsewhere;\n"
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = elsewhere, public', current_database()); END $$;",
+        id="database-search-path",
+    ),
+]
+
+
+@pytest.mark.parametrize("owner", [True, False], ids=["owner-role", "no-owner"])
+@pytest.mark.parametrize("mover", MOVERS)
+def test_the_bookkeeping_is_found_where_it_is_whatever_a_migration_does_to_schemas(
+    estate: Estate, mover: str, owner: bool
+) -> None:
+    import json
+
+    if owner:
+        estate.add_role("svc")
+    estate.add_database("app", owner="svc" if owner else None)
+    estate.add_service("app", "app")
+    estate.write("app", "1_move.up.sql", mover + "\nCREATE TABLE public.first (id int);\n")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("app", "2_second.up.sql", "CREATE TABLE public.second (id int);\n")
+
+    planned = estate.dbplan("plan", "--format", "json")
+    assert planned.code == 0, planned.output
+    (service,) = json.loads(planned.out)["services"]
+    assert (service["current"], service["pending"], service["bookkeeping"]) == (1, [2], "public.schema_migrations")
+    text = estate.dbplan("plan")
+    assert "at 1 -> 2" in text.out and "bookkeeping in public.schema_migrations" in text.out, text.out
+
+    applied = estate.dbplan("apply", "--yes")
+    assert applied.code == 0, applied.output  # version 1 again would fail: its schema exists
+    assert "Apply complete: 1 done." in applied.out
+    assert estate.query("app", "SELECT version, count(*) FROM dbplan_history GROUP BY version ORDER BY 1") == [(1, 1), (2, 1)]
+    status = estate.dbplan("status")
+    assert status.code == 0
+    assert re.search(r"^app\s+\S+\s+2\s+2\s+0\s+no\s+-\s+public\.schema_migrations$", status.out, re.M), status.out
+    assert estate.dbplan("plan", "--detailed-exitcode").code == 0
+
+
+@pytest.mark.parametrize(
+    "explicit",
+    [
+        pytest.param({"schema": "public"}, id="schema-public-and-the-default"),
+        pytest.param({"schema": "public", "table": "dbplan"}, id="history-tables-collide"),
+    ],
+)
+def test_two_services_on_one_bookkeeping_table_are_a_located_error(estate: Estate, explicit: dict[str, str]) -> None:
+    estate.add_database("shared")
+    estate.add_service("first", "shared", **explicit)
+    estate.add_service("second", "shared")
+    estate.write("first", "1_a.up.sql", "CREATE TABLE a (id int);\n")
+    estate.write("second", "1_b.up.sql", "CREATE TABLE b (id int);\n")
+    assert estate.dbplan("apply", "--yes").code == 1  # the database is missing: it is created, then refused
+    for command in ("plan", "status", "apply"):
+        run = estate.dbplan(command, *(["--yes"] if command == "apply" else []))
+        assert run.code == 1, (command, run.output)
+        assert "services 'first' and 'second' would share the bookkeeping table public." in run.err, run.err
+        assert re.search(r"dbplan\.yaml:\d+:\d+", run.err), run.err  # where in the plan file
+        assert "hint: give one of them a schema or table of its own" in run.err
+    assert not {"a", "b"} & estate.tables("shared"), "neither service's migrations ran"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
 from ..live.connection import behind_pooler, connect, server_url
-from ..live.facts import ServiceFacts, read_server, read_service, resolve_schema
+from ..live.facts import ServiceFacts, locate_apart, read_server, read_service
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
@@ -269,7 +269,8 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
     owner = run.estate.databases[service.database].owner
     with connect(server, run.url(server), service.database) as conn:
         with conn.transaction():
-            schema = service.schema or resolve_schema(conn, owner)
+            # Fixed for the run: the lock's key and every statement name this table.
+            schema = locate_apart(conn, run.estate, service, owner)
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         tables = bookkeeping.Tables(schema, service.table, service.history_table)
@@ -294,7 +295,8 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     by_version = run.migration_sets[service.name].by_version()
     rejected: ServiceFacts | None = None
     while True:
-        facts = read_service(target.conn, service, target.owner)  # under the lock: another run may have moved on
+        # Under the lock: another run may have moved on.
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
         todo = _fresh_todo(run, service, shown, facts)
         _skip_done_by_others(run, shown, todo)
         if not todo:
@@ -363,7 +365,7 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
     settled = 0  # shown[:settled] are reported
     rejected: ServiceFacts | None = None
     while True:
-        facts = read_service(target.conn, service, target.owner)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
         if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
             waiting.pause()
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import DbplanError
 from ..estate.model import Estate
 from ..live.connection import connect, server_url
-from ..live.facts import read_service
+from ..live.facts import claimed_schemas, read_service
 from ..live.locks import LockWait, advisory_lock, migrations_lock_key
 from ..migrations.scan import MigrationSet
 from . import bookkeeping
@@ -44,7 +44,7 @@ def force_version(
     server = estate.server_of_service(service)
     owner = estate.databases[service.database].owner
     with connect(server, server_url(server), service.database) as conn:
-        facts = read_service(conn, service, owner)
+        facts = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
         assert facts.schema is not None
         tables = bookkeeping.Tables(facts.schema, service.table, service.history_table)
         key = migrations_lock_key(service.database, facts.schema, service.table)
