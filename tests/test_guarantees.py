@@ -157,3 +157,57 @@ def test_two_services_on_one_bookkeeping_table_are_a_located_error(estate: Estat
         assert re.search(r"dbplan\.yaml:\d+:\d+", run.err), run.err  # where in the plan file
         assert "hint: give one of them a schema or table of its own" in run.err
     assert not {"a", "b"} & estate.tables("shared"), "neither service's migrations ran"
+
+
+# --------------------------------------------------------------------------- item 3: force during an apply
+
+
+@pytest.mark.parametrize("no_transaction", [True, False], ids=["in-a-no-transaction-migration", "in-a-transaction"])
+def test_force_during_an_apply_waits_says_so_and_refuses_what_is_no_longer_true(
+    estate: Estate, no_transaction: bool
+) -> None:
+    estate.add_app()
+    estate.write("app", "1_log.up.sql", "CREATE TABLE applied_log (version int NOT NULL);\n")
+    assert estate.dbplan("apply", "--yes").code == 0
+    header = "-- dbplan:no-transaction\n" if no_transaction else ""
+    estate.write("app", "2_gated.up.sql", header + "SELECT count(*) FROM gate;\nINSERT INTO applied_log VALUES (2);\n")
+    estate.write("app", "3_after.up.sql", "INSERT INTO applied_log VALUES (3);\n")
+    gate = TableGate(estate.url, estate.name("app"), "gate")
+    try:
+        apply = start_dbplan(estate.plan_file, "apply", "--yes")
+        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 2")
+        # What a person sees now: dirty at 2 (or at 1); they force 1, "run 2 again".
+        force = start_dbplan(estate.plan_file, "force", "app", "1", "--reason", "run 2 again")
+        force.wait_for("waiting for the lock on the migrations of service 'app'")
+    finally:
+        gate.open()
+    applied, forced = finish(apply), finish(force)
+
+    assert applied.code == 0, applied.err
+    assert forced.code == 1, forced.err
+    assert "changed while force waited for the lock" in forced.err, forced.err
+    assert "version 1 was not recorded" in forced.err
+    assert "now they are at version 3" in forced.err
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(3, False)]
+    assert estate.query("app", "SELECT count(*) FROM dbplan_history WHERE event = 'force'") == [(0,)]
+    again = estate.dbplan("apply", "--yes")
+    assert again.code == 0 and "No changes." in again.out, again.output
+    assert estate.query("app", "SELECT version FROM applied_log ORDER BY 1") == [(2,), (3,)]
+
+
+def test_force_records_when_nothing_changed_while_it_waited(estate: Estate) -> None:
+    from orchestrator.live.locks import migrations_lock_key
+
+    estate.add_app()
+    estate.write("app", "1_broken.up.sql", "-- dbplan:no-transaction\nCREATE TABLE t (id int);\nSELECT missing;\n")
+    assert estate.dbplan("apply", "--yes").code == 1  # dirty at 1
+    key = migrations_lock_key(estate.name("app"), "public", "schema_migrations")
+    import psycopg
+
+    with psycopg.connect(estate.url, dbname=estate.name("app"), autocommit=True, application_name="holder") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s::bigint)", (key,))
+        force = start_dbplan(estate.plan_file, "force", "app", "1", "--reason", "fixed by hand")
+        force.wait_for("waiting for the lock on the migrations of service 'app', held by 'holder'")
+    forced = finish(force)
+    assert forced.code == 0, forced.err
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]

@@ -7,7 +7,7 @@ to. All queries are named constants and run read-only; nothing here writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,7 +145,7 @@ def locate_apart(conn: psycopg.Connection, estate: Estate, service: Service, own
     return schemas[service.name]
 
 
-def _refuse_shared_bookkeeping(members: list[Service], schemas: dict[str, str | None]) -> None:
+def _refuse_shared_bookkeeping(members: list[Service], schemas: Mapping[str, str | None]) -> None:
     """Two services whose bookkeeping is one table would each read the other's versions
     as their own: one of them would never run its migrations."""
     owners: dict[tuple[str, str], Service] = {}
