@@ -211,3 +211,37 @@ def test_force_records_when_nothing_changed_while_it_waited(estate: Estate) -> N
     forced = finish(force)
     assert forced.code == 0, forced.err
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
+
+
+# --------------------------------------------------------------------------- item 27: the same session state
+
+SESSION_CHANGES = [
+    pytest.param("SET search_path = other, public;", "current_schema()", id="set-search-path"),
+    pytest.param("SELECT set_config('search_path', 'other', false);", "current_schema()", id="set-config-search-path"),
+    pytest.param("SET check_function_bodies = false;", "current_setting('check_function_bodies')", id="check-function-bodies"),
+    pytest.param("SET standard_conforming_strings = off;", "current_setting('standard_conforming_strings')", id="standard-conforming-strings"),
+    pytest.param("SET ROLE {other};", "current_user", id="set-role"),
+    pytest.param("SET SESSION AUTHORIZATION {other};", "session_user", id="session-authorization"),
+    pytest.param("SET search_path = other, public;\nDEALLOCATE ALL;", "current_schema()", id="set-then-deallocate"),
+    pytest.param("-- dbplan:no-transaction\nSET search_path = other, public;", "current_schema()", id="outside-a-transaction"),
+]
+
+
+@pytest.mark.parametrize(("change", "probe"), SESSION_CHANGES)
+def test_each_migration_starts_from_the_same_session_state(estate: Estate, change: str, probe: str) -> None:
+    other = estate.add_role("other")
+    estate.add_app()
+    estate.write("app", "1_probe.up.sql", "CREATE SCHEMA other;\nCREATE TABLE public.probe (version int, value text);\n")
+    assert estate.dbplan("apply", "--yes").code == 0
+    fresh = estate.query("app", f"SELECT {probe}")[0][0]  # what a migration sees in a fresh session
+    estate.execute("app", f"GRANT ALL ON SCHEMA public TO {other}; GRANT ALL ON public.probe TO {other}")
+    estate.write("app", "2_change.up.sql", change.format(other=other) + "\n")
+    for version in (3, 4, 5):
+        estate.write(
+            "app", f"{version}_probe.up.sql",
+            f"INSERT INTO public.probe VALUES ({version}, {probe});\nCREATE TABLE t{version} (id int);\n",
+        )  # fmt: skip
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT version, value FROM public.probe ORDER BY 1") == [(3, fresh), (4, fresh), (5, fresh)]
+    assert {"t3", "t4", "t5"} <= estate.tables("app"), "the tables went where a fresh session puts them"

@@ -328,7 +328,9 @@ def transaction_text(
             target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
         )
         marks_next = False
-    return Transaction(opening, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n", marks_next)
+    restore = target.identity_restore if _may_change_identity(file) else ""
+    tail = "\n;\n" + restore + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
+    return Transaction(opening, _transactional_body(file), tail, marks_next)
 
 
 def _head_guard(
@@ -386,6 +388,19 @@ def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[_Session
             with suppress(psycopg.Error):
                 if expect is not None:
                     conn.execute(expect.drop().as_string(conn).encode())
+
+
+def _may_change_identity(file: MigrationFile) -> bool:
+    """Whether a file may change who the rest of its transaction runs as (SET ROLE, SET
+    SESSION AUTHORIZATION), which its own bookkeeping must not run as. Found with the
+    parser, so most files pay nothing; one that does it where the parser cannot see
+    (EXECUTE in a DO block) makes its bookkeeping fail loudly, never silently."""
+    script = file.script
+    return not script.parsed or any(
+        statement.kind == "VariableSetStmt"
+        and statement.ast.get("VariableSetStmt", {}).get("name") in ("role", "session_authorization")
+        for statement in script.statements
+    )
 
 
 def _may_drop_session_statements(file: MigrationFile) -> bool:

@@ -80,7 +80,19 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
 # and golang-migrate's version read go on). A second run that got in therefore waits for
 # the first one's transaction, then finds the version moved and re-plans: it can never
 # apply a migration again.
+#
+# It also puts the session back as dbplan connected it: a migration's SET (search_path,
+# check_function_bodies, standard_conforming_strings, SET ROLE, SET SESSION AUTHORIZATION)
+# outlives its transaction, and the next migration would run under it, so where a table
+# ends up would depend on how many runs applied the folder. RESET ALL spares role and
+# session authorization, hence their own RESETs. The mark of the migration's start (a
+# setting too, see ``bookkeeping.MARK_START``) is kept.
 _EXPECT_BODY = (
+    "  mark := current_setting('dbplan.migration_started', true);\n"
+    "  RESET SESSION AUTHORIZATION;\n"
+    "  RESET ROLE;\n"
+    "  RESET ALL;\n"
+    "  PERFORM set_config('dbplan.migration_started', coalesce(mark, ''), false);\n"
     "  LOCK TABLE {migrations_id} IN SHARE ROW EXCLUSIVE MODE;\n"
     "  SELECT CASE WHEN version >= 0 THEN version END, dirty INTO found_version, found_dirty\n"
     "    FROM {migrations_id} ORDER BY version DESC LIMIT 1;\n"
@@ -100,7 +112,7 @@ def expect_version(tables: Tables, version: int | None, *, dirty: bool = False) 
     return sql.SQL(
         "DO $dbplan_expect$\n"
         "DECLARE expected_version bigint := {version}; expected_dirty boolean := {dirty};\n"
-        "  found_version bigint; found_dirty boolean;\n"
+        "  found_version bigint; found_dirty boolean; mark text;\n"
         "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
     ).format(
         version=sql.Literal(version),
@@ -122,7 +134,7 @@ class ExpectFunction:
         return sql.SQL(
             "CREATE FUNCTION pg_temp.{name}(expected_version bigint, expected_dirty boolean) RETURNS void\n"
             "LANGUAGE plpgsql AS $dbplan_expect$\n"
-            "DECLARE found_version bigint; found_dirty boolean;\n"
+            "DECLARE found_version bigint; found_dirty boolean; mark text;\n"
             "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
         ).format(
             name=sql.Identifier(self.name),

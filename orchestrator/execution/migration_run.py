@@ -78,6 +78,19 @@ class Target:
         ).as_string(self.conn)
 
 
+    @cached_property
+    def identity_restore(self) -> str:
+        """Who the bookkeeping runs as after a migration that said SET ROLE or SET SESSION
+        AUTHORIZATION: the role it ran as, again (SET SESSION AUTHORIZATION also resets
+        the role)."""
+        from psycopg import sql
+
+        restore = sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT;\n")
+        if self.owner:
+            restore += sql.SQL("SET LOCAL ROLE {};\n").format(sql.Identifier(self.owner))
+        return restore.as_string(self.conn)
+
+
 class GuardFailed(Exception):
     """Behind a pooler, the transaction's guard stopped it before anything ran."""
 
