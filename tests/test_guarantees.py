@@ -245,3 +245,31 @@ def test_each_migration_starts_from_the_same_session_state(estate: Estate, chang
     assert run.code == 0, run.output
     assert estate.query("app", "SELECT version, value FROM public.probe ORDER BY 1") == [(3, fresh), (4, fresh), (5, fresh)]
     assert {"t3", "t4", "t5"} <= estate.tables("app"), "the tables went where a fresh session puts them"
+
+
+# --------------------------------------------------------------------------- item 26: a trigger on schema_migrations
+
+VERSION_LOG = """\
+CREATE TABLE version_log (id serial PRIMARY KEY, version bigint, dirty boolean);
+CREATE FUNCTION log_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO version_log (version, dirty) VALUES (NEW.version, NEW.dirty);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER log_version AFTER INSERT ON schema_migrations FOR EACH ROW EXECUTE FUNCTION log_version();
+"""
+
+
+def test_a_trigger_on_schema_migrations_sees_an_insert_per_version_as_under_golang_migrate(estate: Estate) -> None:
+    estate.add_app()
+    estate.write("app", "1_trigger.up.sql", VERSION_LOG)
+    for version in (2, 3, 5, 6):  # 2 and 3 in one batch, 5 and 6 in another
+        estate.write("app", f"{version}_t.up.sql", f"CREATE TABLE t{version} (id int);\n")
+    estate.write("app", "4_index.up.sql", "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY t3_id ON t3 (id);\n")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    # golang-migrate: one INSERT per version; around a no-transaction one, dirty then clean.
+    assert estate.query("app", "SELECT version, dirty FROM version_log ORDER BY id") == [
+        (1, False), (2, False), (3, False), (4, True), (4, False), (5, False), (6, False),
+    ]  # fmt: skip
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(6, False)]
