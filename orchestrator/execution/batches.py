@@ -182,6 +182,7 @@ def _failure(run: RunControl, target: Target, failed: Step, outcome: _BatchOutco
     return migration_failure(
         target.conn, error, action, failed.file, target.owner, target.server,
         offset=outcome.file_offset, attempts=attempts, lock_timeout=target.service.lock_timeout,
+        statement_index=outcome.statement_index,
     )  # fmt: skip
 
 
@@ -194,6 +195,9 @@ class _BatchOutcome:
     seconds: float
     error: Exception | None = None
     file_offset: int = 0  # where the failing step's file text starts in the query, for error positions
+    # Which statement of the failing step's file failed, counted from the results: the
+    # line of an error without a position (a lock or statement timeout), at no cost.
+    statement_index: int | None = None
     # The server refused the whole query for the text of a later step than the first
     # uncommitted one (a syntax error, found before anything runs): its index in the batch.
     refused_at: int | None = None
@@ -215,10 +219,12 @@ def _run_batch(
     import psycopg
     from psycopg import pq
 
-    query, file_offsets = _batch_query(texts)
+    query, file_offsets, head_counts = _batch_query(texts)
     for _ in chunk:
         checkpoint("migration")
     committed, duration_ms = 0, None
+    since_begin = 0  # results of the current transaction's statements after its BEGIN
+    failed_after: int | None = None
     error: Exception | None = None
     unconfirmed_to: MigrationAction | None = None
     started = time.monotonic()
@@ -228,7 +234,10 @@ def _run_batch(
             for result in _results(target.conn, query.encode(), meanwhile):
                 if result.status == pq.ExecStatus.FATAL_ERROR:
                     error = psycopg.errors.error_from_result(result, encoding=target.conn.info.encoding)
-                elif duration_ms is None and _is_done_marker(result):
+                    failed_after = since_begin
+                    continue
+                since_begin = 0 if result.command_status in _BEGIN_TAGS else since_begin + 1
+                if duration_ms is None and _is_done_marker(result):
                     duration_ms = int(result.get_value(0, 0) or 0)
                 elif duration_ms is not None and result.command_status == b"COMMIT":
                     report.committed(chunk[committed], duration_ms)
@@ -244,33 +253,41 @@ def _run_batch(
         return _BatchOutcome(committed, seconds)
     rollback_quietly(target.conn)
     pointed_at = _step_at_position(error, file_offsets)
+    failing = min(committed, len(chunk) - 1)
     return _BatchOutcome(
         committed,
         seconds,
         error,
-        file_offset=file_offsets[min(committed, len(chunk) - 1)],
+        file_offset=file_offsets[failing],
+        statement_index=None if failed_after is None else failed_after - head_counts[failing],
         refused_at=pointed_at if pointed_at is not None and pointed_at > committed else None,
         unconfirmed_to=unconfirmed_to,
     )
 
 
-def _batch_query(texts: list[Transaction]) -> tuple[str, list[int]]:
-    """The query of a batch, and where each step's file text starts in it.
+def _batch_query(texts: list[Transaction]) -> tuple[str, list[int], list[int]]:
+    """The query of a batch, where each step's file text starts in it, and how many
+    statements of each transaction come after its BEGIN and before the file's.
 
     The first transaction marks its own start; each later one was marked by the
     bookkeeping of the one before, if that one's did (``Transaction.marks_next``).
     """
     parts: list[str] = []
     file_offsets: list[int] = []
+    head_counts: list[int] = []
     length = 0
     marked = False
     for text in texts:
         head = text.opening if marked else text.opening + bookkeeping.MARK_START
         file_offsets.append(length + len(head))
+        head_counts.append(text.opening_statements + (0 if marked else 1))
         parts += [head, text.body, text.tail]
         length += len(head) + len(text.body) + len(text.tail)
         marked = text.marks_next
-    return "".join(parts), file_offsets
+    return "".join(parts), file_offsets, head_counts
+
+
+_BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
 
 class _TransactionTexts:
@@ -308,6 +325,7 @@ class Transaction:
     body: str  # the file's text, verbatim, so that PostgreSQL's error position maps back to it
     tail: str  # the bookkeeping and COMMIT
     marks_next: bool  # the bookkeeping marks the start of the next transaction
+    opening_statements: int = 0  # statements of ``opening`` after its BEGIN
 
 
 def transaction_text(
@@ -332,7 +350,7 @@ def transaction_text(
         marks_next = False
     restore = target.identity_restore if _may_change_identity(file) else ""
     tail = "\n;\n" + restore + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
-    return Transaction(opening, _transactional_body(file), tail, marks_next)
+    return Transaction(opening, _transactional_body(file), tail, marks_next, 1 + target.settings_count)
 
 
 def _head_guard(

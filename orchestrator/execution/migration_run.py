@@ -68,14 +68,23 @@ class Target:
         follows it (``bookkeeping.MARK_START``)."""
         from psycopg import sql
 
+        return sql.Composed(
+            [sql.SQL("SET LOCAL {} = {};\n").format(sql.SQL(name), sql.Literal(value)) for name, value in self._settings]
+        ).as_string(self.conn)
+
+    @property
+    def settings_count(self) -> int:
+        """How many statements ``transaction_settings`` is."""
+        return len(self._settings)
+
+    @cached_property
+    def _settings(self) -> list[tuple[str, str]]:
         settings = [("lock_timeout", str(self.service.lock_timeout))]
         if self.service.statement_timeout is not None:
             settings.append(("statement_timeout", str(self.service.statement_timeout)))
         if self.owner:
             settings.append(("role", self.owner))
-        return sql.Composed(
-            [sql.SQL("SET LOCAL {} = {};\n").format(sql.SQL(name), sql.Literal(value)) for name, value in settings]
-        ).as_string(self.conn)
+        return settings
 
 
     @cached_property
@@ -85,7 +94,7 @@ class Target:
         the role)."""
         from psycopg import sql
 
-        restore = sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT;\n")
+        restore: sql.Composable = sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT;\n")
         if self.owner:
             restore += sql.SQL("SET LOCAL ROLE {};\n").format(sql.Identifier(self.owner))
         return restore.as_string(self.conn)
@@ -277,6 +286,7 @@ def migration_failure(
     dirty: bool = False,
     attempts: int = 1,
     lock_timeout: int | None = None,
+    statement_index: int | None = None,
 ) -> MigrationFailed:
     import psycopg
 
@@ -303,7 +313,7 @@ def migration_failure(
         )
     # Replaying to find the failing line would wait for the same lock, or run as long again.
     replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
-    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay)
+    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, statement_index, replay=replay)
     where = f"{file.display}:{line}" if line else file.display
     details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
     if diag.message_detail:
@@ -358,6 +368,7 @@ def _failure_line(
     offset: int,
     statement: Statement | None,
     owner: str | None,
+    statement_index: int | None = None,
     *,
     replay: bool = True,
 ) -> int | None:
@@ -370,6 +381,9 @@ def _failure_line(
         if 0 <= index <= len(file.text):
             return line_of_offset(file.text, index)
         return None
+    inner = file.script.inner_statements
+    if file.script.parsed and statement_index is not None and 0 <= statement_index < len(inner):
+        return inner[statement_index].line  # counted from the results (batches.py)
     located = _replay_to_find_failure(conn, file.script, owner) if replay else None
     return located.line if located else None
 
