@@ -27,7 +27,7 @@ def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.Captu
 # --------------------------------------------------------------------------- item 2: the lock
 
 
-def _logging_estate(estate: Estate, dropper: str, *, no_transaction: bool) -> None:
+def _logging_estate(estate: Estate, dropper: str, *, no_transaction: bool, gated_begin: str = "") -> None:
     """Service 'app': 1 creates a log, 2 releases the session lock (``dropper``), 3 waits for
     the test's gate, every migration from 2 on writes its version into the log: a version
     applied twice shows up as two rows, since an INSERT never conflicts."""
@@ -39,7 +39,10 @@ def _logging_estate(estate: Estate, dropper: str, *, no_transaction: bool) -> No
     estate.write(
         "app", "2_drop_lock.up.sql", header + dropper.format(key=key) + "\nINSERT INTO applied_log VALUES (2);\n"
     )
-    estate.write("app", "3_gated.up.sql", "SELECT count(*) FROM gate;\nINSERT INTO applied_log VALUES (3);\n")
+    gated = "SELECT count(*) FROM gate;\nINSERT INTO applied_log VALUES (3);\n"
+    if gated_begin:  # the file wraps itself in a transaction of its own kind
+        gated = f"{gated_begin};\n{gated}COMMIT;\n"
+    estate.write("app", "3_gated.up.sql", gated)
     for version in range(4, LATEST + 1):
         estate.write(
             "app", f"{version}_step.up.sql", f"SELECT pg_sleep(0.05);\nINSERT INTO applied_log VALUES ({version});\n"
@@ -47,20 +50,24 @@ def _logging_estate(estate: Estate, dropper: str, *, no_transaction: bool) -> No
 
 
 LOCK_DROPPERS = [
-    pytest.param("SELECT pg_advisory_unlock_all();", False, id="unlock-all-in-a-transaction"),
-    pytest.param("SELECT pg_advisory_unlock({key}::bigint);", False, id="unlock-the-key-in-a-transaction"),
-    pytest.param("DISCARD ALL;", True, id="discard-all-outside-a-transaction"),
-    pytest.param("SELECT pg_advisory_unlock_all();", True, id="unlock-all-outside-a-transaction"),
+    pytest.param("SELECT pg_advisory_unlock_all();", False, "", id="unlock-all-in-a-transaction"),
+    pytest.param("SELECT pg_advisory_unlock({key}::bigint);", False, "", id="unlock-the-key-in-a-transaction"),
+    pytest.param("DISCARD ALL;", True, "", id="discard-all-outside-a-transaction"),
+    pytest.param("SELECT pg_advisory_unlock_all();", True, "", id="unlock-all-outside-a-transaction"),
+    # a transaction that keeps the snapshot of its first query, taken before the wait
+    pytest.param(
+        "SELECT pg_advisory_unlock_all();", False, "BEGIN ISOLATION LEVEL REPEATABLE READ", id="repeatable-read-file"
+    ),
 ]
 
 
-@pytest.mark.parametrize(("dropper", "no_transaction"), LOCK_DROPPERS)
+@pytest.mark.parametrize(("dropper", "no_transaction", "gated_begin"), LOCK_DROPPERS)
 def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_twice(
-    estate: Estate, dropper: str, no_transaction: bool
+    estate: Estate, dropper: str, no_transaction: bool, gated_begin: str
 ) -> None:
     estate.add_app()
     assert estate.dbplan("apply", "--yes").code == 0  # the database, nothing in it
-    _logging_estate(estate, dropper, no_transaction=no_transaction)
+    _logging_estate(estate, dropper, no_transaction=no_transaction, gated_begin=gated_begin)
     gate = TableGate(estate.url, estate.name("app"), "gate")
     try:
         first = start_dbplan(estate.plan_file, "apply", "--yes")
