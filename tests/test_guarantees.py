@@ -280,3 +280,25 @@ def test_a_trigger_on_schema_migrations_sees_an_insert_per_version_as_under_gola
         (1, False), (2, False), (3, False), (4, True), (4, False), (5, False), (6, False),
     ]  # fmt: skip
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(6, False)]
+
+
+def test_while_a_no_transaction_migration_runs_on_after_releasing_the_lock_others_see_it_in_progress(
+    estate: Estate,
+) -> None:
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("app", "1_index.up.sql", "-- dbplan:no-transaction\nDISCARD ALL;\nSELECT count(*) FROM gate;\n")
+    gate = TableGate(estate.url, estate.name("app"), "gate")
+    try:
+        first = start_dbplan(estate.plan_file, "apply", "--yes")
+        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 1")
+        second = start_dbplan(estate.plan_file, "apply", "--yes")
+        second.wait_for("service 'app' is dirty at version 1 because another run is applying it right now")
+        force = start_dbplan(estate.plan_file, "force", "app", "0")
+        force.wait_for("waiting for the lock on the migrations of service 'app'")
+    finally:
+        gate.open()
+    runs = [finish(first), finish(second), finish(force)]
+    assert [run.code for run in runs] == [0, 0, 1], [run.err for run in runs]
+    assert "changed while force waited for the lock" in runs[2].err
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]

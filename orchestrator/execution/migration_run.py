@@ -129,7 +129,7 @@ def run_outside_transaction(
 
     Nothing but the session lock keeps another run out of the statements, so it must still
     be held (a migration before may have released it) when the service is marked dirty,
-    and again (this one may have) before the version is recorded. Both writes also check
+    and again (this one may have) after each statement and before the version is recorded. Both writes also check
     the bookkeeping they expect (``expect_version``): marking it raises ``GuardFailed``
     when another run moved on meanwhile."""
     from psycopg import sql
@@ -169,6 +169,10 @@ def run_outside_transaction(
                         conn, err, action, file, owner, target.server, statement=statement, dirty=True
                     ) from err
                 checkpoint("statement")
+                # At once, not only before recording: while the lock is gone, another run
+                # sees the service dirty with no run applying it, and refuses it (or a
+                # person forces it) as if this migration had failed.
+                _hold_lock(target)
     finally:
         if not conn.closed and not conn.broken:
             conn.execute(_reset_session(target.service, owner))
