@@ -6,7 +6,7 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -304,13 +304,18 @@ def force(
     reason: str | None = None,
     environ: Mapping[str, str] | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    on_notice: Callable[[str], None] | None = None,
 ) -> None:
-    """Record VERSION as the service's current version and clear its dirty flag."""
+    """Record VERSION as the service's current version and clear its dirty flag; refuses
+    if the service changed while it waited for the migrations lock."""
     from .execution.force import force_version
 
     checked = validate(file, environ)
     checked.estate.require_secrets()
-    force_version(checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait)
+    force_version(
+        checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
+        on_wait=on_notice,
+    )  # fmt: skip
 
 
 def new_migration(

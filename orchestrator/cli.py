@@ -482,7 +482,7 @@ def force(
 ) -> None:
     """Clear a dirty state by recording VERSION as the service's current version."""
     try:
-        api.force(file, service, version, reason=reason)
+        api.force(file, service, version, reason=reason, on_notice=_note)
     except DbplanError as err:
         _fail(err)
     _say(f"service '{service}' is now recorded at version {version}, not dirty.\n")

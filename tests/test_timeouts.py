@@ -177,6 +177,50 @@ def test_statement_timeout_stops_a_long_statement_and_rolls_back(estate: Estate,
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
 
 
+TIMED_OUT_FILES = [
+    # (options of the service, files 2.. of it, the file and line that time out)
+    pytest.param(
+        {"lock_timeout": "100ms"},
+        {"2_note.up.sql": "CREATE TABLE side (id int);\n\nINSERT INTO side VALUES (1);\nALTER TABLE items ADD COLUMN note text;\n"},
+        "2_note.up.sql:4", id="lock-timeout",
+    ),
+    pytest.param(
+        {"statement_timeout": "300ms"},
+        {"2_slow.up.sql": "CREATE TABLE side (id int);\nSELECT 1;\nSELECT pg_sleep(3);\n"},
+        "2_slow.up.sql:3", id="statement-timeout",
+    ),
+    pytest.param(
+        {"statement_timeout": "300ms"},
+        # batches of 1, 2, ... migrations: 4 is the second of the batch 3-4
+        {"2_a.up.sql": "CREATE TABLE a (id int);\n", "3_b.up.sql": "CREATE TABLE b (id int);\n",
+         "4_slow.up.sql": "SELECT 1;\n\nSELECT pg_sleep(3);\n", "5_c.up.sql": "CREATE TABLE c (id int);\n"},
+        "4_slow.up.sql:3", id="statement-timeout-in-a-batch",
+    ),
+    pytest.param(
+        {"statement_timeout": "300ms"},
+        {"2_wrapped.up.sql": "BEGIN;\nCREATE TABLE side (id int);\nSELECT pg_sleep(3);\nCOMMIT;\n"},
+        "2_wrapped.up.sql:3", id="statement-timeout-in-a-file-with-its-own-begin",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "files", "where"), TIMED_OUT_FILES)
+def test_a_timeout_names_the_line_of_the_statement_that_timed_out(
+    estate: Estate, quick_retries: None, options: dict[str, str], files: dict[str, str], where: str
+) -> None:
+    _items_estate(estate, **options)
+    for name, text in files.items():
+        estate.write("app", name, text)
+    blocker = TableLock(estate, "items")
+    try:
+        run = estate.dbplan("apply", "--yes")
+    finally:
+        blocker.release()
+    assert run.code == 1
+    assert f"migrations/app/{where}: canceling statement due to" in run.err, run.err
+    assert "side" not in estate.tables("app")
+
+
 # ---------------------------------------------------------------------------
 # Waiting for a server
 

@@ -39,7 +39,7 @@ from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import MigrationFile
 from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, ExpectFunction, expect_version
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -74,6 +74,9 @@ class Step:
 
     action: MigrationAction
     file: MigrationFile
+    # What schema_migrations holds when the step starts (the version after the step before,
+    # or what the run read): its transaction refuses to run on anything else.
+    version_before: int | None = None
 
 
 class StepReport(Protocol):
@@ -96,6 +99,9 @@ def run_transactional(
     Raises ``MigrationFailed`` (or the run's ``Interrupted``, or ``GuardFailed``) for the
     first step that fails; the steps before it are committed and reported.
     A step that hit ``lock_timeout`` is rolled back whole, so it is tried again.
+    Without a ``guard`` (a pooler's), each transaction first checks that the bookkeeping
+    holds the step's ``version_before`` (``guard.expect_version``): a session lock that a
+    migration dropped cannot let a second run apply anything twice.
     """
     read_as_parser(target.conn)
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
@@ -177,6 +183,7 @@ def _failure(run: RunControl, target: Target, failed: Step, outcome: _BatchOutco
     return migration_failure(
         target.conn, error, action, failed.file, target.owner, target.server,
         offset=outcome.file_offset, attempts=attempts, lock_timeout=target.service.lock_timeout,
+        statement_index=outcome.statement_index,
     )  # fmt: skip
 
 
@@ -189,6 +196,9 @@ class _BatchOutcome:
     seconds: float
     error: Exception | None = None
     file_offset: int = 0  # where the failing step's file text starts in the query, for error positions
+    # Which statement of the failing step's file failed, counted from the results: the
+    # line of an error without a position (a lock or statement timeout), at no cost.
+    statement_index: int | None = None
     # The server refused the whole query for the text of a later step than the first
     # uncommitted one (a syntax error, found before anything runs): its index in the batch.
     refused_at: int | None = None
@@ -210,10 +220,12 @@ def _run_batch(
     import psycopg
     from psycopg import pq
 
-    query, file_offsets = _batch_query(texts)
+    query, file_offsets, head_counts = _batch_query(texts)
     for _ in chunk:
         checkpoint("migration")
     committed, duration_ms = 0, None
+    since_begin = 0  # results of the current transaction's statements after its BEGIN
+    failed_after: int | None = None
     error: Exception | None = None
     unconfirmed_to: MigrationAction | None = None
     read_as_parser(target.conn)  # an earlier batch's migration may have changed how the server reads
@@ -224,7 +236,10 @@ def _run_batch(
             for result in _results(target.conn, query.encode(), meanwhile):
                 if result.status == pq.ExecStatus.FATAL_ERROR:
                     error = psycopg.errors.error_from_result(result, encoding=target.conn.info.encoding)
-                elif duration_ms is None and _is_done_marker(result):
+                    failed_after = since_begin
+                    continue
+                since_begin = 0 if result.command_status in _BEGIN_TAGS else since_begin + 1
+                if duration_ms is None and _is_done_marker(result):
                     duration_ms = int(result.get_value(0, 0) or 0)
                 elif duration_ms is not None and result.command_status == b"COMMIT":
                     report.committed(chunk[committed], duration_ms)
@@ -240,33 +255,41 @@ def _run_batch(
         return _BatchOutcome(committed, seconds)
     rollback_quietly(target.conn)
     pointed_at = _step_at_position(error, file_offsets)
+    failing = min(committed, len(chunk) - 1)
     return _BatchOutcome(
         committed,
         seconds,
         error,
-        file_offset=file_offsets[min(committed, len(chunk) - 1)],
+        file_offset=file_offsets[failing],
+        statement_index=None if failed_after is None else failed_after - head_counts[failing],
         refused_at=pointed_at if pointed_at is not None and pointed_at > committed else None,
         unconfirmed_to=unconfirmed_to,
     )
 
 
-def _batch_query(texts: list[Transaction]) -> tuple[str, list[int]]:
-    """The query of a batch, and where each step's file text starts in it.
+def _batch_query(texts: list[Transaction]) -> tuple[str, list[int], list[int]]:
+    """The query of a batch, where each step's file text starts in it, and how many
+    statements of each transaction come after its BEGIN and before the file's.
 
     The first transaction marks its own start; each later one was marked by the
     bookkeeping of the one before, if that one's did (``Transaction.marks_next``).
     """
     parts: list[str] = []
     file_offsets: list[int] = []
+    head_counts: list[int] = []
     length = 0
     marked = False
     for text in texts:
         head = text.opening if marked else text.opening + bookkeeping.MARK_START
         file_offsets.append(length + len(head))
+        head_counts.append(text.opening_statements + (0 if marked else 1))
         parts += [head, text.body, text.tail]
         length += len(head) + len(text.body) + len(text.tail)
         marked = text.marks_next
-    return "".join(parts), file_offsets
+    return "".join(parts), file_offsets, head_counts
+
+
+_BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
 
 class _TransactionTexts:
@@ -277,12 +300,12 @@ class _TransactionTexts:
         target: Target,
         steps: Sequence[Step],
         guard: psycopg.sql.Composable | None,
-        prepared: bookkeeping.PreparedBookkeeping | None,
+        prepared: _SessionStatements | None,
     ) -> None:
         self.target, self.steps, self.guard, self.prepared = target, steps, guard, prepared
-        # A file that may DEALLOCATE the session's prepared statements: from it on, the
-        # bookkeeping goes as plain statements.
-        self.first_plain = next((i for i, step in enumerate(steps) if _may_deallocate(step.file)), len(steps))
+        # A file that may DEALLOCATE or DISCARD the session's prepared statement and
+        # function: from it on, the bookkeeping goes as plain statements.
+        self.first_plain = next((i for i, step in enumerate(steps) if _may_drop_session_statements(step.file)), len(steps))
         self.built: dict[int, Transaction] = {}
 
     def of(self, index: int) -> Transaction:
@@ -304,57 +327,107 @@ class Transaction:
     body: str  # the file's text, verbatim, so that PostgreSQL's error position maps back to it
     tail: str  # the bookkeeping and COMMIT
     marks_next: bool  # the bookkeeping marks the start of the next transaction
+    opening_statements: int = 0  # statements of ``opening`` after its BEGIN
 
 
 def transaction_text(
     target: Target,
     step: Step,
     guard: psycopg.sql.Composable | None,
-    prepared: bookkeeping.PreparedBookkeeping | None = None,
+    prepared: _SessionStatements | None = None,
 ) -> Transaction:
     """One step's transaction; the mark of its start goes between opening and body."""
     conn, action, file = target.conn, step.action, step.file
-    guard_sql = guard.as_string(conn) if guard is not None else ""
-    opening = _begin(file) + ";\n" + guard_sql + target.transaction_settings
+    opening = _begin(file) + ";\n" + _head_guard(target, step, guard, prepared) + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
-    if prepared is not None and after is not None:
-        bookkeeping_sql = prepared.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
+    # The prepared statement inserts a version other than the one it deletes (see its
+    # docstring); an out-of-order file leaves the version as it was.
+    if prepared is not None and after is not None and after != step.version_before:
+        bookkeeping_sql = prepared.record.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
         marks_next = True
     else:
         bookkeeping_sql = bookkeeping.record_migration(
             target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
         )
         marks_next = False
-    return Transaction(opening, _transactional_body(file), "\n;\n" + bookkeeping_sql.as_string(conn) + "COMMIT;\n", marks_next)
+    restore = target.identity_restore if _may_change_identity(file) else ""
+    tail = "\n;\n" + restore + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
+    return Transaction(opening, _transactional_body(file), tail, marks_next, 1 + target.settings_count)
+
+
+def _head_guard(
+    target: Target, step: Step, guard: psycopg.sql.Composable | None, prepared: _SessionStatements | None
+) -> str:
+    """What a step's transaction checks first: behind a pooler, the pooler's guard; else
+    that the bookkeeping still holds the step's ``version_before``."""
+    if guard is not None:
+        return guard.as_string(target.conn)
+    if prepared is not None and prepared.expect is not None:
+        return prepared.expect.call(step.version_before).as_string(target.conn)
+    return expect_version(target.tables, step.version_before).as_string(target.conn)
+
+
+@dataclass(frozen=True)
+class _SessionStatements:
+    """What a run of steps keeps in the session: the bookkeeping statement, prepared, and
+    the check at the head of each transaction, as a function (None: the role may not
+    create temporary objects, and the check goes as a DO block)."""
+
+    record: bookkeeping.PreparedBookkeeping
+    expect: ExpectFunction | None
 
 
 _prepared_runs = itertools.count(1)
 
 
 @contextmanager
-def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[bookkeeping.PreparedBookkeeping | None]:
-    """The bookkeeping statement prepared in the session for one run of steps, and
-    deallocated after it (its name is the run's own, so nothing else can collide)."""
+def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[_SessionStatements | None]:
+    """The bookkeeping statement prepared in the session for one run of steps, and the
+    check function, both removed after it (their names are the run's own, so nothing
+    else can collide)."""
     if not enabled:
         yield None
         return
+    import psycopg
+
+    conn = target.conn
     number = next(_prepared_runs)
-    prepared = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
-    target.conn.execute(prepared.prepare(target.tables).as_string(target.conn).encode())
+    record = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
+    conn.execute(record.prepare(target.tables).as_string(conn).encode())
+    expect: ExpectFunction | None = ExpectFunction(f"dbplan_expect_{number}")
     try:
-        yield prepared
+        conn.execute(expect.create(target.tables).as_string(conn).encode())  # type: ignore[union-attr]
+    except psycopg.Error:  # no TEMP privilege on the database: DO blocks do the same
+        rollback_quietly(conn)
+        expect = None
+    try:
+        yield _SessionStatements(record, expect)
     finally:
-        if not (target.conn.closed or target.conn.broken):
-            import psycopg
-
-            rollback_quietly(target.conn)
+        if not (conn.closed or conn.broken):
+            rollback_quietly(conn)
             with suppress(psycopg.Error):  # a file may have deallocated it; the session ends soon anyway
-                target.conn.execute(prepared.deallocate().as_string(target.conn).encode())
+                conn.execute(record.deallocate().as_string(conn).encode())
+            with suppress(psycopg.Error):
+                if expect is not None:
+                    conn.execute(expect.drop().as_string(conn).encode())
 
 
-def _may_deallocate(file: MigrationFile) -> bool:
+def _may_change_identity(file: MigrationFile) -> bool:
+    """Whether a file may change who the rest of its transaction runs as (SET ROLE, SET
+    SESSION AUTHORIZATION), which its own bookkeeping must not run as. Found with the
+    parser, so most files pay nothing; one that does it where the parser cannot see
+    (EXECUTE in a DO block) makes its bookkeeping fail loudly, never silently."""
     script = file.script
-    return not script.parsed or any(statement.kind == "DeallocateStmt" for statement in script.statements)
+    return not script.parsed or any(
+        statement.kind == "VariableSetStmt"
+        and statement.ast.get("VariableSetStmt", {}).get("name") in ("role", "session_authorization")
+        for statement in script.statements
+    )
+
+
+def _may_drop_session_statements(file: MigrationFile) -> bool:
+    script = file.script
+    return not script.parsed or any(statement.kind in ("DeallocateStmt", "DiscardStmt") for statement in script.statements)
 
 
 def _results(conn: psycopg.Connection, query: bytes, meanwhile: Callable[[], None]) -> list[PGresult]:

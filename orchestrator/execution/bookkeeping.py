@@ -56,36 +56,28 @@ def create_tables(tables: Tables, *, create_schema: bool) -> sql.Composed:
 def set_version(tables: Tables, version: int | None, dirty: bool) -> sql.Composed:
     """Make ``schema_migrations`` hold exactly one row: (version, dirty), or none.
 
-    UPDATE, else INSERT (one statement), rather than golang-migrate's TRUNCATE-then-INSERT,
-    so that a project's own migration may add a column to the table (with a default)
-    without breaking the bookkeeping of every later migration.
+    Written the way golang-migrate writes it, emptied then one row inserted, so that a
+    project's own trigger on the table (an AFTER INSERT that keeps a log of versions, say)
+    sees one INSERT per version under both tools. DELETE rather than golang-migrate's
+    TRUNCATE: TRUNCATE takes an ACCESS EXCLUSIVE lock that would stop every reader of the
+    table (plan, status) for the migration's whole transaction. The columns are named, so
+    a project's migration may add a column of its own (with a default).
     """
+    delete = sql.Composed([_DELETE_FROM, tables.migrations_id, _END])
     if version is None:
-        return sql.Composed([_DELETE_FROM, tables.migrations_id, _END])
-    return _move_version(tables, sql.Literal(version), sql.Literal(dirty))
-
-
-def _move_version(tables: Tables, version: sql.Composable, dirty: sql.Composable) -> sql.Composed:
-    # Built by joining pieces, not SQL.format: this runs once per migration, and parsing a
-    # format string each time cost more than the statement takes on the server.
-    table = tables.migrations_id
-    return sql.Composed(
-        [_WITH_MOVED, table, _SET_VERSION, version, _SET_DIRTY, dirty, _MOVED_INSERT,
-         table, _VERSION_DIRTY_SELECT, version, _COMMA, dirty, _UNLESS_MOVED]
+        return delete
+    return delete + sql.Composed(
+        [_INSERT_INTO, tables.migrations_id, _VERSION_DIRTY_VALUES, sql.Literal(version), _COMMA, sql.Literal(dirty),
+         _CLOSE_END]
     )  # fmt: skip
 
 
 _DELETE_FROM = sql.SQL("DELETE FROM ")
-_SET_VERSION = sql.SQL(" SET version = ")
-_SET_DIRTY = sql.SQL(", dirty = ")
 _END = sql.SQL(";\n")
 _INSERT_INTO = sql.SQL("INSERT INTO ")
-_VERSION_DIRTY_SELECT = sql.SQL(" (version, dirty) SELECT ")
+_VERSION_DIRTY_VALUES = sql.SQL(" (version, dirty) VALUES (")
 _COMMA = sql.SQL(", ")
 _CLOSE_END = sql.SQL(");\n")
-_WITH_MOVED = sql.SQL("WITH moved AS (UPDATE ")
-_MOVED_INSERT = sql.SQL(" RETURNING 1)\nINSERT INTO ")
-_UNLESS_MOVED = sql.SQL(" WHERE NOT EXISTS (SELECT FROM moved);\n")
 _HISTORY_COLUMNS = sql.SQL(" (version, title, checksum, event, duration_ms, applied_by, reason) VALUES (")
 
 
@@ -168,12 +160,16 @@ class PreparedBookkeeping:
     name: str  # unique to the run that prepared it
 
     def prepare(self, tables: Tables) -> sql.Composed:
+        """The statement; ``schema_migrations`` is written as ``set_version`` writes it.
+        Both of its data-modifying CTEs see the table as it was, so the version inserted
+        must differ from the one deleted (else a duplicate key): the caller runs
+        ``record_migration`` instead for a migration that leaves the version as it was."""
         table = tables.migrations_id
         return sql.Composed([
             sql.SQL("PREPARE "), sql.Identifier(self.name),
-            sql.SQL(" (bigint, text, text, text, text, bigint) AS\nWITH moved AS (UPDATE "), table, _SET_VERSION,
-            sql.SQL("$6"), _SET_DIRTY, sql.SQL("false RETURNING 1),\n  inserted AS (INSERT INTO "), table,
-            _VERSION_DIRTY_SELECT, sql.SQL("$6, false WHERE NOT EXISTS (SELECT FROM moved))\n"),
+            sql.SQL(" (bigint, text, text, text, text, bigint) AS\nWITH emptied AS (DELETE FROM "), table,
+            sql.SQL(" RETURNING 1),\n  inserted AS (INSERT INTO "), table, _VERSION_DIRTY_VALUES,
+            sql.SQL("$6, false))\n"),
             _INSERT_INTO, tables.history_id, _DONE_COLUMNS, sql.SQL("$1, $2, $3, $4, "), _DONE_TIMES,
             sql.SQL(", $5"), _RETURNING_DONE_MARK_NEXT,
         ])  # fmt: skip

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
 from ..live.connection import behind_pooler, connect, connection_lost, server_url
-from ..live.facts import ServiceFacts, read_server, read_service, resolve_schema
+from ..live.facts import ServiceFacts, locate_apart, read_server, read_service
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
     advisory_lock,
+    hold_again,
     migrations_lock_key,
     pooler_message,
     server_lock_key,
@@ -349,34 +350,76 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
     owner = run.estate.databases[service.database].owner
     with connect(server, run.url(server), service.database) as conn:
         with conn.transaction():
-            schema = service.schema or resolve_schema(conn, owner)
+            # Fixed for the run: the lock's key and every statement name this table.
+            schema = locate_apart(conn, run.estate, service, owner)
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
-        target = Target(conn, service, server, owner, bookkeeping.Tables(schema, service.table, service.history_table))
+        tables = bookkeeping.Tables(schema, service.table, service.history_table)
         waiting = run.lock_wait_for(conn, key, what)
         if behind_pooler(conn):
-            _migrate_guarded(run, target, shown, waiting)
+            _migrate_guarded(run, Target(conn, service, server, owner, tables), shown, waiting)
             return
         with advisory_lock(waiting, server=server.name):
             checkpoint("locked")
-            _migrate_locked(run, target, shown)
+            _migrate_locked(run, Target(conn, service, server, owner, tables, lock=waiting), shown)
 
 
 def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> None:
-    """Under the session lock: re-read, re-plan, then run what is still to do."""
+    """Under the session lock: re-read, re-plan, then run what is still to do.
+
+    Every migration's transaction checks that the bookkeeping is what this run planned
+    from (``guard.expect_version``). It can only fail when a migration released the
+    session lock and another run got in: then take the lock again, re-read, re-plan,
+    and go on with what is left.
+    """
     service = target.service
-    facts = read_service(target.conn, service, target.owner)  # under the lock: another run may have moved on
-    todo = _fresh_todo(run, service, shown, facts)
-    if todo:
+    by_version = run.migration_sets[service.name].by_version()
+    rejected: ServiceFacts | None = None
+    while True:
+        # Under the lock: another run may have moved on.
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
+        todo = _fresh_todo(run, service, shown, facts)
+        _skip_done_by_others(run, shown, todo)
+        if not todo:
+            return
         _prepare(target, facts)
         checkpoint("prepared")
-    by_version = run.migration_sets[service.name].by_version()
-    still_to_do = set(todo)  # actions are frozen values: a set keeps 1,000 migrations linear
-    for action in shown:
-        if action not in still_to_do:
-            run.finish(Outcome(action, "skipped", detail="already done by another run"))
+        try:
+            _run_todo(run, target, todo, facts.version, by_version)
+            return
+        except GuardFailed:
+            if facts == rejected:
+                raise _guard_contradicts(service) from None
+            rejected = facts
+            assert target.lock is not None
+            hold_again(target.lock)
+
+
+def _run_todo(
+    run: _Run, target: Target, todo: list[MigrationAction], version: int | None, by_version: dict[int, Migration]
+) -> None:
+    """Run ``todo`` in order, starting from ``version`` in schema_migrations."""
     for actions in _runs_of_same_kind(todo):
-        _run_and_report(run, target, actions, by_version)
+        _run_and_report(run, target, actions, by_version, version_before=version)
+        version = actions[-1].version_after
+
+
+def _skip_done_by_others(run: _Run, shown: list[MigrationAction], todo: list[MigrationAction]) -> None:
+    """Report the shown actions that are neither still to do nor reported yet as skipped."""
+    still_to_do = set(todo)  # actions are frozen values: a set keeps 1,000 migrations linear
+    reported = {outcome.action for outcome in run.outcomes}
+    for action in shown:
+        if action not in still_to_do and action not in reported:
+            run.finish(Outcome(action, "skipped", detail="already done by another run"))
+
+
+def _guard_contradicts(service: Service) -> DbplanError:
+    return DbplanError(
+        f"the bookkeeping of service '{service.name}' reads the same as before, yet the guard says it "
+        "changed; refusing to go on",
+        service=service.name,
+        hint="report this with --debug output; run 'dbplan status' to see where the service stands",
+    )
 
 
 def _prepare(target: Target, facts: ServiceFacts) -> None:
@@ -427,7 +470,7 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
     settled = 0  # shown[:settled] are reported
     rejected: ServiceFacts | None = None
     while True:
-        facts = read_service(target.conn, service, target.owner)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
         if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
             waiting.pause()
             continue
@@ -447,18 +490,13 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
                 execute_guarded(target.conn, as_role(target.conn, target.owner, prepare, guard=guard))
                 checkpoint("prepared")
                 continue
-            _run_and_report(run, target, [action], by_version, guard=guard)
+            _run_and_report(run, target, [action], by_version, guard=guard, version_before=facts.version)
             settled += 1
         except GuardFailed as failed:
             if failed.busy:
                 waiting.pause()
             elif facts == rejected:
-                raise DbplanError(
-                    f"the bookkeeping of service '{service.name}' reads the same as before, yet the guard says it "
-                    "changed; refusing to go on",
-                    service=service.name,
-                    hint="report this with --debug output; run 'dbplan status' to see where the service stands",
-                ) from None
+                raise _guard_contradicts(service) from None
             rejected = facts
 
 
@@ -468,19 +506,26 @@ def _run_and_report(
     actions: list[MigrationAction],
     by_version: dict[int, Migration],
     *,
+    version_before: int | None,
     guard: psycopg.sql.Composable | None = None,
 ) -> None:
-    """Run consecutive migrations of one kind (see ``_runs_of_same_kind``), reporting each."""
+    """Run consecutive migrations of one kind (see ``_runs_of_same_kind``), reporting each;
+    the first starts from ``version_before`` in schema_migrations, each next one from the
+    version the one before leaves."""
     report = _StepProgress(run)
+    befores = [version_before] + [action.version_after for action in actions[:-1]]
     try:
         if actions[0].transactional:
-            steps = [Step(action, file_of(action, by_version[action.version])) for action in actions]
+            steps = [
+                Step(action, file_of(action, by_version[action.version]), before)
+                for action, before in zip(actions, befores)
+            ]
             run_transactional_steps(run, target, steps, report, guard=guard)
         else:
             (action,) = actions
             run.check_stop(f"before {action_phrase(action)}")
             report.started(Step(action, file_of(action, by_version[action.version])))
-            run_outside_transaction(run, target, action, by_version[action.version])
+            run_outside_transaction(run, target, action, by_version[action.version], version_before)
             report.committed_now()
     except (MigrationFailed, Interrupted) as failure:
         report.failed(failure)

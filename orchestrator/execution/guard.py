@@ -68,3 +68,85 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
         dirty=sql.Literal(facts.dirty),
         rows=sql.Literal(facts.history_count),
     )
+
+
+# --------------------------------------------------------------------------- compare and swap
+#
+# The session advisory lock keeps a second run out only while this session holds it, and
+# a migration may do anything a session can: DISCARD ALL, pg_advisory_unlock_all(), ... So
+# every transaction that writes the bookkeeping first locks the migrations table and checks
+# that it still holds the (version, dirty) the run planned from. SHARE ROW EXCLUSIVE
+# conflicts with itself and with every writer of the table, not with readers (plan, status
+# and golang-migrate's version read go on). A second run that got in therefore waits for
+# the first one's transaction, then finds the version moved and re-plans: it can never
+# apply a migration again.
+#
+# It also puts the session back as dbplan connected it: a migration's SET (search_path,
+# check_function_bodies, standard_conforming_strings, SET ROLE, SET SESSION AUTHORIZATION)
+# outlives its transaction, and the next migration would run under it, so where a table
+# ends up would depend on how many runs applied the folder. RESET ALL spares role and
+# session authorization, hence their own RESETs. The mark of the migration's start (a
+# setting too, see ``bookkeeping.MARK_START``) is kept.
+_EXPECT_BODY = (
+    "  mark := current_setting('dbplan.migration_started', true);\n"
+    "  RESET SESSION AUTHORIZATION;\n"
+    "  RESET ROLE;\n"
+    "  RESET ALL;\n"
+    "  PERFORM set_config('dbplan.migration_started', coalesce(mark, ''), false);\n"
+    "  LOCK TABLE {migrations_id} IN SHARE ROW EXCLUSIVE MODE;\n"
+    "  SELECT CASE WHEN version >= 0 THEN version END, dirty INTO found_version, found_dirty\n"
+    "    FROM {migrations_id} ORDER BY version DESC LIMIT 1;\n"
+    "  IF ROW(found_version, coalesce(found_dirty, false)) IS DISTINCT FROM ROW(expected_version, expected_dirty) THEN\n"
+    "    RAISE EXCEPTION 'dbplan: the migrations moved on since they were read' USING ERRCODE = {moved};\n"
+    "  END IF;\n"
+)
+
+
+def expect_version(tables: Tables, version: int | None, *, dirty: bool = False) -> sql.Composed:
+    """The head of a transaction that may write the bookkeeping only if it still reads
+    (``version``, ``dirty``): raises GUARD_MOVED_SQLSTATE otherwise (see ``_EXPECT_BODY``).
+
+    A DO block, parsed and compiled each time: where it runs once per migration in a batch,
+    ``ExpectFunction`` does the same for a fraction of the server's work.
+    """
+    return sql.SQL(
+        "DO $dbplan_expect$\n"
+        "DECLARE expected_version bigint := {version}; expected_dirty boolean := {dirty};\n"
+        "  found_version bigint; found_dirty boolean; mark text;\n"
+        "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
+    ).format(
+        version=sql.Literal(version),
+        dirty=sql.Literal(dirty),
+        migrations_id=tables.migrations_id,
+        moved=sql.Literal(GUARD_MOVED_SQLSTATE),
+    )
+
+
+class ExpectFunction:
+    """``expect_version`` as a function of the session (in ``pg_temp``, so no other session
+    sees it and nothing is left in the database), created once per run of steps: PL/pgSQL
+    compiles it once, and each call costs the server a few statements' worth."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # unique to the run that created it
+
+    def create(self, tables: Tables) -> sql.Composed:
+        return sql.SQL(
+            "CREATE FUNCTION pg_temp.{name}(expected_version bigint, expected_dirty boolean) RETURNS void\n"
+            "LANGUAGE plpgsql AS $dbplan_expect$\n"
+            "DECLARE found_version bigint; found_dirty boolean; mark text;\n"
+            "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
+        ).format(
+            name=sql.Identifier(self.name),
+            migrations_id=tables.migrations_id,
+            moved=sql.Literal(GUARD_MOVED_SQLSTATE),
+        )
+
+    def call(self, version: int | None) -> sql.Composed:
+        return sql.Composed(
+            [sql.SQL("SELECT pg_temp."), sql.Identifier(self.name), sql.SQL("("), sql.Literal(version),
+             sql.SQL("::bigint, false);\n")]
+        )  # fmt: skip
+
+    def drop(self) -> sql.Composed:
+        return sql.SQL("DROP FUNCTION IF EXISTS pg_temp.{}(bigint, boolean);\n").format(sql.Identifier(self.name))

@@ -23,11 +23,12 @@ from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
 from ..planning.plan import MigrationAction, RevertMigration
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, expect_version
 
 if TYPE_CHECKING:
     import psycopg
 
+    from ..live.locks import LockWait
     from .progress import Cancellation
 
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
@@ -56,6 +57,7 @@ class Target:
     server: Server
     owner: str | None
     tables: bookkeeping.Tables
+    lock: LockWait | None = None  # the session lock the run holds (None behind a pooler)
 
     @cached_property
     def transaction_settings(self) -> str:
@@ -66,14 +68,36 @@ class Target:
         follows it (``bookkeeping.MARK_START``)."""
         from psycopg import sql
 
+        return sql.Composed(
+            [sql.SQL("SET LOCAL {} = {};\n").format(sql.SQL(name), sql.Literal(value)) for name, value in self._settings]
+        ).as_string(self.conn)
+
+    @property
+    def settings_count(self) -> int:
+        """How many statements ``transaction_settings`` is."""
+        return len(self._settings)
+
+    @cached_property
+    def _settings(self) -> list[tuple[str, str]]:
         settings = [("lock_timeout", str(self.service.lock_timeout))]
         if self.service.statement_timeout is not None:
             settings.append(("statement_timeout", str(self.service.statement_timeout)))
         if self.owner:
             settings.append(("role", self.owner))
-        return sql.Composed(
-            [sql.SQL("SET LOCAL {} = {};\n").format(sql.SQL(name), sql.Literal(value)) for name, value in settings]
-        ).as_string(self.conn)
+        return settings
+
+
+    @cached_property
+    def identity_restore(self) -> str:
+        """Who the bookkeeping runs as after a migration that said SET ROLE or SET SESSION
+        AUTHORIZATION: the role it ran as, again (SET SESSION AUTHORIZATION also resets
+        the role)."""
+        from psycopg import sql
+
+        restore: sql.Composable = sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT;\n")
+        if self.owner:
+            restore += sql.SQL("SET LOCAL ROLE {};\n").format(sql.Identifier(self.owner))
+        return restore.as_string(self.conn)
 
 
 class GuardFailed(Exception):
@@ -96,18 +120,29 @@ def event_of(action: MigrationAction) -> str:
     return "revert" if isinstance(action, RevertMigration) else "apply"
 
 
-def run_outside_transaction(run: RunControl, target: Target, action: MigrationAction, migration: Migration) -> None:
+def run_outside_transaction(
+    run: RunControl, target: Target, action: MigrationAction, migration: Migration, version_before: int | None
+) -> None:
     """Run a no-transaction migration statement by statement, with the dirty flag set
     around the run (golang-migrate's way). Not retried on a lock timeout: the statements
-    before the one that failed stay done."""
+    before the one that failed stay done.
+
+    Nothing but the session lock keeps another run out of the statements, so it must still
+    be held (a migration before may have released it) when the service is marked dirty,
+    and again (this one may have) after each statement and before the version is recorded. Both writes also check
+    the bookkeeping they expect (``expect_version``): marking it raises ``GuardFailed``
+    when another run moved on meanwhile."""
     from psycopg import sql
 
     file, event = file_of(action, migration), event_of(action)
     conn, owner, tables = target.conn, target.owner, target.tables
     started = time.monotonic()
-    conn.execute(
-        (sql.SQL("BEGIN;\n") + _set_role(owner, local=True) + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode()
-    )
+    _hold_lock(target)
+    execute_guarded(
+        conn,
+        (sql.SQL("BEGIN;\n") + expect_version(tables, version_before) + _set_role(owner, local=True)
+         + bookkeeping.set_version(tables, action.version, True) + sql.SQL("COMMIT;")).as_string(conn).encode(),
+    )  # fmt: skip
     checkpoint("marked_dirty")
     script = file.script
     # An unparsed file goes as one string, as it is.
@@ -138,11 +173,17 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
                         conn, err, action, file, owner, target.server, statement=statement, dirty=True
                     ) from err
                 checkpoint("statement")
+                # At once, not only before recording: while the lock is gone, another run
+                # sees the service dirty with no run applying it, and refuses it (or a
+                # person forces it) as if this migration had failed.
+                _hold_lock(target)
     finally:
         if not conn.closed and not conn.broken:
             conn.execute(_reset_session(target.service, owner))
+    _hold_lock(target)
     done = (
         sql.SQL("BEGIN;\n")
+        + expect_version(tables, action.version, dirty=True)
         + _set_role(owner, local=True)
         + bookkeeping.record_event(
             tables,
@@ -155,7 +196,27 @@ def run_outside_transaction(run: RunControl, target: Target, action: MigrationAc
         + bookkeeping.set_version(tables, action.version_after, False)
         + sql.SQL("COMMIT;")
     )
-    conn.execute(done.as_string(conn).encode())
+    try:
+        execute_guarded(conn, done.as_string(conn).encode())
+    except GuardFailed:
+        raise DbplanError(
+            f"{file.display} (version {action.version} of service '{action.service}') ran to its end, but meanwhile "
+            f"someone changed the bookkeeping it had marked dirty at version {action.version}; nothing was recorded "
+            "for it",
+            service=action.service,
+            version=action.version,
+            hint="see who did what in 'dbplan status' and the history table, then 'dbplan force "
+            f"{action.service} VERSION' to record where the database stands",
+        ) from None
+
+
+def _hold_lock(target: Target) -> None:
+    """Take the run's session lock again if a migration released it (see ``hold_again``)."""
+    from ..live.locks import hold_again
+
+    lock = target.lock
+    if lock is not None and hold_again(lock) and lock.on_wait is not None:
+        lock.on_wait(f"a migration released the lock on {lock.what}; dbplan took it again")
 
 
 def run_statement(conn: psycopg.Connection, statement: Statement) -> None:
@@ -242,6 +303,7 @@ def migration_failure(
     dirty: bool = False,
     attempts: int = 1,
     lock_timeout: int | None = None,
+    statement_index: int | None = None,
 ) -> MigrationFailed:
     import psycopg
 
@@ -268,7 +330,9 @@ def migration_failure(
         )
     # Replaying to find the failing line would wait for the same lock, or run as long again.
     replay = sqlstate not in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
-    line = _failure_line(conn, file, diag.statement_position, offset, statement, owner, replay=replay, context=diag.context)
+    line = _failure_line(
+        conn, file, diag.statement_position, offset, statement, owner, statement_index, replay=replay, context=diag.context
+    )
     where = f"{file.display}:{line}" if line else file.display
     details = [f"{where}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")]
     if diag.message_detail:
@@ -323,6 +387,7 @@ def _failure_line(
     offset: int,
     statement: Statement | None,
     owner: str | None,
+    statement_index: int | None = None,
     *,
     replay: bool = True,
     context: str | None = None,
@@ -339,6 +404,9 @@ def _failure_line(
         if 0 <= index <= len(file.text):
             return line_of_offset(file.text, index)
         return None
+    inner = file.script.inner_statements
+    if file.script.parsed and statement_index is not None and 0 <= statement_index < len(inner):
+        return inner[statement_index].line  # counted from the results (batches.py)
     located = _replay_to_find_failure(conn, file.script, owner) if replay else None
     return located.line if located else None
 

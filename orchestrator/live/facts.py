@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import ConnectionFailed
+from ..errors import ConfigError, ConnectionFailed
 from ..estate.model import Estate, Server, Service
 from .connection import connect, server_url
 from .locks import lock_holder, migrations_lock_key
@@ -33,6 +33,15 @@ SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 CURRENT_SCHEMA = "SELECT coalesce(current_schema(), 'public')"
 TABLE_EXISTS = "SELECT to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) IS NOT NULL"
 ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %s)"
+# Every schema that holds a table of this name, and whether the history table is beside it.
+TABLE_LOCATIONS = """
+SELECT n.nspname::text,
+       EXISTS (SELECT FROM pg_class h WHERE h.relnamespace = n.oid AND h.relname = %s AND h.relkind IN ('r', 'p'))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = %s AND c.relkind IN ('r', 'p')
+  AND n.nspname !~ '^pg_(toast|temp_)'
+ORDER BY 1
+"""
 INVALID_INDEXES = """
 SELECT format('%I.%I', n.nspname, c.relname)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -113,8 +122,57 @@ def inspect(
             owner = estate.databases[database].owner
             with connect(server, url, database) as conn:
                 for service in members:
-                    services[service.name] = read_service(conn, service, owner)
+                    services[service.name] = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
+            _refuse_shared_bookkeeping(members, {name: facts.schema for name, facts in services.items()})
     return LiveState(servers=servers, services=services)
+
+
+def claimed_schemas(estate: Estate, service: Service) -> frozenset[str]:
+    """The schemas where other services of the same database name their own table of
+    this name (``schema:``): a table found there is theirs, not this service's."""
+    return frozenset(
+        other.schema
+        for other in estate.services.values()
+        if other.name != service.name and other.database == service.database
+        and other.schema is not None and other.table == service.table
+    )  # fmt: skip
+
+
+def locate_apart(conn: psycopg.Connection, estate: Estate, service: Service, owner: str | None) -> str:
+    """``locate_schema`` for the executor, which may have created the database a moment
+    ago (so ``inspect`` could not look): also refuses a table another service of the
+    database resolves to."""
+    members = [other for other in estate.services.values() if other.database == service.database]
+    schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other)) for other in members}
+    _refuse_shared_bookkeeping(members, schemas)
+    return schemas[service.name]
+
+
+def _refuse_shared_bookkeeping(members: list[Service], schemas: Mapping[str, str | None]) -> None:
+    """Two services whose bookkeeping is one table would each read the other's versions
+    as their own: one of them would never run its migrations."""
+    owners: dict[tuple[str, str], Service] = {}
+    for service in members:
+        schema = schemas[service.name]
+        assert schema is not None
+        for table in (service.table, service.history_table):
+            other = owners.setdefault((schema, table), service)
+            if other is not service:
+                raise ConfigError(
+                    f"services '{other.name}' and '{service.name}' would share the bookkeeping table {schema}.{table} "
+                    f"in database '{service.database}' ("
+                    + " and ".join(_how_located(s) for s in (other, service))
+                    + ")",
+                    place=service.place,
+                    service=service.name,
+                    hint=f"give one of them a schema or table of its own (services.{service.name}.schema or .table)",
+                )
+
+
+def _how_located(service: Service) -> str:
+    if service.schema is not None:
+        return f"'{service.name}' names schema '{service.schema}'"
+    return f"'{service.name}' uses the default, which is that schema here"
 
 
 def _services_by_database(estate: Estate, server: Server) -> dict[str, list[Service]]:
@@ -150,8 +208,17 @@ def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
     )
 
 
-def read_service(conn: psycopg.Connection, service: Service, owner: str | None) -> ServiceFacts:
-    """Read one service's bookkeeping through an open connection to its database.
+def read_service(
+    conn: psycopg.Connection,
+    service: Service,
+    owner: str | None,
+    *,
+    schema: str | None = None,
+    claimed: frozenset[str] = frozenset(),
+) -> ServiceFacts:
+    """Read one service's bookkeeping through an open connection to its database: in
+    ``schema`` if given (the executor's, fixed for its run), else where ``locate_schema``
+    finds it.
 
     The executor calls this too, under the lock, to re-plan against fresh facts.
     """
@@ -161,7 +228,7 @@ def read_service(conn: psycopg.Connection, service: Service, owner: str | None) 
         with conn.transaction():
             # One snapshot for every query: the executor trusts these facts as one state.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            schema = service.schema or resolve_schema(conn, owner)
+            schema = schema or locate_schema(conn, service, owner, claimed)
             table_exists = _table_exists(conn, schema, service.table)
             history_exists = _table_exists(conn, schema, service.history_table)
             version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
@@ -188,6 +255,39 @@ def read_service(conn: psycopg.Connection, service: Service, owner: str | None) 
         invalid_indexes=invalid,
         history_count=history_count,
         dirty_in_progress=in_progress,
+    )
+
+
+def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None, claimed: frozenset[str]) -> str:
+    """Where the service's migrations table is, or will be created (in a transaction).
+
+    The plan file's ``schema`` if it names one. Otherwise the table is looked for where it
+    is, in every schema: working the default out again on every run (the owner's
+    ``current_schema()``) let a migration move it (``CREATE SCHEMA`` named like the owner
+    under the default ``search_path "$user", public``, or ``ALTER ROLE ... SET
+    search_path``), and the next run started again from none. Only a table that does
+    not exist yet goes to the owner's ``current_schema()``, as golang-migrate's does.
+    One with the history table beside it is dbplan's; several candidates, none of them
+    in the current schema, are an error rather than a guess.
+    """
+    if service.schema is not None:
+        return service.schema
+    rows = conn.execute(TABLE_LOCATIONS, (service.history_table, service.table)).fetchall()
+    found = [(schema, with_history) for schema, with_history in rows if schema not in claimed]
+    if not found:
+        return resolve_schema(conn, owner)
+    candidates = [schema for schema, with_history in found if with_history] or [schema for schema, _ in found]
+    if len(candidates) == 1:
+        return candidates[0]
+    current = resolve_schema(conn, owner)
+    if current in candidates:
+        return current
+    raise ConfigError(
+        f"service '{service.name}' has a migrations table '{service.table}' in several schemas of database "
+        f"'{service.database}' ({', '.join(candidates)}), none of them the current schema '{current}'",
+        place=service.place,
+        service=service.name,
+        hint=f"say which one is the service's with services.{service.name}.schema in the plan file",
     )
 
 

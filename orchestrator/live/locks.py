@@ -48,6 +48,14 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
 LIMIT 1
 """
 
+HOLDS_LOCK = """
+SELECT EXISTS (
+  SELECT FROM pg_locks
+  WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND classid = %s AND objid = %s AND objsubid = 1)
+"""
+
 
 def migrations_lock_key(database: str, schema: str, table: str) -> int:
     """The key golang-migrate's postgres driver derives, so both tools exclude each other."""
@@ -78,9 +86,13 @@ class LockWait:
     ) -> None:
         self.conn, self.key, self.what = conn, key, what
         self.wait_seconds = wait_seconds
-        self.deadline = time.monotonic() + wait_seconds
         self.on_wait = on_wait
         self.stop = stop
+        self.restart()
+
+    def restart(self) -> None:
+        """Wait afresh: a full ``wait_seconds`` from now, announced again."""
+        self.deadline = time.monotonic() + self.wait_seconds
         self.announced = False
 
     def pause(self) -> None:
@@ -148,6 +160,28 @@ def _unlock(conn: psycopg.Connection, key: int) -> None:
         conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (key,))
     except psycopg.Error:
         pass  # the connection is closed right after this, which releases the lock as well
+
+
+def hold_again(waiting: LockWait) -> bool:
+    """Make sure this session still holds the lock ``waiting`` is for; take it again
+    (waiting as ``waiting`` says) if something released it. True if it had to.
+
+    A migration may release it (DISCARD ALL, pg_advisory_unlock_all(), ...); the
+    bookkeeping's own check (``execution.guard.expect_version``) keeps that from applying
+    anything twice, and this keeps the runs in turn, as the lock promised.
+    """
+    conn, key = waiting.conn, waiting.key
+    if holds_lock(conn, key):
+        return False
+    waiting.restart()
+    while not _try_lock(conn, key):
+        waiting.pause()
+    return True
+
+
+def holds_lock(conn: psycopg.Connection, key: int) -> bool:
+    row = conn.execute(HOLDS_LOCK, (key >> 32, key & 0xFFFFFFFF)).fetchone()
+    return bool(row and row[0])
 
 
 def _try_lock(conn: psycopg.Connection, key: int) -> bool:

@@ -144,6 +144,7 @@ class ServicePlan:
     out_of_order: tuple[int, ...] = ()
     invalid_indexes: tuple[str, ...] = ()
     dirty_version: int | None = None  # the version that failed part-way; current is the one before
+    bookkeeping: str | None = None  # schema.table of the migrations table; None: its database is not there yet
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "out_of_order": list(service.out_of_order),
         "drift": [vars(drift) for drift in service.drift],
         "invalid_indexes": list(service.invalid_indexes),
+        "bookkeeping": service.bookkeeping,
     }
 
 

@@ -187,6 +187,7 @@ def plan_service(
         out_of_order=out_of_order,
         invalid_indexes=facts.invalid_indexes,
         dirty_version=facts.version if facts.dirty else None,
+        bookkeeping=f"{facts.schema}.{service.table}" if facts.schema else None,
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))

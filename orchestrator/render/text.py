@@ -167,6 +167,8 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
         f"  (database {service.database} on {service.server}, {state})", "dim"
     )
     lines = [header]
+    if service.bookkeeping:
+        lines.append(style(f"  bookkeeping in {service.bookkeeping}", "dim"))
     width = max((len(str(v)) for v in [*(a.version for a in actions), *(d.version for d in service.drift)]), default=1)
     title_width = min(max((len(a.title) for a in actions), default=0), MAX_TITLE_WIDTH)
     for action in actions:
@@ -234,7 +236,7 @@ def environment_line(plan: Plan, style: Style) -> list[str]:
 
 def render_status(plan: Plan, *, color: bool = False) -> str:
     style = Style(color)
-    header = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT")
+    header = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT", "BOOKKEEPING")
     rows = [header] + [
         (
             s.service,
@@ -244,6 +246,7 @@ def render_status(plan: Plan, *, color: bool = False) -> str:
             str(len(s.pending)),
             "yes" if s.dirty else "no",
             ", ".join(str(d.version) for d in s.drift) or "-",
+            s.bookkeeping or "-",
         )
         for s in plan.services
     ]
