@@ -112,7 +112,8 @@ def password_server() -> Iterator[str]:
 
 def _with_user(url: str, userinfo: str, database: str = "postgres") -> str:
     host = url.split("@", 1)[1].split("/", 1)[0]
-    return f"postgresql://{userinfo}@{host}/{database}"
+    query = "?" + url.split("?", 1)[1] if "?" in url else ""  # the test server's password file
+    return f"postgresql://{userinfo}@{host}/{database}{query}"
 
 
 @pytest.mark.parametrize(
@@ -151,8 +152,9 @@ def test_the_right_password_connects(estate: Estate, password_server: str) -> No
 
 def test_a_role_that_may_not_log_in_is_refused_at_once(estate: Estate) -> None:
     role = estate.name("nologin")
-    estate.execute("app", f'CREATE ROLE "{role}" NOLOGIN')
-    estate.document["servers"]["main"]["url"] = _with_user(estate.url, role)
+    # With a password: the test servers ask for one over TCP before they look at LOGIN.
+    estate.execute("app", f'CREATE ROLE "{role}" NOLOGIN PASSWORD \'nologin-pw\'')
+    estate.document["servers"]["main"]["url"] = _with_user(estate.url, f"{role}:nologin-pw")
     estate.save()
     run = estate.dbplan("plan", "--wait", "30")
     assert run.code == 1

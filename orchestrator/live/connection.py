@@ -70,13 +70,18 @@ def connect(
                 prepare_threshold=None,
                 application_name=APPLICATION_NAME,
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                # The session's own default, whatever PGCLIENTENCODING says: a RESET ALL
+                # between migrations then returns to what the parser read the files as.
+                client_encoding="UTF8",
             )
         except psycopg.OperationalError as err:
             reason = _first_line(str(err), url)
             where = f"server '{server.name}' (database '{dbname}', {describe(server)})"
             if refused_by_server(reason):
                 raise ConnectionFailed(
-                    f"{where} refused the connection: {reason}", server=server.name, hint=_refusal_hint(reason, database)
+                    f"{where} refused the connection: {reason}",
+                    server=server.name,
+                    hint=_embedded_password_hint(server, url, reason) or _refusal_hint(reason, database),
                 ) from None
             remaining = deadline - time.monotonic()
             if remaining > 0:
@@ -88,8 +93,7 @@ def connect(
             raise ConnectionFailed(
                 f"cannot connect to {where}: {reason}",
                 server=server.name,
-                hint=_embedded_password_hint(server, url, reason)
-                or "check that the server is running and the url is right"
+                hint="check that the server is running and the url is right"
                 + (f" (retried for {wait_seconds:g} s)" if wait_seconds else "; --wait SECONDS retries while it starts"),
             ) from None
         except psycopg.Error as err:
@@ -114,6 +118,8 @@ def _embedded_password_hint(server: Server, url: str, reason: str) -> str | None
         "data folder's, run `dbplan server stop`, delete that file and run the command again: "
         "the next start sets a new password"
     )
+
+
 def maintenance_database(server: Server, url: str) -> str:
     """The database dbplan connects to for server-wide work (reading roles and databases,
     creating them, their lock): ``maintenance_database`` when the plan file sets it, else
