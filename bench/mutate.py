@@ -60,7 +60,7 @@ MODULES: dict[str, Target] = {
     "scan": Target("orchestrator/migrations/scan.py", ("tests/test_migrations_scan.py",)),
     "bookkeeping": Target(
         "orchestrator/execution/bookkeeping.py",
-        ("tests/test_core_flow.py", "tests/test_batches.py", "tests/test_bookkeeping.py"),
+        ("tests/test_bookkeeping.py", "tests/test_core_flow.py", "tests/test_batches.py"),  # quickest first: -x
         needs_server=True,
     ),
 }
@@ -78,13 +78,15 @@ class Mutant:
     end: int
     replacement: str
     description: str
-    code: str  # the first line of the replaced code, for people and for the equivalent file
+    code: str  # the first line of the replaced code, for people
+    context: str  # the source line it starts on, stripped, and where on it: for the key
+    column: int
 
     @property
     def key(self) -> str:
-        """What the equivalent file records: no line number, so that edits above it do not
-        make a recorded judgement point at another mutant."""
-        return f"{self.module} | {self.description} | {self.code}"
+        """What the equivalent file records: the line's text, not its number, so that edits
+        above it do not make a recorded judgement point at another mutant."""
+        return f"{self.module} | {self.description} | {self.context} @{self.column}"
 
     def apply(self, source: str) -> str:
         return source[: self.start] + self.replacement + source[self.end :]
@@ -165,7 +167,12 @@ class _Finder(ast.NodeVisitor):
     def _add(self, node: ast.AST, replacement: str, description: str) -> None:
         start, end = self._span(node)
         code = self.source[start:end].split("\n", 1)[0].strip()
-        self.mutants.append(Mutant(self.module, node.lineno, start, end, replacement, description, code))  # type: ignore[attr-defined]
+        line = self.lines[node.lineno - 1]  # type: ignore[attr-defined]
+        context = line.strip()
+        column = start - self.line_starts[node.lineno - 1] - (len(line) - len(line.lstrip()))  # type: ignore[attr-defined]
+        self.mutants.append(
+            Mutant(self.module, node.lineno, start, end, replacement, description, code, context, column)  # type: ignore[attr-defined]
+        )
 
     # -- what is never mutated -------------------------------------------------------
 
@@ -335,8 +342,7 @@ def read_equivalent(path: Path) -> dict[str, str]:
         elif line.startswith("#"):
             reason.append(line.lstrip("# "))
         else:
-            module, description, code = (part.strip() for part in line.split(" | ", 2))
-            judged[f"{module} | {description} | {code}"] = " ".join(reason)
+            judged[line] = " ".join(reason)
     return judged
 
 
@@ -428,6 +434,8 @@ def mutate_module(
     path = copy / target.source
     original = path.read_text()
     mutants = pick(find_mutants(name, original), args.mutants, args.seed)
+    if args.only:  # after picking, so that the numbers stay those of the full run
+        mutants = [m for m in mutants if args.only in m.key]
     env = test_env(copy, servers.urls() if target.needs_server else None)
     status, baseline, detail = run_tests(copy, target, timeout=600, env=env)
     if status != "survived":
@@ -503,7 +511,7 @@ def list_mutants(name: str, args: argparse.Namespace, judged: dict[str, str]) ->
     target = MODULES[name]
     source = (REPO / target.source).read_text()
     every = find_mutants(name, source)
-    chosen = pick(every, args.mutants, args.seed)
+    chosen = [m for m in pick(every, args.mutants, args.seed) if not args.only or args.only in m.key]
     print(f"\n{name}: {len(chosen)} of {len(every)} possible mutants of {target.source}")
     for mutant in chosen:
         mark = "  (equivalent)" if mutant.key in judged else ""
@@ -517,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", default="1", help="picks the mutants (default 1)")
     parser.add_argument("--timeout", type=float, default=0, help="per mutant, seconds (default 5 x the unmutated run, at least 60)")
     parser.add_argument("--equivalent", type=Path, default=DEFAULT_EQUIVALENT, help="mutants judged equivalent")
+    parser.add_argument("--only", metavar="TEXT", help="only the picked mutants whose key contains TEXT")
     parser.add_argument("--list", action="store_true", help="print the mutants and run nothing")
     parser.add_argument("--json", type=Path, help="write the report as JSON too")
     parser.add_argument("--tests-at", metavar="COMMIT", help="run the tests as they were at COMMIT (a score before)")
