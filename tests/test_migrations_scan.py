@@ -438,3 +438,32 @@ def test_a_migration_shown_in_a_log_does_not_dump_its_sql(tmp_path: Path) -> Non
     assert "hunter2" not in repr(migration)
     assert "000001_secret.up.sql" in repr(migration)
 
+
+
+def test_a_file_of_exactly_the_size_limit_is_read(tmp_path: Path) -> None:
+    statement = b"SELECT 1;"
+    write(tmp_path, {"000001_big.up.sql": statement + b"\n" * (migrations.MAX_MIGRATION_BYTES - len(statement))})
+    (migration,) = scan(tmp_path).migrations
+    assert len(migration.up.text) == migrations.MAX_MIGRATION_BYTES
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc/self/fd")
+def test_scanning_leaves_no_file_open(tmp_path: Path) -> None:
+    write(tmp_path, {f"{v:06d}_m.up.sql": f"SELECT {v};\n" for v in range(1, 41)})
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert len(scan(tmp_path).migrations) == 40
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_absolute_folder_reached_through_a_link_is_scanned_and_shown_as_written(tmp_path: Path) -> None:
+    """``migrations: /srv/alias/migrations`` where /srv/alias links to the plan file's folder
+    (macOS's /var is /private/var): inside the folder, but not under its path."""
+    root = tmp_path / "project"
+    write(root, {"000001_a.up.sql": "SELECT 1;\n"})
+    alias = tmp_path / "alias"
+    alias.symlink_to(root)
+    folder = alias / "migrations" / "product"
+    service = Service("product", "products", folder, str(folder), migrations_place=MIGRATIONS_PLACE)
+    (migration,) = migrations.scan_service(service, root).migrations
+    assert migration.up.display == f"{folder}/000001_a.up.sql"

@@ -834,6 +834,25 @@ def test_allow_comments_silence_exactly_the_rules_they_name(text: str, expected:
     assert parse_script(text).allowed_rules == frozenset(expected)
 
 
+def test_parse_error_in_the_middle_names_its_own_line() -> None:
+    script = parse_script("SELECT 1;\nSELEC 2;\nSELECT 3;\n\nSELECT 4;\n")
+    assert script.parse_error == 'line 2: syntax error at or near "SELEC"'
+    assert script.parse_error_line == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-- reviewed by: truncate, drop-table\nTRUNCATE t;\n",  # 12 characters, then rule names
+        "-- 0123456789ab truncate\n",
+        "-- dbplan:deny  truncate\n",
+        "-- see dbplan:allow truncate\n",
+    ],
+)
+def test_a_comment_without_the_allow_prefix_allows_nothing(text: str) -> None:
+    assert parse_script(text).allowed_rules == frozenset()
+
+
 def test_a_rule_named_only_in_the_reason_still_fires() -> None:
     text = "-- dbplan:allow drop-table the old data is gone, truncate is fine too\nDROP TABLE a;\nTRUNCATE b;\n"
     assert rules(lint(parse_script(text))) == ["truncate"]
