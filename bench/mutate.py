@@ -433,7 +433,11 @@ def mutate_module(
     target = MODULES[name]
     path = copy / target.source
     original = path.read_text()
-    mutants = pick(find_mutants(name, original), args.mutants, args.seed)
+    every = find_mutants(name, original)
+    keys = {m.key for m in every}
+    for stale in sorted(k for k in judged if k.startswith(f"{name} | ") and k not in keys):
+        print(f"mutate: judged equivalent, but no such mutant any more (its line changed): {stale}", file=sys.stderr)
+    mutants = pick(every, args.mutants, args.seed)
     if args.only:  # after picking, so that the numbers stay those of the full run
         mutants = [m for m in mutants if args.only in m.key]
     env = test_env(copy, servers.urls() if target.needs_server else None)
