@@ -117,3 +117,51 @@ def test_applied_by_says_unknown_when_the_user_cannot_be_found(monkeypatch: pyte
         assert bookkeeping.applied_by() == f"unknown@{socket.gethostname()}"
     finally:
         bookkeeping.applied_by.cache_clear()
+
+
+def test_an_out_of_order_file_applied_without_a_version_row_keeps_the_highest_version(estate: Estate) -> None:
+    """schema_migrations lost its row (someone emptied it); history says 1 and 3 ran: 2 comes
+    in late, with 4 and 5 behind it in one batch. The row must come back as the highest."""
+    estate.add_app(allow_out_of_order=True)
+    for version in (1, 3):
+        estate.write("app", f"{version}_m.up.sql", f"CREATE TABLE t{version} (id int);")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.execute("app", "DELETE FROM schema_migrations")
+    for version in (2, 4, 5):
+        estate.write("app", f"{version}_m.up.sql", f"CREATE TABLE t{version} (id int);")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(5, False)]
+    assert [row[0] for row in _history(estate)] == [1, 3, 2, 4, 5]
+
+
+def test_an_out_of_order_file_that_recreates_the_version_row_is_right_even_if_the_next_fails(estate: Estate) -> None:
+    """As above, but the migration after the late one fails: what stays is the late one's
+    own bookkeeping, which must name the highest applied version (3), not its own (2)."""
+    estate.add_app(allow_out_of_order=True)
+    for version in (1, 3):
+        estate.write("app", f"{version}_m.up.sql", f"CREATE TABLE t{version} (id int);")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.execute("app", "DELETE FROM schema_migrations")
+    estate.write("app", "2_m.up.sql", "CREATE TABLE t2 (id int);")
+    estate.write("app", "4_broken.up.sql", "SELECT * FROM nowhere;")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1, run.output
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(3, False)]
+    assert [row[0] for row in _history(estate)] == [1, 3, 2]
+
+
+def test_a_migration_after_a_batch_finds_no_statement_of_dbplan_prepared_in_its_session(estate: Estate) -> None:
+    """The batch's prepared bookkeeping is deallocated when the batch ends: a later file in
+    the same session (here a no-transaction one) sees no leftover of dbplan's."""
+    estate.add_app()
+    for version in (1, 2, 3):
+        estate.write("app", f"{version}_m.up.sql", f"CREATE TABLE t{version} (id int);")
+    estate.write(
+        "app",
+        "4_look.up.sql",
+        "-- dbplan:no-transaction\nCREATE TABLE seen AS SELECT name FROM pg_prepared_statements;\n",
+    )
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    assert estate.query("app", "SELECT name FROM seen") == []
