@@ -841,16 +841,19 @@ def test_parse_error_in_the_middle_names_its_own_line() -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
+    "comment",
     [
-        "-- reviewed by: truncate, drop-table\nTRUNCATE t;\n",  # 12 characters, then rule names
-        "-- 0123456789ab truncate\n",
-        "-- dbplan:deny  truncate\n",
-        "-- see dbplan:allow truncate\n",
+        "-- reviewed by: truncate, drop-column",  # 12 characters, a space, then rule names
+        "-- 0123456789ab truncate",
+        "-- dbplan:deny  truncate",
+        "-- see dbplan:allow truncate",
+        "/* dbplan:allow truncate */",
     ],
 )
-def test_a_comment_without_the_allow_prefix_allows_nothing(text: str) -> None:
-    assert parse_script(text).allowed_rules == frozenset()
+def test_a_comment_without_the_allow_prefix_allows_nothing(comment: str) -> None:
+    """Beside a real allow comment, so that the file's comments are read at all."""
+    text = f"-- dbplan:allow drop-table\n{comment}\nTRUNCATE t;\n"
+    assert parse_script(text).allowed_rules == frozenset({"drop-table"})
 
 
 def test_a_rule_named_only_in_the_reason_still_fires() -> None:
