@@ -395,3 +395,75 @@ def test_scan_covers_every_service_in_file_order(tmp_path: Path) -> None:
     assert list(scanned) == ["inventory", "product"]
     assert [m.title for m in scanned["inventory"].migrations] == ["b", "c"]
     assert scanned["product"].folder == tmp_path / "migrations/product"
+
+
+# ---------------------------------------------------------------------------
+# How each file runs (found untested by bench/mutate.py)
+
+
+def test_each_file_runs_the_way_the_plan_says(tmp_path: Path) -> None:
+    """The run modes are shown in the plan and its JSON: their names are part of the contract."""
+    write(
+        tmp_path,
+        {
+            "000001_plain.up.sql": "CREATE TABLE a (id int);\n",
+            "000002_wrapped.up.sql": "BEGIN;\nCREATE TABLE b (id int);\nCOMMIT;\n",
+            "000003_marker.up.sql": "-- dbplan:no-transaction\nCREATE INDEX CONCURRENTLY i ON a (id);\n",
+            "000004_two_blocks.up.sql": "BEGIN;\nCREATE TABLE c (id int);\nCOMMIT;\nBEGIN;\nCREATE TABLE d (id int);\nCOMMIT;\n",
+            "000005_commit_mid_file.up.sql": "CREATE TABLE e (id int);\nCOMMIT;\nCREATE TABLE f (id int);\n",
+            "000006_marker_wins.up.sql": "-- dbplan:no-transaction\nBEGIN;\nSELECT 1;\nCOMMIT;\n",
+        },
+    )
+    modes = [(m.version, m.run_mode, m.transactional) for m in scan(tmp_path).migrations]
+    assert modes == [
+        (1, "transaction", True),
+        (2, "own-transaction-folded", True),
+        (3, "no-transaction", False),
+        (4, "own-transactions", False),
+        (5, "own-transactions", False),
+        (6, "no-transaction", False),
+    ]
+
+
+def test_several_transaction_blocks_never_run_as_one_transaction(tmp_path: Path) -> None:
+    write(tmp_path, {"000001_blocks.up.sql": "START TRANSACTION;\nSELECT 1;\nEND;\nSTART TRANSACTION;\nSELECT 2;\nEND;\n"})
+    (migration,) = scan(tmp_path).migrations
+    assert migration.run_mode == RunMode.OWN_TRANSACTIONS
+    assert not migration.transactional
+
+
+def test_a_migration_shown_in_a_log_does_not_dump_its_sql(tmp_path: Path) -> None:
+    write(tmp_path, {"000001_secret.up.sql": "ALTER ROLE app PASSWORD 'hunter2';\n"})
+    (migration,) = scan(tmp_path).migrations
+    assert "hunter2" not in repr(migration)
+    assert "000001_secret.up.sql" in repr(migration)
+
+
+
+def test_a_file_of_exactly_the_size_limit_is_read(tmp_path: Path) -> None:
+    statement = b"SELECT 1;"
+    write(tmp_path, {"000001_big.up.sql": statement + b"\n" * (migrations.MAX_MIGRATION_BYTES - len(statement))})
+    (migration,) = scan(tmp_path).migrations
+    assert len(migration.up.text) == migrations.MAX_MIGRATION_BYTES
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc/self/fd")
+def test_scanning_leaves_no_file_open(tmp_path: Path) -> None:
+    write(tmp_path, {f"{v:06d}_m.up.sql": f"SELECT {v};\n" for v in range(1, 41)})
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert len(scan(tmp_path).migrations) == 40
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_absolute_folder_reached_through_a_link_is_scanned_and_shown_as_written(tmp_path: Path) -> None:
+    """``migrations: /srv/alias/migrations`` where /srv/alias links to the plan file's folder
+    (macOS's /var is /private/var): inside the folder, but not under its path."""
+    root = tmp_path / "project"
+    write(root, {"000001_a.up.sql": "SELECT 1;\n"})
+    alias = tmp_path / "alias"
+    alias.symlink_to(root)
+    folder = alias / "migrations" / "product"
+    service = Service("product", "products", folder, str(folder), migrations_place=MIGRATIONS_PLACE)
+    (migration,) = migrations.scan_service(service, root).migrations
+    assert migration.up.display == f"{folder}/000001_a.up.sql"

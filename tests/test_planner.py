@@ -505,3 +505,177 @@ def test_a_target_at_an_applied_version_whose_file_is_gone_is_kept(world: World)
     world.remove("product", "000003_product_search.down.sql")
     plan = world.plan(product, applied(world, "inventory", 1, 2))
     assert (plan.blockers, plan.actions) == ((), ())
+# ---------------------------------------------------------------------------
+# What the mutation benchmark (bench/mutate.py) found untested
+
+
+@pytest.mark.parametrize("event", ["apply", "force", "baseline", "accept"])
+def test_every_applied_event_counts_as_applied(world: World, event: str) -> None:
+    product = applied(world, "product", 1, 2)
+    latest = replace(product.history[1], event=event)
+    facts = replace(product, history=(product.history[0], latest), last_force=latest if event != "apply" else None)
+    plan = world.plan(facts, applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 3, "product_search", 3),)
+
+
+def test_a_reverted_version_is_applied_again(world: World) -> None:
+    product = applied(world, "product", 1, 2)
+    reverted = replace(product.history[1], event="revert", id=3)
+    plan = world.plan(replace(product, version=1, history=(product.history[0], reverted)), applied(world, "inventory", 1, 2))
+    assert plan.actions == (world.apply("product", 2, "add_prices", 2), world.apply("product", 3, "product_search", 3))
+
+
+def test_drift_below_a_force_is_still_reported(world: World) -> None:
+    """A force to 2 keeps what older history says of the versions up to 2 (their checksums)."""
+    product = applied(world, "product", 1, 2, 3)
+    recorded = product.history[0].checksum
+    world.write("product", {"000001_init_schema.up.sql": "CREATE TABLE product (id int);\n"})
+    force = HistoryEntry(2, "force", None, "add_prices", 4)
+    forced = replace(product, version=2, history=(product.history[0], force, product.history[2]), last_force=force)
+    plan = world.plan(forced, applied(world, "inventory", 1, 2))
+    assert [(d.version, d.recorded_checksum) for d in plan.service("product").drift] == [(1, recorded)]
+    # Version 3 was applied before the force to 2: it runs again.
+    assert plan.actions == (world.apply("product", 3, "product_search", 3),)
+
+
+def test_a_version_reverted_before_a_force_above_it_counts_as_applied(world: World) -> None:
+    product = applied(world, "product", 1, 2, 3)
+    reverted = replace(product.history[0], event="revert", id=4)
+    force = HistoryEntry(3, "force", None, "product_search", 5)
+    forced = replace(product, version=3, history=(reverted, product.history[1], force), last_force=force)
+    plan = world.plan(forced, applied(world, "inventory", 1, 2))
+    assert plan.actions == ()
+    assert plan.service("product").drift == ()  # what was forced has no checksum to compare
+
+
+def test_a_missing_file_at_the_target_is_warned_about(tmp_path: Path) -> None:
+    world = World(tmp_path, target=2)
+    product = applied(world, "product", 1, 2)
+    world.remove("product", "000002_add_prices.up.sql")
+    world.remove("product", "000002_add_prices.down.sql")
+    plan = world.plan(product, applied(world, "inventory", 1, 2))
+    assert [(w.rule, w.message) for w in plan.warnings] == [
+        ("missing-file", "version 2 is applied but has no file in migrations/product")
+    ]
+
+
+def test_a_run_in_progress_blocks_with_a_wait_hint(world: World) -> None:
+    """dirty while another session holds the migrations lock: running, not failed."""
+    running = replace(applied(world, "product", 1, 2), version=3, dirty=True, dirty_in_progress="pid 4242 on host ci")
+    plan = world.plan(running, applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert blocker.message == (
+        "service 'product' is being migrated right now: migrations/product/000003_product_search.up.sql "
+        "(version 3) runs outside a transaction in another session (pid 4242 on host ci)"
+    )
+    assert (blocker.version, blocker.file) == (3, "migrations/product/000003_product_search.up.sql")
+    assert blocker.hint == "wait for that run to finish; 'dbplan apply' waits for it by itself"
+    assert "force" not in blocker.hint
+
+
+def test_a_golang_migrate_database_left_dirty_at_its_first_version_hints_force_zero(world: World) -> None:
+    """golang-migrate keeps no history: dirty at 1 means nothing before it ran."""
+    dirty = ServiceFacts("product", database_exists=True, schema="public", table_exists=True, version=1, dirty=True)
+    plan = world.plan(dirty, applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert blocker.message.startswith("service 'product' is dirty at version 1: migrations/product/000001_init_schema.up.sql")
+    assert "'dbplan force product 1'" in blocker.hint
+    assert "'dbplan force product 0' to run it again" in blocker.hint
+
+
+def test_a_golang_migrate_database_left_dirty_hints_the_version_below(world: World) -> None:
+    dirty = ServiceFacts("product", database_exists=True, schema="public", table_exists=True, version=3, dirty=True)
+    plan = world.plan(dirty, applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert "'dbplan force product 2' to run it again" in blocker.hint
+    assert plan.service("product").current == 2  # the dirty version did not finish
+
+
+def test_dirty_at_a_version_without_a_file(world: World) -> None:
+    dirty = replace(applied(world, "product", 1, 2, 3), version=7, dirty=True)
+    plan = world.plan(dirty, applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert blocker.message == "service 'product' is dirty at version 7: a migration ran outside a transaction and failed part-way"
+    assert blocker.file is None
+    assert "'dbplan force product 3' to run it again" in blocker.hint
+
+
+def test_pending_files_are_linted_in_the_plan(world: World) -> None:
+    world.write(
+        "product",
+        {
+            "000004_drop_prices.up.sql": "DROP TABLE price;\n",
+            "000004_drop_prices.down.sql": "CREATE TABLE price (product_id bigint);\n",
+        },
+    )
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert [(w.rule, w.file, w.line, w.statement, w.severity) for w in plan.warnings] == [
+        ("drop-table", "migrations/product/000004_drop_prices.up.sql", 1, "DROP TABLE price", "destructive")
+    ]
+    assert not plan.blocked and len(plan.actions) == 1  # a warning, not a blocker
+
+
+def test_lint_allow_of_the_service_silences_its_rule_only(tmp_path: Path) -> None:
+    world = World(tmp_path, lint_allow=frozenset({"drop-table"}))
+    world.write(
+        "product",
+        {
+            "000004_cleanup.up.sql": "DROP TABLE price;\nTRUNCATE search_term;\n",
+            "000004_cleanup.down.sql": "SELECT 1;\n",
+        },
+    )
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert [w.rule for w in plan.warnings] == ["truncate"]
+
+
+def test_a_statement_refused_in_a_transaction_is_a_blocker_not_also_a_warning(world: World) -> None:
+    world.write("product", {"000004_search_index.up.sql": "CREATE INDEX CONCURRENTLY product_name ON product (name);\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    assert [b.version for b in plan.blockers] == [4]
+    assert [w.rule for w in plan.warnings] == ["missing-down"]
+
+
+def test_a_file_the_parser_rejects_blocks_the_plan_with_its_line(world: World) -> None:
+    # (issue 11, item 4: such a file is never sent inside dbplan's transaction unchecked)
+    world.write("product", {"000004_odd.up.sql": "SELECT 1;\nCREATE TABEL discount (id int);\n", "000004_odd.down.sql": "SELECT 1;\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    (blocker,) = plan.blockers
+    assert (blocker.service, blocker.version, blocker.file) == ("product", 4, "migrations/product/000004_odd.up.sql")
+    assert blocker.message.startswith("migrations/product/000004_odd.up.sql:2: ")
+    assert 'syntax error at or near "TABEL"' in blocker.message
+    assert plan.actions == ()
+
+
+@pytest.mark.parametrize(
+    ("sql", "run_mode", "note"),
+    [
+        ("BEGIN;\nCREATE TABLE discount (id int);\nCOMMIT;\n", RunMode.WRAPPED, "manages its own transaction"),
+        (
+            "BEGIN;\nCREATE TABLE discount (id int);\nCOMMIT;\nBEGIN;\nCREATE TABLE coupon (id int);\nCOMMIT;\n",
+            RunMode.OWN_TRANSACTIONS,
+            "holds several transaction blocks",
+        ),
+        ("CREATE TABLE discount (id int);\nCOMMIT;\n", RunMode.OWN_TRANSACTIONS, "holds several transaction blocks"),
+    ],
+    ids=["wrapped", "two-blocks", "commit-mid-file"],
+)
+def test_a_file_with_its_own_transaction_control_says_how_it_runs(world: World, sql: str, run_mode: str, note: str) -> None:
+    world.write("product", {"000004_own.up.sql": sql, "000004_own.down.sql": "SELECT 1;\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+    (action,) = plan.actions
+    assert (action.run_mode, action.transactional) == (run_mode, run_mode == RunMode.WRAPPED)
+    (warning,) = plan.warnings
+    assert (warning.rule, warning.file) == ("own-transaction", "migrations/product/000004_own.up.sql")
+    assert warning.message.startswith(note)
+
+
+def test_a_golang_migrate_database_ahead_of_the_checkout_is_warned_about_not_reverted(world: World) -> None:
+    """schema_migrations says 5, the files end at 3, no history: 5 is applied, its file is elsewhere."""
+    ahead = ServiceFacts("product", database_exists=True, schema="public", table_exists=True, version=5)
+    plan = world.plan(ahead, applied(world, "inventory", 1, 2))
+    summary = plan.service("product")
+    assert (summary.current, summary.target, summary.pending) == (5, 5, ())
+    assert [(w.rule, w.message) for w in plan.warnings] == [
+        ("missing-file", "version 5 is applied but has no file in migrations/product")
+    ]
+    assert plan.actions == ()

@@ -790,3 +790,166 @@ def test_the_schema_names_exactly_the_rules_that_can_be_allowed() -> None:
     from orchestrator.migrations.lint import ALLOWABLE_RULES
 
     assert set(load_schema()["$defs"]["lint_rule"]["enum"]) == ALLOWABLE_RULES
+# --------------------------------------------------------------------------- what the mutation benchmark found
+
+# An option's value as PostgreSQL's defGetBoolean reads it: no value is true, 0 and 1,
+# and true/false/on/off in any case and any spelling the grammar allows (a string, a
+# keyword, a quoted identifier). The planner must see the same boolean the server will.
+SUBSCRIPTION = "CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p WITH "
+SLOT = "CREATE SUBSCRIPTION ... WITH (create_slot = true)"
+SET_PUBLICATION = "ALTER SUBSCRIPTION s SET PUBLICATION p WITH "
+REFRESH = "ALTER SUBSCRIPTION with refresh"
+
+
+@pytest.mark.parametrize(
+    ("sql", "name"),
+    [
+        (SUBSCRIPTION + "(connect = 'FALSE')", None),
+        (SUBSCRIPTION + "(connect = 'false')", None),
+        (SUBSCRIPTION + "(connect = 0)", None),
+        (SUBSCRIPTION + "(connect = false)", None),
+        (SUBSCRIPTION + "(connect = OFF)", None),
+        (SUBSCRIPTION + '(connect = "off")', None),
+        (SUBSCRIPTION + "(connect = 'Off')", None),
+        (SUBSCRIPTION + "(create_slot = 'off', enabled = false)", None),
+        (SUBSCRIPTION + "(create_slot = 0)", None),
+        (SUBSCRIPTION + "(connect = 1)", SLOT),
+        (SUBSCRIPTION + "(connect = 'TRUE')", SLOT),
+        (SUBSCRIPTION + "(connect = on)", SLOT),
+        (SUBSCRIPTION + "(connect)", SLOT),
+        (SUBSCRIPTION + "(create_slot = 1)", SLOT),
+        (SUBSCRIPTION + "(create_slot = 'on')", SLOT),
+        (SUBSCRIPTION + "(create_slot)", SLOT),
+        (SUBSCRIPTION + "(enabled = false, copy_data = false)", SLOT),
+        (SET_PUBLICATION + "(refresh = 0)", None),
+        (SET_PUBLICATION + "(refresh = 'FALSE')", None),
+        (SET_PUBLICATION + "(refresh = off)", None),
+        (SET_PUBLICATION + "(refresh = 1)", REFRESH),
+        (SET_PUBLICATION + "(refresh = 'On')", REFRESH),
+        ("ALTER SUBSCRIPTION s DROP PUBLICATION p WITH (refresh)", REFRESH),
+        ("ALTER SUBSCRIPTION s ADD PUBLICATION p WITH (refresh = false)", None),
+        ("ALTER SUBSCRIPTION s REFRESH PUBLICATION WITH (copy_data = false)", "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"),
+        ("REINDEX (CONCURRENTLY 0) TABLE t", None),
+        ("REINDEX (CONCURRENTLY off) TABLE t", None),
+        ("REINDEX (CONCURRENTLY 'FALSE') TABLE t", None),
+        ("REINDEX (CONCURRENTLY 1) TABLE t", "REINDEX CONCURRENTLY"),
+        ("REINDEX (CONCURRENTLY 'on') TABLE t", "REINDEX CONCURRENTLY"),
+        ("REINDEX (VERBOSE, CONCURRENTLY true) INDEX i", "REINDEX CONCURRENTLY"),
+        ("REINDEX (VERBOSE) TABLE t", None),
+    ],
+)
+def test_option_values_are_read_as_postgresql_reads_them(sql: str, name: str | None) -> None:
+    (statement,) = parse_script(sql).statements
+    assert statement.non_transactional == name
+
+
+@pytest.mark.parametrize(
+    ("sql", "name"),
+    [
+        ("DISCARD TEMP", None),
+        ("DISCARD SEQUENCES", None),
+        ("DISCARD PLANS", None),
+        ("DISCARD ALL", "DISCARD ALL"),
+        ("CLUSTER VERBOSE", "CLUSTER without a table"),
+        ("CLUSTER t", None),
+        ("VACUUM t", "VACUUM"),
+        ("ANALYZE t", None),
+        ("DROP INDEX i", None),
+        ("DROP TABLE t", None),
+        ("ALTER DATABASE d WITH ALLOW_CONNECTIONS false", None),
+        ("ALTER DATABASE d SET TABLESPACE ts", "ALTER DATABASE SET TABLESPACE"),
+        ("ALTER TABLE t ADD COLUMN c int, ALTER COLUMN d SET DEFAULT 1", None),
+        ("ALTER TABLE t ATTACH PARTITION p FOR VALUES IN (1)", None),
+        ("REINDEX TABLE t", None),
+        ("REINDEX SCHEMA s", "REINDEX SCHEMA"),
+        ("COMMIT", None),
+        ("ROLLBACK", None),
+    ],
+)
+def test_non_transactional_is_exact_per_statement_kind(sql: str, name: str | None) -> None:
+    (statement,) = parse_script(sql).statements
+    assert statement.non_transactional == name
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The words after a rule are a reason: a rule named in the reason is not allowed.
+        ("-- dbplan:allow drop-table because the data moved, truncate comes later\n", {"drop-table"}),
+        ("-- dbplan:allow drop-table reason, truncate\n", {"drop-table"}),
+        ("-- dbplan:allow drop-table,truncate\n", {"drop-table", "truncate"}),
+        ("-- dbplan:allow drop-table,, truncate\n", {"drop-table", "truncate"}),
+        ("-- dbplan:allow\tdrop-table\n", {"drop-table"}),
+        ("-- dbplan:allow DROP-TABLE\n", {"drop-table"}),
+        ("-- dbplan:allow: drop-table\n", set()),
+        ("-- dbplan:allow-all\n", set()),
+        ("-- dbplan:no-transaction\n-- dbplan:allow truncate\nTRUNCATE t;\n", {"truncate"}),
+        ("SELECT 1; -- dbplan:allow truncate\nSELECT 2; -- dbplan:allow drop-table why\n", {"truncate", "drop-table"}),
+        ("SELECT 'é'; -- dbplan:allow truncate\n", {"truncate"}),
+    ],
+)
+def test_allow_comments_silence_exactly_the_rules_they_name(text: str, expected: set[str]) -> None:
+    assert parse_script(text).allowed_rules == frozenset(expected)
+
+
+def test_parse_error_in_the_middle_names_its_own_line() -> None:
+    script = parse_script("SELECT 1;\nSELEC 2;\nSELECT 3;\n\nSELECT 4;\n")
+    assert script.parse_error == 'line 2: syntax error at or near "SELEC"'
+    assert script.parse_error_line == 2
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "-- reviewed by: truncate, drop-column",  # 12 characters, a space, then rule names
+        "-- 0123456789ab truncate",
+        "-- dbplan:deny  truncate",
+        "-- see dbplan:allow truncate",
+        "/* dbplan:allow truncate */",
+    ],
+)
+def test_a_comment_without_the_allow_prefix_allows_nothing(comment: str) -> None:
+    """Beside a real allow comment, so that the file's comments are read at all."""
+    text = f"-- dbplan:allow drop-table\n{comment}\nTRUNCATE t;\n"
+    assert parse_script(text).allowed_rules == frozenset({"drop-table"})
+
+
+def test_a_rule_named_only_in_the_reason_still_fires() -> None:
+    text = "-- dbplan:allow drop-table the old data is gone, truncate is fine too\nDROP TABLE a;\nTRUNCATE b;\n"
+    assert rules(lint(parse_script(text))) == ["truncate"]
+
+
+@pytest.mark.parametrize(
+    ("text", "style"),
+    [
+        ("BEGIN;\nSELECT 1;\nCOMMIT;\nBEGIN;\nSELECT 2;\nCOMMIT;", "multiple"),
+        ("START TRANSACTION;\nSELECT 1;\nCOMMIT;\nSTART TRANSACTION;\nSELECT 2;\nEND;", "multiple"),
+        ("BEGIN;\nCOMMIT;\nBEGIN;\nCOMMIT;", "multiple"),
+        ("BEGIN;\nBEGIN;\nSELECT 1;\nCOMMIT;", "multiple"),
+        ("BEGIN;\nSELECT 1;\nCOMMIT;\nCOMMIT;", "multiple"),
+        ("COMMIT;\nSELECT 1;\nBEGIN;", "multiple"),
+        ("BEGIN;\nSELECT 1;\nROLLBACK PREPARED 'x';", "multiple"),
+        ("BEGIN;\nSELECT 1;\nCOMMIT PREPARED 'x';", "multiple"),
+        ("BEGIN;\nSELECT 1;\nCOMMIT AND NO CHAIN;", "wrapped"),
+        ("BEGIN;\nSELECT 1;\nCOMMIT;", "wrapped"),
+        ("BEGIN", "multiple"),
+        ("COMMIT", "multiple"),
+    ],
+)
+def test_several_transaction_blocks_are_never_folded_into_one(text: str, style: str) -> None:
+    script = parse_script(text)
+    assert script.transaction_style == style
+    if style == "multiple":
+        assert script.inner_statements == script.statements
+
+
+def test_transaction_kinds_of_every_control_statement() -> None:
+    text = (
+        "BEGIN; START TRANSACTION; COMMIT; END; ROLLBACK; ABORT; SAVEPOINT s; RELEASE SAVEPOINT s; "
+        "ROLLBACK TO SAVEPOINT s; PREPARE TRANSACTION 'x'; COMMIT PREPARED 'x'; ROLLBACK PREPARED 'x'; SELECT 1;"
+    )
+    kinds = [s.transaction_kind for s in parse_script(text).statements]
+    assert kinds == [
+        "begin", "start", "commit", "commit", "rollback", "rollback", "savepoint", "release",
+        "rollback_to", "prepare", "commit_prepared", "rollback_prepared", None,
+    ]  # fmt: skip
