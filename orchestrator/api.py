@@ -351,11 +351,11 @@ def embedded_servers(
     file: str | os.PathLike[str], server_name: str | None = None, environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, EmbeddedServer]]:
     """The embedded servers a plan file declares (those without a url), and those
-    ``plan --verify`` started beside it (``verify-pg15``, ...), by name."""
+    ``test`` and ``plan --verify`` started beside it (``scratch-pg18``, ...), by name."""
     from .server.embedded import EmbeddedServer
 
     estate = plan_file.load(file, environ)
-    if server_name is not None and server_name not in estate.servers and not server_name.startswith("verify-pg"):
+    if server_name is not None and server_name not in estate.servers and not server_name.startswith("scratch-pg"):
         raise DbplanError(
             f"unknown server '{server_name}'{_did_you_mean(server_name, estate.servers)}",
             hint=f"servers: {', '.join(estate.servers)}",
@@ -365,10 +365,10 @@ def embedded_servers(
         for server in estate.servers.values()
         if server.embedded is not None and server_name in (None, server.name)
     ]
-    if server_name is None or server_name.startswith("verify-pg"):
-        from .verification.dryrun import verify_servers
+    if server_name is None or server_name.startswith("scratch-pg"):
+        from .verification.scratch import scratch_servers
 
-        found += [(name, server) for name, server in verify_servers(estate) if server_name in (None, name)]
+        found += [(name, server) for name, server in scratch_servers(estate) if server_name in (None, name)]
     if not found:
         which = f"server '{server_name}' is" if server_name else "no server is"
         raise DbplanError(

@@ -132,12 +132,12 @@ def test_without_a_scratch_url_the_copy_runs_on_an_embedded_server_of_the_live_m
         assert "+ table orders" in run.out
         assert not estate.database_exists("app"), "the database to create is created only on the copy"
         status = estate.dbplan("server", "status")
-        assert f"server verify-pg{live_major}: running" in status.out, status.output
+        assert f"server scratch-pg{live_major}: running" in status.out, status.output
         stopped = estate.dbplan("server", "stop")
-        assert f"server verify-pg{live_major}: stopped" in stopped.out, stopped.output
+        assert f"server scratch-pg{live_major}: stopped" in stopped.out, stopped.output
         with psycopg.connect(pg_any_url) as conn:
             assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (estate.name("owner"),)).fetchone() is None
     finally:
-        data = tmp_path / ".dbplan" / f"verify-pg{live_major}"
+        data = tmp_path / ".dbplan" / f"scratch-pg{live_major}"
         if data.exists():
             EmbeddedServer(data).destroy()

@@ -25,14 +25,13 @@ from ..live.facts import LiveState, inspect
 from ..migrations.scan import MigrationSet
 from ..planning.plan import Plan
 from ..planning.planner import make_plan
-from ..server.embedded import EmbeddedServer
 from ..server.pgbinaries import PgBinaries, list_binaries, pg_env
 from . import catalog
+from .scratch import scratch_server
 
 # Roles of the live server, so that owners and grants in the copy mean what they mean there.
 LIVE_ROLES = "SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1"
 DATABASE_OWNER = "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s"
-VERIFY_DATA_DIR = ".dbplan/verify-pg{major}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def verify(
         server = estate.servers[estate.databases[database].server]
         major = live_major.setdefault(server.name, _live_major(server))
         binaries = _binaries_for(major)
-        scratch = _scratch(estate, binaries, scratch_url)
+        scratch = scratch_server(estate, binaries=binaries, scratch_url=scratch_url)
         copy_major[server.name] = _major(scratch)
         if on_notice:
             on_notice(
@@ -117,15 +116,6 @@ def _major(server: Server) -> int:
     with connect(server, server_url(server)) as conn:
         row = conn.execute("SELECT current_setting('server_version_num')::int / 10000").fetchone()
     return int(row[0]) if row else 0
-
-
-def _scratch(estate: Estate, binaries: PgBinaries, scratch_url: str | None) -> Server:
-    """Where the copy goes: ``scratch_url``'s server, else an embedded server of the chosen
-    major beside the plan file, started once and left running for the next plan."""
-    if scratch_url:
-        return Server("scratch", scratch_url, None)
-    data_dir = estate.root / VERIFY_DATA_DIR.format(major=binaries.major)
-    return Server(f"verify-pg{binaries.major}", EmbeddedServer(data_dir, binaries=binaries).ensure_running(), None)
 
 
 def _binaries_for(major: int) -> PgBinaries:
@@ -307,14 +297,3 @@ def _drop(copy: _Copy) -> None:
                     pass  # it owns something in another copy under way; that run drops it
     except (psycopg.Error, DbplanError):
         pass
-
-
-def verify_servers(estate: Estate) -> list[tuple[str, EmbeddedServer]]:
-    """The embedded servers ``plan --verify`` made beside this plan file, by name (one per
-    installed major; the data may live elsewhere, see server.embedded, so each is asked)."""
-    found = []
-    for binaries in {b.major: b for b in reversed(list_binaries())}.values():
-        server = EmbeddedServer(estate.root / VERIFY_DATA_DIR.format(major=binaries.major), binaries=binaries)
-        if server.status().version is not None:  # a cluster exists there
-            found.append((f"verify-pg{binaries.major}", server))
-    return sorted(found, key=lambda item: item[0])

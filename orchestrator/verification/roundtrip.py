@@ -1,6 +1,6 @@
 """``dbplan test``: every migration applied, reverted and applied again on a throwaway database.
 
-Each database of the plan file gets a throwaway twin on the embedded server. Its services
+Each database of the plan file gets a throwaway twin on a scratch embedded server. Its services
 are built from zero in dependency order, one migration at a time, through the planner and
 the executor exactly as ``apply`` would run them (run modes, settings, owner role,
 bookkeeping). After each up, its down file runs and the schema must be what it was before
@@ -18,14 +18,15 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import DbplanError
 from ..estate import graph
-from ..estate.model import DEFAULT_EMBEDDED_DATA_DIR, Database, EmbeddedSpec, Estate, Role, Server, Service
+from ..estate.model import Database, Estate, Role, Server, Service
 from ..execution.executor import execute
-from ..live.connection import connect, server_url
+from ..live.connection import connect
 from ..live.facts import inspect
 from ..migrations.scan import Migration, MigrationSet
 from ..planning.plan import CreateRole
 from ..planning.planner import make_plan
 from . import catalog
+from .scratch import scratch_server
 
 OK, FAILED, NO_DOWN, NOT_RUN = "ok", "failed", "no-down", "not-run"
 
@@ -80,40 +81,54 @@ def round_trip_estate(
     scratch_url: str | None = None,
     on_check: Callable[[str, MigrationCheck], None] | None = None,
 ) -> RoundTripReport:
-    """Test every migration of the services in ``service_order`` on the embedded server
-    (or on the server of ``scratch_url``, where throwaway databases may be made)."""
+    """Test every migration of the services in ``service_order`` on the embedded scratch
+    server (or on the server of ``scratch_url``, where throwaway databases may be made).
+
+    Each database's twin is tested in a thread of its own (they share nothing); the
+    services of one database run in dependency order in its twin.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     started = time.monotonic()
-    server = scratch_server(estate, scratch_url)
-    url = server_url(server)
-    with connect(server, url) as conn:
+    server = scratch_server(estate, scratch_url=scratch_url)
+    with connect(server, server.url or "") as conn:
         version_row = conn.execute("SELECT current_setting('server_version')").fetchone()
-    results: list[ServiceCheck] = []
-    for database, services in _services_by_database(estate, service_order).items():
-        twin = _Twin(server, _twin_name(database), estate.databases[database].owner)
-        try:
-            for service in services:
-                checks = _test_service(twin, estate, service, migration_sets[service.name], on_check)
-                results.append(ServiceCheck(service.name, database, checks))
-                twin.services_done.append((service, migration_sets[service.name]))
-        finally:
-            _drop(twin)
+    groups = _services_by_database(estate, service_order)
+    twins = {database: _Twin(server, _twin_name(database), estate.databases[database].owner) for database in groups}
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_TWINS, len(groups) or 1), thread_name_prefix="dbplan-test")
+    try:
+        futures = {
+            database: pool.submit(_test_database, twins[database], estate, services, migration_sets, on_check)
+            for database, services in groups.items()
+        }
+        by_service = {check.service: check for future in futures.values() for check in future.result()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _drop_all(server, list(twins.values()))  # also after Ctrl-C: FORCE ends what still runs there
     return RoundTripReport(
         server_version=version_row[0] if version_row else "unknown",
-        services=tuple(results),
+        services=tuple(by_service[name] for name in service_order if name in by_service),
         require_down=require_down,
         duration_ms=int((time.monotonic() - started) * 1000),
     )
 
 
-def scratch_server(estate: Estate, scratch_url: str | None = None) -> Server:
-    """Where the throwaway databases go: the server of ``scratch_url`` when given, else the
-    plan file's first embedded server, else the default embedded one beside the plan file."""
-    if scratch_url:
-        return Server("scratch", scratch_url, None)
-    for server in estate.servers.values():
-        if server.embedded is not None:
-            return server
-    return Server("embedded", None, EmbeddedSpec(estate.root / DEFAULT_EMBEDDED_DATA_DIR))
+MAX_PARALLEL_TWINS = 4  # databases tested at once; the scratch server does the work
+
+
+def _test_database(
+    twin: _Twin,
+    estate: Estate,
+    services: list[Service],
+    migration_sets: dict[str, MigrationSet],
+    on_check: Callable[[str, MigrationCheck], None] | None,
+) -> list[ServiceCheck]:
+    results = []
+    for service in services:
+        checks = _test_service(twin, estate, service, migration_sets[service.name], on_check)
+        results.append(ServiceCheck(service.name, service.database, checks))
+        twin.services_done.append((service, migration_sets[service.name]))
+    return results
 
 
 def _services_by_database(estate: Estate, order: tuple[str, ...]) -> dict[str, list[Service]]:
@@ -240,7 +255,7 @@ def _twin_estate(twin: _Twin, estate: Estate, service: Service, target: int) -> 
 
 
 def _snapshot(twin: _Twin, service: Service) -> catalog.Snapshot:
-    with connect(twin.server, server_url(twin.server), twin.name) as conn:
+    with connect(twin.server, twin.server.url or "", twin.name) as conn:
         schema_row = conn.execute(
             "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = %s",
             (service.history_table,),
@@ -250,19 +265,29 @@ def _snapshot(twin: _Twin, service: Service) -> catalog.Snapshot:
         return catalog.snapshot(conn, excluded_tables=excluded, excluded_schemas=[service.schema] if service.schema else [])
 
 
-def _drop(twin: _Twin) -> None:
-    """Drop the twin and the roles the test created for it; never raise over a test's result."""
-    _drop_database(twin, roles=twin.created_roles)
-
-
-def _drop_database(twin: _Twin, *, roles: list[str] | None = None) -> None:
+def _drop_all(server: Server, twins: list[_Twin]) -> None:
+    """Drop the twins, then the roles the test created for them (a role two twins share is
+    dropped once neither needs it); never raise over a test's result."""
+    for twin in twins:
+        _drop_database(twin)
+    roles = dict.fromkeys(role for twin in twins for role in twin.created_roles)
     import psycopg
     from psycopg import sql
 
     try:
-        with connect(twin.server, server_url(twin.server)) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(twin.name)))
-            for role in roles or ():
+        with connect(server, server.url or "") as conn:
+            for role in roles:
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     except (psycopg.Error, DbplanError):
-        pass  # the embedded server went away: its throwaway databases go with its data folder
+        pass  # the scratch server went away: its throwaway objects go with its data folder
+
+
+def _drop_database(twin: _Twin) -> None:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with connect(twin.server, twin.server.url or "") as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(twin.name)))
+    except (psycopg.Error, DbplanError):
+        pass  # the scratch server went away: its throwaway databases go with its data folder
