@@ -151,3 +151,10 @@ def example_estate(estate: Estate) -> Estate:
     estate.add_service("product", "products")
     estate.add_service("inventory", "inventory", depends_on=["product"])
     return estate
+
+
+def databases_named_like(url: str, pattern: str) -> list[str]:
+    """Names of the databases on ``url``'s server matching a LIKE pattern (throwaway twins
+    and copies that must be gone after a test)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))]

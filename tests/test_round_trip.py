@@ -7,9 +7,8 @@ import json
 import signal
 from pathlib import Path
 
-import psycopg
 import pytest
-from estate import Estate
+from estate import Estate, databases_named_like
 from processes import start_dbplan
 
 
@@ -23,8 +22,7 @@ def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.Captu
 
 
 def twins(url: str) -> list[str]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return [row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'dbplan\\_test\\_%'")]
+    return databases_named_like(url, "dbplan\\_test\\_%")
 
 
 def round_trip(estate: Estate, *args: str):  # noqa: ANN201 - CliRun

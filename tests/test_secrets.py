@@ -21,7 +21,6 @@ import pytest
 from psycopg import sql
 from estate import CliRun, Estate
 from processes import dbplan_backends, run_dbplan, start_dbplan, wait_until
-from psycopg import sql
 
 SERVER_PASSWORD = "srv-Pw-7Hq2xZ"
 ROLE_PASSWORD_IN_FILE = "role-Pw-Literal-93kd"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from estate import Estate
+from estate import Estate, databases_named_like
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.Captu
 
 
 def copies(url: str) -> list[str]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return [row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'dbplan\\_verify\\_%'")]
+    return databases_named_like(url, "dbplan\\_verify\\_%")
 
 
 def verify(estate: Estate, *args: str):  # noqa: ANN201 - CliRun

@@ -237,11 +237,7 @@ def read_service(
             in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
             invalid = tuple(row[0] for row in conn.execute(INVALID_INDEXES))
     except psycopg.Error as err:
-        raise ConnectionFailed(
-            f"cannot read the migrations of service '{service.name}' in database '{service.database}': "
-            f"{str(err).strip()}",
-            service=service.name,
-        ) from err
+        raise unreadable(service, "migrations", err) from err
     return ServiceFacts(
         service=service.name,
         database_exists=True,
@@ -288,6 +284,14 @@ def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None,
         place=service.place,
         service=service.name,
         hint=f"say which one is the service's with services.{service.name}.schema in the plan file",
+    )
+
+
+def unreadable(service: Service, what: str, err: Exception) -> ConnectionFailed:
+    """A service's bookkeeping could not be read: the server's message, where it was read."""
+    return ConnectionFailed(
+        f"cannot read the {what} of service '{service.name}' in database '{service.database}': {str(err).strip()}",
+        service=service.name,
     )
 
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ..errors import ConnectionFailed
 from ..estate.model import Estate, Service
 from .connection import connect, server_url
-from .facts import LiveState
+from .facts import LiveState, unreadable
 
 if TYPE_CHECKING:
     import psycopg
@@ -76,11 +75,7 @@ def _events(
             conn.execute("SET TRANSACTION READ ONLY")
             rows = conn.execute(query).fetchall()
     except psycopg.Error as err:
-        raise ConnectionFailed(
-            f"cannot read the history of service '{service.name}' in database '{service.database}': "
-            f"{str(err).strip()}",
-            service=service.name,
-        ) from err
+        raise unreadable(service, "history", err) from err
     more = limit is not None and len(rows) > limit
     kept = rows[:limit] if limit is not None else rows
     return tuple(HistoryEvent(*row) for row in reversed(kept)), more

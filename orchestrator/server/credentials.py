@@ -162,24 +162,8 @@ def store_password(data_dir: Path, password: str) -> None:
         "# file: PGPASSFILE=<this file>, or ?passfile=<this file> in a URL). Keep it 0600.",
         *(f"{host}:*:*:{SUPERUSER}:{password}" for host in ("127.0.0.1", "localhost")),
     ]
-    path = password_file(data_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)  # whatever the umask
-            handle.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    # Created 0600 (O_EXCL: nobody can have opened it before), then renamed into place.
+    safe_write(password_file(data_dir), "\n".join(lines) + "\n", None)
 
 
 # --------------------------------------------------------------------------------------
