@@ -5,6 +5,7 @@ The pipeline, one folder per stage, each importing only from the stages before i
     estate (dbplan.yaml -> Estate, graph) -> migrations (folders -> sets)
         -> server (the embedded cluster) -> live (facts of the servers)
         -> planning (pure planner -> Plan) -> execution (the only writer -> Result)
+        -> verification (test, plan --verify: on throwaway databases)
         -> render (text | json | markdown)
 
 The functions of ``orchestrator.api`` are the public library API; the command line in
