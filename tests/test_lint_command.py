@@ -77,6 +77,19 @@ def test_a_destructive_up_file_fails_with_file_line_rule_and_statement(tmp_path:
     assert run.stderr == ""
 
 
+def test_unset_url_and_password_variables_do_not_matter(tmp_path: Path) -> None:
+    root = make_repo(tmp_path)
+    run = lint(root)
+    assert (run.returncode, run.stderr) == (0, ""), run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1] == "4 files linted: 2 notice; none at or above locking"
+    # The same file stops a command that connects, before it connects.
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    plan = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan"], cwd=root, capture_output=True, text=True, env=env, check=False
+    )
+    assert plan.returncode == 1 and "LINT_TEST_UNSET_URL" in plan.stderr
+
+
 def test_the_clean_example_of_the_repository_passes(tmp_path: Path) -> None:
     shutil.copy(REPO / "dbplan.yaml", tmp_path / "dbplan.yaml")
     shutil.copytree(REPO / "migrations", tmp_path / "migrations")
