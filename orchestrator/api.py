@@ -6,7 +6,7 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ from .planning.planner import make_plan
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
+    from .planning.offline_lint import LintReport
     from .verification.dryrun import Verification
     from .verification.roundtrip import MigrationCheck, RoundTripReport
     from .server.embedded import EmbeddedServer
@@ -274,6 +275,48 @@ def round_trip(
         scratch_url=scratch_url,
         on_check=on_check,
     )
+
+
+def lint(
+    file: str | os.PathLike[str] = plan_file.DEFAULT_PLAN_FILE,
+    *,
+    paths: Sequence[str | os.PathLike[str]] | None = None,
+    since: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LintReport:
+    """Lint migration files with every rule that needs no server: all of them, or only
+    ``paths`` and (``since``) those changed since a git revision. No secret is needed."""
+    from .planning.offline_lint import lint_estate
+
+    checked = validate(file, environ)
+    wanted: list[str | os.PathLike[str]] | None = None if paths is None else list(paths)
+    if since is not None:
+        wanted = (wanted or []) + _changed_since(checked.estate.root, since)
+    return lint_estate(checked.estate, checked.migration_sets, wanted)
+
+
+def _changed_since(root: Path, revision: str) -> list[str | os.PathLike[str]]:
+    """Files added or changed since ``revision`` (committed or not), and untracked ones."""
+    import subprocess
+
+    def git(*args: str) -> list[str]:
+        try:
+            run = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        except OSError as err:
+            raise DbplanError(f"--since needs git: {err.strerror}") from err
+        if run.returncode != 0:
+            raise DbplanError(
+                f"git {' '.join(args[:1])} failed: {run.stderr.strip() or 'exit ' + str(run.returncode)}",
+                hint="give a revision git knows (a branch, a tag, a commit), in the plan file's repository",
+            )
+        return [name for name in run.stdout.split("\0") if name]
+
+    if revision.startswith("-"):  # git would read an option
+        raise DbplanError(f"--since takes a git revision, not {revision!r}")
+    top = Path(git("rev-parse", "--show-toplevel")[0].strip())
+    changed = git("diff", "--name-only", "--no-renames", "--diff-filter=d", "-z", revision, "--")
+    changed += git("ls-files", "--others", "--exclude-standard", "--full-name", "-z")
+    return [top / name for name in changed]  # both name files from the top of the repository
 
 
 def history(

@@ -20,6 +20,8 @@ import typer
 
 from . import api
 from .errors import DbplanError, signal_number_behind
+from .planning.offline_lint import DEFAULT_FAIL_ON as DEFAULT_LINT_FAIL_ON
+from .planning.offline_lint import LEVELS as LINT_LEVELS
 from .planning.plan import (
     FAIL_ON,
     Action,
@@ -104,6 +106,7 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+LintLevel = Enum("LintLevel", {name: name for name in (*LINT_LEVELS, "never")}, type=str)  # type: ignore[misc]
 FailOn = Enum("FailOn", {name: name for name in FAIL_ON}, type=str)  # type: ignore[misc]
 
 
@@ -446,6 +449,40 @@ def test_command(
     else:
         _say(text.render_round_trips(report, color=_use_color()))
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def lint(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Migration files to lint (default: every one); files outside the migration folders are ignored."),
+    ] = None,
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    fail_on: Annotated[
+        LintLevel,
+        typer.Option("--fail-on", help="Exit 1 on a finding of this severity or a more serious one (never: report only)."),
+    ] = LintLevel[DEFAULT_LINT_FAIL_ON],
+    since: Annotated[
+        str | None, typer.Option("--since", help="Also lint the files changed since this git revision (with no FILES: only those).")
+    ] = None,
+) -> None:
+    """Lint migration files with every rule that needs no server; no secrets needed."""
+    try:
+        report = api.lint(file, paths=files or ([] if since else None), since=since)
+    except DbplanError as err:
+        _fail(err)
+    level = fail_on.value
+    if format is OutputFormat.json:
+        from .render import json as render_json
+
+        _say(render_json.render_lint(report, level))
+    else:
+        from .render import text
+
+        _say(text.render_lint(report, level, color=_use_color()))
+    if report.at_or_above(level):
         raise typer.Exit(1)
 
 

@@ -27,6 +27,8 @@ class Refusal:
     line: int | None
     message: str
     hint: str
+    rule: str = "blocked"
+    """A short name for the kind of refusal, as ``dbplan lint`` shows it."""
 
 
 # The settings that change how the server splits and reads the text that follows, and
@@ -72,6 +74,7 @@ def _savepoints_outside_a_block(script: Script) -> list[Refusal]:
                     f"{_SAVEPOINT_WORDS[kind]} works only inside a transaction, and this file runs outside one",
                     f"remove '{NO_TRANSACTION_MARKER}' so that the file runs in dbplan's transaction, or open "
                     "the transaction yourself with BEGIN before it",
+                    rule="savepoint-outside-transaction",
                 )
             )
     return found
@@ -88,6 +91,7 @@ def _unparsed(script: Script) -> Refusal:
         "fix the syntax; if your server accepts it (syntax of an older or newer PostgreSQL), put it in a file of "
         f"its own whose first line is `{NO_TRANSACTION_MARKER}`: it then runs as one string outside a "
         "transaction, with the service marked dirty until it has succeeded",
+        rule="parse-error",
     )
 
 
@@ -99,6 +103,7 @@ def _statement_refusals(statement: Statement, *, transactional: bool) -> list[Re
                 statement.line,
                 f"{statement.non_transactional} cannot run inside a transaction, and this file runs in one",
                 f"put '{NO_TRANSACTION_MARKER}' on the file's first line to run it outside a transaction",
+                rule="non-transactional-statement",
             )
         )
     if is_copy_to_stdout(statement.ast):
@@ -107,6 +112,7 @@ def _statement_refusals(statement: Statement, *, transactional: bool) -> list[Re
                 statement.line,
                 "COPY ... TO STDOUT sends rows to dbplan, which has nowhere to put them",
                 "remove it from the migration; to export data, run COPY from psql, or COPY ... TO a server file",
+                rule="copy-to-stdout",
             )
         )
     elif is_copy_from_stdin(statement.ast) and statement.copy_data is None:
@@ -116,6 +122,7 @@ def _statement_refusals(statement: Statement, *, transactional: bool) -> list[Re
                 "COPY ... FROM STDIN has no data in the file",
                 "follow the statement with its rows, one per line, and a line holding only \\. (as pg_dump "
                 "writes them), or load from a server file",
+                rule="copy-without-data",
             )
         )
     for setting, how in _reading_changes(statement):
@@ -126,6 +133,7 @@ def _statement_refusals(statement: Statement, *, transactional: bool) -> list[Re
                 "a statement, a COMMIT say, where dbplan's parser sees none",
                 "remove it: dbplan runs every migration with standard_conforming_strings on and client_encoding "
                 "UTF8, as its parser reads them (write E'...' for strings with backslash escapes)",
+                rule="reading-setting",
             )
         )
     return found
@@ -201,6 +209,7 @@ def _unknown_rules(script: Script) -> list[Refusal]:
             line,
             f"-- dbplan:allow names {unknown_rule(rule)}",
             "name a rule as the plan shows it in brackets after a warning ([drop-column]), or remove the comment",
+            rule="unknown-rule",
         )
         for rule, line in script.allow_comments
         if rule not in ALLOWABLE_RULES

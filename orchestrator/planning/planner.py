@@ -150,7 +150,7 @@ def plan_service(
     # Without an explicit target the service moves to its latest file, and never down.
     target = service.target if service.target is not None else max((v for v in (latest, current) if v is not None), default=None)
     drift = _drift(applied, by_version)
-    warnings: list[Warning] = _drift_warnings(service, drift) + _missing_file_warnings(service, applied, by_version)
+    warnings: list[Warning] = _drift_warnings(service, drift) + _missingfile_warnings(service, applied, by_version)
     blockers: list[Blocker] = _unreachable_target_blockers(service, by_version, applied)
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
@@ -168,10 +168,10 @@ def plan_service(
     remaining = sorted(set(applied) - {r.version for r in reverts})
     applies = _applies(service, pending, max(remaining, default=None))
     for migration in pending:
-        warnings += _file_warnings(service, migration, blockers, lint=lint)
+        warnings += file_warnings(service, migration, blockers, lint=lint)
     for revert in reverts:  # a revert drops what its up file made: the reviewer sees that too
         down = by_version[revert.version].down
-        warnings += _lint_warnings(service, down, lint=lint) if down is not None else []
+        warnings += lint_warnings(service, down, lint=lint) if down is not None else []
 
     summary = ServicePlan(
         service=service.name,
@@ -207,7 +207,7 @@ def _drift_warnings(service: Service, drift: tuple[Drift, ...]) -> list[Warning]
     ]
 
 
-def _missing_file_warnings(
+def _missingfile_warnings(
     service: Service, applied: dict[int, str | None], by_version: dict[int, Migration]
 ) -> list[Warning]:
     return [
@@ -406,7 +406,8 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
     return tuple(applies)
 
 
-def _file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
+def file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
+    """The warnings of a pending up file (``dbplan lint`` shows the same); its blockers go to ``blockers``."""
     script = migration.up.script
     file = migration.up.display
     warnings: list[Warning] = []
@@ -434,10 +435,11 @@ def _file_warnings(service: Service, migration: Migration, blockers: list[Blocke
             Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
         )
     blockers += _file_blockers(service, migration.version, migration.up, migration.run_mode)
-    return warnings + _lint_warnings(service, migration.up, lint=lint)
+    return warnings + lint_warnings(service, migration.up, lint=lint)
 
 
-def _lint_warnings(service: Service, file: MigrationFile, *, lint: bool) -> list[Warning]:
+def lint_warnings(service: Service, file: MigrationFile, *, lint: bool) -> list[Warning]:
+    """The lint findings of a file as warnings; those of severity ``error`` are blockers instead."""
     from ..migrations.lint import lint as lint_script
 
     return [

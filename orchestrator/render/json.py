@@ -10,6 +10,7 @@ from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, 
 
 if TYPE_CHECKING:
     from ..live.history import ServiceHistory
+    from ..planning.offline_lint import LintReport
     from ..verification.roundtrip import RoundTripReport
     from ..execution.progress import Result
 
@@ -109,6 +110,37 @@ def render_round_trips(report: RoundTripReport) -> str:
                     ],
                 }
                 for service in report.services
+            ],
+        }
+    )
+
+
+def render_lint(report: LintReport, fail_on: str) -> str:
+    """One object: the files linted, a count per severity, and every finding."""
+    from ..planning.offline_lint import LEVELS
+    from .text import printable
+
+    failing = set(report.at_or_above(fail_on))
+    return dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "ok": not failing,
+            "fail_on": fail_on,
+            "files": list(report.files),
+            "summary": {level: report.count(level) for level in reversed(LEVELS)},
+            "findings": [
+                {
+                    "file": finding.file,
+                    "line": finding.line,
+                    "rule": finding.rule,
+                    "severity": finding.severity,
+                    "message": printable(finding.message),
+                    "statement": None if finding.statement is None else printable(finding.statement),
+                    "hint": finding.hint,
+                    "service": finding.service,
+                    "fails": finding in failing,
+                }
+                for finding in report.findings
             ],
         }
     )

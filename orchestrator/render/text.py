@@ -23,6 +23,7 @@ _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "
 
 if TYPE_CHECKING:
     from ..live.history import ServiceHistory
+    from ..planning.offline_lint import LintReport
     from ..verification.roundtrip import MigrationCheck, RoundTripReport
     from ..execution.progress import Result
 
@@ -357,4 +358,32 @@ def render_round_trips(report: RoundTripReport, *, color: bool = False) -> str:
     if missing:
         parts.append(f"{plural(missing, 'migration')} without a down file" + (" (required)" if report.require_down else ""))
     lines.append(style("Test: " + ", ".join(parts) + f" ({report.duration_ms} ms).", "green" if report.ok else "red"))
+    return "\n".join(lines) + "\n"
+
+
+_LINT_STYLES = {"error": ("red", "bold"), "destructive": ("red",), "locking": ("yellow",), "notice": ("dim",)}
+
+
+def render_lint(report: LintReport, fail_on: str, *, color: bool = False) -> str:
+    """``file:line: rule (severity): message``, the statement under it, then a count."""
+    from ..planning.offline_lint import LEVELS
+
+    style = Style(color)
+    lines: list[str] = []
+    for finding in report.findings:
+        place = f"{finding.file}:{finding.line}" if finding.line else finding.file
+        head = f"{printable(place)}: {finding.rule} ({finding.severity}): {printable(finding.message)}"
+        lines.append(style(head, *_LINT_STYLES[finding.severity]))
+        if finding.statement:
+            lines.append(style(f"    {printable(finding.statement)}", "dim"))
+        if finding.hint:
+            lines.append(f"    hint: {printable(finding.hint)}")
+    counts = [f"{report.count(level)} {level}" for level in reversed(LEVELS) if report.count(level)]
+    summary = f"{plural(len(report.files), 'file')} linted: " + (", ".join(counts) if counts else "no findings")
+    if fail_on in LEVELS:
+        failing = len(report.at_or_above(fail_on))
+        summary += f"; {failing} at or above {fail_on}" if failing else f"; none at or above {fail_on}"
+    if lines:
+        lines.append("")
+    lines.append(style(summary, "bold"))
     return "\n".join(lines) + "\n"
