@@ -333,16 +333,20 @@ def read_equivalent(path: Path) -> dict[str, str]:
     """``key`` lines (as the report prints them) with the reason in the ``#`` lines above."""
     judged: dict[str, str] = {}
     reason: list[str] = []
+    after_key = False
     if not path.exists():
         return judged
     for raw in path.read_text().splitlines():
         line = raw.strip()
         if not line:
-            reason = []
+            reason, after_key = [], False
         elif line.startswith("#"):
+            if after_key:  # a new group's reason
+                reason, after_key = [], False
             reason.append(line.lstrip("# "))
         else:
             judged[line] = " ".join(reason)
+            after_key = True
     return judged
 
 

@@ -467,3 +467,10 @@ def test_an_absolute_folder_reached_through_a_link_is_scanned_and_shown_as_writt
     service = Service("product", "products", folder, str(folder), migrations_place=MIGRATIONS_PLACE)
     (migration,) = migrations.scan_service(service, root).migrations
     assert migration.up.display == f"{folder}/000001_a.up.sql"
+
+
+def test_migrations_in_the_plan_files_own_folder_are_shown_by_their_names(tmp_path: Path) -> None:
+    write(tmp_path, {"000001_a.up.sql": "SELECT 1;\n"}, folder=".")
+    service = Service("product", "products", tmp_path, ".", migrations_place=MIGRATIONS_PLACE)
+    (migration,) = migrations.scan_service(service, tmp_path).migrations
+    assert migration.up.display == "000001_a.up.sql"

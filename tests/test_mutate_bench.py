@@ -84,5 +84,9 @@ def test_the_same_seed_picks_the_same_mutants(mutate: ModuleType) -> None:
 
 def test_the_equivalent_file_is_read_with_its_reasons(mutate: ModuleType, tmp_path: Path) -> None:
     judged = tmp_path / "equivalent.txt"
-    judged.write_text("# why\n# and more\nscan | `1` -> `2` | x = y + 1 @8\n\nplanner | a | b | c @0\n")
-    assert mutate.read_equivalent(judged) == {"scan | `1` -> `2` | x = y + 1 @8": "why and more", "planner | a | b | c @0": ""}
+    judged.write_text("# why\n# and more\nscan | `1` -> `2` | x = y + 1 @8\n# other\nscan | b | c @1\n\nplanner | a | b | c @0\n")
+    assert mutate.read_equivalent(judged) == {
+        "scan | `1` -> `2` | x = y + 1 @8": "why and more",
+        "scan | b | c @1": "other",
+        "planner | a | b | c @0": "",
+    }

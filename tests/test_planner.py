@@ -589,6 +589,8 @@ def test_a_golang_migrate_database_left_dirty_hints_the_version_below(world: Wor
     (blocker,) = plan.blockers
     assert "'dbplan force product 2' to run it again" in blocker.hint
     assert plan.service("product").current == 2  # the dirty version did not finish
+    assert plan.service("product").dirty_version == 3
+    assert plan.service("inventory").dirty_version is None
 
 
 def test_dirty_at_a_version_without_a_file(world: World) -> None:
@@ -679,3 +681,17 @@ def test_a_golang_migrate_database_ahead_of_the_checkout_is_warned_about_not_rev
         ("missing-file", "version 5 is applied but has no file in migrations/product")
     ]
     assert plan.actions == ()
+
+
+def test_the_executor_recheck_sees_reverts_then_applies(tmp_path: Path) -> None:
+    """plan_service(...).actions is what the executor compares under its lock."""
+    from orchestrator.planning.planner import plan_service
+
+    world = World(tmp_path, target=2)
+    world.write("product", {"000004_more.up.sql": "SELECT 1;\n"})
+    facts = applied(world, "product", 1, 2, 3)
+    outcome = plan_service(world.estate.services["product"], world.estate, world.migration_sets()["product"], facts)
+    assert outcome.actions == (world.revert("product", 3, "product_search", 2),)
+    world.estate.services["product"] = replace(world.estate.services["product"], target=None)
+    outcome = plan_service(world.estate.services["product"], world.estate, world.migration_sets()["product"], facts)
+    assert [a.version for a in outcome.actions] == [4]

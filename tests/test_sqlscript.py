@@ -953,3 +953,16 @@ def test_transaction_kinds_of_every_control_statement() -> None:
         "begin", "start", "commit", "commit", "rollback", "rollback", "savepoint", "release",
         "rollback_to", "prepare", "commit_prepared", "rollback_prepared", None,
     ]  # fmt: skip
+
+
+def test_text_that_is_not_valid_unicode_is_a_parse_error_not_a_crash() -> None:
+    script = parse_script("SELECT 1;\nSELECT '\ud800';\n")  # a lone surrogate: no UTF-8 for it
+    assert not script.parsed
+    assert script.parse_error == "line 2: the text is not valid Unicode (surrogates not allowed)"
+    assert script.parse_error_line == 2
+
+
+@pytest.mark.parametrize("text", ["\nSELECT 1;", "\n\n  SELECT 1;", "\r\nSELECT 1;"])
+def test_leading_newlines_count_in_the_first_statements_line(text: str) -> None:
+    (statement,) = parse_script(text).statements
+    assert statement.line == text.count("\n") + 1
