@@ -18,6 +18,7 @@ from orchestrator.live.facts import HistoryEntry, LiveState, ServerFacts, Servic
 from orchestrator.migrations import scan as migrations
 from orchestrator.migrations.scan import MigrationSet, RunMode
 from orchestrator.planning.plan import (
+    AlterDatabaseOwner,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -96,9 +97,11 @@ class World:
         *,
         databases: frozenset[str] = frozenset({"postgres", "products", "inventory"}),
         roles: frozenset[str] = frozenset({"postgres", "product_svc"}),
+        owners: dict[str, str] | None = None,
     ) -> Plan:
+        owners = {"products": "product_svc", "inventory": "postgres"} if owners is None else owners
         live = LiveState(
-            servers={"main": ServerFacts("main", "16.4", "7000000000000000001", "127.0.0.1:5432", databases, roles)},
+            servers={"main": ServerFacts("main", "16.4", "7000000000000000001", "127.0.0.1:5432", databases, roles, owners)},
             services={
                 "product": product or ServiceFacts("product", database_exists="products" in databases),
                 "inventory": inventory or ServiceFacts("inventory", database_exists="inventory" in databases),
@@ -695,3 +698,80 @@ def test_the_executor_recheck_sees_reverts_then_applies(tmp_path: Path) -> None:
     world.estate.services["product"] = replace(world.estate.services["product"], target=None)
     outcome = plan_service(world.estate.services["product"], world.estate, world.migration_sets()["product"], facts)
     assert [a.version for a in outcome.actions] == [4]
+
+
+# -- the owner of a database that exists ------------------------------------------------
+
+
+def test_a_database_owned_by_another_role_is_handed_to_the_declared_owner_with_its_bookkeeping(world: World) -> None:
+    product = replace(applied(world, "product", 1, 2, 3), history_exists=False)
+    inventory = applied(world, "inventory", 1, 2)  # another database: its tables stay out of it
+    plan = world.plan(product, inventory, owners={"products": "postgres", "inventory": "postgres"})
+
+    (change,) = [a for a in plan.actions if isinstance(a, AlterDatabaseOwner)]
+    assert change == AlterDatabaseOwner("main", "products", "product_svc", "postgres", ("public.schema_migrations",))
+    assert plan.actions.index(change) == 0, "before any migration runs as the new owner"
+    (warning,) = [w for w in plan.warnings if w.rule == "owner-change"]
+    assert "database products goes from owner postgres to product_svc" in warning.message
+
+
+@pytest.mark.parametrize(
+    ("product", "owners"),
+    [
+        (None, {"products": "product_svc", "inventory": "postgres"}),  # already the declared owner
+        (None, {"inventory": "postgres"}),  # products does not exist yet: created with its owner
+    ],
+    ids=["same-owner", "missing-database"],
+)
+def test_no_owner_change_when_there_is_none_to_make(world: World, product: ServiceFacts | None, owners: dict[str, str]) -> None:
+    databases = frozenset({"postgres", *owners})
+    plan = world.plan(product, None, databases=databases, owners=owners)
+
+    assert [a for a in plan.actions if isinstance(a, AlterDatabaseOwner)] == []
+    assert [w for w in plan.warnings if w.rule == "owner-change"] == []
+
+
+def test_a_database_without_a_declared_owner_keeps_the_one_it_has(world: World) -> None:
+    plan = world.plan(None, applied(world, "inventory", 1, 2), owners={"products": "product_svc", "inventory": "someone"})
+
+    assert [a for a in plan.actions if isinstance(a, AlterDatabaseOwner)] == []
+
+
+def test_the_owner_change_warning_is_about_databases_with_applied_migrations_only(world: World) -> None:
+    # products changes owner but has nothing applied yet; inventory (another database) has.
+    fresh = ServiceFacts("product", database_exists=True)
+    plan = world.plan(fresh, applied(world, "inventory", 1, 2), owners={"products": "postgres", "inventory": "postgres"})
+
+    (change,) = [a for a in plan.actions if isinstance(a, AlterDatabaseOwner)]
+    assert change.bookkeeping_tables == (), "no bookkeeping table exists in products yet"
+    assert [w for w in plan.warnings if w.rule == "owner-change"] == []
+
+
+def test_both_bookkeeping_tables_go_with_the_database(world: World) -> None:
+    product = replace(applied(world, "product", 1), schema="svc")
+    plan = world.plan(product, None, owners={"products": "postgres", "inventory": "postgres"})
+
+    (change,) = [a for a in plan.actions if isinstance(a, AlterDatabaseOwner)]
+    assert change.bookkeeping_tables == ("svc.schema_migrations", "svc.dbplan_history")
+
+
+def test_a_no_transaction_file_the_parser_rejects_is_warned_about_not_blocked(world: World) -> None:
+    world.write(
+        "product",
+        {"000004_odd.up.sql": "-- dbplan:no-transaction\nCREATE TABEL discount (id int);\n", "000004_odd.down.sql": "SELECT 1;\n"},
+    )
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+
+    assert plan.blockers == ()
+    (warning,) = [w for w in plan.warnings if w.file == "migrations/product/000004_odd.up.sql"]
+    assert warning.message.startswith("could not parse the SQL (")
+    assert "it runs as one string outside a transaction" in warning.message
+    assert [a.version for a in plan.actions] == [4]
+
+
+def test_a_transactional_file_the_parser_rejects_gets_no_such_warning(world: World) -> None:
+    world.write("product", {"000004_odd.up.sql": "CREATE TABEL discount (id int);\n", "000004_odd.down.sql": "SELECT 1;\n"})
+    plan = world.plan(applied(world, "product", 1, 2, 3), applied(world, "inventory", 1, 2))
+
+    assert len(plan.blockers) == 1
+    assert not any(w.message.startswith("could not parse the SQL") for w in plan.warnings)
