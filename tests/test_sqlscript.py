@@ -836,6 +836,12 @@ REFRESH = "ALTER SUBSCRIPTION with refresh"
         ("REINDEX (CONCURRENTLY 'on') TABLE t", "REINDEX CONCURRENTLY"),
         ("REINDEX (VERBOSE, CONCURRENTLY true) INDEX i", "REINDEX CONCURRENTLY"),
         ("REINDEX (VERBOSE) TABLE t", None),
+        # PostgreSQL refuses these spellings (not booleans to defGetBoolean): the statement
+        # fails whatever dbplan thinks, so dbplan reads them as no value and keeps the default.
+        ("REINDEX (CONCURRENTLY 'yes') TABLE t", None),
+        ("REINDEX (CONCURRENTLY tru) TABLE t", None),
+        (SUBSCRIPTION + "(connect = 'no')", SLOT),
+        (SUBSCRIPTION + "(connect = of)", SLOT),
     ],
 )
 def test_option_values_are_read_as_postgresql_reads_them(sql: str, name: str | None) -> None:
@@ -966,3 +972,10 @@ def test_text_that_is_not_valid_unicode_is_a_parse_error_not_a_crash() -> None:
 def test_leading_newlines_count_in_the_first_statements_line(text: str) -> None:
     (statement,) = parse_script(text).statements
     assert statement.line == text.count("\n") + 1
+
+
+def test_a_file_that_starts_with_a_nul_character_is_refused_at_its_first_line() -> None:
+    script = parse_script("\x00SELECT 1;\n")
+    assert not script.parsed
+    assert "NUL character" in (script.parse_error or "")
+    assert script.parse_error_line == 1

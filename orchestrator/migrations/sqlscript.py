@@ -326,12 +326,9 @@ def _defelem_bool(elem: Node) -> bool | None:
         word = names[-1]["String"]["sval"] if names else ""
     else:
         return None
-    word = word.lower()
-    if word and ("true".startswith(word) or "yes".startswith(word) or word in ("on", "1")):
-        return True
-    if word and ("false".startswith(word) or "no".startswith(word) or word in ("of", "off", "0")):
-        return False
-    return None
+    # Exactly these words, in any case (defGetBoolean compares with pg_strcasecmp; the
+    # prefixes and yes/no that parse_bool takes for settings are refused here).
+    return {"true": True, "on": True, "false": False, "off": False}.get(word.lower())
 
 
 def _options(body: Node, key: str = "options") -> dict[str, Node]:
