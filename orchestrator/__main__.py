@@ -24,8 +24,21 @@ class Stopped(BaseException):
         super().__init__(signal_number)
 
 
+# Every signal the early handler took, in order. Raising is not enough: where a library
+# wraps what a handler raises in an Exception and catches that (Python 3.11 wraps errors
+# raised in __set_name__; psycopg falls back to another libpq wrapper on any Exception at
+# import), the stop would be lost and the command would go on. The record survives that.
+RECEIVED: list[int] = []
+
+
 def _stop(signum: int, frame: object) -> None:
+    RECEIVED.append(signum)
     raise Stopped(signum)
+
+
+def received_signal() -> int | None:
+    """The first SIGINT or SIGTERM taken before apply's own handlers, if any."""
+    return RECEIVED[0] if RECEIVED else None
 
 
 def main() -> None:
@@ -34,12 +47,15 @@ def main() -> None:
     _signal.signal(_signal.SIGINT, _stop)
     try:
         from .cli import run
+
+        if RECEIVED:  # taken while loading, and swallowed on the way
+            raise Stopped(RECEIVED[0])
     except BaseException as err:
         _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # one goodbye, not a traceback of a second signal
         _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
         from .errors import signal_number_behind
 
-        number = signal_number_behind(err)
+        number = signal_number_behind(err) or received_signal()
         if number is None:
             raise
         sys.stderr.write(f"{SIGNAL_NAMES[number]} while dbplan was starting: nothing was read or changed.\n")

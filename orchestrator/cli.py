@@ -386,6 +386,9 @@ def _stop_on_signals(cancellation: Cancellation) -> Iterator[None]:
         _note(cancellation.request(signal.Signals(signum).name))
 
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    taken_early = _signal_taken_early()
+    if taken_early is not None:  # a stop that arrived before, and was lost on its way: honour it now
+        request_stop(taken_early, None)
     try:
         yield
     finally:
@@ -725,7 +728,23 @@ def _main(argv: list[str] | None) -> int:
         if signal_number_behind(stop) is not None:  # __main__.Stopped: a signal outside apply's own handling
             return _stopped(stop)
         raise
+    taken = _signal_taken_early()
+    if taken is not None:  # the command went on past a stop that was lost on its way
+        return _stopped(_SignalTaken(taken))
     return code if isinstance(code, int) else 0
+
+
+class _SignalTaken(Exception):
+    def __init__(self, signal_number: int) -> None:
+        self.signal_number = signal_number
+        super().__init__(signal_number)
+
+
+def _signal_taken_early() -> int | None:
+    """A SIGINT or SIGTERM that ``__main__``'s handler took (None in-process, where it has
+    none): a library on the way may have swallowed what the handler raised."""
+    main = sys.modules.get("orchestrator.__main__")
+    return main.received_signal() if main is not None and hasattr(main, "received_signal") else None
 
 
 def _stopped(stop: BaseException) -> int:

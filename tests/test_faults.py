@@ -244,6 +244,31 @@ def test_a_signal_in_the_first_moments_ends_in_a_sentence_not_a_traceback(estate
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
 
 
+@pytest.mark.parametrize("command", [("apply", "--yes"), ("plan",)], ids=["apply", "plan"])
+def test_a_stop_that_a_library_swallowed_is_still_honoured(estate: Estate, command: tuple[str, ...]) -> None:
+    """The early handler records the signal before it raises: when what it raised is lost
+    on the way (a library that catches Exception while Python wraps the stop in one, as
+    3.11 does in __set_name__), the command still stops, and apply changes nothing."""
+    import subprocess
+    import sys
+
+    estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);\n")
+    child = (
+        "import sys, orchestrator.__main__ as entry\n"
+        "entry.RECEIVED.append(15)  # taken, and its Stopped swallowed on the way\n"
+        "from orchestrator.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", child, *command, "-f", str(estate.plan_file)], capture_output=True, text=True, timeout=60
+    )
+
+    assert run.returncode == 143, run.stdout + run.stderr
+    assert "SIGTERM" in run.stderr and "Traceback" not in run.stderr
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
+    assert "second" not in estate.tables("app")
+
+
 def test_sessions_terminated_at_random_moments_never_end_in_an_internal_error(
     tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
