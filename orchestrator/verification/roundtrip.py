@@ -11,6 +11,7 @@ The twin is dropped afterwards, whatever happened.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class _Twin:
     owner: str | None
     created_roles: list[str] = field(default_factory=list)
     services_done: list[tuple[Service, MigrationSet]] = field(default_factory=list)  # at their latest
+    stopping: threading.Event = field(default_factory=threading.Event)  # the run ends: touch nothing more
 
 
 def round_trip_estate(
@@ -94,7 +96,11 @@ def round_trip_estate(
     with connect(server, server.url or "") as conn:
         version_row = conn.execute("SELECT current_setting('server_version')").fetchone()
     groups = _services_by_database(estate, service_order)
-    twins = {database: _Twin(server, _twin_name(database), estate.databases[database].owner) for database in groups}
+    stopping = threading.Event()
+    twins = {
+        database: _Twin(server, _twin_name(database), estate.databases[database].owner, stopping=stopping)
+        for database in groups
+    }
     pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_TWINS, len(groups) or 1), thread_name_prefix="dbplan-test")
     try:
         futures = {
@@ -103,8 +109,13 @@ def round_trip_estate(
         }
         by_service = {check.service: check for future in futures.values() for check in future.result()}
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        _drop_all(server, list(twins.values()))  # also after Ctrl-C: FORCE ends what still runs there
+        # Also after Ctrl-C: no twin starts another step, FORCE ends what still runs on one,
+        # and once every thread has seen that, the twins are dropped again in case one of
+        # them was made in between.
+        stopping.set()
+        _drop_all(server, list(twins.values()))
+        pool.shutdown(wait=True, cancel_futures=True)
+        _drop_all(server, list(twins.values()))
     return RoundTripReport(
         server_version=version_row[0] if version_row else "unknown",
         services=tuple(by_service[name] for name in service_order if name in by_service),
@@ -224,6 +235,8 @@ def _describe(version: int, change: str, kind: str, name: str, before: str | Non
 
 def _step(twin: _Twin, estate: Estate, service: Service, migration_set: MigrationSet, target: int) -> str | None:
     """Bring the twin's service to ``target`` through planner and executor; the error, if any."""
+    if twin.stopping.is_set():
+        return "the test was stopped"
     part = _twin_estate(twin, estate, service, target)
     sets = {service.name: migration_set}
     try:
