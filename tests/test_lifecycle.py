@@ -301,7 +301,8 @@ def with_environments(estate: Estate) -> None:
     estate.add_role("app_svc", password="${APP_PW}")
     estate.add_database("app", owner="app_svc")
     estate.add_service("app", "app")
-    estate.write("app", "1_init.up.sql", "CREATE TABLE t (id int);\n")
+    # The migration keeps the lock_timeout it ran with: the overlay's, not the file's 30s.
+    estate.write("app", "1_init.up.sql", "CREATE TABLE t AS SELECT current_setting('lock_timeout') AS ran_with;\n")
     estate.document["servers"]["main"]["url"] = "postgresql://postgres@127.0.0.1:1/postgres"
     estate.document["environments"] = {
         "staging": {
@@ -332,7 +333,7 @@ def test_an_environment_overlays_servers_passwords_and_settings(
     assert applied_run.code == 0, applied_run.output
     assert applied_run.out.splitlines()[0] == "Environment: staging"
     with psycopg.connect(estate.url, user=estate.name("app_svc"), password="staging-secret-1", dbname=estate.name("app")) as conn:
-        assert conn.execute("SHOW lock_timeout").fetchone() is not None
+        assert conn.execute("SELECT ran_with FROM t").fetchone() == ("5s",), "the overlay's service setting was used"
     assert as_written.code == 1
     assert "environment variable APP_PW is not set" in as_written.err, "the file as written needs its own password"
     assert "staging-secret-1" not in plan.output + applied_run.output + as_written.output
