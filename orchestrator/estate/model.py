@@ -21,6 +21,9 @@ DEFAULT_EMBEDDED_DATA_DIR = ".dbplan/postgres"
 # 30 s still lets a migration through a busy moment. Long-running migrations are not
 # affected: lock_timeout counts only time spent waiting for a lock.
 DEFAULT_LOCK_TIMEOUT_MS = 30_000
+# Connections per server for a fleet's inspection and apply: enough to keep a server busy
+# on small migrations, few enough to leave a default max_connections (100) room to serve.
+DEFAULT_PARALLEL_PER_SERVER = 8
 # statement_timeout is left unset (the server's own setting applies): a backfill or an
 # index build may rightly take hours, and only the project knows its ceiling.
 DEFAULT_STATEMENT_TIMEOUT_MS: int | None = None
@@ -40,6 +43,9 @@ class Server:
     url: str | None  # None when the server is embedded
     embedded: EmbeddedSpec | None
     maintenance_database: str | None = None  # None: the url's database, else DEFAULT_MAINTENANCE_DATABASE
+    # At most this many connections dbplan opens to the server at once for a fleet's
+    # inspection and apply; None: DEFAULT_PARALLEL_PER_SERVER (or --parallel).
+    parallel: int | None = None
     place: Place = field(default=Place(), compare=False)
     # The url's variable is not set: fine offline, an error once a command connects.
     unset_url: UnsetVariable | None = field(default=None, compare=False, repr=False)
@@ -62,6 +68,11 @@ class Database:
     server: str
     owner: str | None = None
     place: Place = field(default=Place(), compare=False)
+    # A database expanded from a set (issue #12) names the set's key; None: written out.
+    fleet: str | None = None
+    # Roll-out stage within its fleet: stage 0 (the canaries) first; a database of stage
+    # n starts only when every database of the same fleet in stages below n succeeded.
+    stage: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,9 @@ class Service:
     statement_timeout: int | None = DEFAULT_STATEMENT_TIMEOUT_MS  # milliseconds; None: the server's
     place: Place = field(default=Place(), compare=False)
     migrations_place: Place = field(default=Place(), compare=False)
+    # One service definition served over a set of databases is expanded into one Service
+    # per database; each names the definition it came from (for --only, grouping, output).
+    fleet: str | None = None
 
     @property
     def history_table(self) -> str:
