@@ -103,7 +103,7 @@ def _statements(tables: bookkeeping.Tables, recording: Recording) -> sql.Compose
             checksum=row.checksum,
             event=row.event,
             reason=row.reason,
-            duration_ms=0,
+            duration_ms=None,  # nothing ran: history shows no duration rather than 0 ms
         )
     if recording.sets_version:
         statements += bookkeeping.set_version(tables, recording.version_after, False)
