@@ -315,8 +315,8 @@ def test_history_shows_baseline_and_accept_events(estate: Estate) -> None:
     assert events == [["1", "1", "baseline", "users"], ["2", "2", "baseline", "orders"], ["3", "1", "accept", "users"]]
     # Nothing ran: no duration; the checksum column shows what the accept changed.
     accepted = rf"accept\s+users\s+\S+ \S+\s+-\s+\S+\s+{sha(files[0])[:12]}\s+comment fixed$"
-    assert re.search(accepted, text.out, re.M), text.out
-    assert re.search(rf"^  1\s+1\s+baseline .*{baselined[:12]}\s+by hand$", text.out, re.M), text.out
+    assert re.search(accepted, text.out, re.MULTILINE), text.out
+    assert re.search(rf"^  1\s+1\s+baseline .*{baselined[:12]}\s+by hand$", text.out, re.MULTILINE), text.out
     events_json = as_json["services"][0]["events"]
     assert [(e["event"], e["reason"], e["checksum"]) for e in events_json] == [
         ("baseline", "by hand", baselined),  # the checksum of the file as it was then: history keeps both
