@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
     from .planning.offline_lint import LintReport
+    from .planning.records import Recording
     from .verification.dryrun import Verification
     from .verification.roundtrip import MigrationCheck, RoundTripReport
     from .server.embedded import EmbeddedServer
@@ -348,14 +349,60 @@ def force(
     environ: Mapping[str, str] | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
     on_notice: Callable[[str], None] | None = None,
-) -> None:
+) -> Recording:
     """Record VERSION as the service's current version and clear its dirty flag; refuses
     if the service changed while it waited for the migrations lock."""
     from .execution.force import force_version
 
     checked = validate(file, environ)
     checked.estate.require_secrets()
-    force_version(
+    return force_version(
+        checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
+        on_wait=on_notice,
+    )  # fmt: skip
+
+
+def baseline(
+    file: str | os.PathLike[str],
+    service_name: str,
+    version: int,
+    *,
+    reason: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    on_notice: Callable[[str], None] | None = None,
+) -> Recording:
+    """Count every migration of the service up to VERSION as applied, without running any:
+    for a database made by hand. Refuses a dirty service, one already at VERSION or above,
+    and a VERSION with no file; the database must exist."""
+    from .execution.baseline import baseline_version
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return baseline_version(
+        checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
+        on_wait=on_notice,
+    )  # fmt: skip
+
+
+def accept(
+    file: str | os.PathLike[str],
+    service_name: str,
+    version: int,
+    *,
+    reason: str,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+    on_notice: Callable[[str], None] | None = None,
+) -> Recording:
+    """Record the checksum of an applied file that was edited on purpose, beside the old
+    one, so that its drift warning goes away. Refuses a version that is not applied or
+    has no drift, and an empty reason."""
+    from .execution.baseline import accept_checksum
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return accept_checksum(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
         on_wait=on_notice,
     )  # fmt: skip

@@ -513,19 +513,73 @@ def history(
         _say(text.render_history(histories, color=_use_color()))
 
 
+VersionArgument = Annotated[int, typer.Argument(help="A version of a migration file of the service.", min=1)]
+ReasonOption = Annotated[str | None, typer.Option("--reason", help="Why, for the history table.")]
+
+
 @app.command()
 def force(
     service: Annotated[str, typer.Argument(help="Service whose version to record.")],
     version: Annotated[int, typer.Argument(help="Version the database is at now (0: none).", min=0)],
     file: FileOption = DEFAULT_FILE,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why, for the history table.")] = None,
+    reason: ReasonOption = None,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    lock_wait: LockWaitOption = 300.0,
 ) -> None:
     """Clear a dirty state by recording VERSION as the service's current version."""
+    _record("force", service, version, format, lambda: api.force(
+        file, service, version, reason=reason, lock_wait=lock_wait, on_notice=_note
+    ))  # fmt: skip
+
+
+@app.command()
+def baseline(
+    service: Annotated[str, typer.Argument(help="Service of the database made by hand.")],
+    version: VersionArgument,
+    file: FileOption = DEFAULT_FILE,
+    reason: ReasonOption = None,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    lock_wait: LockWaitOption = 300.0,
+) -> None:
+    """Count every migration up to VERSION as applied, running none: for a database made by hand."""
+    _record("baseline", service, version, format, lambda: api.baseline(
+        file, service, version, reason=reason, lock_wait=lock_wait, on_notice=_note
+    ))  # fmt: skip
+
+
+@app.command()
+def accept(
+    service: Annotated[str, typer.Argument(help="Service of the edited file.")],
+    version: VersionArgument,
+    reason: Annotated[str, typer.Option("--reason", help="Why the applied file was changed (required).")],
+    file: FileOption = DEFAULT_FILE,
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.text,
+    lock_wait: LockWaitOption = 300.0,
+) -> None:
+    """Record the new checksum of an applied file edited on purpose, so its drift warning goes away."""
+    _record("accept", service, version, format, lambda: api.accept(
+        file, service, version, reason=reason, lock_wait=lock_wait, on_notice=_note
+    ))  # fmt: skip
+
+
+def _record(command: str, service: str, version: int, format: OutputFormat, run: Any) -> None:
+    """Run one of the commands that record a person's word, and say what it recorded
+    (as JSON too, where a refusal is an object with ``ok`` false and nothing recorded)."""
+    as_json = format is OutputFormat.json
     try:
-        api.force(file, service, version, reason=reason, on_notice=_note)
+        recording = run()
     except DbplanError as err:
+        if as_json:
+            from .render import json as render_json
+
+            _say(render_json.render_recording(command, service, version, None, err))
         _fail(err)
-    _say(f"service '{service}' is now recorded at version {version}, not dirty.\n")
+    if as_json:
+        from .render import json as render_json
+
+        _say(render_json.render_recording(command, service, version, recording))
+    else:
+        _say(recording.message + ("" if recording.message.endswith(".") else ".") + "\n")
 
 
 @app.command()

@@ -88,10 +88,10 @@ def record_event(
     title: str | None,
     checksum: str | None,
     event: str,
-    duration_ms: int,
+    duration_ms: int | None,
     reason: str | None = None,
 ) -> sql.Composed:
-    """Append one history row."""
+    """Append one history row (``duration_ms`` None: nothing ran, a person's word was recorded)."""
     values = sql.SQL(", ").join(
         [
             sql.Literal(version),

@@ -48,6 +48,7 @@ from ..planning.plan import (
     action_phrase,
 )
 from ..planning.planner import plan_service
+from ..planning.records import ADOPTION_REASON
 from . import bookkeeping
 from .batches import Step
 from .guard import transaction_guard
@@ -584,7 +585,7 @@ def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: Se
             title=None,
             checksum=None,
             event="baseline",
-            reason="adopted: versions up to here were applied before dbplan kept history",
+            reason=ADOPTION_REASON,
             duration_ms=0,
         )
     return statements

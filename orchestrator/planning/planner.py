@@ -471,3 +471,10 @@ def _file_blockers(service: Service, version: int, file: MigrationFile, run_mode
         )
         for refusal in refusals(file.script, transactional=run_mode in TRANSACTIONAL_MODES)
     ]
+
+
+def applied_versions(facts: ServiceFacts, migration_set: MigrationSet) -> dict[int, str | None]:
+    """The versions the planner counts as applied, with the checksum recorded for each
+    (None: unknown), for the commands that record a person's word about them
+    (``dbplan baseline``, ``dbplan accept``): they must see the service as plan does."""
+    return _applied(facts, migration_set.by_version())

@@ -11,6 +11,7 @@ from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, 
 if TYPE_CHECKING:
     from ..live.history import ServiceHistory
     from ..planning.offline_lint import LintReport
+    from ..planning.records import Recording
     from ..verification.roundtrip import RoundTripReport
     from ..execution.progress import Result
 
@@ -69,6 +70,26 @@ def error_to_dict(error: DbplanError) -> dict[str, Any]:
             "service": error.service,
             "version": error.version,
             "sqlstate": getattr(error, "sqlstate", None),
+        }
+    )
+
+
+def render_recording(
+    command: str, service: str, version: int, recording: Recording | None, error: DbplanError | None = None
+) -> str:
+    """The result of ``force``, ``baseline`` or ``accept``: the history rows it wrote and
+    the version it left, or (``ok`` false, nothing written) why it refused."""
+    return dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "ok": error is None,
+            "command": command,
+            "service": service,
+            "version": version,
+            "version_after": recording.version_after if recording else None,
+            "recorded": [vars(row) for row in recording.rows] if recording else [],
+            "message": recording.message if recording else None,
+            "error": None if error is None else error_to_dict(error),
         }
     )
 

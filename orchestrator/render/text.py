@@ -296,7 +296,8 @@ def render_history(histories: list[ServiceHistory], *, color: bool = False) -> s
             continue
         if history.more:
             lines.append("  ... older events left out (--limit 0 shows every one)")
-        header = ("ID", "VERSION", "EVENT", "TITLE", "WHEN (UTC)", "DURATION", "BY", "REASON")
+        # The checksum shows what an accept changed (and what a baseline counted as applied).
+        header = ("ID", "VERSION", "EVENT", "TITLE", "WHEN (UTC)", "DURATION", "BY", "SHA256", "REASON")
         rows = [header] + [
             (
                 str(event.id),
@@ -306,6 +307,7 @@ def render_history(histories: list[ServiceHistory], *, color: bool = False) -> s
                 f"{event.applied_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}",
                 f"{event.duration_ms} ms" if event.duration_ms is not None else "-",
                 printable(event.applied_by or "-"),
+                event.checksum[:12] if event.checksum else "-",
                 printable(event.reason or "-"),
             )
             for event in history.events
