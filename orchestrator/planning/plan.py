@@ -145,6 +145,8 @@ class ServicePlan:
     invalid_indexes: tuple[str, ...] = ()
     dirty_version: int | None = None  # the version that failed part-way; current is the one before
     bookkeeping: str | None = None  # schema.table of the migrations table; None: its database is not there yet
+    fleet: str | None = None  # the service definition over a set this instance came from
+    stage: int | None = None  # its database's roll-out stage within the set (0: canary)
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "drift": [vars(drift) for drift in service.drift],
         "invalid_indexes": list(service.invalid_indexes),
         "bookkeeping": service.bookkeeping,
+        **({"fleet": service.fleet, "stage": service.stage} if service.fleet else {}),
     }
 
 

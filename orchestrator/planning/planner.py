@@ -70,9 +70,43 @@ def make_plan(
         services=tuple(outcome.summary for outcome in in_file_order),
         warnings=tuple(_owner_change_warnings(owner_changes, estate, live))
         + tuple(warning for outcome in in_file_order for warning in outcome.warnings),
-        blockers=tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
+        blockers=tuple(_moved_databases(estate, live))
+        + tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
     )
+
+
+def _moved_databases(estate: Estate, live: LiveState) -> list[Blocker]:
+    """A set's database that is missing on the server the set places it on but exists on
+    another of the set's servers: the servers listed changed (spread moves a few names
+    when one is added). Creating an empty twin would split the tenant in two."""
+    found = []
+    servers_of: dict[str, set[str]] = {}
+    for database in estate.databases.values():
+        if database.fleet is not None:
+            servers_of.setdefault(database.fleet, set()).add(database.server)
+    for database in estate.databases.values():
+        if database.fleet is None or database.name in live.servers[database.server].databases:
+            continue
+        elsewhere = [
+            name
+            for name in sorted(servers_of[database.fleet] - {database.server})
+            if name in live.servers and database.name in live.servers[name].databases
+        ]
+        if elsewhere:
+            found.append(
+                Blocker(
+                    f"database '{database.name}' of set '{database.fleet}' is placed on server '{database.server}', "
+                    f"but it exists on server '{elsewhere[0]}'",
+                    hint=f"keep it where it is: list it under per_server.{elsewhere[0]} (or move it yourself first)",
+                )
+            )
+    return found
+
+
+def _discovered(estate: Estate, fleet: str | None) -> bool:
+    spec = estate.sets.get(fleet) if fleet is not None else None
+    return spec is not None and spec.discovery is not None
 
 
 def _missing_roles(estate: Estate, live: LiveState) -> list[CreateRole]:
@@ -88,6 +122,7 @@ def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:
         CreateDatabase(database.server, database.name, database.owner)
         for database in estate.databases.values()
         if database.name not in live.servers[database.server].databases
+        and not _discovered(estate, database.fleet)  # a discovered set's databases are never created
     ]
 
 
@@ -188,6 +223,8 @@ def plan_service(
         invalid_indexes=facts.invalid_indexes,
         dirty_version=facts.version if facts.dirty else None,
         bookkeeping=f"{facts.schema}.{service.table}" if facts.schema else None,
+        fleet=service.fleet,
+        stage=estate.databases[service.database].stage if service.fleet else None,
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
