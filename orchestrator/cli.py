@@ -348,7 +348,9 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
-        shown = markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        from .render.fleet import render_markdown_plan
+
+        shown = render_markdown_plan(plan_value, sql_for=texts.get, graph=planned.graph)
         return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text
 
