@@ -337,3 +337,30 @@ def test_the_fingerprint_of_2000_databases_is_cheap(tmp_path: Path) -> None:
         changed["services"][name]["version"] = 7
     found = savedplan.differences(printed, changed)
     assert len(found) == 1 and "8 databases changed since" in found[0] and "and 3 more" in found[0]
+
+
+def test_a_database_the_spread_would_move_blocks_instead_of_getting_an_empty_twin(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2, {"range": {"pattern": estate.name("t{n}"), "from": 1, "to": COUNT}, "servers": ["main"]})
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.document["databases"]["tenants"]["set"]["servers"] = ["main", "second"]  # a server added
+    estate.save()
+    moved = [d.name for d in load(estate.plan_file).databases.values() if d.server == "second"]
+    assert moved
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1
+    assert f"database '{moved[0]}' of set 'tenants' is placed on server 'second', but it exists on server 'main'" in run.out
+    assert all(server_of(estate.url, pg_url2, name) == "main" for name in moved)  # no twin was created
+
+
+def test_history_and_force_take_one_database_of_a_set(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    assert estate.dbplan("apply", "--yes").code == 0
+    one = f"tenant[{estate.name('t4')}]"
+    run = estate.dbplan("history", one)
+    assert run.code == 0, run.output
+    assert one in run.out and f"tenant[{estate.name('t5')}]" not in run.out
+    assert estate.dbplan("force", one, "0", "--reason", "test").code == 0
+    status = json.loads(estate.dbplan("status", "--format", "json").out)
+    assert [s["current"] for s in status["services"] if s["service"] == one] == [0]
+    every = estate.dbplan("history", "tenant")
+    assert every.out.count("tenant[") >= COUNT

@@ -130,7 +130,23 @@ def inspect(
 def claimed_schemas(estate: Estate, service: Service) -> frozenset[str]:
     """The schemas where other services of the same database name their own table of
     this name (``schema:``): a table found there is theirs, not this service's."""
-    return _claimed_among(estate.services.values(), service)
+    return _claimed_among(services_of_database(estate, service.database), service)
+
+
+_by_database: tuple[object, dict[str, list[Service]]] | None = None
+
+
+def services_of_database(estate: Estate, database: str) -> list[Service]:
+    """The services of one database, from an index built once per estate: a fleet's
+    executor asks for each of its thousands of databases."""
+    global _by_database
+    cached = _by_database
+    if cached is None or cached[0] is not estate.services:
+        index: dict[str, list[Service]] = {}
+        for service in estate.services.values():
+            index.setdefault(service.database, []).append(service)
+        cached = _by_database = (estate.services, index)  # one tuple: threads see the old one or the new one
+    return cached[1].get(database, [])
 
 
 def _claimed_among(services: Iterable[Service], service: Service) -> frozenset[str]:
@@ -181,7 +197,7 @@ def locate_apart(conn: psycopg.Connection, estate: Estate, service: Service, own
     """``locate_schema`` for the executor, which may have created the database a moment
     ago (so ``inspect`` could not look): also refuses a table another service of the
     database resolves to."""
-    members = [other for other in estate.services.values() if other.database == service.database]
+    members = services_of_database(estate, service.database)
     schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other)) for other in members}
     _refuse_shared_bookkeeping(members, schemas)
     return schemas[service.name]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..estate.graph import EstateGraph
 from ..estate.model import Estate, Service
-from ..live.facts import LiveState, ServiceFacts
+from ..live.facts import LiveState, ServiceFacts, services_of_database
 from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .plan import (
     Action,
@@ -148,7 +148,7 @@ def _owner_changes(estate: Estate, live: LiveState) -> list[AlterDatabaseOwner]:
 
 def _bookkeeping_tables(estate: Estate, live: LiveState, database: str) -> tuple[str, ...]:
     tables: list[str] = []
-    for service in estate.services.values():
+    for service in services_of_database(estate, database):
         facts = live.services[service.name]
         if service.database != database or facts.schema is None:
             continue
@@ -168,7 +168,7 @@ def _owner_change_warnings(changes: list[AlterDatabaseOwner], estate: Estate, li
             rule="owner-change",
         )
         for change in changes
-        if any(live.services[s.name].version is not None for s in estate.services.values() if s.database == change.database)
+        if any(live.services[s.name].version is not None for s in services_of_database(estate, change.database))
     ]
 
 
