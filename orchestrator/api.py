@@ -413,6 +413,8 @@ def new_migration(
 
     estate = plan_file.load(file, environ)
     service = estate.services.get(service_name)
+    if service is None and estate.blueprint is not None:  # a service over a set: its one folder
+        service = estate.blueprint.services.get(service_name)
     if service is None:
         raise DbplanError(
             f"unknown service '{service_name}'{_did_you_mean(service_name, estate.services)}",

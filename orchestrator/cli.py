@@ -269,11 +269,14 @@ def validate(file: FileOption = DEFAULT_FILE) -> None:
         _fail(err)
     from .render.text import plural
 
-    count = sum(len(s.migrations) for s in checked.migration_sets.values())
+    # A service over a set counts once, with its folder: not once per database.
+    definitions = {service.fleet or name: name for name, service in checked.estate.services.items()}
+    count = sum(len(checked.migration_sets[name].migrations) for name in definitions.values())
+    in_sets = sum(1 for database in checked.estate.databases.values() if database.fleet is not None)
     _say(
         f"{file}: valid ({plural(len(checked.estate.servers), 'server')}, "
-        f"{plural(len(checked.estate.databases), 'database')}, {plural(len(checked.estate.services), 'service')}, "
-        f"{plural(count, 'migration')})\n"
+        f"{plural(len(checked.estate.databases), 'database')}{f' ({in_sets} in sets)' if in_sets else ''}, "
+        f"{plural(len(definitions), 'service')}, {plural(count, 'migration')})\n"
     )
 
 
@@ -338,7 +341,7 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             return render_verification.render_json(plan_value, verified)
         return render_json.render_plan(plan_value)
     if format is PlanFormat.markdown:
-        from .render import markdown
+        from .render.fleet import render_markdown_plan
 
         # The SQL shown is the text that was scanned and checksummed, not a second read.
         texts = {
@@ -348,8 +351,6 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
-        from .render.fleet import render_markdown_plan
-
         shown = render_markdown_plan(plan_value, sql_for=texts.get, graph=planned.graph)
         return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text

@@ -364,3 +364,20 @@ def test_history_and_force_take_one_database_of_a_set(estate: Estate, pg_url2: s
     assert [s["current"] for s in status["services"] if s["service"] == one] == [0]
     every = estate.dbplan("history", "tenant")
     assert every.out.count("tenant[") >= COUNT
+
+
+def test_new_adds_to_the_one_folder_of_a_service_over_a_set(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    run = estate.dbplan("new", "tenant", "add plan")
+    assert run.code == 0, run.output
+    assert (estate.root / "migrations" / "tenant" / "000002_add_plan.up.sql").exists()
+    assert "1 service, 2 migrations" in estate.dbplan("validate").out
+
+
+def test_an_environment_may_change_a_servers_parallel(estate: Estate, pg_url2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet(estate, pg_url2)
+    estate.document["environments"] = {"production": {"servers": {"second": {"parallel": 3}}}}
+    estate.save()
+    assert load(estate.plan_file).servers["second"].parallel is None
+    monkeypatch.setenv("DBPLAN_ENV", "production")
+    assert load(estate.plan_file).servers["second"].parallel == 3

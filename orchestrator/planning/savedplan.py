@@ -11,6 +11,7 @@ servers are identified by system identifier and address, never by URL.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,11 @@ def _migration_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[s
     return found
 
 
+def _natural(name: str) -> list[Any]:
+    """tenant_2 before tenant_10: the order a reader looks for them in."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"([0-9]+)", name)]
+
+
 SHOWN_NAMES = 5  # a refusal over a fleet names the first few databases, then counts the rest
 
 
@@ -212,6 +218,6 @@ def _service_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str
     for (fleet, what), databases in fleets.items():
         found.append(
             f"service '{fleet}': {len(databases)} {'database' if len(databases) == 1 else 'databases'} {what}: "
-            f"{first_few(databases)}" + ("; another apply ran?" if what.startswith("changed") else "")
+            f"{first_few(sorted(databases, key=_natural))}" + ("; another apply ran?" if what.startswith("changed") else "")
         )
     return found

@@ -12,7 +12,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..planning.plan import Blocker, CreateDatabase, MigrationAction, Plan, ServicePlan, Warning
+from ..planning.plan import (
+    ApplyMigration,
+    Blocker,
+    CreateDatabase,
+    MigrationAction,
+    Plan,
+    RevertMigration,
+    ServicePlan,
+    Warning,
+)
 
 LISTED = 10  # outliers named per kind; the rest are counted
 
@@ -106,9 +115,9 @@ def split_fleets(plan: Plan) -> tuple[Plan, list[FleetSummary]]:
         return plan, []
     actions = []
     for action in plan.actions:
-        service = getattr(action, "service", None)
-        if service in instance_fleet:
-            fleets[instance_fleet[service]].actions.setdefault(service, []).append(action)  # type: ignore[arg-type]
+        owner = getattr(action, "service", None)
+        if isinstance(owner, str) and owner in instance_fleet and isinstance(action, (ApplyMigration, RevertMigration)):
+            fleets[instance_fleet[owner]].actions.setdefault(owner, []).append(action)
         elif isinstance(action, CreateDatabase) and action.database in fleet_databases:
             fleets[fleet_databases[action.database]].creations.append(action)
         else:
