@@ -381,3 +381,17 @@ def test_an_environment_may_change_a_servers_parallel(estate: Estate, pg_url2: s
     assert load(estate.plan_file).servers["second"].parallel is None
     monkeypatch.setenv("DBPLAN_ENV", "production")
     assert load(estate.plan_file).servers["second"].parallel == 3
+
+
+def test_a_discovered_name_on_two_servers_is_refused_and_nothing_runs(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2, {"discover": estate.name("e") + "\\_%", "servers": ["main", "second"], "canary": 1})
+    twin = estate.name("e_twin")
+    for url in (estate.url, pg_url2):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{twin}"')
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1
+    assert f"database '{twin}' of discovered set 'tenants' is on server 'main' and on server 'second'" in run.err
+    assert f"{estate.plan_file}:" in run.err
+    for url in (estate.url, pg_url2):
+        assert "account" not in tables_in(url, twin)
