@@ -395,3 +395,19 @@ def test_a_discovered_name_on_two_servers_is_refused_and_nothing_runs(estate: Es
     assert f"{estate.plan_file}:" in run.err
     for url in (estate.url, pg_url2):
         assert "account" not in tables_in(url, twin)
+
+
+def test_a_dirty_database_of_a_set_is_named_with_what_to_do(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("tenant", "000002_two.up.sql", "CREATE TABLE two (id int);\n")
+    dirty = estate.name("t6")
+    server = load(estate.plan_file).databases[dirty].server
+    with psycopg.connect({"main": estate.url, "second": pg_url2}[server], dbname=dirty, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET version = 2, dirty = true")
+    run = estate.dbplan("plan")
+    assert run.code == 1
+    assert f"{COUNT - 1} at 1 -> 2 (+ 2 two); 1 at 1, blocked" in run.out
+    assert f"! dirty: 1 database\n      {dirty} ({server}) at 2" in run.out
+    assert f"hint: fix the database by hand, then run 'dbplan force tenant[{dirty}] 2'" in run.out
+    assert "Plan blocked: 1 problem must be fixed before apply." in run.out

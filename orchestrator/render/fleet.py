@@ -191,6 +191,9 @@ def text_section(summary: FleetSummary, style: Styler) -> list[str]:
         sign, color = ("~", "yellow") if kind in ("drift", "behind", "ahead") else ("!", "red")
         lines.append(style(f"  {sign} {kind}: {_plural(len(found), 'database')}", color))
         lines += [style(f"      {item}", color) for item in _listed(found)]
+        if kind == "blocked":
+            hint = next(iter(summary.blocked.values()))[0].hint
+            lines += [f"    hint: {hint}"] if hint else []
     for (file, message, rule), count in list(summary.warnings.items())[:LISTED]:
         where = f"{file}: " if file else ""
         lines.append(style(f"  ~ {where}{message}{f' [{rule}]' if rule else ''} ({_plural(count, 'database')})", "yellow"))
