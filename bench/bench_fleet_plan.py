@@ -23,14 +23,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.estate import graph  # noqa: E402
-from orchestrator.estate.load import load  # noqa: E402
-from orchestrator.live.facts import LiveState, ServerFacts, ServiceFacts  # noqa: E402
-from orchestrator.migrations import scan  # noqa: E402
-from orchestrator.planning import savedplan  # noqa: E402
-from orchestrator.planning.planner import make_plan  # noqa: E402
-from orchestrator.render import text  # noqa: E402
-from orchestrator.render.fleet import render_markdown_plan  # noqa: E402
+from orchestrator.estate import graph
+from orchestrator.estate.load import load
+from orchestrator.live.facts import LiveState, ServerFacts, ServiceFacts
+from orchestrator.migrations import scan
+from orchestrator.planning import savedplan
+from orchestrator.planning.planner import make_plan
+from orchestrator.render import text
+from orchestrator.render.fleet import render_markdown_plan
 
 MIGRATIONS = 5
 

@@ -251,6 +251,32 @@ def test_shards_partition_the_fleet_and_each_applies_on_its_own(estate: Estate, 
     assert wrong.code == 1 and "made for shard 1/3" in wrong.err
 
 
+def test_a_shard_whose_set_depends_on_a_plain_service_waits_for_shard_1(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2, depends_on=["core"])
+    estate.add_database("core")
+    estate.add_service("core", "core")
+    estate.write("core", "000001_init.up.sql", "CREATE TABLE plan (id int);\n")
+    mine = services_of(estate.dbplan("plan", "--format", "json", "--shard", "2/2").out) - {"core"}
+    early = estate.dbplan("apply", "--yes", "--shard", "2/2")
+    assert early.code == 1
+    assert "service 'core' is applied by shard 1/2, and the services of shard 2/2 depend on it" in early.out
+    assert not estate.database_exists("core")
+    assert all(server_of(estate.url, pg_url2, name[len("tenant["):-1]) is None for name in mine)  # nothing ran
+    assert estate.dbplan("apply", "--yes", "--shard", "1/2").code == 0
+    late = estate.dbplan("apply", "--yes", "--shard", "2/2")
+    assert late.code == 0, late.output
+    assert "No changes" in estate.dbplan("plan").out
+
+
+def test_a_plain_service_over_every_shard_is_refused(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    estate.add_database("core")
+    estate.add_service("report", "core", depends_on=["tenant"])
+    run = estate.dbplan("plan", "--shard", "1/2")
+    assert run.code == 1
+    assert "service 'report' depends on service 'tenant', which is served over a set" in run.err
+
+
 def test_a_kubernetes_index_picks_the_shard(estate: Estate, pg_url2: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet(estate, pg_url2)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")

@@ -157,6 +157,9 @@ class Estate:
     # Whether discovered sets' members have been read from the servers (api.plan does).
     discovered: bool = False
     shard: tuple[int, int] | None = None  # (index from 1, count) of a --shard part
+    # Services of part 1 that a --shard part's services depend on: read, never changed, so
+    # the part is blocked while they have work left (part 1 does it).
+    foreign: frozenset[str] = frozenset()
 
     def fleet_instances(self, fleet: str) -> list[str]:
         """The services expanded from service definition ``fleet``, in order."""

@@ -70,38 +70,53 @@ def _is_instance(estate: Estate, name: str) -> bool:
 def select_shard(estate: Estate, index: int, count: int) -> Estate:
     """Part ``index`` (from 1) of ``count``: the databases of sets split by a stable hash of
     their names, everything else (written-out databases, their services, every role) in
-    part 1. Each part is a whole plan of its own, so no part may need another's work:
-    a service and a set's service that depend on each other cannot be split."""
+    part 1. Each part is a whole plan of its own. A set's service may depend on a service
+    outside sets: that one is part 1's to apply, and another part only reads it (it is
+    ``foreign`` there), so that part's plan is blocked until part 1 has applied it."""
     from .fleet import shard_of
 
     if not 1 <= index <= count:
         raise DbplanError(f"shard {index}/{count} does not exist: give I/N with 1 <= I <= N", hint="--shard 1/4 is the first of four")
     if count > 1:
-        _refuse_cross_dependencies(estate)
+        _refuse_fan_in(estate)
     databases = {
         name: database
         for name, database in estate.databases.items()
         if (shard_of(name, count) if database.fleet is not None else 1) == index
     }
     services = {name: service for name, service in estate.services.items() if service.database in databases}
+    foreign = _with_dependencies(estate, [d for s in services.values() for d in s.depends_on if d not in services])
+    for name in sorted(foreign, key=list(estate.services).index):
+        services[name] = estate.services[name]
+        database = estate.databases[services[name].database]
+        databases.setdefault(database.name, database)
+    services = {name: services[name] for name in estate.services if name in services}  # plan-file order
+    databases = {name: databases[name] for name in estate.databases if name in databases}
     owners = {(database.owner, database.server) for database in databases.values() if database.owner}
     roles = {
         name: role for name, role in estate.roles.items() if index == 1 or (role.name, role.server) in owners
     }
     used = {database.server for database in databases.values()} | {role.server for role in roles.values()}
     servers = {name: server for name, server in estate.servers.items() if name in used or index == 1}
-    return replace(estate, servers=servers, roles=roles, databases=databases, services=services, shard=(index, count))
+    return replace(
+        estate,
+        servers=servers,
+        roles=roles,
+        databases=databases,
+        services=services,
+        shard=(index, count),
+        foreign=frozenset(foreign),
+    )
 
 
-def _refuse_cross_dependencies(estate: Estate) -> None:
+def _refuse_fan_in(estate: Estate) -> None:
+    """A service outside sets that depends on a set's service would wait for every part."""
     for service in estate.services.values():
         for dependency in service.depends_on:
             other = estate.services[dependency]
-            if (service.fleet is None) != (other.fleet is None):
-                one, two = (service.fleet or service.name), (other.fleet or other.name)
+            if service.fleet is None and other.fleet is not None:
                 raise DbplanError(
-                    f"--shard cannot split this plan: service '{one}' depends on service '{two}', and only one of "
-                    "them is served over a set, so one shard would wait for another",
-                    hint="shards are for sets whose services depend only on each other: drop that depends_on, "
-                    "or apply without --shard",
+                    f"--shard cannot split this plan: service '{service.name}' depends on service '{other.fleet}', "
+                    "which is served over a set, so part 1 would wait for every other part",
+                    hint="drop that depends_on, or apply without --shard",
                 )

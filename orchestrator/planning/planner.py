@@ -7,7 +7,7 @@ to do is still what was shown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
 from ..estate.model import Estate, Service
@@ -52,13 +52,16 @@ def make_plan(
     """Compute every change needed to bring the live servers to what the plan file says."""
     actions: list[Action] = []
     actions += _missing_roles(estate, live)
-    actions += _missing_databases(estate, live)
-    owner_changes = _owner_changes(estate, live)
+    foreign_databases = {estate.services[name].database for name in estate.foreign}
+    actions += [a for a in _missing_databases(estate, live) if a.database not in foreign_databases]
+    owner_changes = [a for a in _owner_changes(estate, live) if a.database not in foreign_databases]
     actions += owner_changes
     outcomes = {
         name: plan_service(estate.services[name], estate, migration_sets[name], live.services[name])
         for name in graph.service_order
     }
+    for name in estate.foreign:
+        outcomes[name] = _read_only(outcomes[name], estate, live)
     # Reverts run dependents first; applies run prerequisites first.
     for name in reversed(graph.service_order):
         actions += outcomes[name].reverts
@@ -74,6 +77,26 @@ def make_plan(
         + tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
     )
+
+
+def _read_only(outcome: ServiceOutcome, estate: Estate, live: LiveState) -> ServiceOutcome:
+    """A service another --shard part applies: this part changes nothing in it and waits,
+    blocked, while it has work left."""
+    service = estate.services[outcome.summary.service]
+    database = estate.databases[service.database]
+    missing = database.name not in live.servers[database.server].databases
+    work = len(outcome.actions) + len(outcome.summary.pending) + len(outcome.blockers)
+    if not missing and not work:
+        return replace(outcome, warnings=())
+    index, count = estate.shard or (1, 1)
+    state = f"database '{database.name}' does not exist yet" if missing else f"{work} change(s) are left"
+    blocker = Blocker(
+        f"service '{service.name}' is applied by shard 1/{count}, and the services of shard {index}/{count} "
+        f"depend on it: {state}",
+        service=service.name,
+        hint=f"apply shard 1/{count} first; this shard can run as soon as it has",
+    )
+    return ServiceOutcome(outcome.summary, (), (), (), (blocker,))
 
 
 def _moved_databases(estate: Estate, live: LiveState) -> list[Blocker]:
