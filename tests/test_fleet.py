@@ -196,6 +196,8 @@ def test_apply_creates_and_migrates_every_database_and_the_plan_reads_at_a_glanc
     as_json = json.loads(estate.dbplan("plan", "--format", "json").out)
     assert len([a for a in as_json["actions"] if a["kind"] == "apply_migration"]) == COUNT - 1
     assert {s["fleet"] for s in as_json["services"]} == {"tenant"}
+    assert as_json["fleets"]["tenant"]["databases"] == COUNT
+    assert as_json["fleets"]["tenant"]["stages"] == {"0": 2, "1": COUNT - 2}
 
     only = json.loads(estate.dbplan("plan", "--format", "json", "--only", f"tenant[{estate.name('t1')}]").out)
     assert [s["service"] for s in only["services"]] == [f"tenant[{estate.name('t1')}]"]

@@ -246,9 +246,25 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "summary": plan.summary(),
         "actions": [action_to_dict(action) for action in plan.actions],
         "services": [service_to_dict(service) for service in plan.services],
+        **({"fleets": fleets} if (fleets := fleets_to_dict(plan)) else {}),
         "warnings": [without_nones(vars(warning)) for warning in plan.warnings],
         "blockers": [without_nones(vars(blocker)) for blocker in plan.blockers],
     }
+
+
+def fleets_to_dict(plan: Plan) -> dict[str, Any]:
+    """Per service over a set: how many databases, on which servers, in which stages."""
+    fleets: dict[str, Any] = {}
+    for service in plan.services:
+        if service.fleet is None:
+            continue
+        entry = fleets.setdefault(service.fleet, {"databases": 0, "servers": [], "stages": {}})
+        entry["databases"] += 1
+        if service.server not in entry["servers"]:
+            entry["servers"].append(service.server)
+        stage = str(service.stage or 0)
+        entry["stages"][stage] = entry["stages"].get(stage, 0) + 1
+    return fleets
 
 
 def service_to_dict(service: ServicePlan) -> dict[str, Any]:
