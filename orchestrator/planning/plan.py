@@ -264,6 +264,8 @@ def fleets_to_dict(plan: Plan) -> dict[str, Any]:
             entry["servers"].append(service.server)
         stage = str(service.stage or 0)
         entry["stages"][stage] = entry["stages"].get(stage, 0) + 1
+    for entry in fleets.values():
+        entry["servers"].sort()
     return fleets
 
 
