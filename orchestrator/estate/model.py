@@ -165,13 +165,6 @@ class Estate:
         """The services expanded from service definition ``fleet``, in order."""
         return [name for name, service in self.services.items() if service.fleet == fleet]
 
-    def role_on(self, name: str, server: str) -> str | None:
-        """The key of role ``name`` on ``server`` (a role on several servers has one entry each)."""
-        for key, role in self.roles.items():
-            if role.name == name and role.server == server:
-                return key
-        return None
-
     def require_secrets(self) -> None:
         """Raise for the first secret whose variable is unset: called by every command that
         connects, before it connects, so that nothing is done half-way for want of one."""
