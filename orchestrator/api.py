@@ -16,7 +16,7 @@ from .estate import graph
 from .estate import load as plan_file
 from .estate.graph import EstateGraph
 from .estate.model import Estate
-from .estate.select import select_services
+from .estate.select import select_services, select_shard
 from .live.facts import LiveState, inspect
 from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
 from .migrations import scan as migration_folders
@@ -58,15 +58,26 @@ class Selection:
 
     only: tuple[str, ...] = ()  # empty: every service
     with_dependencies: bool = True
+    shard: tuple[int, int] | None = None  # --shard I/N: part I (from 1) of N
 
     def to_dict(self) -> dict[str, object] | None:
-        return {"only": list(self.only), "dependencies": self.with_dependencies} if self.only else None
+        if not self.only and self.shard is None:
+            return None
+        data: dict[str, object] = {"only": list(self.only), "dependencies": self.with_dependencies}
+        if self.shard is not None:
+            data["shard"] = list(self.shard)
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Selection:
         if not isinstance(data, dict):
             return cls()
-        return cls(tuple(str(name) for name in data.get("only", ())), bool(data.get("dependencies", True)))
+        shard = data.get("shard")
+        return cls(
+            tuple(str(name) for name in data.get("only", ())),
+            bool(data.get("dependencies", True)),
+            (int(shard[0]), int(shard[1])) if isinstance(shard, list) and len(shard) == 2 else None,
+        )
 
 
 EVERY_SERVICE = Selection()
@@ -77,11 +88,34 @@ def validate(
     environ: Mapping[str, str] | None = None,
     selection: Selection = EVERY_SERVICE,
 ) -> Checked:
-    """Check the plan file and the migration folders (those selected), without any server."""
-    estate = plan_file.load(file, environ)
+    """Check the plan file and the migration folders (those selected), without any server.
+    A discovered set has no databases yet here: its members are read by ``plan``."""
+    return _checked(plan_file.load(file, environ), selection)
+
+
+def _checked(estate: Estate, selection: Selection) -> Checked:
     if selection.only:
         estate = select_services(estate, selection.only, with_dependencies=selection.with_dependencies)
+    if selection.shard is not None:
+        estate = select_shard(estate, *selection.shard)
     return Checked(estate, graph.build(estate), migration_folders.scan(estate))
+
+
+def _discovered(
+    estate: Estate, wait_seconds: float, on_notice: Callable[[str], None] | None
+) -> Estate:
+    """The estate with its discovered sets' members read from their servers."""
+    if estate.discovered:
+        return estate
+    from .estate.fleet import with_discovered
+    from .live.facts import discover
+
+    found = discover(estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    for key, members in found.items():
+        spec = estate.sets[key].discovery
+        if not members and on_notice is not None and spec is not None:
+            on_notice(f"discovered set '{key}' matches no database on {', '.join(spec.servers)} (pattern '{spec.like}')")
+    return with_discovered(estate, found)
 
 
 # How often a plan blocked by another run's no-transaction migration is made again.
@@ -107,7 +141,8 @@ def plan(
 
     _check_seconds("wait_seconds", wait_seconds)
     _check_seconds("wait_for_runs", wait_for_runs)
-    checked = validate(file, environ, selection)
+    estate = _discovered(plan_file.load(file, environ), wait_seconds, on_notice)
+    checked = _checked(estate, selection)
     planned = _plan_checked(checked, wait_seconds, on_notice)
     deadline = time.monotonic() + wait_for_runs
     announced: set[str] = set()
@@ -203,13 +238,22 @@ def plan_saved(
     environ: Mapping[str, str] | None = None,
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Planned:
-    """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything differs."""
+    """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything
+    differs. ``shard``: the part this run was asked for (--shard), which must be the saved one's."""
+    from .errors import PlanChanged
     from .planning import savedplan
 
     saved = savedplan.load(Path(saved_path))
     savedplan.check_environment(saved, plan_file.selected_environment(environ))
     selection = Selection.from_dict(saved.get("selection"))
+    if shard is not None and selection.shard != shard:
+        made_for = f"shard {selection.shard[0]}/{selection.shard[1]}" if selection.shard else "the whole plan"
+        raise PlanChanged(
+            f"the saved plan was made for {made_for}; this run is for shard {shard[0]}/{shard[1]}; nothing was changed",
+            hint="apply each shard's own saved plan",
+        )
     planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
     savedplan.check(saved, planned.plan, now)
@@ -335,7 +379,7 @@ def history(
     """
     from .live.history import read_history
 
-    checked = validate(file, environ, selection)
+    checked = _checked(_discovered(plan_file.load(file, environ), wait_seconds, on_notice), selection)
     live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
     return read_history(checked.estate, live, limit=limit)
 
@@ -354,7 +398,7 @@ def force(
     if the service changed while it waited for the migrations lock."""
     from .execution.force import force_version
 
-    checked = validate(file, environ)
+    checked = _checked(_discovered(plan_file.load(file, environ), 0.0, on_notice), EVERY_SERVICE)
     checked.estate.require_secrets()
     return force_version(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
@@ -416,6 +460,8 @@ def new_migration(
 
     estate = plan_file.load(file, environ)
     service = estate.services.get(service_name)
+    if service is None and estate.blueprint is not None:  # a service over a set: its one folder
+        service = estate.blueprint.services.get(service_name)
     if service is None:
         raise DbplanError(
             f"unknown service '{service_name}'{_did_you_mean(service_name, estate.services)}",

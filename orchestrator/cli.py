@@ -77,6 +77,24 @@ OnlyOption = Annotated[
     typer.Option("--only", help="Only this service and the services it depends on (repeat, or separate with commas)."),
 ]
 NoDepsOption = Annotated[bool, typer.Option("--no-deps", help="With --only: not the services it depends on.")]
+ShardOption = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        envvar="DBPLAN_SHARD",
+        show_envvar=True,
+        help="Only part I of N (I/N, from 1/N to N/N): the sets' databases split by a stable hash of their names; "
+        "everything else is in part 1.",
+    ),
+]
+ShardsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--shards",
+        min=1,
+        help="Split into N parts and take part JOB_COMPLETION_INDEX + 1 (a Kubernetes Indexed Job's index, from 0).",
+    ),
+]
 ScratchUrlOption = Annotated[
     str | None,
     typer.Option(
@@ -88,11 +106,45 @@ ScratchUrlOption = Annotated[
 ]
 
 
-def _selection(only: list[str] | None, no_deps: bool) -> api.Selection:
+def _selection(
+    only: list[str] | None, no_deps: bool, shard: str | None = None, shards: int | None = None
+) -> api.Selection:
     names = tuple(name.strip() for value in only or () for name in value.split(",") if name.strip())
     if no_deps and not names:
         _fail(DbplanError("--no-deps goes with --only SERVICE", hint="name the service: --only SERVICE --no-deps"))
-    return api.Selection(names, with_dependencies=not no_deps)
+    part = _shard(shard, shards)
+    if part is not None and names:
+        _fail(DbplanError("--shard splits the whole plan; it does not go with --only"))
+    return api.Selection(names, with_dependencies=not no_deps, shard=part)
+
+
+def _shard(shard: str | None, shards: int | None) -> tuple[int, int] | None:
+    """``--shard I/N``, or ``--shards N`` with the index of a Kubernetes Indexed Job."""
+    if shard is not None and shards is not None:
+        _fail(DbplanError("give --shard I/N or --shards N, not both"))
+    if shards is not None:
+        index = os.environ.get("JOB_COMPLETION_INDEX", "")
+        if not index.isdigit():
+            _fail(
+                DbplanError(
+                    f"--shards needs JOB_COMPLETION_INDEX (0 to {shards - 1}) in the environment"
+                    + (f", not {index!r}" if index else ""),
+                    hint="a Kubernetes Indexed Job sets it; elsewhere pass --shard I/N",
+                )
+            )
+        return _checked_shard(int(index) + 1, shards, f"JOB_COMPLETION_INDEX={index} with --shards {shards}")
+    if shard is None or not shard.strip():
+        return None
+    index_text, _, count_text = shard.strip().partition("/")
+    if not (index_text.isdigit() and count_text.isdigit()):
+        _fail(DbplanError(f"--shard takes I/N such as 2/4, not {shard!r}", hint="DBPLAN_SHARD takes the same"))
+    return _checked_shard(int(index_text), int(count_text), f"--shard {shard}")
+
+
+def _checked_shard(index: int, count: int, given: str) -> tuple[int, int]:
+    if not 1 <= index <= count:
+        _fail(DbplanError(f"{given}: there is no part {index} of {count}", hint="parts go from 1/N to N/N"))
+    return index, count
 
 
 class PlanFormat(str, Enum):
@@ -217,11 +269,14 @@ def validate(file: FileOption = DEFAULT_FILE) -> None:
         _fail(err)
     from .render.text import plural
 
-    count = sum(len(s.migrations) for s in checked.migration_sets.values())
+    # A service over a set counts once, with its folder: not once per database.
+    definitions = {service.fleet or name: name for name, service in checked.estate.services.items()}
+    count = sum(len(checked.migration_sets[name].migrations) for name in definitions.values())
+    in_sets = sum(1 for database in checked.estate.databases.values() if database.fleet is not None)
     _say(
         f"{file}: valid ({plural(len(checked.estate.servers), 'server')}, "
-        f"{plural(len(checked.estate.databases), 'database')}, {plural(len(checked.estate.services), 'service')}, "
-        f"{plural(count, 'migration')})\n"
+        f"{plural(len(checked.estate.databases), 'database')}{f' ({in_sets} in sets)' if in_sets else ''}, "
+        f"{plural(len(definitions), 'service')}, {plural(count, 'migration')})\n"
     )
 
 
@@ -236,6 +291,8 @@ def plan(
     wait: WaitOption = 0.0,
     only: OnlyOption = None,
     no_deps: NoDepsOption = False,
+    shard: ShardOption = None,
+    shards: ShardsOption = None,
     fail_on: Annotated[
         list[FailOn] | None,
         typer.Option("--fail-on", help="Exit 1 when the plan has drift, or any warning (repeatable)."),
@@ -246,7 +303,7 @@ def plan(
     scratch_url: ScratchUrlOption = None,
 ) -> None:
     """Read the live servers and print what would change."""
-    selection = _selection(only, no_deps)
+    selection = _selection(only, no_deps, shard, shards)
     try:
         planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
         if verify and not planned.plan.blocked:
@@ -284,7 +341,7 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             return render_verification.render_json(plan_value, verified)
         return render_json.render_plan(plan_value)
     if format is PlanFormat.markdown:
-        from .render import markdown
+        from .render.fleet import render_markdown_plan
 
         # The SQL shown is the text that was scanned and checksummed, not a second read.
         texts = {
@@ -294,7 +351,7 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
-        shown = markdown.render_plan(plan_value, sql_for=texts.get, graph=planned.graph)
+        shown = render_markdown_plan(plan_value, sql_for=texts.get, graph=planned.graph)
         return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text
 
@@ -314,6 +371,8 @@ def apply(
     wait: WaitOption = 0.0,
     only: OnlyOption = None,
     no_deps: NoDepsOption = False,
+    shard: ShardOption = None,
+    shards: ShardsOption = None,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
@@ -321,14 +380,14 @@ def apply(
     as_json = format is OutputFormat.json
     # From here on every way out prints one JSON object on stdout (see _fail).
     _state["json_refusal"] = as_json
-    selection = _selection(only, no_deps)
+    selection = _selection(only, no_deps, shard, shards)
     if saved_plan is not None and selection.only:
         _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
     try:
         if saved_plan is None:
             planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection)
         else:
-            planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note)
+            planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard)
     except DbplanError as err:
         _fail(err)
     if not as_json:
@@ -403,9 +462,11 @@ def status(
     wait: WaitOption = 0.0,
     only: OnlyOption = None,
     no_deps: NoDepsOption = False,
+    shard: ShardOption = None,
+    shards: ShardsOption = None,
 ) -> None:
     """Per service: database, current and latest version, pending, dirty, drift."""
-    selection = _selection(only, no_deps)
+    selection = _selection(only, no_deps, shard, shards)
     try:
         planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
     except DbplanError as err:

@@ -35,14 +35,16 @@ def build(estate: Estate) -> EstateGraph:
 
     for name in estate.servers:
         add(("server", name))
-    for role in estate.roles.values():
-        add(("role", role.name))
-        graph.add_edge(("server", role.server), ("role", role.name))
+    role_keys = {(role.name, role.server): key for key, role in estate.roles.items()}
+    for key, role in estate.roles.items():
+        add(("role", key))  # a role on several servers has an entry (and a node) per server
+        graph.add_edge(("server", role.server), ("role", key))
     for database in estate.databases.values():
         add(("database", database.name))
         graph.add_edge(("server", database.server), ("database", database.name))
         if database.owner:
-            graph.add_edge(("role", database.owner), ("database", database.name))
+            owner = role_keys.get((database.owner, database.server), database.owner)
+            graph.add_edge(("role", owner), ("database", database.name))
     for service in estate.services.values():
         add(("service", service.name))
         graph.add_edge(("database", service.database), ("service", service.name))

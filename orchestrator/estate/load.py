@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Place
-from . import conninfo
+from . import conninfo, fleet
 from .document import DocPath, Document, parse_yaml, quoted, read_text
 from .model import (
     DEFAULT_EMBEDDED_DATA_DIR,
     DEFAULT_LOCK_TIMEOUT_MS,
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
+    Blueprint,
     Database,
+    DatabaseSet,
+    Discovery,
     EmbeddedSpec,
     Estate,
     Role,
@@ -262,6 +265,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             url=url,
             embedded=embedded,
             maintenance_database=spec.get("maintenance_database"),
+            parallel=int(spec["parallel"]) if spec.get("parallel") is not None else None,
             place=place,
             unset_url=unset_url,
         )
@@ -297,16 +301,22 @@ def _roles(data: dict[str, Any], document: Document, servers: dict[str, Server])
         place = document.place(("roles", name), key=True)
         _check_identifier(name, "role", place)
         _check_role_name(name, place)
-        _reference(document, ("roles", name, "server"), spec["server"], servers, "server")
+        on = spec["server"] if isinstance(spec["server"], list) else [spec["server"]]
+        for index, server in enumerate(on):
+            path = ("roles", name, "server") + ((index,) if isinstance(spec["server"], list) else ())
+            _reference(document, path, server, servers, "server")
         password = spec.get("password")  # a NUL in it is refused with the document (libpq would cut it there)
-        roles[name] = Role(
-            name=name,
-            server=spec["server"],
-            login=bool(spec.get("login", False)),
-            password=password or None,
-            place=place,
-            unset_password=document.unset_secrets.get(("roles", name, "password")),
-        )
+        for index, server in enumerate(on):
+            # One entry per server; the first keeps the plain name, so a role on one
+            # server is what it always was.
+            roles[name if index == 0 else f"{name}@{server}"] = Role(
+                name=name,
+                server=server,
+                login=bool(spec.get("login", False)),
+                password=password or None,
+                place=place,
+                unset_password=document.unset_secrets.get(("roles", name, "password")),
+            )
     return roles
 
 
@@ -327,27 +337,191 @@ def _check_role_name(name: str, place: Place) -> None:
 
 def _databases(
     data: dict[str, Any], document: Document, servers: dict[str, Server], roles: dict[str, Role]
-) -> dict[str, Database]:
+) -> tuple[dict[str, Database], dict[str, DatabaseSet]]:
     databases: dict[str, Database] = {}
+    sets: dict[str, DatabaseSet] = {}
     for name, spec in (data.get("databases") or {}).items():
         place = document.place(("databases", name), key=True)
         _check_identifier(name, "database", place)
-        _reference(document, ("databases", name, "server"), spec["server"], servers, "server")
+        if ("server" in spec) == ("set" in spec):
+            raise ConfigError(
+                f"database '{name}' needs either 'server' (one database) or 'set' (many)",
+                place=place,
+                hint="write 'server: NAME', or 'set:' with names, range, per_server or discover",
+            )
         owner = spec.get("owner")
         if owner is not None:
-            _reference(document, ("databases", name, "owner"), owner, roles, "role")
-            if roles[owner].server != spec["server"]:
-                raise ConfigError(
-                    f"owner '{owner}' is a role on server '{roles[owner].server}', "
-                    f"but database '{name}' is on server '{spec['server']}'",
-                    place=document.place(("databases", name, "owner")),
-                )
+            _reference(document, ("databases", name, "owner"), owner, {r.name: r for r in roles.values()}, "role")
+        if "set" in spec:
+            sets[name] = read_set(name, spec["set"], owner, document, servers, roles)
+            continue
+        _reference(document, ("databases", name, "server"), spec["server"], servers, "server")
+        if owner is not None:
+            _check_owner_on(owner, spec["server"], name, roles, document)
         databases[name] = Database(name=name, server=spec["server"], owner=owner, place=place)
-    return databases
+    _check_set_names(databases, sets, document)
+    return databases, sets
+
+
+def _check_owner_on(owner: str, server: str, database: str, roles: dict[str, Role], document: Document) -> None:
+    on = [role.server for role in roles.values() if role.name == owner]
+    if server not in on:
+        raise ConfigError(
+            f"owner '{owner}' is a role on server{'s' if len(on) > 1 else ''} {', '.join(repr(s) for s in on)}, "
+            f"but database '{database}' is on server '{server}'",
+            place=document.place(("databases", database, "owner")),
+            hint=f"declare the role on that server too (roles.{owner}.server: [{', '.join([*on, server])}])",
+        )
+
+
+def _check_set_names(databases: dict[str, Database], sets: dict[str, DatabaseSet], document: Document) -> None:
+    """A database name stands for one database: two entries, or two sets, naming the same
+    one would plan it twice."""
+    claimed: dict[str, str] = {name: f"database '{name}'" for name in databases}
+    claimed.update({name: f"the name of set '{name}'" for name in sets})
+    for key, database_set in sets.items():
+        for server, name in database_set.members:
+            other = claimed.setdefault(name, f"set '{key}' (server '{server}')")
+            if other != f"set '{key}' (server '{server}')":
+                raise ConfigError(
+                    f"database '{name}' of set '{key}' on server '{server}' is also {other}",
+                    place=database_set.place,
+                    hint="each database may appear once in the plan file",
+                )
+
+
+MAX_SET_SIZE = 100_000  # more than any server holds; stops a typo (to: 1e9) before it fills memory
+
+
+def read_set(
+    key: str, spec: dict[str, Any], owner: str | None, document: Document, servers: dict[str, Server], roles: dict[str, Role]
+) -> DatabaseSet:
+    """A ``set:`` entry: its members placed on servers, its canaries checked."""
+    base = ("databases", key, "set")
+    forms = [form for form in ("names", "range", "per_server", "discover") if form in spec]
+    if not forms or ("per_server" in forms and len(forms) > 1) or ("discover" in forms and len(forms) > 1):
+        raise ConfigError(
+            f"set '{key}' needs names and/or range (with servers), per_server, or discover (with servers)"
+            + (f"; it has {' and '.join(forms)}" if forms else ""),
+            place=document.place(base),
+            hint="see the Fleets section of the README",
+        )
+    set_servers: list[str] = list(spec.get("servers") or ())
+    for index, server in enumerate(set_servers):
+        _reference(document, base + ("servers", index), server, servers, "server")
+    if "per_server" in forms:
+        if set_servers:
+            raise ConfigError(
+                f"set '{key}' has both per_server and servers",
+                place=document.place(base + ("servers",)),
+                hint="per_server says where each database is; drop servers",
+            )
+        members: list[tuple[str, str]] = []
+        for server, listed in spec["per_server"].items():
+            _reference(document, base + ("per_server", server), server, servers, "server")
+            where = base + ("per_server", server)
+            names = _member_names(listed if isinstance(listed, dict) else {"names": listed}, where, document)
+            members += [(server, name) for name in names]
+    else:
+        if not set_servers:
+            raise ConfigError(f"set '{key}' needs servers: the servers its databases are on", place=document.place(base))
+        names = [] if "discover" in forms else _member_names(spec, base, document)
+        members = fleet.spread(names, set_servers)
+    _check_members(key, members, document, base)
+    for server in {server for server, _ in members} | (set(set_servers) if "discover" in forms else set()):
+        if owner is not None:
+            _check_owner_on(owner, server, key, roles, document)
+    discovery = Discovery(spec["discover"], tuple(set_servers)) if "discover" in forms else None
+    canary = _canary(key, spec.get("canary"), [name for _, name in members], discovery is not None, document, base)
+    return DatabaseSet(
+        key=key,
+        owner=owner,
+        members=tuple(members),
+        discovery=discovery,
+        canary=canary,
+        place=document.place(("databases", key), key=True),
+        canary_place=document.place(base + ("canary",)),
+    )
+
+
+def _member_names(spec: dict[str, Any], base: DocPath, document: Document) -> list[str]:
+    names = list(spec.get("names") or ())
+    if "range" in spec:
+        names += _range(spec["range"], base + ("range",), document)
+    if not names:
+        raise ConfigError("expected names or a range of databases", place=document.place(base))
+    return names
+
+
+def _range(spec: dict[str, Any], base: DocPath, document: Document) -> list[str]:
+    pattern, first, last = spec["pattern"], int(spec["from"]), int(spec["to"])
+    if pattern.count("{n}") != 1:
+        raise ConfigError(
+            f"range pattern {quoted(pattern)} must hold {{n}} once, where the number goes",
+            place=document.place(base + ("pattern",)),
+            hint="for example pattern: tenant_{n}",
+        )
+    if first > last:
+        raise ConfigError(f"range from {first} to {last} is empty: 'from' is above 'to'", place=document.place(base + ("from",)))
+    if last - first + 1 > MAX_SET_SIZE:
+        raise ConfigError(
+            f"range from {first} to {last} holds {last - first + 1} databases; a set holds at most {MAX_SET_SIZE}",
+            place=document.place(base + ("to",)),
+        )
+    width = int(spec["width"]) if spec.get("width") is not None else None
+    if width is not None and len(str(last)) > width:
+        raise ConfigError(
+            f"range width {width} is too narrow for {last}: names would not sort or read alike",
+            place=document.place(base + ("width",)),
+            hint=f"width: {len(str(last))} or more",
+        )
+    return fleet.range_names(pattern, first, last, width)
+
+
+def _check_members(key: str, members: list[tuple[str, str]], document: Document, base: DocPath) -> None:
+    seen: dict[str, str] = {}
+    for server, name in members:
+        _check_identifier(name, "database", document.place(base))
+        if name in seen and seen[name] != server:
+            raise ConfigError(
+                f"database '{name}' of set '{key}' is listed on server '{seen[name]}' and on server '{server}'",
+                place=document.place(base + ("per_server", server)),
+                hint="a database name stands for one database: list it under one server",
+            )
+        if name in seen:
+            raise ConfigError(f"database '{name}' is listed twice in set '{key}'", place=document.place(base))
+        seen[name] = server
+
+
+def _canary(
+    key: str, value: Any, names: list[str], discovered: bool, document: Document, base: DocPath
+) -> int | float | tuple[str, ...] | None:
+    place = document.place(base + ("canary",))
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if discovered:
+            return tuple(value)  # checked once the servers were read: a missing one is not migrated
+        unknown = [name for name in value if name not in set(names)]
+        if unknown:
+            raise ConfigError(
+                f"canary {quoted(unknown[0])} is not a database of set '{key}'{_did_you_mean(unknown[0], names)}",
+                place=document.place(base + ("canary", value.index(unknown[0]))),
+                hint="name databases of the set, or give a count (canary: 2) or a percentage (canary: '5%')",
+            )
+        return tuple(value)
+    if isinstance(value, str):
+        percent = float(value.rstrip("%"))
+        if not 0 < percent <= 100:
+            raise ConfigError(f"canary percentage {value} is out of range: give more than 0% and at most 100%", place=place)
+        return percent
+    if not discovered and value > len(names):
+        raise ConfigError(f"canary count {value} is more than the {len(names)} databases of set '{key}'", place=place)
+    return int(value)
 
 
 def _services(
-    data: dict[str, Any], document: Document, root: Path, databases: dict[str, Database]
+    data: dict[str, Any], document: Document, root: Path, databases: Mapping[str, object]
 ) -> dict[str, Service]:
     specs = data.get("services") or {}
     services: dict[str, Service] = {}
@@ -385,7 +559,6 @@ def _services(
             place=document.place(base, key=True),
             migrations_place=document.place(base + ("migrations",)),
         )
-    _check_shared_tables(services, document)
     return services
 
 
@@ -454,8 +627,10 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
     root = path.resolve().parent
     servers = _servers(data, document, root)
     roles = _roles(data, document, servers)
-    databases = _databases(data, document, servers, roles)
-    services = _services(data, document, root, databases)
+    written, sets = _databases(data, document, servers, roles)
+    blueprint = Blueprint(written, sets, _services(data, document, root, {**written, **sets}))
+    databases, services = fleet.expand(blueprint)
+    _check_shared_tables(services, document)
     estate = Estate(
         file=path,
         root=root,
@@ -465,6 +640,9 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
         services=services,
         file_checksum=checksum,
         environment=environment,
+        sets=sets,
+        blueprint=blueprint if sets else None,
+        discovered=not any(spec.discovery for spec in sets.values()),
     )
     from . import graph  # cycles are a property of the whole file: report them at load time
 

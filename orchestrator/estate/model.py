@@ -108,6 +108,39 @@ def history_table_name(migrations_table: str) -> str:
 
 
 @dataclass(frozen=True)
+class Discovery:
+    """A set whose members are the databases already on its servers whose names match a
+    LIKE pattern: found at inspection, migrated, never created or dropped by dbplan."""
+
+    like: str
+    servers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DatabaseSet:
+    """One ``databases:`` entry that stands for many (issue #12), as the file declares it."""
+
+    key: str
+    owner: str | None
+    members: tuple[tuple[str, str], ...]  # (server, database) of a declared set, in set order
+    discovery: Discovery | None = None
+    # Stage 0: a count, a percentage (float, 0 < p <= 100) or named databases; None: none.
+    canary: int | float | tuple[str, ...] | None = None
+    place: Place = field(default=Place(), compare=False)
+    canary_place: Place = field(default=Place(), compare=False)
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """The databases and services as written, before sets are expanded: a discovered set
+    is expanded again once its members are known (``estate.fleet.expand``)."""
+
+    databases: dict[str, Database]  # written out
+    sets: dict[str, DatabaseSet]
+    services: dict[str, Service]  # a service's database may name a set; depends_on as written
+
+
+@dataclass(frozen=True)
 class Estate:
     """Everything the plan file says, in file order (dicts keep YAML order)."""
 
@@ -119,6 +152,18 @@ class Estate:
     services: dict[str, Service]
     file_checksum: str | None = None  # sha256 of the plan file as it was read
     environment: str | None = None  # the overlay in effect (--env, DBPLAN_ENV); None: the file as written
+    sets: dict[str, DatabaseSet] = field(default_factory=dict)  # the sets the databases were expanded from
+    blueprint: Blueprint | None = field(default=None, compare=False, repr=False)
+    # Whether discovered sets' members have been read from the servers (api.plan does).
+    discovered: bool = False
+    shard: tuple[int, int] | None = None  # (index from 1, count) of a --shard part
+    # Services of part 1 that a --shard part's services depend on: read, never changed, so
+    # the part is blocked while they have work left (part 1 does it).
+    foreign: frozenset[str] = frozenset()
+
+    def fleet_instances(self, fleet: str) -> list[str]:
+        """The services expanded from service definition ``fleet``, in order."""
+        return [name for name, service in self.services.items() if service.fleet == fleet]
 
     def require_secrets(self) -> None:
         """Raise for the first secret whose variable is unset: called by every command that

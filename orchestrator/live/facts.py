@@ -7,7 +7,7 @@ to. All queries are named constants and run read-only; nothing here writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -122,27 +122,82 @@ def inspect(
             owner = estate.databases[database].owner
             with connect(server, url, database) as conn:
                 for service in members:
-                    services[service.name] = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
-            _refuse_shared_bookkeeping(members, {name: facts.schema for name, facts in services.items()})
+                    services[service.name] = read_service(conn, service, owner, claimed=_claimed_among(members, service))
+            _refuse_shared_bookkeeping(members, {service.name: services[service.name].schema for service in members})
     return LiveState(servers=servers, services=services)
 
 
 def claimed_schemas(estate: Estate, service: Service) -> frozenset[str]:
     """The schemas where other services of the same database name their own table of
     this name (``schema:``): a table found there is theirs, not this service's."""
+    return _claimed_among(services_of_database(estate, service.database), service)
+
+
+_by_database: tuple[object, dict[str, list[Service]]] | None = None
+
+
+def services_of_database(estate: Estate, database: str) -> list[Service]:
+    """The services of one database, from an index built once per estate: a fleet's
+    executor asks for each of its thousands of databases."""
+    global _by_database
+    cached = _by_database
+    if cached is None or cached[0] is not estate.services:
+        index: dict[str, list[Service]] = {}
+        for service in estate.services.values():
+            index.setdefault(service.database, []).append(service)
+        cached = _by_database = (estate.services, index)  # one tuple: threads see the old one or the new one
+    return cached[1].get(database, [])
+
+
+def _claimed_among(services: Iterable[Service], service: Service) -> frozenset[str]:
+    # inspect passes the services of one database: a fleet's thousands are not each
+    # compared with every other.
     return frozenset(
         other.schema
-        for other in estate.services.values()
+        for other in services
         if other.name != service.name and other.database == service.database
         and other.schema is not None and other.table == service.table
     )  # fmt: skip
+
+
+# Databases a discovered set may take: not templates, not ones that refuse connections.
+DISCOVER_DATABASES = """
+SELECT datname::text FROM pg_database
+WHERE datname LIKE %s AND NOT datistemplate AND datallowconn AND datname <> %s
+ORDER BY 1
+"""
+
+
+def discover(
+    estate: Estate, *, wait_seconds: float = 0.0, on_retry: Callable[[str], None] | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    """The members of every discovered set: per server, one connection and one query per
+    set for the databases whose names match its pattern. Read only, like all of this."""
+    import psycopg
+
+    estate.require_secrets()
+    found: dict[str, list[tuple[str, str]]] = {key: [] for key, spec in estate.sets.items() if spec.discovery}
+    for server in estate.servers.values():
+        wanted = {key: spec.discovery for key, spec in estate.sets.items() if spec.discovery and server.name in spec.discovery.servers}
+        if not wanted:
+            continue
+        url = server_url(server)
+        with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
+            maintenance = conn.info.dbname
+            for key, discovery in wanted.items():
+                try:
+                    rows = conn.execute(DISCOVER_DATABASES, (discovery.like, maintenance)).fetchall()
+                except psycopg.Error as err:
+                    raise ConnectionFailed(f"cannot list the databases of server '{server.name}': {err}", server=server.name) from err
+                found[key] += [(server.name, row[0]) for row in rows]
+    return found
 
 
 def locate_apart(conn: psycopg.Connection, estate: Estate, service: Service, owner: str | None) -> str:
     """``locate_schema`` for the executor, which may have created the database a moment
     ago (so ``inspect`` could not look): also refuses a table another service of the
     database resolves to."""
-    members = [other for other in estate.services.values() if other.database == service.database]
+    members = services_of_database(estate, service.database)
     schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other)) for other in members}
     _refuse_shared_bookkeeping(members, schemas)
     return schemas[service.name]

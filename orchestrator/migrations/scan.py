@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -90,8 +90,18 @@ class MigrationSet:
 
 
 def scan(estate: Estate) -> dict[str, MigrationSet]:
-    """Scan the migration folder of every service, in plan-file order."""
-    return {name: scan_service(service, estate.root) for name, service in estate.services.items()}
+    """Scan the migration folder of every service, in plan-file order. The instances of a
+    service over a set share its folder: it is read (and each file parsed) once."""
+    sets: dict[str, MigrationSet] = {}
+    by_fleet: dict[str, MigrationSet] = {}
+    for name, service in estate.services.items():
+        shared = by_fleet.get(service.fleet) if service.fleet else None
+        if shared is None:
+            shared = scan_service(service, estate.root)
+            if service.fleet:
+                by_fleet[service.fleet] = shared
+        sets[name] = shared if shared.service == name else replace(shared, service=name)
+    return sets
 
 
 def scan_service(service: Service, root: Path) -> MigrationSet:

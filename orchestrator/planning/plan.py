@@ -145,6 +145,8 @@ class ServicePlan:
     invalid_indexes: tuple[str, ...] = ()
     dirty_version: int | None = None  # the version that failed part-way; current is the one before
     bookkeeping: str | None = None  # schema.table of the migrations table; None: its database is not there yet
+    fleet: str | None = None  # the service definition over a set this instance came from
+    stage: int | None = None  # its database's roll-out stage within the set (0: canary)
 
 
 @dataclass(frozen=True)
@@ -244,9 +246,27 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "summary": plan.summary(),
         "actions": [action_to_dict(action) for action in plan.actions],
         "services": [service_to_dict(service) for service in plan.services],
+        **({"fleets": fleets} if (fleets := fleets_to_dict(plan)) else {}),
         "warnings": [without_nones(vars(warning)) for warning in plan.warnings],
         "blockers": [without_nones(vars(blocker)) for blocker in plan.blockers],
     }
+
+
+def fleets_to_dict(plan: Plan) -> dict[str, Any]:
+    """Per service over a set: how many databases, on which servers, in which stages."""
+    fleets: dict[str, Any] = {}
+    for service in plan.services:
+        if service.fleet is None:
+            continue
+        entry = fleets.setdefault(service.fleet, {"databases": 0, "servers": [], "stages": {}})
+        entry["databases"] += 1
+        if service.server not in entry["servers"]:
+            entry["servers"].append(service.server)
+        stage = str(service.stage or 0)
+        entry["stages"][stage] = entry["stages"].get(stage, 0) + 1
+    for entry in fleets.values():
+        entry["servers"].sort()
+    return fleets
 
 
 def service_to_dict(service: ServicePlan) -> dict[str, Any]:
@@ -265,6 +285,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "drift": [vars(drift) for drift in service.drift],
         "invalid_indexes": list(service.invalid_indexes),
         "bookkeeping": service.bookkeeping,
+        **({"fleet": service.fleet, "stage": service.stage} if service.fleet else {}),
     }
 
 

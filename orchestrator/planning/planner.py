@@ -7,11 +7,11 @@ to do is still what was shown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
 from ..estate.model import Estate, Service
-from ..live.facts import LiveState, ServiceFacts
+from ..live.facts import LiveState, ServiceFacts, services_of_database
 from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .plan import (
     Action,
@@ -52,13 +52,16 @@ def make_plan(
     """Compute every change needed to bring the live servers to what the plan file says."""
     actions: list[Action] = []
     actions += _missing_roles(estate, live)
-    actions += _missing_databases(estate, live)
-    owner_changes = _owner_changes(estate, live)
+    foreign_databases = {estate.services[name].database for name in estate.foreign}
+    actions += [a for a in _missing_databases(estate, live) if a.database not in foreign_databases]
+    owner_changes = [a for a in _owner_changes(estate, live) if a.database not in foreign_databases]
     actions += owner_changes
     outcomes = {
         name: plan_service(estate.services[name], estate, migration_sets[name], live.services[name])
         for name in graph.service_order
     }
+    for name in estate.foreign:
+        outcomes[name] = _read_only(outcomes[name], estate, live)
     # Reverts run dependents first; applies run prerequisites first.
     for name in reversed(graph.service_order):
         actions += outcomes[name].reverts
@@ -70,9 +73,63 @@ def make_plan(
         services=tuple(outcome.summary for outcome in in_file_order),
         warnings=tuple(_owner_change_warnings(owner_changes, estate, live))
         + tuple(warning for outcome in in_file_order for warning in outcome.warnings),
-        blockers=tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
+        blockers=tuple(_moved_databases(estate, live))
+        + tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
     )
+
+
+def _read_only(outcome: ServiceOutcome, estate: Estate, live: LiveState) -> ServiceOutcome:
+    """A service another --shard part applies: this part changes nothing in it and waits,
+    blocked, while it has work left."""
+    service = estate.services[outcome.summary.service]
+    database = estate.databases[service.database]
+    missing = database.name not in live.servers[database.server].databases
+    work = len(outcome.actions) + len(outcome.summary.pending) + len(outcome.blockers)
+    if not missing and not work:
+        return replace(outcome, warnings=())
+    index, count = estate.shard or (1, 1)
+    state = f"database '{database.name}' does not exist yet" if missing else f"{work} change(s) are left"
+    blocker = Blocker(
+        f"service '{service.name}' is applied by shard 1/{count}, and the services of shard {index}/{count} "
+        f"depend on it: {state}",
+        service=service.name,
+        hint=f"apply shard 1/{count} first; this shard can run as soon as it has",
+    )
+    return ServiceOutcome(outcome.summary, (), (), (), (blocker,))
+
+
+def _moved_databases(estate: Estate, live: LiveState) -> list[Blocker]:
+    """A set's database that is missing on the server the set places it on but exists on
+    another of the set's servers: the servers listed changed (spread moves a few names
+    when one is added). Creating an empty twin would split the tenant in two."""
+    found = []
+    servers_of: dict[str, set[str]] = {}
+    for database in estate.databases.values():
+        if database.fleet is not None:
+            servers_of.setdefault(database.fleet, set()).add(database.server)
+    for database in estate.databases.values():
+        if database.fleet is None or database.name in live.servers[database.server].databases:
+            continue
+        elsewhere = [
+            name
+            for name in sorted(servers_of[database.fleet] - {database.server})
+            if name in live.servers and database.name in live.servers[name].databases
+        ]
+        if elsewhere:
+            found.append(
+                Blocker(
+                    f"database '{database.name}' of set '{database.fleet}' is placed on server '{database.server}', "
+                    f"but it exists on server '{elsewhere[0]}'",
+                    hint=f"keep it where it is: list it under per_server.{elsewhere[0]} (or move it yourself first)",
+                )
+            )
+    return found
+
+
+def _discovered(estate: Estate, fleet: str | None) -> bool:
+    spec = estate.sets.get(fleet) if fleet is not None else None
+    return spec is not None and spec.discovery is not None
 
 
 def _missing_roles(estate: Estate, live: LiveState) -> list[CreateRole]:
@@ -88,6 +145,7 @@ def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:
         CreateDatabase(database.server, database.name, database.owner)
         for database in estate.databases.values()
         if database.name not in live.servers[database.server].databases
+        and not _discovered(estate, database.fleet)  # a discovered set's databases are never created
     ]
 
 
@@ -113,7 +171,7 @@ def _owner_changes(estate: Estate, live: LiveState) -> list[AlterDatabaseOwner]:
 
 def _bookkeeping_tables(estate: Estate, live: LiveState, database: str) -> tuple[str, ...]:
     tables: list[str] = []
-    for service in estate.services.values():
+    for service in services_of_database(estate, database):
         facts = live.services[service.name]
         if service.database != database or facts.schema is None:
             continue
@@ -133,7 +191,7 @@ def _owner_change_warnings(changes: list[AlterDatabaseOwner], estate: Estate, li
             rule="owner-change",
         )
         for change in changes
-        if any(live.services[s.name].version is not None for s in estate.services.values() if s.database == change.database)
+        if any(live.services[s.name].version is not None for s in services_of_database(estate, change.database))
     ]
 
 
@@ -188,6 +246,8 @@ def plan_service(
         invalid_indexes=facts.invalid_indexes,
         dirty_version=facts.version if facts.dirty else None,
         bookkeeping=f"{facts.schema}.{service.table}" if facts.schema else None,
+        fleet=service.fleet,
+        stage=estate.databases[service.database].stage if service.fleet else None,
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))

@@ -11,6 +11,7 @@ servers are identified by system identifier and address, never by URL.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +33,49 @@ def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: L
             name: {
                 "system_identifier": facts.system_identifier,
                 "address": facts.address,
-                "roles": sorted(role for role in estate.roles if role in facts.roles and estate.roles[role].server == name),
+                "roles": sorted(
+                    role.name for role in estate.roles.values() if role.server == name and role.name in facts.roles
+                ),
                 "databases": sorted(
                     db for db in estate.databases if db in facts.databases and estate.databases[db].server == name
                 ),
             }
             for name, facts in live.servers.items()
         },
-        "migrations": {
-            service: {
-                str(m.version): {"up": m.up.checksum, "down": m.down.checksum if m.down else None}
-                for m in migration_set.migrations
-            }
-            for service, migration_set in migration_sets.items()
-        },
+        "migrations": _migrations(estate, migration_sets),
         "services": {
             name: {
                 "database_exists": facts.database_exists,
                 "version": facts.version,
                 "dirty": facts.dirty,
                 "history": {str(e.version): [e.event, e.checksum, e.id] for e in facts.history},
+                **_fleet_of(estate, name),
             }
             for name, facts in live.services.items()
         },
     }
+
+
+def _migrations(estate: Estate, migration_sets: dict[str, MigrationSet]) -> dict[str, Any]:
+    """Every migration file's checksums, once per folder a service definition names: the
+    instances of a service over a set share theirs, so 2,000 databases cost one entry."""
+    found: dict[str, Any] = {}
+    for name, migration_set in migration_sets.items():
+        service = estate.services.get(name)
+        key = service.fleet if service is not None and service.fleet else name
+        if key not in found:
+            found[key] = {
+                str(m.version): {"up": m.up.checksum, "down": m.down.checksum if m.down else None}
+                for m in migration_set.migrations
+            }
+    return found
+
+
+def _fleet_of(estate: Estate, name: str) -> dict[str, str]:
+    service = estate.services.get(name)
+    if service is None or service.fleet is None:
+        return {}
+    return {"fleet": service.fleet, "database": service.database}
 
 
 def save(path: Path, plan: Plan, print_: dict[str, Any], *, selection: dict[str, Any] | None = None) -> None:
@@ -147,9 +167,9 @@ def _server_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
             appeared = sorted(set(current[what]) - set(before.get(what, [])))
             vanished = sorted(set(before.get(what, [])) - set(current[what]))
             if appeared:
-                found.append(f"{what} created on server '{name}' since: {', '.join(appeared)}")
+                found.append(f"{what} created on server '{name}' since: {first_few(appeared)}")
             if vanished:
-                found.append(f"{what} gone from server '{name}' since: {', '.join(vanished)}")
+                found.append(f"{what} gone from server '{name}' since: {first_few(vanished)}")
     return found
 
 
@@ -167,15 +187,37 @@ def _migration_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[s
     return found
 
 
+def _natural(name: str) -> list[Any]:
+    """tenant_2 before tenant_10: the order a reader looks for them in."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"([0-9]+)", name)]
+
+
+SHOWN_NAMES = 5  # a refusal over a fleet names the first few databases, then counts the rest
+
+
+def first_few(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
 def _service_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     found = []
+    fleets: dict[tuple[str, str], list[str]] = {}  # (fleet, what happened) -> databases
     for service, state in now.items():
         before = saved.get(service)
-        if before is None:
+        if "fleet" in state and before != state:
+            what = "not part of the saved plan" if before is None else "changed since"
+            fleets.setdefault((state["fleet"], what), []).append(state["database"])
+        elif before is None:
             found.append(f"service '{service}' was not part of the saved plan")
         elif before != state:
             found.append(
                 f"service '{service}' changed in its database since (version {before.get('version')} -> "
                 f"{state['version']}{', now dirty' if state['dirty'] else ''}): another apply ran?"
             )
+    for (fleet, what), databases in fleets.items():
+        found.append(
+            f"service '{fleet}': {len(databases)} {'database' if len(databases) == 1 else 'databases'} {what}: "
+            f"{first_few(sorted(databases, key=_natural))}" + ("; another apply ran?" if what.startswith("changed") else "")
+        )
     return found

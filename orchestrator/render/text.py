@@ -95,13 +95,19 @@ def dirty_version(plan: Plan, service: ServicePlan) -> int | None:
 
 
 def render_plan(plan: Plan, *, color: bool = False) -> str:
+    from .fleet import split_fleets, text_section
+
     style = Style(color)
+    # A service over a set gets one summary, not a section per database (issue #12).
+    rest, fleets = split_fleets(plan)
     lines: list[str] = environment_line(plan, style)
-    lines += _server_section(plan, style)
-    for service in plan.services:
-        lines += _service_section(plan, service, style)
-    lines += _warnings(plan, style)
-    lines += _blockers(plan, style)
+    lines += _server_section(rest, style)
+    for service in rest.services:
+        lines += _service_section(rest, service, style)
+    for fleet in fleets:
+        lines += text_section(fleet, style)
+    lines += _warnings(rest, style)
+    lines += _blockers(rest, style)
     lines.append(summary_line(plan, style))
     return "\n".join(lines) + "\n"
 
