@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..live.failure import Failure
+
 
 @dataclass(frozen=True)
 class CreateRole:
@@ -145,6 +147,7 @@ class ServicePlan:
     invalid_indexes: tuple[str, ...] = ()
     dirty_version: int | None = None  # the version that failed part-way; current is the one before
     bookkeeping: str | None = None  # schema.table of the migrations table; None: its database is not there yet
+    failure: Failure | None = None  # dirty: where its migration failed, when the history recorded it
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "drift": [vars(drift) for drift in service.drift],
         "invalid_indexes": list(service.invalid_indexes),
         "bookkeeping": service.bookkeeping,
+        **({"failure": vars(service.failure)} if service.failure else {}),
     }
 
 
