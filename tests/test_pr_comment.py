@@ -130,7 +130,7 @@ def test_repeats_are_grouped_by_rule(case: Callable[[str], Case]) -> None:
     assert "**create-index-not-concurrently** × 12:" in text
     assert "and 7 more" in text  # five places named, the rest counted
     page = to_html(text)
-    block = re.search(r'<pre lang="sql"><code>(-- migrations/shop/000003.*?)</code></pre>', page, re.S)
+    block = re.search(r'<pre lang="sql"><code>(-- migrations/shop/000003.*?)</code></pre>', page, re.DOTALL)
     assert block is not None and block.group(1).count("CREATE INDEX") == 12
 
 

@@ -69,23 +69,47 @@ _NOTE_RESERVE = 100  # room kept per service for "SQL of N more migrations not s
 
 
 @dataclass(frozen=True)
-class _Limits:
+class Limits:
     """How much of the plan is listed; relaxed to stricter levels until the comment fits."""
 
     graph: bool
     rows: int | None  # rows of a service's table and items of a server's list; None: all
-    items: int | None  # warnings, drift and blockers listed; None: all
+    items: int | None  # rules, places, drift and blockers listed in the alerts; None: all
     services: int | None  # rows of the overview table, the one line every service gets
 
+    def cuts(self, *, graph_shown: bool, services: int) -> list[str]:
+        """What this level leaves out, in the words of the notice at the top."""
+        said = [] if self.graph or not graph_shown else ["the dependency graph is left out"]
+        if self.rows is not None:
+            said.append(f"tables are cut to {self.rows} rows" + (f" and lists to {self.items} items" if self.items else ""))
+        if self.services is not None and services > self.services:
+            said.append(f"the overview lists the first {self.services} services")
+        return said
 
-# Past the last level, service sections are left out from the end, whole.
-_LEVELS = (
-    _Limits(graph=True, rows=None, items=None, services=None),
-    _Limits(graph=False, rows=None, items=None, services=None),
-    _Limits(graph=False, rows=50, items=20, services=None),
-    _Limits(graph=False, rows=20, items=10, services=None),
-    _Limits(graph=False, rows=5, items=5, services=400),
+
+# Tables are cut first (the alerts above them are what a reviewer must see), then the
+# graph, then the alerts' lists. Past the last level, service sections are left out from
+# the end, whole.
+LEVELS = (
+    Limits(graph=True, rows=None, items=None, services=None),
+    Limits(graph=True, rows=50, items=None, services=None),
+    Limits(graph=False, rows=50, items=None, services=None),
+    Limits(graph=False, rows=20, items=20, services=None),
+    Limits(graph=False, rows=5, items=5, services=400),
 )
+
+
+def shorten_to_fit(
+    build: Callable[[Limits], list[Block]], max_chars: int, levels: Sequence[Limits] = LEVELS
+) -> tuple[list[Block], Limits]:
+    """The document of the first level whose blocks (SQL left aside) fit in ``max_chars``,
+    or of the last level. ``build`` makes the blocks for a level; a fleet's comment passes
+    its own and reuses the levels and the notice (``Limits.cuts``)."""
+    for limits in levels:
+        blocks = build(limits)
+        if _size(blocks) + _NOTICE_RESERVE <= max_chars:
+            return blocks, limits
+    return blocks, limits
 
 
 @dataclass(frozen=True)
@@ -114,18 +138,8 @@ def render_plan(
     ``sql_for(file)`` returns the text of a migration file (``None``: unreadable); without
     it no SQL is shown. ``graph`` adds the Mermaid graph when there is more than one service.
     """
-    cuts: list[str] = []
-    for index, limits in enumerate(_LEVELS):
-        blocks = _document(plan, graph, limits, sql_for=sql_for)
-        if _size(blocks) + _NOTICE_RESERVE <= max_chars or index == len(_LEVELS) - 1:
-            break
-    if index > 0:
-        if graph is not None and len(plan.services) > 1:
-            cuts.append("the dependency graph is left out")
-        if limits.rows is not None:
-            cuts.append(f"tables are cut to {limits.rows} rows and lists to {limits.items} items")
-        if limits.services is not None and len(plan.services) > limits.services:
-            cuts.append(f"the overview lists the first {limits.services} services")
+    blocks, limits = shorten_to_fit(lambda level: _document(plan, graph, level, sql_for=sql_for), max_chars)
+    cuts = limits.cuts(graph_shown=graph is not None and len(plan.services) > 1, services=len(plan.services))
     if _size(blocks) + _NOTICE_RESERVE > max_chars:
         blocks, dropped = _cut_sections(blocks, max_chars - _NOTICE_RESERVE)
         cuts.append(f"{plural(dropped, 'section')} at the end left out")
@@ -177,7 +191,7 @@ def _block_size(blocks: Sequence[Block], index: int) -> int:
 # The document
 
 
-def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, sql_for: SqlReader | None) -> list[Block]:
+def _document(plan: Plan, graph: EstateGraph | None, limits: Limits, *, sql_for: SqlReader | None) -> list[Block]:
     """Risk first: the summary, blockers, warnings by alert level; then the tables."""
     title = f"## dbplan plan: {plan.environment}" if plan.environment else "## dbplan plan"
     blocks: list[Block] = [f"{COMMENT_MARKER}\n{title}\n", _summary(plan)]
@@ -236,7 +250,7 @@ def _service_notes(plan: Plan, service: ServicePlan) -> str:
     return ", ".join(notes)
 
 
-def _overview(plan: Plan, limits: _Limits) -> list[str]:
+def _overview(plan: Plan, limits: Limits) -> list[str]:
     services = plan.services[: limits.services]
     several_servers = len({service.server for service in plan.services}) > 1
     header = ["Service", "Database"] + (["Server"] if several_servers else []) + ["Version", "Apply", "Revert", "Notes"]
@@ -284,7 +298,7 @@ def _handed_over(action: AlterDatabaseOwner) -> str:
     return f", with {tables}" if tables else ""
 
 
-def _servers(plan: Plan, limits: _Limits) -> list[str]:
+def _servers(plan: Plan, limits: Limits) -> list[str]:
     creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
@@ -310,7 +324,7 @@ def _servers(plan: Plan, limits: _Limits) -> list[str]:
     return blocks
 
 
-def _service(plan: Plan, service: ServicePlan, limits: _Limits, *, sql_for: SqlReader | None) -> list[Block]:
+def _service(plan: Plan, service: ServicePlan, limits: Limits, *, sql_for: SqlReader | None) -> list[Block]:
     actions = plan.actions_of(service.service)
     blockers = service_blockers(plan, service.service)
     warnings = [w for w in plan.warnings if w.service == service.service and w.rule != "drift"]
@@ -349,7 +363,7 @@ def _common_folder(files: Iterable[str]) -> str | None:
     return folders.pop() if len(folders) == 1 else None
 
 
-def _migration_table(actions: Sequence[MigrationAction], folder: str | None, limits: _Limits) -> list[str]:
+def _migration_table(actions: Sequence[MigrationAction], folder: str | None, limits: Limits) -> list[str]:
     shown = actions[: limits.rows]
     rows = [
         [

@@ -96,14 +96,15 @@ def _group_lines(group: risk.RuleGroup, items: int | None, *, several: bool) -> 
         lines = [f"{rule}{' · ' + named if named else ''}", "", rich_text(first.message)]
     else:
         lines = [f"{rule} × {count}: {named}", "", f"The first: {rich_text(first.message)}"]
-    statements = [warning for warning in group.warnings if warning.statement][:items]
+    quoted = [warning for warning in group.warnings if warning.statement]
+    statements = quoted[:items]
     if statements:
         sql = "\n".join(
             (f"-- {warning.file}:{warning.line}\n" if count > 1 else "") + f"{warning.statement};" for warning in statements
         )
         lines += ["", *code_block(sql, "sql")]
-        if len(statements) < sum(1 for warning in group.warnings if warning.statement):
-            lines += ["", f"*The other {count - len(statements)} statements are not quoted, to keep this comment short.*"]
+        if len(statements) < len(quoted):
+            lines += ["", f"*The other {len(quoted) - len(statements)} statements are not quoted, to keep this comment short.*"]
     return lines
 
 
