@@ -193,6 +193,7 @@ def test_dirty_service_says_which_line_failed_and_what_had_run(estate: Estate) -
     page = to_html(plan.out)
     assert "Failed at <code>migrations/app/1_items.up.sql:4</code> with SQLSTATE <code>23505</code>" in page
     assert "could not create unique index" in page
+    assert page.index("Failed at") < page.index("<table>")  # at the top, beside the blocker
     assert "2 of its 4 statements had run before it, and stay done." in page
     assert re.search(r'<pre lang="sql"><code>CREATE TABLE items \(id int, sku text\);\nINSERT INTO items', page)
     assert '<pre lang="sql"><code>CREATE UNIQUE INDEX CONCURRENTLY items_sku_idx ON items (sku);' in page

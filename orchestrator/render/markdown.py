@@ -197,6 +197,7 @@ def _document(plan: Plan, graph: EstateGraph | None, limits: Limits, *, sql_for:
     blocks: list[Block] = [f"{COMMENT_MARKER}\n{title}\n", _summary(plan)]
     if plan.blockers:
         blocks.append(blockers_alert(plan.blockers, limits.items))
+        blocks += _dirty_alerts(plan, sql_for)
     blocks += warning_alerts(plan, limits.items)
     if plan.services:
         blocks += _overview(plan, limits)
@@ -339,7 +340,7 @@ def _service(plan: Plan, service: ServicePlan, limits: Limits, *, sql_for: SqlRe
     blocks: list[Block] = [f"### Service {code(service.service)}\n", " · ".join(facts) + "\n"]
 
     if service.dirty or blockers:
-        blocks.append(_held_back(plan, service, actions, sql_for))
+        blocks.append(_held_back(plan, service, actions))
     if service.invalid_indexes and not service.dirty:
         names = ", ".join(code(name) for name in service.invalid_indexes)
         blocks.append(_alert("WARNING", [f"**Invalid indexes** (left by a failed concurrent index build): {names}"]))
@@ -390,7 +391,7 @@ def fold(summary: str, body: str) -> str:
     return f"<details>\n<summary>{summary}</summary>\n\n{body.rstrip()}\n\n</details>\n"
 
 
-def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationAction], sql_for: SqlReader | None) -> str:
+def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationAction]) -> str:
     text = "**Blocked:** see the problems at the top."
     if service.dirty:
         text = (
@@ -400,10 +401,21 @@ def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationActi
     waiting = service.pending or service.reverts
     if waiting and not actions:
         text += f" {plural(len(waiting), 'migration')} ({versions_phrase(waiting)}) will be planned once this is fixed."
-    lines = [text]
-    if service.dirty and service.failure is not None:
-        lines += ["", *_failure_lines(service.failure, sql_for)]
-    return _alert("CAUTION", lines)
+    return _alert("CAUTION", [text])
+
+
+def _dirty_title(service: ServicePlan) -> str:
+    return f"**Service {code(service.service)} is dirty at version {version_label(service.dirty_version)}**"
+
+
+def _dirty_alerts(plan: Plan, sql_for: SqlReader | None) -> list[str]:
+    """Per dirty service whose failure the history recorded: where, why, and what had run,
+    at the top beside the blockers, since the service can go nowhere until it is fixed."""
+    return [
+        _alert("CAUTION", [_dirty_title(service), "", *_failure_lines(service.failure, sql_for)])
+        for service in plan.services
+        if service.dirty and service.failure is not None
+    ]
 
 
 _RAN_SHOWN = 2_000  # characters of the statements that had run, quoted under a dirty service

@@ -81,8 +81,9 @@ def warning_alerts(plan: Plan, items: int | None) -> list[str]:
 
 def _place(warning: Warning, *, several: bool) -> str:
     where = code(f"{warning.file}:{warning.line}" if warning.line else warning.file) if warning.file else ""
-    service = f"service {code(warning.service)}" if several and warning.service else ""
-    return " in ".join(part for part in (where, service) if part)
+    if where or not warning.service:
+        return where  # the file's folder names the service already
+    return f"service {code(warning.service)}" if several else ""
 
 
 def _group_lines(group: risk.RuleGroup, items: int | None, *, several: bool) -> list[str]:
