@@ -170,8 +170,10 @@ def test_failed_no_transaction_migration_leaves_dirty_until_forced(estate: Estat
     assert forced.code == 0, forced.output
     # the failure's own row (where it failed, for the plan), then the force that cleared it
     assert estate.query("app", "select event, reason from dbplan_history where version = 2 order by id") == [
-        ("fail", "failed at migrations/app/2_unique_sku.up.sql:2 after 0 of 1 statements, SQLSTATE 23505: "
-         "could not create unique index \"items_sku_idx\""),
+        (
+            "fail",
+            'failed at migrations/app/2_unique_sku.up.sql:2 after 0 of 1 statements, SQLSTATE 23505: could not create unique index "items_sku_idx"',
+        ),
         ("force", "index rebuilt by hand"),
     ]
     # who forced it and when, too
