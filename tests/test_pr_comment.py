@@ -9,6 +9,7 @@ in which order, before which table, SQL in ``<pre><code>``, long tables folded.
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ from estate import Estate
 from render_cases import CASES, Case, _single, applied_through, build, everything_exists
 
 from orchestrator.live.facts import LiveState
-from orchestrator.render import markdown
+from orchestrator.planning.plan import Warning
+from orchestrator.render import markdown, risk
 
 _ALERT = re.compile(r"<blockquote>\s*<p>\[!(NOTE|TIP|IMPORTANT|WARNING|CAUTION)\]\s")
 
@@ -92,6 +94,24 @@ def test_summary_names_the_risk(case: Callable[[str], Case]) -> None:
     top = comment(case("destructive")).split("\n\n")[1]
     assert top.startswith("**Plan:** 2 migrations to apply.")
     assert "**Risk:** drops 1 table, 1 column; deletes every row of 1 table; rewrites 1 table; locks 1 table" in top
+
+
+@pytest.mark.parametrize(
+    ("rule", "severity", "kind"),
+    [
+        ("drop-table", "destructive", risk.DATA_LOSS),
+        ("a-rule-added-later", "destructive", risk.DATA_LOSS),  # the severity is enough
+        ("alter-column-type", "locking", risk.REWRITE),
+        ("vacuum-full", "locking", risk.REWRITE),
+        ("drop-index-not-concurrently", "locking", risk.LOCK),
+        ("missing-down", None, risk.NOTE),
+        ("own-transaction", None, risk.NOTE),
+        ("parse-error", None, risk.RISK),
+        ("never-heard-of", None, risk.RISK),  # shown as a warning, not hidden in a note
+    ],
+)
+def test_each_rule_has_one_kind(rule: str, severity: str | None, kind: str) -> None:
+    assert risk.kind_of(Warning("m", rule=rule, severity=severity)) == kind
 
 
 def test_alerts_come_before_tables_most_serious_first(case: Callable[[str], Case]) -> None:
@@ -197,6 +217,11 @@ def test_dirty_service_says_which_line_failed_and_what_had_run(estate: Estate) -
     assert "2 of its 4 statements had run before it, and stay done." in page
     assert re.search(r'<pre lang="sql"><code>CREATE TABLE items \(id int, sku text\);\nINSERT INTO items', page)
     assert '<pre lang="sql"><code>CREATE UNIQUE INDEX CONCURRENTLY items_sku_idx ON items (sku);' in page
+    (service,) = json.loads(estate.dbplan("plan", "--format", "json").out)["services"]
+    assert service["failure"] == {
+        "file": "migrations/app/1_items.up.sql", "line": 4, "sqlstate": "23505",
+        "message": 'could not create unique index "items_sku_idx"', "done": 2, "total": 4,
+    }  # fmt: skip
     text = estate.dbplan("plan")
     assert "at line 4 with SQLSTATE 23505" in text.out and "2 of its 4 statements had run" in text.out
 
