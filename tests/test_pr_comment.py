@@ -231,3 +231,16 @@ def test_dirty_service_says_which_line_failed_and_what_had_run(estate: Estate) -
     clean = estate.dbplan("plan", "--format", "json")
     assert clean.code == 0, clean.output
     assert '"failure"' not in clean.out and "23505" not in clean.out
+
+
+def test_a_statement_with_backticks_keeps_its_fence() -> None:
+    from orchestrator.planning.plan import Plan
+
+    statement = "UPDATE notes SET body = '```sql ` `` x'"
+    warning = Warning(
+        "UPDATE without WHERE changes every row of notes; quote it as `UPDATE ... WHERE`",
+        file="m/1_x.up.sql", line=1, rule="update-without-where", statement=statement, severity="destructive",
+    )  # fmt: skip
+    page = to_html(markdown.render_plan(Plan(actions=(), services=(), warnings=(warning,))))
+    assert f'<pre lang="sql"><code>{html.escape(statement, quote=False)};\n</code></pre>' in page
+    assert "<code>UPDATE ... WHERE</code>" in page and "\\`" not in visible_text(page)
