@@ -104,10 +104,12 @@ class MigrationFailed(DbplanError):
         *,
         sqlstate: str | None = None,
         pg_message: str | None = None,
+        line: int | None = None,
         **kwargs: object,
     ) -> None:
         self.sqlstate = sqlstate
         self.pg_message = pg_message
+        self.line = line  # of the file, where PostgreSQL refused it (None: not known)
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 

@@ -168,7 +168,14 @@ def test_failed_no_transaction_migration_leaves_dirty_until_forced(estate: Estat
     estate.execute("app", "DROP INDEX items_sku_idx; UPDATE items SET sku = 'b' WHERE id = 2; CREATE UNIQUE INDEX items_sku_idx ON items (sku);")
     forced = estate.dbplan("force", "app", "2", "--reason", "index rebuilt by hand")
     assert forced.code == 0, forced.output
-    assert estate.query("app", "select event, reason from dbplan_history where version = 2") == [("force", "index rebuilt by hand")]
+    # the failure's own row (where it failed, for the plan), then the force that cleared it
+    assert estate.query("app", "select event, reason from dbplan_history where version = 2 order by id") == [
+        (
+            "fail",
+            'failed at migrations/app/2_unique_sku.up.sql:2 after 0 of 1 statements, SQLSTATE 23505: could not create unique index "items_sku_idx"',
+        ),
+        ("force", "index rebuilt by hand"),
+    ]
     # who forced it and when, too
     from orchestrator.execution.bookkeeping import applied_by
 

@@ -176,7 +176,7 @@ def many_services(tmp_path_factory: pytest.TempPathFactory) -> Case:
 def test_markdown_of_300_services_fits_too(many_services: Case, max_chars: int) -> None:
     out = render_markdown(many_services, max_chars=max_chars)
     assert len(out) <= max_chars
-    assert "**Plan:** 300 databases to create, 600 migrations to apply. ⚠️ 300 warnings." in out
+    assert "**Plan:** 300 databases to create, 600 migrations to apply. **Risk:** no down file for 300 migrations." in out
     assert "Shortened to stay under" in out
     assert_balanced(out)
 

@@ -151,7 +151,7 @@ def run_outside_transaction(
     try:
         with run.cancellation.running(conn, description, rolls_back=False):
             conn.execute((_timeouts(target.service, local=False) + _set_role(owner, local=False)).as_string(conn).encode())
-            for statement in statements:
+            for ran, statement in enumerate(statements):
                 try:
                     read_as_parser(conn)
                     if statement is None:
@@ -169,9 +169,11 @@ def run_outside_transaction(
                             service=action.service,
                             version=action.version,
                         ) from err
-                    raise migration_failure(
+                    failure = migration_failure(
                         conn, err, action, file, owner, target.server, statement=statement, dirty=True
-                    ) from err
+                    )
+                    _record_failure(target, action, file, failure, done=ran, total=len(statements))
+                    raise failure from err
                 checkpoint("statement")
                 # At once, not only before recording: while the lock is gone, another run
                 # sees the service dirty with no run applying it, and refuses it (or a
@@ -290,6 +292,40 @@ def rollback_quietly(conn: psycopg.Connection) -> None:
             pass  # the connection is going away; the server rolls back on its own
 
 
+def _record_failure(
+    target: Target, action: MigrationAction, file: MigrationFile, failure: MigrationFailed, *, done: int, total: int
+) -> None:
+    """A ``fail`` history row saying where the migration failed and what had already run, so
+    that ``plan`` can tell a reviewer (live/failure.py). Best effort, in its own transaction,
+    and only while the service is still dirty at this version: a broken connection or a run
+    that moved on meanwhile leave the dirty flag to say it alone."""
+    import psycopg
+    from psycopg import sql
+
+    from ..live.failure import FAIL_EVENT, Failure, reason_of
+
+    conn = target.conn
+    if conn.closed or conn.broken:
+        return
+    reason = reason_of(
+        Failure(file.display, failure.line, failure.sqlstate, failure.pg_message or failure.message, done, total)
+    )
+    record = (
+        sql.SQL("BEGIN;\n")
+        + expect_version(target.tables, action.version, dirty=True)
+        + _set_role(target.owner, local=True)
+        + bookkeeping.record_event(
+            target.tables, version=action.version, title=action.title, checksum=file.checksum, event=FAIL_EVENT,
+            duration_ms=0, reason=reason,
+        )
+        + sql.SQL("COMMIT;")
+    )  # fmt: skip
+    try:
+        execute_guarded(conn, record.as_string(conn).encode())
+    except (psycopg.Error, GuardFailed):
+        rollback_quietly(conn)  # the failure itself is what the user must see
+
+
 def migration_failure(
     conn: psycopg.Connection,
     err: Exception,
@@ -360,6 +396,7 @@ def migration_failure(
         f"cannot {verb} version {action.version} of service '{action.service}': " + "\n  ".join(details),
         sqlstate=sqlstate,
         pg_message=message,
+        line=line,
         hint=hint,
         service=action.service,
         version=action.version,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, ConnectionFailed
 from ..estate.model import Estate, Server, Service
 from .connection import connect, server_url
+from .failure import Failure, parse_reason
 from .locks import lock_holder, migrations_lock_key
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class ServiceFacts:
     # Set when the service is dirty while another session holds its migrations lock: a
     # run is applying a no-transaction migration right now; it did not fail (yet).
     dirty_in_progress: str | None = None  # who holds the lock
+    failure: Failure | None = None  # where the migration it is dirty at failed (a history fail row)
 
     def history_by_version(self) -> dict[int, HistoryEntry]:
         return {entry.version: entry for entry in self.history}
@@ -289,6 +291,7 @@ def read_service(
             version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
             history, last_force = _history(conn, schema, service.history_table) if history_exists else ((), None)
             history_count = _count_rows(conn, schema, service.history_table) if history_exists else None
+            failure = _failure(conn, schema, service.history_table, version) if dirty and history_exists else None
             in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
             invalid = tuple(row[0] for row in conn.execute(INVALID_INDEXES))
     except psycopg.Error as err:
@@ -306,7 +309,19 @@ def read_service(
         invalid_indexes=invalid,
         history_count=history_count,
         dirty_in_progress=in_progress,
+        failure=failure,
     )
+
+
+def _failure(conn: psycopg.Connection, schema: str, table: str, version: int | None) -> Failure | None:
+    """Where the migration a service is dirty at failed, if the executor recorded it."""
+    from psycopg import sql
+
+    query = sql.SQL("SELECT reason FROM {} WHERE event = 'fail' AND version = %s ORDER BY id DESC LIMIT 1").format(
+        sql.Identifier(schema, table)
+    )
+    row = conn.execute(query, (version,)).fetchone()
+    return parse_reason(row[0]) if row else None
 
 
 def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None, claimed: frozenset[str]) -> str:
@@ -402,8 +417,9 @@ def _history(
 
     table_id = sql.Identifier(schema, table)
     latest = sql.SQL(
-        "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} ORDER BY version, id DESC"
-    ).format(table_id)
+        "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} WHERE event <> 'fail' "
+        "ORDER BY version, id DESC"
+    ).format(table_id)  # a fail row records a failure, it is no version's state (live/failure.py)
     last_force = sql.SQL(
         "SELECT version, event, checksum, title, id FROM {} WHERE event IN ('force', 'baseline') "
         "ORDER BY id DESC LIMIT 1"

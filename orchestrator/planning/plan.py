@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..live.failure import Failure
+
 
 @dataclass(frozen=True)
 class CreateRole:
@@ -147,6 +149,7 @@ class ServicePlan:
     bookkeeping: str | None = None  # schema.table of the migrations table; None: its database is not there yet
     fleet: str | None = None  # the service definition over a set this instance came from
     stage: int | None = None  # its database's roll-out stage within the set (0: canary)
+    failure: Failure | None = None  # dirty: where its migration failed, when the history recorded it
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "invalid_indexes": list(service.invalid_indexes),
         "bookkeeping": service.bookkeeping,
         **({"fleet": service.fleet, "stage": service.stage} if service.fleet else {}),
+        **({"failure": vars(service.failure)} if service.failure else {}),
     }
 
 

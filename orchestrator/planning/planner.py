@@ -248,6 +248,7 @@ def plan_service(
         bookkeeping=f"{facts.schema}.{service.table}" if facts.schema else None,
         fleet=service.fleet,
         stage=estate.databases[service.database].stage if service.fleet else None,
+        failure=facts.failure if facts.dirty else None,
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
@@ -392,13 +393,23 @@ def _dirty_blocker(
     return Blocker(
         f"service '{service.name}' is dirty at version {version}: "
         f"{migration.up.display if migration else 'a migration'} ran outside a transaction and failed "
-        f"part-way{left_behind}",
+        f"part-way{_failure_phrase(facts)}{left_behind}",
         service=service.name,
         version=version,
         file=migration.up.display if migration else None,
         hint=f"fix the database by hand, then run 'dbplan force {service.name} {version}' if the migration's "
         f"changes are now complete, or 'dbplan force {service.name} {previous}' to run it again",
     )
+
+
+def _failure_phrase(facts: ServiceFacts) -> str:
+    """`` at line 3 with SQLSTATE 23505 (message); 2 of its 4 statements had run and stay done``"""
+    failure = facts.failure
+    if failure is None:
+        return ""
+    where = f" at line {failure.line}" if failure.line else ""
+    state = f" with SQLSTATE {failure.sqlstate}" if failure.sqlstate else ""
+    return f"{where}{state} ({failure.message}); {failure.done} of its {failure.total} statements had run and stay done"
 
 
 def _reverts(

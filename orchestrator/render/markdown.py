@@ -15,25 +15,30 @@ anyone. This module does no I/O: the caller passes ``sql_for`` to read migration
 
 from __future__ import annotations
 
-import html
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..estate.graph import EstateGraph, Node
+from ..live.failure import Failure
+from ..migrations.sqlscript import parse_script
 from ..planning.plan import (
     AlterDatabaseOwner,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
-    Drift,
     MigrationAction,
     Plan,
     ServicePlan,
     Warning,
 )
 from . import graph as render_graph
+from . import risk
+from .markdown_alerts import blockers_alert, warning_alerts
+from .markup import alert as _alert
+from .markup import code, code_block, html_code, md_text
+from .markup import table as _table
 from .text import (
     change_phrases,
     difference_phrases,
@@ -47,6 +52,7 @@ from .text import (
 
 MAX_COMMENT_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
 MAX_SQL_CHARS_PER_FILE = 8_000
+FOLD_ROWS = 10  # a longer table folds into <details>, so the alerts and the next service stay in sight
 COMMENT_MARKER = "<!-- dbplan plan -->"  # lets a CI job find and update its earlier comment
 
 SqlReader = Callable[[str], "str | None"]
@@ -63,23 +69,47 @@ _NOTE_RESERVE = 100  # room kept per service for "SQL of N more migrations not s
 
 
 @dataclass(frozen=True)
-class _Limits:
+class Limits:
     """How much of the plan is listed; relaxed to stricter levels until the comment fits."""
 
     graph: bool
     rows: int | None  # rows of a service's table and items of a server's list; None: all
-    items: int | None  # warnings, drift and blockers listed; None: all
+    items: int | None  # rules, places, drift and blockers listed in the alerts; None: all
     services: int | None  # rows of the overview table, the one line every service gets
 
+    def cuts(self, *, graph_shown: bool, services: int) -> list[str]:
+        """What this level leaves out, in the words of the notice at the top."""
+        said = [] if self.graph or not graph_shown else ["the dependency graph is left out"]
+        if self.rows is not None:
+            said.append(f"tables are cut to {self.rows} rows" + (f" and lists to {self.items} items" if self.items else ""))
+        if self.services is not None and services > self.services:
+            said.append(f"the overview lists the first {self.services} services")
+        return said
 
-# Past the last level, service sections are left out from the end, whole.
-_LEVELS = (
-    _Limits(graph=True, rows=None, items=None, services=None),
-    _Limits(graph=False, rows=None, items=None, services=None),
-    _Limits(graph=False, rows=50, items=20, services=None),
-    _Limits(graph=False, rows=20, items=10, services=None),
-    _Limits(graph=False, rows=5, items=5, services=400),
+
+# Tables are cut first (the alerts above them are what a reviewer must see), then the
+# graph, then the alerts' lists. Past the last level, service sections are left out from
+# the end, whole.
+LEVELS = (
+    Limits(graph=True, rows=None, items=None, services=None),
+    Limits(graph=True, rows=50, items=None, services=None),
+    Limits(graph=False, rows=50, items=None, services=None),
+    Limits(graph=False, rows=20, items=20, services=None),
+    Limits(graph=False, rows=5, items=5, services=400),
 )
+
+
+def shorten_to_fit(
+    build: Callable[[Limits], list[Block]], max_chars: int, levels: Sequence[Limits] = LEVELS
+) -> tuple[list[Block], Limits]:
+    """The document of the first level whose blocks (SQL left aside) fit in ``max_chars``,
+    or of the last level. ``build`` makes the blocks for a level; a fleet's comment passes
+    its own and reuses the levels and the notice (``Limits.cuts``)."""
+    for limits in levels:
+        blocks = build(limits)
+        if _size(blocks) + _NOTICE_RESERVE <= max_chars:
+            return blocks, limits
+    return blocks, limits
 
 
 @dataclass(frozen=True)
@@ -108,18 +138,8 @@ def render_plan(
     ``sql_for(file)`` returns the text of a migration file (``None``: unreadable); without
     it no SQL is shown. ``graph`` adds the Mermaid graph when there is more than one service.
     """
-    cuts: list[str] = []
-    for index, limits in enumerate(_LEVELS):
-        blocks = _document(plan, graph, limits, with_sql=sql_for is not None)
-        if _size(blocks) + _NOTICE_RESERVE <= max_chars or index == len(_LEVELS) - 1:
-            break
-    if index > 0:
-        if graph is not None and len(plan.services) > 1:
-            cuts.append("the dependency graph is left out")
-        if limits.rows is not None:
-            cuts.append(f"tables are cut to {limits.rows} rows and lists to {limits.items} items")
-        if limits.services is not None and len(plan.services) > limits.services:
-            cuts.append(f"the overview lists the first {limits.services} services")
+    blocks, limits = shorten_to_fit(lambda level: _document(plan, graph, level, sql_for=sql_for), max_chars)
+    cuts = limits.cuts(graph_shown=graph is not None and len(plan.services) > 1, services=len(plan.services))
     if _size(blocks) + _NOTICE_RESERVE > max_chars:
         blocks, dropped = _cut_sections(blocks, max_chars - _NOTICE_RESERVE)
         cuts.append(f"{plural(dropped, 'section')} at the end left out")
@@ -139,39 +159,6 @@ def render_plan(
 
 # ---------------------------------------------------------------------------
 # Markdown building blocks
-
-
-def code(text: str, *, in_table: bool = False) -> str:
-    """``text`` as an inline code span, whatever backticks it holds."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * (longest + 1)
-    padded = f" {text} " if text.startswith("`") or text.endswith("`") or not text.strip() else text
-    span = f"{fence}{padded}{fence}"
-    return span.replace("|", "\\|") if in_table else span
-
-
-# Characters Markdown may interpret; an underscore inside a word (snake_case) never is.
-_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]<>#~|&!]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
-
-
-def md_text(text: str) -> str:
-    """Plain text with every character Markdown would interpret escaped."""
-    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match.group(0), " ".join(text.split()))
-
-
-def html_code(text: str) -> str:
-    return f"<code>{html.escape(text)}</code>"
-
-
-def _table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _alert(kind: str, lines: Iterable[str]) -> str:
-    """A GitHub alert (``> [!WARNING]``); elsewhere it reads as a plain quote."""
-    return "\n".join([f"> [!{kind}]"] + [f"> {line}".rstrip() for line in lines]) + "\n"
 
 
 def _more(shown: int, total: int, one: str, many: str) -> list[str]:
@@ -204,32 +191,33 @@ def _block_size(blocks: Sequence[Block], index: int) -> int:
 # The document
 
 
-def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, with_sql: bool) -> list[Block]:
+def _document(plan: Plan, graph: EstateGraph | None, limits: Limits, *, sql_for: SqlReader | None) -> list[Block]:
+    """Risk first: the summary, blockers, warnings by alert level; then the tables."""
     title = f"## dbplan plan: {plan.environment}" if plan.environment else "## dbplan plan"
     blocks: list[Block] = [f"{COMMENT_MARKER}\n{title}\n", _summary(plan)]
     if plan.blockers:
-        blocks.append(_blockers(plan, limits))
+        blocks.append(blockers_alert(plan.blockers, limits.items))
+        blocks += _dirty_alerts(plan, sql_for)
+    blocks += warning_alerts(plan, limits.items)
     if plan.services:
         blocks += _overview(plan, limits)
     if limits.graph and graph is not None and len(plan.services) > 1:
         blocks.append(_graph(plan, graph))
     blocks += _servers(plan, limits)
     for service in plan.services:
-        blocks += _service(plan, service, limits, with_sql=with_sql)
-    known = {service.service for service in plan.services}
-    general = [w for w in plan.warnings if w.service not in known]
-    if general:
-        blocks += ["### Warnings\n", _warnings_alert(general, limits)]
+        blocks += _service(plan, service, limits, sql_for=sql_for)
     return blocks
 
 
 def _summary(plan: Plan) -> str:
+    """What the plan does, then what it puts at risk, named from the warnings' rules."""
     parts = change_phrases(plan)
-    drift = sum(len(service.drift) for service in plan.services)
     lint = [w for w in plan.warnings if w.rule != "drift"]
-    concerns = [plural(drift, "drifted migration")] if drift else []
-    concerns += [plural(len(lint), "warning")] if lint else []
-    concern = f" ⚠️ {', '.join(concerns)}." if concerns else ""
+    phrases = risk.risk_phrases(lint)
+    drift = sum(len(service.drift) for service in plan.services)
+    phrases += [plural(drift, "drifted migration")] if drift else []
+    concern = f" **Risk:** {'; '.join(phrases)}." if phrases else ""
+    concern += f" ({plural(len(lint), 'warning')}, listed first.)" if lint else ""
     if plan.blocked:
         planned = f" Otherwise planned: {', '.join(parts)}." if plan.changes else ""
         return f"⛔ **Blocked:** {plural(len(plan.blockers), 'problem')} must be fixed before apply.{planned}{concern}\n"
@@ -239,17 +227,6 @@ def _summary(plan: Plan) -> str:
     if not plan.changes:
         return f"✅ **No changes.** The databases match the plan file.{concern}\n"
     return f"**Plan:** {', '.join(parts)}.{concern}\n"
-
-
-def _blockers(plan: Plan, limits: _Limits) -> str:
-    shown = plan.blockers[: limits.items]
-    lines = ["**Apply refuses this plan until these are fixed:**", ""]
-    for blocker in shown:
-        lines.append(f"- {md_text(blocker.message)}")
-        if blocker.hint:
-            lines.append(f"  - *Fix:* {md_text(blocker.hint)}")
-    lines += _more_lines(len(shown), len(plan.blockers), "problem", "problems")
-    return _alert("CAUTION", lines)
 
 
 def _version_change(service: ServicePlan) -> str:
@@ -274,7 +251,7 @@ def _service_notes(plan: Plan, service: ServicePlan) -> str:
     return ", ".join(notes)
 
 
-def _overview(plan: Plan, limits: _Limits) -> list[str]:
+def _overview(plan: Plan, limits: Limits) -> list[str]:
     services = plan.services[: limits.services]
     several_servers = len({service.server for service in plan.services}) > 1
     header = ["Service", "Database"] + (["Server"] if several_servers else []) + ["Version", "Apply", "Revert", "Notes"]
@@ -289,7 +266,10 @@ def _overview(plan: Plan, limits: _Limits) -> list[str]:
             + [_version_change(service), str(applies), str(len(actions) - applies), _service_notes(plan, service)]
         )
     table = [_table(header, align, rows)] if rows else []
-    return table + _more(len(services), len(plan.services), "service", "services")
+    blocks = table + _more(len(services), len(plan.services), "service", "services")
+    if len(plan.services) > FOLD_ROWS:
+        return [fold(f"Overview of {plural(len(plan.services), 'service')}", "\n".join(blocks))]
+    return blocks
 
 
 def _graph(plan: Plan, graph: EstateGraph) -> str:
@@ -319,7 +299,7 @@ def _handed_over(action: AlterDatabaseOwner) -> str:
     return f", with {tables}" if tables else ""
 
 
-def _servers(plan: Plan, limits: _Limits) -> list[str]:
+def _servers(plan: Plan, limits: Limits) -> list[str]:
     creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
@@ -345,7 +325,7 @@ def _servers(plan: Plan, limits: _Limits) -> list[str]:
     return blocks
 
 
-def _service(plan: Plan, service: ServicePlan, limits: _Limits, *, with_sql: bool) -> list[Block]:
+def _service(plan: Plan, service: ServicePlan, limits: Limits, *, sql_for: SqlReader | None) -> list[Block]:
     actions = plan.actions_of(service.service)
     blockers = service_blockers(plan, service.service)
     warnings = [w for w in plan.warnings if w.service == service.service and w.rule != "drift"]
@@ -359,22 +339,24 @@ def _service(plan: Plan, service: ServicePlan, limits: _Limits, *, with_sql: boo
         facts.append(f"files in {code(folder)}")
     blocks: list[Block] = [f"### Service {code(service.service)}\n", " · ".join(facts) + "\n"]
 
-    if actions:
-        blocks += _migration_table(actions, folder, limits)
     if service.dirty or blockers:
         blocks.append(_held_back(plan, service, actions))
-    if service.drift:
-        blocks.append(_drift_alert(service.drift, limits))
     if service.invalid_indexes and not service.dirty:
         names = ", ".join(code(name) for name in service.invalid_indexes)
         blocks.append(_alert("WARNING", [f"**Invalid indexes** (left by a failed concurrent index build): {names}"]))
     if service.out_of_order and not blockers:
         blocks.append(f"Applied out of their version order (allowed): {version_ranges(service.out_of_order)}.\n")
-    if warnings:
-        blocks.append(_warnings_alert(warnings, limits))
-    if with_sql:
-        blocks += [_SqlSlot(service.service, action) for action in actions]
+    if actions:
+        blocks += _migration_table(actions, folder, limits)
+    if sql_for is not None:
+        blocks += [_SqlSlot(service.service, action) for action in _warned_first(actions, warnings)]
     return blocks
+
+
+def _warned_first(actions: Sequence[MigrationAction], warnings: Sequence[Warning]) -> list[MigrationAction]:
+    """The SQL a reviewer must read first: files with warnings, then the rest, each in plan order."""
+    warned = {warning.file for warning in warnings if risk.kind_of(warning) != risk.NOTE}
+    return sorted(actions, key=lambda action: action.file not in warned)
 
 
 def _common_folder(files: Iterable[str]) -> str | None:
@@ -382,7 +364,7 @@ def _common_folder(files: Iterable[str]) -> str | None:
     return folders.pop() if len(folders) == 1 else None
 
 
-def _migration_table(actions: Sequence[MigrationAction], folder: str | None, limits: _Limits) -> list[str]:
+def _migration_table(actions: Sequence[MigrationAction], folder: str | None, limits: Limits) -> list[str]:
     shown = actions[: limits.rows]
     rows = [
         [
@@ -399,7 +381,14 @@ def _migration_table(actions: Sequence[MigrationAction], folder: str | None, lim
         more = "more " if shown else ""
         left = plural(len(actions) - len(shown), f"{more}migration")
         blocks.append(f"*{left} ({versions_phrase(rest)}) not listed, to keep this comment short.*\n")
+    if len(actions) > FOLD_ROWS:
+        return [fold(f"{plural(len(actions), 'migration')}: {versions_phrase([a.version for a in actions])}", "\n".join(blocks))]
     return blocks
+
+
+def fold(summary: str, body: str) -> str:
+    """A ``<details>`` element: ``summary`` is HTML, ``body`` Markdown (blank lines around it)."""
+    return f"<details>\n<summary>{summary}</summary>\n\n{body.rstrip()}\n\n</details>\n"
 
 
 def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationAction]) -> str:
@@ -415,29 +404,41 @@ def _held_back(plan: Plan, service: ServicePlan, actions: Sequence[MigrationActi
     return _alert("CAUTION", [text])
 
 
-def _drift_alert(drift: Sequence[Drift], limits: _Limits) -> str:
-    shown = drift[: limits.items]
-    lines = [f"**Drift:** {plural(len(drift), 'migration')} changed after being applied; the database ran the earlier text.", ""]
-    for item in shown:
-        now = f"file now {code(item.file_checksum[:12])}" if item.file_checksum else "the file is gone"
-        lines.append(f"- version {item.version}, {code(item.file)}: recorded sha256 {code(item.recorded_checksum[:12])}, {now}")
-    lines += _more_lines(len(shown), len(drift), "drifted migration", "drifted migrations")
-    return _alert("WARNING", lines)
+def _dirty_title(service: ServicePlan) -> str:
+    return f"**Service {code(service.service)} is dirty at version {version_label(service.dirty_version)}**"
 
 
-def _warnings_alert(warnings: Sequence[Warning], limits: _Limits) -> str:
-    shown = warnings[: limits.items]
-    lines = [f"**{plural(len(warnings), 'warning')}:**", ""]
-    for warning in shown:
-        place = ""
-        if warning.file:
-            place = code(f"{warning.file}:{warning.line}" if warning.line else warning.file) + ": "
-        rule = f"**{md_text(warning.rule)}** " if warning.rule else ""
-        lines.append(f"- {rule}{place}{md_text(warning.message)}")
-        if warning.statement:
-            lines.append(f"  {code(warning.statement)}")
-    lines += _more_lines(len(shown), len(warnings), "warning", "warnings")
-    return _alert("WARNING", lines)
+def _dirty_alerts(plan: Plan, sql_for: SqlReader | None) -> list[str]:
+    """Per dirty service whose failure the history recorded: where, why, and what had run,
+    at the top beside the blockers, since the service can go nowhere until it is fixed."""
+    return [
+        _alert("CAUTION", [_dirty_title(service), "", *_failure_lines(service.failure, sql_for)])
+        for service in plan.services
+        if service.dirty and service.failure is not None
+    ]
+
+
+_RAN_SHOWN = 2_000  # characters of the statements that had run, quoted under a dirty service
+
+
+def _failure_lines(failure: Failure, sql_for: SqlReader | None) -> list[str]:
+    """Where it failed, with PostgreSQL's words, and the statements that had run (they stay done)."""
+    where = code(f"{failure.file}:{failure.line}" if failure.line else failure.file)
+    state = f" with SQLSTATE {code(failure.sqlstate)}" if failure.sqlstate else ""
+    lines = [f"Failed at {where}{state}:", "", *code_block(failure.message, "text"), ""]
+    lines.append(f"{failure.done} of its {plural(failure.total, 'statement')} had run before it, and stay done.")
+    text = sql_for(failure.file) if sql_for is not None else None
+    script = parse_script(text) if text is not None else None
+    if script is None or not script.parsed or len(script.statements) != failure.total:
+        return lines  # the file changed since: its statements no longer say what ran
+    ran = ";\n".join(statement.sql for statement in script.statements[: failure.done])
+    if ran:
+        shown = ran if len(ran) <= _RAN_SHOWN else ran[:_RAN_SHOWN] + "\n-- … cut, to keep this comment short"
+        lines += ["", "What had run:", "", *code_block(shown + ";", "sql")]
+    failed = script.statements[failure.done].sql if failure.done < failure.total else None
+    if failed is not None:
+        lines += ["", "The statement that failed:", "", *code_block(failed[:_RAN_SHOWN] + ";", "sql")]
+    return lines
 
 
 # ---------------------------------------------------------------------------
