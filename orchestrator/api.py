@@ -28,6 +28,7 @@ from .planning.planner import make_plan
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
+    from .planning.adoption import Takeover
     from .planning.offline_lint import LintReport
     from .verification.dryrun import Verification
     from .verification.roundtrip import MigrationCheck, RoundTripReport
@@ -359,6 +360,22 @@ def force(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
         on_wait=on_notice,
     )  # fmt: skip
+
+
+def adopt(
+    file: str | os.PathLike[str],
+    service_name: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+) -> Takeover:
+    """Take a service's dbmate or Flyway bookkeeping over: what that tool applied is recorded
+    as applied, nothing is run, and the other tool's table is left as it was."""
+    from .execution.adopt import adopt_service
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return adopt_service(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
 
 
 def new_migration(

@@ -529,6 +529,30 @@ def force(
 
 
 @app.command()
+def adopt(
+    service: Annotated[str, typer.Argument(help="Service whose dbmate or Flyway bookkeeping to take over.")],
+    file: FileOption = DEFAULT_FILE,
+) -> None:
+    """Record what dbmate or Flyway applied as applied, without running anything."""
+    try:
+        taken = api.adopt(file, service)
+    except DbplanError as err:
+        _fail(err)
+    count = len(taken.applied)
+    tool = "Flyway" if taken.tool == "flyway" else "dbmate"
+    summary = (
+        f"adopted service '{service}' from {tool} ({taken.source}): {count} version{'s' if count != 1 else ''} "
+        f"recorded as applied, none run; now at version {taken.version or 0}."
+    )
+    lines = [summary]
+    if taken.baseline is not None:
+        lines.append(f"  Flyway's baseline: versions up to {taken.baseline} count as applied.")
+    lines += [f"  not taken over: {what}" for what in taken.skipped]
+    lines.append(f"  {taken.source} was left as it was.")
+    _say("\n".join(lines) + "\n")
+
+
+@app.command()
 def new(
     service: Annotated[str, typer.Argument(help="Service to add a migration to.")],
     title: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add prices'.")],

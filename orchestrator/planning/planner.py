@@ -28,7 +28,7 @@ from .plan import (
     Warning,
 )
 
-APPLIED_EVENTS = frozenset({"apply", "force", "baseline", "accept"})
+APPLIED_EVENTS = frozenset({"apply", "force", "baseline", "accept", "adopt"})
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,8 @@ def plan_service(
     blockers: list[Blocker] = _unreachable_target_blockers(service, by_version, applied)
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
+    if facts.foreign is not None and not facts.table_exists:
+        blockers.append(_foreign_blocker(service, facts))
 
     pending = [
         m for m in migration_set.migrations if m.version not in applied and (target is None or m.version <= target)
@@ -192,6 +194,28 @@ def plan_service(
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
     return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+
+
+def _foreign_blocker(service: Service, facts: ServiceFacts) -> Blocker:
+    """Another tool's bookkeeping and none of dbplan's: applying would run every file again,
+    on a database where they ran already. Blocked until ``dbplan adopt`` takes it over, a
+    step a person takes on purpose (it writes bookkeeping, and it checks the files)."""
+    foreign = facts.foreign
+    assert foreign is not None
+    count = foreign.applied_count
+    tool = "Flyway" if foreign.tool == "flyway" else "dbmate"
+    hint = f"run 'dbplan adopt {service.name}': it records them as applied without running them"
+    if foreign.tool == "dbmate" and foreign.table == service.table:
+        hint = (
+            f"dbmate's table keeps its name so that dbmate can still read it: first give service '{service.name}' "
+            f"a table of its own (table: dbplan_migrations), then {hint}"
+        )
+    return Blocker(
+        f"found {tool} bookkeeping in {foreign.qualified} of database '{service.database}': "
+        f"{count} version{'s' if count != 1 else ''} applied; run `dbplan adopt {service.name}`",
+        service=service.name,
+        hint=hint,
+    )
 
 
 def _drift_warnings(service: Service, drift: tuple[Drift, ...]) -> list[Warning]:
