@@ -6,6 +6,7 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -376,6 +377,64 @@ def adopt(
     checked = validate(file, environ)
     checked.estate.require_secrets()
     return adopt_service(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
+
+
+# Where each tool keeps its migrations by default, looked at in this order by ``init``.
+_KNOWN_FOLDERS = ("db/migrations", "db/migration", "src/main/resources/db/migration", "sql", "migrations")
+
+
+def init(folder: str | os.PathLike[str] = ".", service: str = "app") -> tuple[Path, str, str]:
+    """Write a starter ``dbplan.yaml`` in ``folder`` for one service; return its path, the
+    migration folder it names and that folder's format. An existing golang-migrate, dbmate
+    or Flyway folder is used as it is; else ``migrations/SERVICE`` gets a first pair."""
+    root = Path(folder)
+    plan_path = root / plan_file.DEFAULT_PLAN_FILE
+    if plan_path.exists():
+        raise DbplanError(f"{plan_path} already exists; dbplan init writes a new one only", hint="edit it instead")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", service):
+        raise DbplanError(f"service name '{service}' must be lowercase letters, digits and _")
+    migrations, format = _existing_folder(root)
+    if migrations is None:
+        migrations, format = f"migrations/{service}", "golang-migrate"
+        (root / migrations).mkdir(parents=True, exist_ok=True)
+        (root / migrations / "000001_init.up.sql").write_text("-- the first migration of " + service + "\n")
+        (root / migrations / "000001_init.down.sql").write_text("-- revert: the first migration\n")
+    lines = [
+        "# Written by dbplan init. DATABASE_URL unset: an embedded server in .dbplan/postgres.",
+        "version: 1",
+        "servers:",
+        "  main:",
+        "    url: ${DATABASE_URL:-}",
+        "    embedded: true",
+        "databases:",
+        f"  {service}:",
+        "    server: main",
+        "services:",
+        f"  {service}:",
+        f"    database: {service}",
+        f"    migrations: {migrations}",
+    ]
+    if format != "golang-migrate":
+        lines.append(f"    format: {format}")
+    if format == "dbmate":  # dbmate's own table is schema_migrations: dbplan keeps its bookkeeping apart
+        lines.append("    table: dbplan_migrations")
+    plan_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return plan_path, migrations, format
+
+
+def _existing_folder(root: Path) -> tuple[str | None, str]:
+    for candidate in _KNOWN_FOLDERS:
+        folder = root / candidate
+        if not folder.is_dir():
+            continue
+        names = sorted(path.name for path in folder.glob("*.sql"))
+        if any(name.endswith(".up.sql") for name in names):
+            return candidate, "golang-migrate"
+        if any(re.match(r"^V[0-9]", name) for name in names):
+            return candidate, "flyway"
+        if any("-- migrate:up" in (folder / name).read_text(errors="replace") for name in names):
+            return candidate, "dbmate"
+    return None, "golang-migrate"
 
 
 def new_migration(

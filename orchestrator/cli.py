@@ -529,6 +529,20 @@ def force(
 
 
 @app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Folder to write dbplan.yaml in.")] = Path("."),
+    service: Annotated[str, typer.Option("--service", help="Name of the service (and its database).")] = "app",
+) -> None:
+    """Write a starter dbplan.yaml, for an existing golang-migrate, dbmate or Flyway folder if there is one."""
+    try:
+        plan_path, migrations, format = api.init(folder, service)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"wrote {plan_path}: service '{service}' reads {migrations} ({format} files).\n"
+         f"next: dbplan plan -f {plan_path}\n")  # fmt: skip
+
+
+@app.command()
 def adopt(
     service: Annotated[str, typer.Argument(help="Service whose dbmate or Flyway bookkeeping to take over.")],
     file: FileOption = DEFAULT_FILE,

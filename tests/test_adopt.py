@@ -254,3 +254,75 @@ def test_a_flyway_version_dbplan_cannot_order_is_a_located_error(estate: Estate)
     assert repeatable.code != 0
     assert "migrations/app/R__views.sql" in repeatable.err and "repeatable" in repeatable.err
     assert not estate.database_exists("app")
+
+
+# -- dbplan init -------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    from orchestrator.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_init_writes_a_plan_file_that_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(capsys, "init", str(tmp_path))
+    valid, checked = run_cli(capsys, "validate", "-f", str(tmp_path / "dbplan.yaml"))
+    again, refused = run_cli(capsys, "init", str(tmp_path))
+
+    assert code == 0, out
+    assert (tmp_path / "migrations" / "app" / "000001_init.up.sql").exists()
+    assert valid == 0, checked
+    assert again == 1 and "already exists" in refused
+
+
+@pytest.mark.parametrize(
+    ("folder", "files", "format"),
+    [
+        ("db/migrations", DBMATE_FILES, "dbmate"),
+        ("src/main/resources/db/migration", {"V1__init.sql": "SELECT 1;\n"}, "flyway"),
+        ("migrations", {"1_init.up.sql": "SELECT 1;\n"}, "golang-migrate"),
+    ],
+)
+def test_init_detects_an_existing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folder: str, files: dict[str, str], format: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / name).write_text(text, encoding="utf-8")
+
+    code, out = run_cli(capsys, "init", str(tmp_path), "--service", "shop")
+    valid, checked = run_cli(capsys, "validate", "-f", str(tmp_path / "dbplan.yaml"))
+
+    assert code == 0, out
+    assert f"reads {folder} ({format} files)" in out
+    written = (tmp_path / "dbplan.yaml").read_text()
+    assert f"migrations: {folder}" in written
+    assert ("format:" in written) == (format != "golang-migrate")
+    assert ("table: dbplan_migrations" in written) == (format == "dbmate")
+    assert valid == 0, checked
+    assert not (tmp_path / "migrations" / "shop").exists()
+
+
+def test_dbmate_sections_keep_their_lines_and_transaction_option(tmp_path: Path) -> None:
+    from orchestrator.estate.model import Service
+    from orchestrator.migrations.scan import RunMode, scan_service
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    for name, text in DBMATE_FILES.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "20240101000009_nodown.sql").write_text("-- migrate:up\nSELECT 1;\n-- migrate:down\n")
+    service = Service("app", "app", folder, "db", format="dbmate")
+
+    migrations = scan_service(service, tmp_path).by_version()
+
+    index = migrations[20240101000003]
+    assert index.run_mode == RunMode.NO_TRANSACTION
+    assert migrations[20240101000001].run_mode == RunMode.TRANSACTION
+    assert index.down is not None and index.down.text.splitlines()[4] == "DROP INDEX posts_id;"  # line 5 of the file
+    assert "DROP" not in index.up.text
+    assert migrations[20240101000009].down is None
