@@ -379,6 +379,22 @@ def adopt(
     return adopt_service(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
 
 
+def hand_back(
+    file: str | os.PathLike[str],
+    service_name: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+) -> list[str]:
+    """Write the versions dbplan applied into dbmate's table of an adopted service, so that
+    dbmate can take over again without running any of them."""
+    from .execution.adopt import hand_back
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return hand_back(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
+
+
 # Where each tool keeps its migrations by default, looked at in this order by ``init``.
 _KNOWN_FOLDERS = ("db/migrations", "db/migration", "src/main/resources/db/migration", "sql", "migrations")
 

@@ -567,6 +567,20 @@ def adopt(
 
 
 @app.command()
+def handback(
+    service: Annotated[str, typer.Argument(help="Adopted dbmate service to hand back to dbmate.")],
+    file: FileOption = DEFAULT_FILE,
+) -> None:
+    """Write what dbplan applied into dbmate's table, so that dbmate can take over again."""
+    try:
+        versions = api.hand_back(file, service)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"dbmate's table of service '{service}' now lists {len(versions)} applied versions"
+         f"{': latest ' + versions[-1] if versions else ''}; dbmate runs none of them again.\n")  # fmt: skip
+
+
+@app.command()
 def new(
     service: Annotated[str, typer.Argument(help="Service to add a migration to.")],
     title: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add prices'.")],

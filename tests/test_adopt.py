@@ -115,6 +115,18 @@ def test_adopt_dbmate_runs_nothing_and_dbmate_still_reads_its_table(estate: Esta
         (20240101000004, "apply")
     ]
 
+    # Going back: handback writes what dbplan applied into dbmate's table; dbmate redoes nothing.
+    pending = dbmate(estate, database, "status")
+    handed = estate.dbplan("handback", "app")
+    status = dbmate(estate, database, "status")
+    again = dbmate(estate, database, "up")
+
+    assert "Pending: 1" in pending.stdout, pending.stdout
+    assert handed.code == 0, handed.output
+    assert "now lists 4 applied versions: latest 20240101000004" in handed.out
+    assert "Applied: 4" in status.stdout and "Pending: 0" in status.stdout, status.stdout
+    assert again.returncode == 0 and "Applying" not in again.stdout, again.stdout + again.stderr
+
 
 def test_adopt_refuses_dbmate_table_as_dbplans_own(estate: Estate) -> None:
     migrated_by_dbmate(estate, table=None)

@@ -104,3 +104,50 @@ def _databases(estate: Estate, name: str) -> frozenset[str]:
     server = estate.servers[estate.databases[name].server]
     with connect(server, server_url(server)) as conn:
         return read_server(conn, server).databases
+
+
+def hand_back(estate: Estate, migration_sets: dict[str, MigrationSet], service_name: str, *, lock_wait: float) -> list[str]:
+    """Make dbmate's table list exactly the versions dbplan has applied, so that the team
+    can go back to dbmate without it running anything again; returns them as written."""
+    from ..live.facts import DBMATE_TABLE, read_foreign
+    from ..planning.planner import applied_versions
+
+    service = estate.services.get(service_name)
+    if service is None:
+        raise DbplanError(f"unknown service '{service_name}'", hint=f"services: {', '.join(estate.services)}")
+    server = estate.server_of_service(service)
+    owner = estate.databases[service.database].owner
+    migration_set = migration_sets[service.name]
+    with connect(server, server_url(server), service.database) as conn:
+        seen = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
+        assert seen.schema is not None
+        with conn.transaction():
+            foreign = read_foreign(conn, seen.schema)
+        if not seen.history_exists or foreign is None or foreign.tool != "dbmate" or service.table == DBMATE_TABLE:
+            raise DbplanError(
+                f"cannot hand service '{service.name}' back to dbmate: database '{service.database}' needs both "
+                f"dbplan's bookkeeping ({seen.schema}.{service.history_table}) and dbmate's "
+                f"({seen.schema}.{DBMATE_TABLE}), as 'dbplan adopt' leaves them",
+                service=service.name,
+            )
+        key = migrations_lock_key(service.database, seen.schema, service.table)
+        with advisory_lock(LockWait(conn, key, f"the migrations of service '{service.name}'", wait_seconds=lock_wait)):
+            now = read_service(conn, service, owner, schema=seen.schema)
+            if now.dirty:
+                raise DbplanError(f"service '{service.name}' is dirty: fix it before handing it back", service=service.name)
+            by_version = migration_set.by_version()
+            written = [
+                by_version[v].written_version if v in by_version else str(v)
+                for v in applied_versions(now, migration_set)
+            ]
+            table = sql.Identifier(seen.schema, DBMATE_TABLE)
+            kept = {int(v) for v in written}
+            with conn.transaction():
+                for version in foreign.dbmate_versions:  # reverted under dbplan: not applied for dbmate either
+                    if not version.isdigit() or int(version) not in kept:
+                        conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(table), (version,))
+                present = {int(v) for v in foreign.dbmate_versions if v.isdigit()}
+                for version in written:
+                    if int(version) not in present:
+                        conn.execute(sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(table), (version,))
+    return written

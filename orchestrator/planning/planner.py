@@ -291,6 +291,12 @@ def _out_of_order_blockers(
     ]
 
 
+def applied_versions(facts: ServiceFacts, migration_set: MigrationSet) -> list[int]:
+    """The versions the service stands at applied, ascending (``dbplan handback`` writes them
+    into dbmate's table)."""
+    return sorted(_applied(facts, migration_set.by_version()))
+
+
 def _applied(facts: ServiceFacts, by_version: dict[int, Migration]) -> dict[int, str | None]:
     """Applied versions and the checksum recorded for each (None: drift unknown).
 
