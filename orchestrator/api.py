@@ -456,7 +456,8 @@ def _existing_folder(root: Path) -> tuple[str | None, str]:
 def new_migration(
     file: str | os.PathLike[str], service_name: str, title: str, environ: Mapping[str, str] | None = None
 ) -> tuple[Path, Path]:
-    """Create the next up/down pair of a service; return their paths."""
+    """Create the next up/down pair of a service in its folder's format; return their paths
+    (for dbmate the one file, twice)."""
     import re
 
     estate = plan_file.load(file, environ)
@@ -472,11 +473,18 @@ def new_migration(
     folder = service.migrations_dir
     folder.mkdir(parents=True, exist_ok=True)
     existing = migration_folders.scan_service(service, estate.root)
-    version = next_version([m.up.path.name.split("_", 1)[0] for m in existing.migrations])
-    up = folder / f"{version}_{slug}.up.sql"
-    down = folder / f"{version}_{slug}.down.sql"
+    if service.format == "flyway":  # the next major version: V3 after V2.1
+        major = max((m.version // 1_000_000 for m in existing.migrations), default=0) + 1
+        up, down = folder / f"V{major}__{slug}.sql", folder / f"U{major}__{slug}.sql"
+    else:
+        version = next_version([m.written_version for m in existing.migrations])
+        up = folder / (f"{version}_{slug}.sql" if service.format == "dbmate" else f"{version}_{slug}.up.sql")
+        down = up if service.format == "dbmate" else folder / f"{version}_{slug}.down.sql"
     if up.exists() or down.exists():
         raise MigrationFileError(f"{up.name} already exists")
+    if service.format == "dbmate":  # one file, dbmate's two sections
+        up.write_text(f"-- migrate:up\n-- {title}\n\n-- migrate:down\n-- revert: {title}\n", encoding="utf-8")
+        return up, up
     up.write_text(f"-- {title}\n", encoding="utf-8")
     down.write_text(f"-- revert: {title}\n", encoding="utf-8")
     return up, down

@@ -591,7 +591,7 @@ def new(
         up, down = api.new_migration(file, service, title)
     except DbplanError as err:
         _fail(err)
-    _say(f"created {up}\ncreated {down}\n")
+    _say(f"created {up}\n" + (f"created {down}\n" if down != up else ""))
 
 
 class GraphFormat(str, Enum):

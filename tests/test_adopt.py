@@ -4,6 +4,7 @@ over by ``dbplan adopt`` without running anything again."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -338,3 +339,27 @@ def test_dbmate_sections_keep_their_lines_and_transaction_option(tmp_path: Path)
     assert index.down is not None and index.down.text.splitlines()[4] == "DROP INDEX posts_id;"  # line 5 of the file
     assert "DROP" not in index.up.text
     assert migrations[20240101000009].down is None
+
+
+@pytest.mark.parametrize(
+    ("format", "files", "created"),
+    [
+        ("dbmate", DBMATE_FILES, ["NOW_add_tags.sql"]),  # a timestamped folder: the current UTC time
+        ("flyway", FLYWAY_FILES, ["V3__add_tags.sql", "U3__add_tags.sql"]),
+    ],
+)
+def test_new_writes_files_in_the_folders_format(
+    estate: Estate, format: str, files: dict[str, str], created: list[str]
+) -> None:
+    estate.add_database("app")
+    folder = estate.add_service("app", "app", format=format)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+    run = estate.dbplan("new", "app", "add tags")
+    valid = estate.dbplan("validate")
+
+    assert run.code == 0, run.output
+    names = [line.rsplit("/", 1)[1] for line in run.out.splitlines()]
+    assert [re.sub(r"^20[0-9]{12}_", "NOW_", name) for name in names] == created
+    assert valid.code == 0, valid.output
