@@ -363,3 +363,45 @@ def test_new_writes_files_in_the_folders_format(
     names = [line.rsplit("/", 1)[1] for line in run.out.splitlines()]
     assert [re.sub(r"^20[0-9]{12}_", "NOW_", name) for name in names] == created
     assert valid.code == 0, valid.output
+
+
+def test_adopt_takes_a_flyway_baseline_and_undo_rows_as_flyway_meant_them(estate: Estate) -> None:
+    migrated_like_flyway(estate)
+    # The database was baselined at 1 before V1.1 ran, and V2.1 was undone since.
+    estate.execute("app", "DELETE FROM flyway_schema_history WHERE installed_rank = 1; DROP TABLE prices")
+    estate.execute(
+        "app",
+        "INSERT INTO flyway_schema_history VALUES (1, '1', '<< Flyway Baseline >>', 'BASELINE', "
+        "'<< Flyway Baseline >>', NULL, 'flyway', now(), 0, true), "
+        "(4, '2.1', 'prices', 'UNDO_SQL', 'U2_1__prices.sql', NULL, 'flyway', now(), 1, true)",
+    )
+
+    adopted = estate.dbplan("adopt", "app")
+    plan = estate.dbplan("plan")
+
+    assert adopted.code == 0, adopted.output
+    assert "Flyway's baseline: versions up to 1000000 count as applied" in adopted.out
+    events = estate.query("app", "SELECT version, event FROM dbplan_history ORDER BY id")
+    assert events == [(1000000, "baseline"), (1001000, "adopt")]
+    assert "+ 2001000 prices" in plan.out, plan.out  # undone: pending again, and only it
+    assert "1000000 init" not in plan.out
+
+
+def test_status_before_adopt_names_the_other_tool(estate: Estate) -> None:
+    migrated_by_dbmate(estate)
+
+    status = estate.dbplan("status")
+
+    assert "found dbmate bookkeeping in public.schema_migrations" in status.output, status.output
+    assert estate.query("app", "SELECT count(*) FROM schema_migrations") == [(3,)]
+
+
+def test_adopt_refuses_a_dbmate_version_that_is_no_number(estate: Estate) -> None:
+    migrated_by_dbmate(estate)
+    estate.execute("app", "INSERT INTO schema_migrations VALUES ('2024-01-01')")
+
+    adopted = estate.dbplan("adopt", "app")
+
+    assert adopted.code == 1
+    assert "records version '2024-01-01', which is not a number" in adopted.err
+    assert "dbplan_migrations" not in estate.tables("app")
