@@ -6,6 +6,7 @@ Each function runs the pipeline up to the stage it needs and returns values; non
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from .planning.planner import make_plan
 if TYPE_CHECKING:
     from .execution.progress import Cancellation, Progress, Result
     from .live.history import ServiceHistory
+    from .planning.adoption import Takeover
     from .planning.offline_lint import LintReport
     from .planning.records import Recording
     from .verification.dryrun import Verification
@@ -452,10 +454,101 @@ def accept(
     )  # fmt: skip
 
 
+def adopt(
+    file: str | os.PathLike[str],
+    service_name: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+) -> Takeover:
+    """Take a service's dbmate or Flyway bookkeeping over: what that tool applied is recorded
+    as applied, nothing is run, and the other tool's table is left as it was."""
+    from .execution.adopt import adopt_service
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return adopt_service(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
+
+
+def hand_back(
+    file: str | os.PathLike[str],
+    service_name: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+) -> list[str]:
+    """Write the versions dbplan applied into dbmate's table of an adopted service, so that
+    dbmate can take over again without running any of them."""
+    from .execution.adopt import hand_back
+
+    checked = validate(file, environ)
+    checked.estate.require_secrets()
+    return hand_back(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
+
+
+# Where each tool keeps its migrations by default, looked at in this order by ``init``.
+_KNOWN_FOLDERS = ("db/migrations", "db/migration", "src/main/resources/db/migration", "sql", "migrations")
+
+
+def init(folder: str | os.PathLike[str] = ".", service: str = "app") -> tuple[Path, str, str]:
+    """Write a starter ``dbplan.yaml`` in ``folder`` for one service; return its path, the
+    migration folder it names and that folder's format. An existing golang-migrate, dbmate
+    or Flyway folder is used as it is; else ``migrations/SERVICE`` gets a first pair."""
+    root = Path(folder)
+    plan_path = root / plan_file.DEFAULT_PLAN_FILE
+    if plan_path.exists():
+        raise DbplanError(f"{plan_path} already exists; dbplan init writes a new one only", hint="edit it instead")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", service):
+        raise DbplanError(f"service name '{service}' must be lowercase letters, digits and _")
+    migrations, format = _existing_folder(root)
+    if migrations is None:
+        migrations, format = f"migrations/{service}", "golang-migrate"
+        (root / migrations).mkdir(parents=True, exist_ok=True)
+        (root / migrations / "000001_init.up.sql").write_text("-- the first migration of " + service + "\n")
+        (root / migrations / "000001_init.down.sql").write_text("-- revert: the first migration\n")
+    lines = [
+        "# Written by dbplan init. DATABASE_URL unset: an embedded server in .dbplan/postgres.",
+        "version: 1",
+        "servers:",
+        "  main:",
+        "    url: ${DATABASE_URL:-}",
+        "    embedded: true",
+        "databases:",
+        f"  {service}:",
+        "    server: main",
+        "services:",
+        f"  {service}:",
+        f"    database: {service}",
+        f"    migrations: {migrations}",
+    ]
+    if format != "golang-migrate":
+        lines.append(f"    format: {format}")
+    if format == "dbmate":  # dbmate's own table is schema_migrations: dbplan keeps its bookkeeping apart
+        lines.append("    table: dbplan_migrations")
+    plan_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return plan_path, migrations, format
+
+
+def _existing_folder(root: Path) -> tuple[str | None, str]:
+    for candidate in _KNOWN_FOLDERS:
+        folder = root / candidate
+        if not folder.is_dir():
+            continue
+        names = sorted(path.name for path in folder.glob("*.sql"))
+        if any(name.endswith(".up.sql") for name in names):
+            return candidate, "golang-migrate"
+        if any(re.match(r"^V[0-9]", name) for name in names):
+            return candidate, "flyway"
+        if any("-- migrate:up" in (folder / name).read_text(errors="replace") for name in names):
+            return candidate, "dbmate"
+    return None, "golang-migrate"
+
+
 def new_migration(
     file: str | os.PathLike[str], service_name: str, title: str, environ: Mapping[str, str] | None = None
 ) -> tuple[Path, Path]:
-    """Create the next up/down pair of a service; return their paths."""
+    """Create the next up/down pair of a service in its folder's format; return their paths
+    (for dbmate the one file, twice)."""
     import re
 
     estate = plan_file.load(file, environ)
@@ -473,11 +566,18 @@ def new_migration(
     folder = service.migrations_dir
     folder.mkdir(parents=True, exist_ok=True)
     existing = migration_folders.scan_service(service, estate.root)
-    version = next_version([m.up.path.name.split("_", 1)[0] for m in existing.migrations])
-    up = folder / f"{version}_{slug}.up.sql"
-    down = folder / f"{version}_{slug}.down.sql"
+    if service.format == "flyway":  # the next major version: V3 after V2.1
+        major = max((m.version // 1_000_000 for m in existing.migrations), default=0) + 1
+        up, down = folder / f"V{major}__{slug}.sql", folder / f"U{major}__{slug}.sql"
+    else:
+        version = next_version([m.written_version for m in existing.migrations])
+        up = folder / (f"{version}_{slug}.sql" if service.format == "dbmate" else f"{version}_{slug}.up.sql")
+        down = up if service.format == "dbmate" else folder / f"{version}_{slug}.down.sql"
     if up.exists() or down.exists():
         raise MigrationFileError(f"{up.name} already exists")
+    if service.format == "dbmate":  # one file, dbmate's two sections
+        up.write_text(f"-- migrate:up\n-- {title}\n\n-- migrate:down\n-- revert: {title}\n", encoding="utf-8")
+        return up, up
     up.write_text(f"-- {title}\n", encoding="utf-8")
     down.write_text(f"-- revert: {title}\n", encoding="utf-8")
     return up, down

@@ -644,6 +644,58 @@ def _record(command: str, service: str, version: int, format: OutputFormat, run:
 
 
 @app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Folder to write dbplan.yaml in.")] = Path("."),
+    service: Annotated[str, typer.Option("--service", help="Name of the service (and its database).")] = "app",
+) -> None:
+    """Write a starter dbplan.yaml, for an existing golang-migrate, dbmate or Flyway folder if there is one."""
+    try:
+        plan_path, migrations, format = api.init(folder, service)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"wrote {plan_path}: service '{service}' reads {migrations} ({format} files).\n"
+         f"next: dbplan plan -f {plan_path}\n")  # fmt: skip
+
+
+@app.command()
+def adopt(
+    service: Annotated[str, typer.Argument(help="Service whose dbmate or Flyway bookkeeping to take over.")],
+    file: FileOption = DEFAULT_FILE,
+) -> None:
+    """Record what dbmate or Flyway applied as applied, without running anything."""
+    try:
+        taken = api.adopt(file, service)
+    except DbplanError as err:
+        _fail(err)
+    count = len(taken.applied)
+    tool = "Flyway" if taken.tool == "flyway" else "dbmate"
+    summary = (
+        f"adopted service '{service}' from {tool} ({taken.source}): {count} version{'s' if count != 1 else ''} "
+        f"recorded as applied, none run; now at version {taken.version or 0}."
+    )
+    lines = [summary]
+    if taken.baseline is not None:
+        lines.append(f"  Flyway's baseline: versions up to {taken.baseline} count as applied.")
+    lines += [f"  not taken over: {what}" for what in taken.skipped]
+    lines.append(f"  {taken.source} was left as it was.")
+    _say("\n".join(lines) + "\n")
+
+
+@app.command()
+def handback(
+    service: Annotated[str, typer.Argument(help="Adopted dbmate service to hand back to dbmate.")],
+    file: FileOption = DEFAULT_FILE,
+) -> None:
+    """Write what dbplan applied into dbmate's table, so that dbmate can take over again."""
+    try:
+        versions = api.hand_back(file, service)
+    except DbplanError as err:
+        _fail(err)
+    _say(f"dbmate's table of service '{service}' now lists {len(versions)} applied versions"
+         f"{': latest ' + versions[-1] if versions else ''}; dbmate runs none of them again.\n")  # fmt: skip
+
+
+@app.command()
 def new(
     service: Annotated[str, typer.Argument(help="Service to add a migration to.")],
     title: Annotated[str, typer.Argument(help="What the migration does, e.g. 'add prices'.")],
@@ -654,7 +706,7 @@ def new(
         up, down = api.new_migration(file, service, title)
     except DbplanError as err:
         _fail(err)
-    _say(f"created {up}\ncreated {down}\n")
+    _say(f"created {up}\n" + (f"created {down}\n" if down != up else ""))
 
 
 class GraphFormat(str, Enum):

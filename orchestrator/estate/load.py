@@ -26,6 +26,7 @@ from .model import (
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
     Blueprint,
+    FORMAT_GOLANG_MIGRATE,
     Database,
     DatabaseSet,
     Discovery,
@@ -549,6 +550,7 @@ def _services(
             schema=spec.get("schema"),
             table=spec.get("table", DEFAULT_MIGRATIONS_TABLE),
             allow_out_of_order=bool(spec.get("allow_out_of_order", False)),
+            format=spec.get("format", FORMAT_GOLANG_MIGRATE),
             target=int(spec["target"]) if spec.get("target") is not None else None,  # 1.0 is an "integer" too
             lint_allow=frozenset((spec.get("lint") or {}).get("allow") or ()),
             lock_timeout=_duration_ms(spec.get("lock_timeout"), document.place(base + ("lock_timeout",)))

@@ -13,6 +13,14 @@ from ..errors import Place, UnsetVariable
 from . import conninfo
 
 DEFAULT_MIGRATIONS_TABLE = "schema_migrations"
+# How a service's migration folder names and splits its files (``format:``): golang-migrate's
+# up/down pairs, dbmate's single files with -- migrate:up / -- migrate:down sections, or
+# Flyway's V/U names. The default is stated, not guessed from the files: a folder read one
+# way or the other would give different versions, and versions are what the bookkeeping keeps.
+FORMAT_GOLANG_MIGRATE = "golang-migrate"
+FORMAT_DBMATE = "dbmate"
+FORMAT_FLYWAY = "flyway"
+FOLDER_FORMATS = (FORMAT_GOLANG_MIGRATE, FORMAT_DBMATE, FORMAT_FLYWAY)
 DEFAULT_MAINTENANCE_DATABASE = "postgres"
 DEFAULT_EMBEDDED_DATA_DIR = ".dbplan/postgres"
 # How long a migration may wait for a table lock before it gives up (and, in a
@@ -85,6 +93,7 @@ class Service:
     schema: str | None = None  # None: the connecting role's current_schema()
     table: str = DEFAULT_MIGRATIONS_TABLE
     allow_out_of_order: bool = False
+    format: str = FORMAT_GOLANG_MIGRATE  # one of FOLDER_FORMATS
     target: int | None = None
     lint_allow: frozenset[str] = frozenset()
     lock_timeout: int = DEFAULT_LOCK_TIMEOUT_MS  # milliseconds; 0 waits forever

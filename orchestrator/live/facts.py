@@ -50,6 +50,55 @@ WHERE NOT i.indisvalid ORDER BY 1
 """
 
 
+# The shape of a table called like a migrations table: golang-migrate's (and dbplan's) has
+# version bigint and dirty boolean; dbmate's, of the same default name, version varchar only.
+VERSION_COLUMN = """
+SELECT format_type(a.atttypid, a.atttypmod),
+       EXISTS (SELECT FROM pg_attribute d WHERE d.attrelid = a.attrelid AND d.attname = 'dirty' AND NOT d.attisdropped)
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) AND a.attname = 'version'
+  AND NOT a.attisdropped
+"""
+DBMATE_TABLE = "schema_migrations"
+FLYWAY_TABLE = "flyway_schema_history"
+FLYWAY_ROWS = (
+    "SELECT installed_rank, version, description, type, script, checksum, success FROM {} ORDER BY installed_rank"
+)
+
+
+@dataclass(frozen=True)
+class FlywayRow:
+    installed_rank: int
+    version: str | None  # None for a repeatable migration
+    description: str | None
+    type: str  # SQL, UNDO_SQL, BASELINE, SCHEMA, DELETE, JDBC, ...
+    script: str | None
+    checksum: int | None
+    success: bool
+
+
+@dataclass(frozen=True)
+class ForeignBookkeeping:
+    """Another tool's bookkeeping, found where dbplan's is not (yet): what ``dbplan adopt``
+    takes over."""
+
+    tool: str  # dbmate | flyway
+    schema: str
+    table: str
+    dbmate_versions: tuple[str, ...] = ()  # dbmate: one row per applied version, as written
+    flyway_rows: tuple[FlywayRow, ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def applied_count(self) -> int:
+        if self.tool == "dbmate":
+            return len(self.dbmate_versions)
+        return sum(1 for row in self.flyway_rows if row.success and row.version is not None and row.type != "SCHEMA")
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     """The latest event recorded for one version."""
@@ -80,6 +129,8 @@ class ServiceFacts:
     # run is applying a no-transaction migration right now; it did not fail (yet).
     dirty_in_progress: str | None = None  # who holds the lock
     failure: Failure | None = None  # where the migration it is dirty at failed (a history fail row)
+    # dbmate's or Flyway's bookkeeping, looked for only while dbplan has none of its own.
+    foreign: ForeignBookkeeping | None = None
 
     def history_by_version(self) -> dict[int, HistoryEntry]:
         return {entry.version: entry for entry in self.history}
@@ -288,6 +339,9 @@ def read_service(
             schema = schema or locate_schema(conn, service, owner, claimed)
             table_exists = _table_exists(conn, schema, service.table)
             history_exists = _table_exists(conn, schema, service.history_table)
+            foreign = None if history_exists else read_foreign(conn, schema)
+            if foreign is not None and foreign.tool == "dbmate" and foreign.table == service.table:
+                table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
             version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
             history, last_force = _history(conn, schema, service.history_table) if history_exists else ((), None)
             history_count = _count_rows(conn, schema, service.history_table) if history_exists else None
@@ -310,6 +364,7 @@ def read_service(
         history_count=history_count,
         dirty_in_progress=in_progress,
         failure=failure,
+        foreign=foreign,
     )
 
 
@@ -322,6 +377,23 @@ def _failure(conn: psycopg.Connection, schema: str, table: str, version: int | N
     )
     row = conn.execute(query, (version,)).fetchone()
     return parse_reason(row[0]) if row else None
+
+
+def read_foreign(conn: psycopg.Connection, schema: str) -> ForeignBookkeeping | None:
+    """dbmate's ``schema_migrations`` (a text version, no dirty flag) or Flyway's
+    ``flyway_schema_history`` in ``schema``; None when neither is there."""
+    from psycopg import sql
+
+    shape = conn.execute(VERSION_COLUMN, (schema, DBMATE_TABLE)).fetchone()
+    if shape is not None and not shape[1] and shape[0].startswith(("character varying", "text", "character(")):
+        query = sql.SQL("SELECT version::text FROM {} ORDER BY version").format(sql.Identifier(schema, DBMATE_TABLE))
+        versions = tuple(row[0] for row in conn.execute(query))
+        return ForeignBookkeeping("dbmate", schema, DBMATE_TABLE, dbmate_versions=versions)
+    if _table_exists(conn, schema, FLYWAY_TABLE):
+        query = sql.SQL(FLYWAY_ROWS).format(sql.Identifier(schema, FLYWAY_TABLE))
+        rows = tuple(FlywayRow(*row) for row in conn.execute(query))
+        return ForeignBookkeeping("flyway", schema, FLYWAY_TABLE, flyway_rows=rows)
+    return None
 
 
 def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None, claimed: frozenset[str]) -> str:

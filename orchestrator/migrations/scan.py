@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import MigrationFileError, Place
-from ..estate.model import Estate, Service
+from ..estate.model import FORMAT_GOLANG_MIGRATE, Estate, Service
 from .sqlscript import Script, parse_script, printable
 
 MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]+)_(?P<title>.+)\.(?P<direction>up|down)\.sql$")
@@ -51,6 +51,9 @@ class Migration:
     title: str
     up: MigrationFile
     down: MigrationFile | None
+    # The version as the file name writes it ("000034", Flyway's "1.1"): what another
+    # tool's bookkeeping (dbmate's, Flyway's) recorded for this file.
+    written_version: str = field(default="", compare=False)
 
     @property
     def run_mode(self) -> str:
@@ -105,6 +108,10 @@ def scan(estate: Estate) -> dict[str, MigrationSet]:
 
 
 def scan_service(service: Service, root: Path) -> MigrationSet:
+    if service.format != FORMAT_GOLANG_MIGRATE:
+        from .formats import scan_foreign_format  # it builds on the helpers here
+
+        return scan_foreign_format(service, root)
     folder = service.migrations_dir
     _check_folder(service, folder, root)
     ups: dict[int, MigrationFile] = {}
@@ -146,7 +153,8 @@ def scan_service(service: Service, root: Path) -> MigrationSet:
                 hint=f"add the matching .up.sql file or remove {down.path.name}",
             )
     migrations = tuple(
-        Migration(version, titles[version], ups[version], downs.get(version)) for version in sorted(ups)
+        Migration(version, titles[version], ups[version], downs.get(version), ups[version].path.name.split("_", 1)[0])
+        for version in sorted(ups)
     )
     return MigrationSet(service.name, folder, migrations)
 

@@ -28,7 +28,7 @@ from .plan import (
     Warning,
 )
 
-APPLIED_EVENTS = frozenset({"apply", "force", "baseline", "accept"})
+APPLIED_EVENTS = frozenset({"apply", "force", "baseline", "accept", "adopt"})
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,8 @@ def plan_service(
     blockers: list[Blocker] = _unreachable_target_blockers(service, by_version, applied)
     if facts.dirty:
         blockers.append(_dirty_blocker(service, facts, by_version, applied))
+    if facts.foreign is not None and not facts.table_exists:
+        blockers.append(_foreign_blocker(service, facts))
 
     pending = [
         m for m in migration_set.migrations if m.version not in applied and (target is None or m.version <= target)
@@ -253,6 +255,28 @@ def plan_service(
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
     return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+
+
+def _foreign_blocker(service: Service, facts: ServiceFacts) -> Blocker:
+    """Another tool's bookkeeping and none of dbplan's: applying would run every file again,
+    on a database where they ran already. Blocked until ``dbplan adopt`` takes it over, a
+    step a person takes on purpose (it writes bookkeeping, and it checks the files)."""
+    foreign = facts.foreign
+    assert foreign is not None
+    count = foreign.applied_count
+    tool = "Flyway" if foreign.tool == "flyway" else "dbmate"
+    hint = f"run 'dbplan adopt {service.name}': it records them as applied without running them"
+    if foreign.tool == "dbmate" and foreign.table == service.table:
+        hint = (
+            f"dbmate's table keeps its name so that dbmate can still read it: first give service '{service.name}' "
+            f"a table of its own (table: dbplan_migrations), then {hint}"
+        )
+    return Blocker(
+        f"found {tool} bookkeeping in {foreign.qualified} of database '{service.database}': "
+        f"{count} version{'s' if count != 1 else ''} applied; run `dbplan adopt {service.name}`",
+        service=service.name,
+        hint=hint,
+    )
 
 
 def _drift_warnings(service: Service, drift: tuple[Drift, ...]) -> list[Warning]:
@@ -546,6 +570,7 @@ def _file_blockers(service: Service, version: int, file: MigrationFile, run_mode
 
 def applied_versions(facts: ServiceFacts, migration_set: MigrationSet) -> dict[int, str | None]:
     """The versions the planner counts as applied, with the checksum recorded for each
-    (None: unknown), for the commands that record a person's word about them
-    (``dbplan baseline``, ``dbplan accept``): they must see the service as plan does."""
-    return _applied(facts, migration_set.by_version())
+    (None: unknown), ascending, for the commands that record a person's word about them
+    (``dbplan baseline``, ``dbplan accept``) and ``dbplan handback``, which writes them into
+    dbmate's table: they must see the service as plan does."""
+    return dict(sorted(_applied(facts, migration_set.by_version()).items()))
