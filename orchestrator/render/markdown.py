@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..estate.graph import EstateGraph, Node
 from ..planning.plan import (
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -35,6 +36,7 @@ from ..planning.plan import (
 )
 from . import graph as render_graph
 from .text import (
+    MAX_UNMANAGED_NAMES,
     change_phrases,
     difference_phrases,
     dirty_version,
@@ -220,7 +222,28 @@ def _document(plan: Plan, graph: EstateGraph | None, limits: _Limits, *, with_sq
     general = [w for w in plan.warnings if w.service not in known]
     if general:
         blocks += ["### Warnings\n", _warnings_alert(general, limits)]
+    blocks += _unmanaged(plan, limits)
     return blocks
+
+
+def _unmanaged(plan: Plan, limits: _Limits) -> list[Block]:
+    """Roles and databases the plan file does not mention, folded: a shared server may
+    hold hundreds, and they are never dropped, so they are context, not changes."""
+    if not plan.unmanaged and not plan.notices:
+        return []
+    items = [f"- {md_text(notice)}" for notice in plan.notices]
+    for entry in plan.unmanaged:
+        for noun, names in (("role", entry.roles), ("database", entry.databases)):
+            if names:
+                shown = names[: min(limits.items or MAX_UNMANAGED_NAMES, MAX_UNMANAGED_NAMES)]
+                more = f", … and {len(names) - len(shown)} more" if len(shown) < len(names) else ""
+                listed = ", ".join(code(name) for name in shown)
+                items.append(f"- server {code(entry.server)}: {plural(len(names), noun)}: {listed}{more}")
+    return [
+        "<details>\n<summary>Not managed by this plan file (listed, never dropped)</summary>\n\n"
+        + "\n".join(items)
+        + "\n\n</details>\n"
+    ]
 
 
 def _summary(plan: Plan) -> str:
@@ -320,7 +343,7 @@ def _handed_over(action: AlterDatabaseOwner) -> str:
 
 
 def _servers(plan: Plan, limits: _Limits) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
         mine = [action for action in creations if action.server == server]
@@ -330,6 +353,8 @@ def _servers(plan: Plan, limits: _Limits) -> list[str]:
             if isinstance(action, CreateRole):
                 detail = ("login" if action.login else "no login") + (", with password" if action.with_password else "")
                 items.append(f"- **create role** {code(action.role)} ({detail})")
+            elif isinstance(action, AlterRole):
+                items.append(f"- **alter role** {code(action.role)}: {md_text(', '.join(action.changes()))}")
             elif isinstance(action, AlterDatabaseOwner):
                 items.append(
                     f"- **change owner** of database {code(action.database)}: {code(action.previous_owner)} → "
