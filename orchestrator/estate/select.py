@@ -42,10 +42,23 @@ def select_services(estate: Estate, names: Iterable[str], *, with_dependencies: 
         if any(service.database == name for service in services.values())
     }
     owners = {database.owner for database in databases.values() if database.owner}
-    roles = {name: role for name, role in estate.roles.items() if name in owners}
+    roles = {name: role for name, role in estate.roles.items() if name in _with_memberships(estate, owners)}
     server_names = {database.server for database in databases.values()} | {role.server for role in roles.values()}
     servers = {name: server for name, server in estate.servers.items() if name in server_names}
     return replace(estate, servers=servers, roles=roles, databases=databases, services=services)
+
+
+def _with_memberships(estate: Estate, names: set[str]) -> set[str]:
+    """The roles and, through ``member_of``, every declared role they are granted: those
+    must exist before the grant."""
+    kept: set[str] = set()
+    to_visit = list(names)
+    while to_visit:
+        name = to_visit.pop()
+        if name not in kept and name in estate.roles:
+            kept.add(name)
+            to_visit.extend(estate.roles[name].member_of or ())
+    return kept
 
 
 def _with_dependencies(estate: Estate, names: list[str]) -> set[str]:

@@ -352,8 +352,8 @@ def _alter_role(run: _Run, conn: psycopg.Connection, server: Server, action: Alt
             f"cannot alter role '{action.role}' on server '{server.name}' ({', '.join(left.changes())}): "
             f"{_pg_message(err)}; nothing was changed",
             server=server.name,
-            hint="the administrator in the server's url needs CREATEROLE (and ADMIN OPTION on the roles granted), "
-            "or to be a superuser",
+            hint="the administrator in the server's url must be a superuser, or have CREATEROLE and (from "
+            "PostgreSQL 16) ADMIN OPTION on this role and the roles granted (it has it on roles it created)",
         )
         run.finish(Outcome(action, "failed", detail=failure.message))
         raise failure from err

@@ -44,7 +44,8 @@ class AlterRole:
             words.append(f"login {str(self.login[0]).lower()} -> {str(self.login[1]).lower()}")
         if self.connection_limit is not None:
             words.append(f"connection limit {self.connection_limit[0]} -> {self.connection_limit[1]}")
-        words += [f"grant membership in {other}" for other in self.grant]
+        if self.grant:
+            words.append(f"grant membership in {', '.join(self.grant)}")
         if self.password:
             words.append("password changed")
         return words
