@@ -458,10 +458,10 @@ def test_a_changed_password_reaches_no_output_saved_plan_nor_log(
         logged = log.read_bytes()[log_start:].decode("utf-8", "replace")
         roles = [estate.name(short) for short in ROLE_PASSWORDS]
         with _password_auth_for(conn, roles):
-            for short in ROLE_PASSWORDS:
+            for short, old_password in ROLE_PASSWORDS.items():
                 assert _log_in(pg_url, estate.name(short), changed[short]) == estate.name(short)
                 with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-                    _log_in(pg_url, estate.name(short), ROLE_PASSWORDS[short])
+                    _log_in(pg_url, estate.name(short), old_password)
 
     assert runs[-1].code == 0, runs[-1].output
     alters = [a for a in json.loads(runs[1].out)["actions"] if a["kind"] == "alter_role"]
