@@ -300,3 +300,18 @@ def test_only_one_service_brings_its_owners_memberships_and_lists_nothing_as_unm
     assert plan["unmanaged"] == {"roles": [], "databases": []}, "the rest of the file is not unmanaged"
     assert run.code == 0, run.output
     assert role_row(estate, owner)[2] == [readers]
+
+
+def test_a_password_stored_as_an_old_md5_hash_is_compared_too(estate: Estate) -> None:
+    role = estate.name("old_md5")
+    with psycopg.connect(estate.url, autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'md5'")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'md5-era-Pw'").format(sql.Identifier(role)))
+        stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)).fetchone()
+    assert stored is not None and str(stored[0]).startswith("md5")
+    estate.add_role("old_md5", password="md5-era-Pw")
+
+    assert plan_json(estate)["changes"] is False  # the same password: not reset
+    estate.document["roles"][role]["password"] = "scram-era-Pw"
+    estate.save()
+    assert [a["password"] for a in plan_json(estate)["actions"]] == [True]
