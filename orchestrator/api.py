@@ -161,6 +161,8 @@ def plan(
         announced |= running.keys()
         time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
         planned = _plan_checked(checked, 0.0, on_notice)
+    if selection.only:  # the rest of the file is left out on purpose: it is not unmanaged
+        planned = replace(planned, plan=replace(planned.plan, unmanaged=()))
     return planned
 
 

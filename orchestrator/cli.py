@@ -26,6 +26,7 @@ from .planning.plan import (
     FAIL_ON,
     Action,
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -247,6 +248,8 @@ class _CliProgress:
 def describe_action(action: Action) -> str:
     if isinstance(action, CreateRole):
         return f"create role {action.role} on {action.server}"
+    if isinstance(action, AlterRole):
+        return f"alter role {action.role} on {action.server} ({', '.join(action.changes())})"
     if isinstance(action, CreateDatabase):
         return f"create database {action.database} on {action.server}"
     if isinstance(action, AlterDatabaseOwner):

@@ -81,7 +81,7 @@ def test_new_migration_is_exactly_one_pending_change(estate: Estate) -> None:
     import json
 
     plan = json.loads(run.out)
-    assert plan["summary"] == {"create_roles": 0, "create_databases": 0, "change_owners": 0, "apply": 1, "revert": 0}
+    assert plan["summary"] == {"create_roles": 0, "alter_roles": 0, "create_databases": 0, "change_owners": 0, "apply": 1, "revert": 0}
     assert [(a["service"], a["version"]) for a in plan["actions"]] == [("inventory", 4)]
 
     assert estate.dbplan("apply", "--yes").code == 0

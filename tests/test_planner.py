@@ -170,7 +170,7 @@ def test_fresh_estate_creates_roles_then_databases_then_migrations_in_dependency
         world.apply("inventory", 2, "create_stock", 2),
     )
     assert plan.changes and not plan.blocked
-    assert plan.summary() == {"create_roles": 1, "create_databases": 2, "change_owners": 0, "apply": 5, "revert": 0}
+    assert plan.summary() == {"create_roles": 1, "alter_roles": 0, "create_databases": 2, "change_owners": 0, "apply": 5, "revert": 0}
     # Services are reported in file order, actions in dependency order.
     assert plan.services == (
         ServicePlan("inventory", "inventory", "main", None, 2, 2, False, (1, 2), (), ()),

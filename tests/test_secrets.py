@@ -428,3 +428,50 @@ def test_nested_defaults_and_dollars_become_the_role_password(
         for role, wrong in ((nested, "${DBPLAN_TEST_INNER}}"), (dollar, "pa$$word-${DBPLAN_TEST_UNSET:-x}")):
             with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
                 _log_in(pg_url, role, wrong)
+
+
+def test_a_changed_password_reaches_no_output_saved_plan_nor_log(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The alter_role of a changed password: detected by recomputing the stored verifier
+    (also for the awkward spellings, so an unchanged one plans nothing), shown only as
+    "password changed", and sent as a verifier."""
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    admin = estate.name("admin")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
+        conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
+        log = _server_log(conn)
+        _admin_estate(estate, admin, pg_url)
+        assert estate.dbplan("apply", "--yes").code == 0
+        assert json.loads(estate.dbplan("plan", "--format", "json").out)["changes"] is False, "unchanged passwords match"
+        changed = {short: password + "-2" for short, password in ROLE_PASSWORDS.items()}
+        for short, password in changed.items():
+            estate.document["roles"][estate.name(short)]["password"] = password
+        estate.save()
+        log_start = log.stat().st_size
+
+        saved = tmp_path / "saved.json"
+        runs = [estate.dbplan("plan", "--format", format) for format in ("text", "json", "markdown")]
+        runs.append(estate.dbplan("plan", "--out", str(saved)))
+        runs.append(estate.dbplan("apply", str(saved), "--yes"))
+        logged = log.read_bytes()[log_start:].decode("utf-8", "replace")
+        roles = [estate.name(short) for short in ROLE_PASSWORDS]
+        with _password_auth_for(conn, roles):
+            for short, old_password in ROLE_PASSWORDS.items():
+                assert _log_in(pg_url, estate.name(short), changed[short]) == estate.name(short)
+                with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                    _log_in(pg_url, estate.name(short), old_password)
+
+    assert runs[-1].code == 0, runs[-1].output
+    alters = [a for a in json.loads(runs[1].out)["actions"] if a["kind"] == "alter_role"]
+    assert sorted(a["role"] for a in alters) == sorted(roles) and all(a["password"] for a in alters)
+    assert "ALTER ROLE" in logged, "log_statement = 'all' logged the statements"
+    outputs = [run.output for run in runs] + [saved.read_text()]
+    for password in [*ROLE_PASSWORDS.values(), *changed.values()]:
+        assert not _shows(logged, password), "the server log shows a password"
+        for output in outputs:
+            assert not _shows(output, password), output
+    for output in outputs:
+        assert "SCRAM-SHA-256$" not in output, "a verifier was printed"
+    assert json.loads(estate.dbplan("plan", "--format", "json").out)["changes"] is False

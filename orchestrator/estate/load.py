@@ -307,18 +307,80 @@ def _roles(data: dict[str, Any], document: Document, servers: dict[str, Server])
             path = ("roles", name, "server") + ((index,) if isinstance(spec["server"], list) else ())
             _reference(document, path, server, servers, "server")
         password = spec.get("password")  # a NUL in it is refused with the document (libpq would cut it there)
+        member_of = spec.get("member_of")
         for index, server in enumerate(on):
             # One entry per server; the first keeps the plain name, so a role on one
             # server is what it always was.
             roles[name if index == 0 else f"{name}@{server}"] = Role(
                 name=name,
                 server=server,
-                login=bool(spec.get("login", False)),
+                login=bool(spec["login"]) if "login" in spec else None,
+                connection_limit=int(spec["connection_limit"]) if "connection_limit" in spec else None,
+                member_of=tuple(dict.fromkeys(member_of)) if member_of is not None else None,
                 password=password or None,
                 place=place,
                 unset_password=document.unset_secrets.get(("roles", name, "password")),
             )
+    for role in roles.values():
+        _check_memberships(role, roles, document)
+    _refuse_membership_cycles(roles, document)
     return roles
+
+
+def _check_memberships(role: Role, roles: dict[str, Role], document: Document) -> None:
+    """Each ``member_of`` entry is a role of this file on the same server, or one of
+    PostgreSQL's predefined ``pg_*`` roles (which every server has)."""
+    for index, other in enumerate(role.member_of or ()):
+        path = ("roles", role.name, "member_of", index)
+        if other == role.name:
+            raise ConfigError(f"role {quoted(role.name)} is listed as a member of itself", place=document.place(path))
+        if other.startswith(_RESERVED_ROLE_PREFIX):
+            continue
+        _reference(document, path, other, roles, "role")
+        servers_of_other = [r.server for r in roles.values() if r.name == other]
+        if role.server not in servers_of_other:
+            raise ConfigError(
+                f"role {quoted(role.name)} on server '{role.server}' cannot be a member of role {quoted(other)}, "
+                f"which is on server '{', '.join(servers_of_other)}'",
+                place=document.place(path),
+            )
+
+
+def _refuse_membership_cycles(roles: dict[str, Role], document: Document) -> None:
+    """PostgreSQL refuses a circular GRANT; say so before anything is changed."""
+    cycle = _membership_cycle(roles)
+    if cycle is None:
+        return
+    first = roles[cycle[0]]
+    assert first.member_of is not None
+    raise ConfigError(
+        "roles are members of each other in a circle: " + " -> ".join(quoted(n) for n in [*cycle, cycle[0]]),
+        place=document.place(("roles", first.name, "member_of", first.member_of.index(cycle[1 % len(cycle)]))),
+        hint="a role cannot be granted, even through others, to a role it is granted; remove one of these member_of entries",
+    )
+
+
+def _membership_cycle(roles: dict[str, Role]) -> list[str] | None:
+    """The first circle of ``member_of`` in file order, as role names; None when there is none."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return path[path.index(name) :]
+        if name in done or name not in roles:
+            return None
+        for other in roles[name].member_of or ():
+            found = visit(other, [*path, name])
+            if found is not None:
+                return found
+        done.add(name)
+        return None
+
+    for name in roles:
+        found = visit(name, [])
+        if found is not None:
+            return found
+    return None
 
 
 # PostgreSQL refuses these names in CREATE ROLE (role name "..." is reserved).

@@ -61,9 +61,16 @@ class Server:
 
 @dataclass(frozen=True)
 class Role:
+    """A role the plan file declares. An attribute the file does not write (None) is set
+    to PostgreSQL's default when the role is created and never compared afterwards, so
+    a file that names a role only to own a database does not fight what a DBA set."""
+
     name: str
     server: str
-    login: bool = False
+    login: bool | None = None  # None: not written; created NOLOGIN
+    connection_limit: int | None = None  # None: not written; created unlimited (-1)
+    # Roles this one is granted membership in; None: not written, memberships left alone.
+    member_of: tuple[str, ...] | None = None
     # Kept out of repr so a stray log line or traceback cannot print it.
     password: str | None = field(default=None, repr=False)
     place: Place = field(default=Place(), compare=False)

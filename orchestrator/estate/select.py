@@ -46,10 +46,25 @@ def select_services(estate: Estate, names: Iterable[str], *, with_dependencies: 
     used = {service.database for service in services.values()}
     databases = {name: database for name, database in estate.databases.items() if name in used}
     owners = {(database.owner, database.server) for database in databases.values() if database.owner}
-    roles = {name: role for name, role in estate.roles.items() if (role.name, role.server) in owners}
+    kept_roles = _with_memberships(estate, owners)
+    roles = {name: role for name, role in estate.roles.items() if (role.name, role.server) in kept_roles}
     server_names = {database.server for database in databases.values()} | {role.server for role in roles.values()}
     servers = {name: server for name, server in estate.servers.items() if name in server_names}
     return replace(estate, servers=servers, roles=roles, databases=databases, services=services)
+
+
+def _with_memberships(estate: Estate, roles: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (role, server) pairs and, through ``member_of``, every declared role they are
+    granted on the same server: those must exist before the grant."""
+    declared = {(role.name, role.server): role for role in estate.roles.values()}
+    kept: set[tuple[str, str]] = set()
+    to_visit = list(roles)
+    while to_visit:
+        pair = to_visit.pop()
+        if pair not in kept and pair in declared:
+            kept.add(pair)
+            to_visit.extend((other, pair[1]) for other in declared[pair].member_of or ())
+    return kept
 
 
 def _with_dependencies(estate: Estate, names: list[str]) -> set[str]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
 from ..live.connection import behind_pooler, connect, connection_lost, server_url
-from ..live.facts import ServiceFacts, locate_apart, read_server, read_service
+from ..live.facts import LiveRole, ServerFacts, ServiceFacts, declared_passwords, locate_apart, read_server, read_service
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
@@ -39,6 +39,7 @@ from ..migrations.scan import Migration, MigrationSet
 from ..planning.plan import (
     Action,
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -150,7 +151,7 @@ def execute(
         for group in _groups(plan.actions):
             run.check_stop(f"before {action_phrase(group[0])}")
             try:
-                if isinstance(group[0], (CreateRole, CreateDatabase, AlterDatabaseOwner)):
+                if isinstance(group[0], (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner)):
                     _create_on_server(run, estate.servers[group[0].server], group)
                 else:
                     _migrate_service(run, estate.services[group[0].service], group)  # type: ignore[arg-type]
@@ -166,7 +167,7 @@ def _driver_error(run: _Run, first: Action, err: Exception) -> DbplanError:
     terminated, or a server restarted, between the steps of a run (connected, not yet
     queried; reading the bookkeeping; waiting for a lock). What a migration does is
     reported by its own step, so this names the server, the step and what was done."""
-    if isinstance(first, (CreateRole, CreateDatabase, AlterDatabaseOwner)):
+    if isinstance(first, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner)):
         server = run.estate.servers[first.server]
     else:
         server = run.estate.server_of_service(run.estate.services[first.service])
@@ -195,7 +196,7 @@ def _groups(actions: tuple[Action, ...]) -> Iterator[list[Action]]:
 
 
 def _lock_scope(action: Action) -> tuple[str, str]:
-    if isinstance(action, (CreateRole, CreateDatabase, AlterDatabaseOwner)):
+    if isinstance(action, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner)):
         return ("server", action.server)
     return ("service", action.service)
 
@@ -247,10 +248,15 @@ def _create_on_server(run: _Run, server: Server, actions: list[Action]) -> None:
 def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
     from psycopg import errors
 
-    live = read_server(conn, server)  # re-read under the lock
+    live = read_server(conn, server, declared_passwords(run.estate, server.name))  # re-read under the lock
     for action in actions:
         if isinstance(action, AlterDatabaseOwner):
             _alter_owner(run, server, action, live.database_owners.get(action.database))
+            continue
+        if isinstance(action, AlterRole):
+            # Roles created a moment ago by this group are read again with what they are now.
+            fresh = read_server(conn, server, declared_passwords(run.estate, server.name)) if action.role not in live.roles else live
+            _alter_role(run, conn, server, action, fresh)
             continue
         exists = action.role in live.roles if isinstance(action, CreateRole) else action.database in live.databases
         if exists:
@@ -310,6 +316,65 @@ def _alter_owner(run: _Run, server: Server, action: AlterDatabaseOwner, owner_no
         run.finish(Outcome(action, "failed", detail=failure.message))
         raise failure from err
     run.finish(Outcome(action, "done", ms_since(started)))
+
+
+def _alter_role(run: _Run, conn: psycopg.Connection, server: Server, action: AlterRole, live: ServerFacts) -> None:
+    """Only what still differs under the lock (another run may have done part), in one
+    transaction: the role's attributes and its new memberships together or not at all."""
+    from psycopg import errors, sql
+
+    current = live.role_attributes.get(action.role)
+    left = _still_differs(action, current, live)
+    if not left.changes():
+        run.finish(Outcome(action, "skipped", detail="already as declared (changed by another run)"))
+        return
+    run.check_stop(f"before {action_phrase(action)}")
+    run.start(action)
+    started = time.monotonic()
+    name = sql.Identifier(action.role)
+    options: list[sql.Composable] = []
+    if left.login is not None:
+        options.append(sql.SQL("LOGIN" if left.login[1] else "NOLOGIN"))
+    if left.connection_limit is not None:
+        options.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(left.connection_limit[1])))
+    if left.password:
+        password = run.estate.roles[action.role].password
+        assert password is not None
+        options.append(sql.SQL("PASSWORD {}").format(sql.Literal(password_verifier(conn, action.role, password))))
+    try:
+        with conn.transaction():
+            if options:
+                conn.execute(sql.SQL("ALTER ROLE {} {}").format(name, sql.SQL(" ").join(options)))
+            if left.grant:
+                grants = sql.SQL(", ").join(sql.Identifier(other) for other in left.grant)
+                conn.execute(sql.SQL("GRANT {} TO {}").format(grants, name))
+    except errors.Error as err:
+        failure = DbplanError(
+            f"cannot alter role '{action.role}' on server '{server.name}' ({', '.join(left.changes())}): "
+            f"{_pg_message(err)}; nothing was changed",
+            server=server.name,
+            hint="the administrator in the server's url must be a superuser, or have CREATEROLE and (from "
+            "PostgreSQL 16) ADMIN OPTION on this role and the roles granted (it has it on roles it created)",
+        )
+        run.finish(Outcome(action, "failed", detail=failure.message))
+        raise failure from err
+    run.finish(Outcome(action, "done", ms_since(started)))
+
+
+def _still_differs(action: AlterRole, current: LiveRole | None, live: ServerFacts) -> AlterRole:
+    """The part of ``action`` that the role read under the lock still lacks."""
+    if current is None:  # gone since the plan: alter what was shown, and let the server say why not
+        return action
+    return AlterRole(
+        action.server,
+        action.role,
+        login=action.login if action.login is not None and current.login != action.login[1] else None,
+        connection_limit=action.connection_limit
+        if action.connection_limit is not None and current.connection_limit != action.connection_limit[1]
+        else None,
+        grant=tuple(other for other in action.grant if other not in current.member_of),
+        password=action.password and (live.passwords_match or {}).get(action.role) is not True,
+    )
 
 
 def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) -> psycopg.sql.Composed:

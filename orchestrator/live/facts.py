@@ -26,8 +26,20 @@ SELECT current_setting('server_version') AS version,
        (SELECT array_agg(rolname::text) FROM pg_roles) AS roles,
        (SELECT json_object_agg(datname, pg_get_userbyid(datdba)) FROM pg_database) AS database_owners,
        inet_server_addr()::text AS address,
-       current_setting('port') AS port
+       current_setting('port') AS port,
+       (SELECT json_object_agg(r.rolname, json_build_object(
+            'login', r.rolcanlogin,
+            'connection_limit', r.rolconnlimit,
+            'member_of', ARRAY(SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+                               WHERE m.member = r.oid ORDER BY 1)))
+        FROM pg_roles r) AS role_attributes,
+       current_user::text AS connected_as,
+       (SELECT rolname::text FROM pg_roles WHERE oid = 10) AS bootstrap_superuser,
+       current_database()::text AS maintenance_database
 """
+# Only a superuser reads pg_authid (pg_roles shows '********'). Only the roles the plan
+# file gives a password are read, and the verifiers never leave ``read_server``.
+STORED_PASSWORDS = "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY(%s)"
 # pg_control_system() is restricted to privileged roles on some servers; its absence only
 # weakens a saved plan's server identity check to the server's address.
 SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
@@ -137,6 +149,15 @@ class ServiceFacts:
 
 
 @dataclass(frozen=True)
+class LiveRole:
+    """The attributes of a live role that the plan file can declare."""
+
+    login: bool
+    connection_limit: int
+    member_of: frozenset[str]
+
+
+@dataclass(frozen=True)
 class ServerFacts:
     server: str
     version: str
@@ -145,6 +166,14 @@ class ServerFacts:
     databases: frozenset[str]
     roles: frozenset[str]
     database_owners: Mapping[str, str] = field(default_factory=dict)  # database -> owning role
+    role_attributes: Mapping[str, LiveRole] = field(default_factory=dict)  # every role read
+    connected_as: str | None = None
+    bootstrap_superuser: str | None = None
+    maintenance_database: str | None = None
+    # Whether each existing role the plan file gives a password has that password (its
+    # stored verifier recomputed); None: pg_authid could not be read, nothing is known.
+    # Only booleans: neither a password nor a verifier is kept here.
+    passwords_match: Mapping[str, bool] | None = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,7 +195,7 @@ def inspect(
     for server in estate.servers.values():
         url = server_url(server)
         with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
-            servers[server.name] = read_server(conn, server)
+            servers[server.name] = read_server(conn, server, declared_passwords(estate, server.name))
         for database, members in _services_by_database(estate, server).items():
             if database not in servers[server.name].databases:
                 for service in members:
@@ -291,18 +320,26 @@ def _services_by_database(estate: Estate, server: Server) -> dict[str, list[Serv
     return grouped
 
 
-def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
+def declared_passwords(estate: Estate, server: str) -> dict[str, str]:
+    """role -> password, for the roles of ``server`` the plan file gives a password."""
+    return {role.name: role.password for role in estate.roles.values() if role.server == server and role.password}
+
+
+def read_server(conn: psycopg.Connection, server: Server, passwords: Mapping[str, str] | None = None) -> ServerFacts:
+    """One query for what the server holds; with ``passwords`` (role -> declared
+    password) a second one compares the stored verifiers, where pg_authid is readable."""
     import psycopg
 
     try:
         row = conn.execute(SERVER_FACTS).fetchone()
         assert row is not None
-        version, databases, roles, database_owners, address, port = row
+        version, databases, roles, database_owners, address, port, attributes, connected_as, bootstrap, maintenance = row
         try:
             identifier_row = conn.execute(SYSTEM_IDENTIFIER).fetchone()
             identifier = identifier_row[0] if identifier_row else None
         except psycopg.errors.InsufficientPrivilege:
             identifier = None
+        matches = _passwords_match(conn, passwords or {})
     except psycopg.Error as err:
         raise ConnectionFailed(f"cannot read server '{server.name}': {err}", server=server.name) from err
     return ServerFacts(
@@ -313,7 +350,31 @@ def read_server(conn: psycopg.Connection, server: Server) -> ServerFacts:
         databases=frozenset(databases or ()),
         roles=frozenset(roles or ()),
         database_owners=dict(database_owners or {}),
+        role_attributes={
+            name: LiveRole(bool(a["login"]), int(a["connection_limit"]), frozenset(a["member_of"] or ()))
+            for name, a in (attributes or {}).items()
+        },
+        connected_as=connected_as,
+        bootstrap_superuser=bootstrap,
+        maintenance_database=maintenance,
+        passwords_match=matches,
     )
+
+
+def _passwords_match(conn: psycopg.Connection, passwords: Mapping[str, str]) -> dict[str, bool] | None:
+    """Recompute each stored verifier with its own salt and iterations and the declared
+    password. None when the connecting role may not read pg_authid."""
+    import psycopg
+
+    from ..server.credentials import verifier_matches
+
+    if not passwords:
+        return {}
+    try:
+        rows = conn.execute(STORED_PASSWORDS, (list(passwords),)).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    return {name: verifier_matches(stored, passwords[name], name) for name, stored in rows}
 
 
 def read_service(

@@ -25,6 +25,35 @@ class CreateRole:
 
 
 @dataclass(frozen=True)
+class AlterRole:
+    """Bring an existing (or just created) role to what the plan file declares. Each
+    change holds (live, declared); None: that attribute already matches or is not
+    declared. Memberships are only ever granted, never revoked. ``password`` says only
+    that the stored verifier does not match the declared password: never either one."""
+
+    server: str
+    role: str
+    login: tuple[bool, bool] | None = None
+    connection_limit: tuple[int, int] | None = None
+    grant: tuple[str, ...] = ()  # roles it is made a member of (GRANT x TO role)
+    password: bool = False
+    kind: str = field(default="alter_role", init=False)
+
+    def changes(self) -> list[str]:
+        """The changes in words: ``login true -> false``, ``password changed``."""
+        words: list[str] = []
+        if self.login is not None:
+            words.append(f"login {str(self.login[0]).lower()} -> {str(self.login[1]).lower()}")
+        if self.connection_limit is not None:
+            words.append(f"connection limit {self.connection_limit[0]} -> {self.connection_limit[1]}")
+        if self.grant:
+            words.append(f"grant membership in {', '.join(self.grant)}")
+        if self.password:
+            words.append("password changed")
+        return words
+
+
+@dataclass(frozen=True)
 class CreateDatabase:
     server: str
     database: str
@@ -84,8 +113,8 @@ class RevertMigration:
         return self.run_mode in TRANSACTIONAL_MODES
 
 
-Action = CreateRole | CreateDatabase | AlterDatabaseOwner | ApplyMigration | RevertMigration
-ServerAction = CreateRole | CreateDatabase | AlterDatabaseOwner  # run on the server, under its lock
+Action = CreateRole | AlterRole | CreateDatabase | AlterDatabaseOwner | ApplyMigration | RevertMigration
+ServerAction = CreateRole | AlterRole | CreateDatabase | AlterDatabaseOwner  # run on the server, under its lock
 MigrationAction = ApplyMigration | RevertMigration
 
 
@@ -93,6 +122,8 @@ def action_phrase(action: Action) -> str:
     """The action as the middle of a sentence: "applying version 3 of service 'app'"."""
     if isinstance(action, CreateRole):
         return f"creating role '{action.role}'"
+    if isinstance(action, AlterRole):
+        return f"altering role '{action.role}'"
     if isinstance(action, CreateDatabase):
         return f"creating database '{action.database}'"
     if isinstance(action, AlterDatabaseOwner):
@@ -153,12 +184,27 @@ class ServicePlan:
 
 
 @dataclass(frozen=True)
+class Unmanaged:
+    """Roles and databases on a declared server that the plan file does not mention
+    (PostgreSQL's own, the connecting role and the maintenance databases left out).
+    Only listed: dbplan never drops anything."""
+
+    server: str
+    roles: tuple[str, ...] = ()
+    databases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: tuple[Action, ...]
     services: tuple[ServicePlan, ...]
     warnings: tuple[Warning, ...] = ()
     blockers: tuple[Blocker, ...] = ()
     environment: str | None = None  # the plan file's environment it was made for (--env)
+    unmanaged: tuple[Unmanaged, ...] = ()  # one per server with anything unmanaged
+    # What the plan could not check and says once (not warnings: nothing is wrong, and
+    # ``--fail-on warnings`` must not fail for them): passwords without pg_authid access.
+    notices: tuple[str, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -169,9 +215,10 @@ class Plan:
         return bool(self.blockers)
 
     def summary(self) -> dict[str, int]:
-        counts = {"create_roles": 0, "create_databases": 0, "change_owners": 0, "apply": 0, "revert": 0}
+        counts = {"create_roles": 0, "alter_roles": 0, "create_databases": 0, "change_owners": 0, "apply": 0, "revert": 0}
         key = {
             "create_role": "create_roles",
+            "alter_role": "alter_roles",
             "create_database": "create_databases",
             "alter_database_owner": "change_owners",
             "apply_migration": "apply",
@@ -221,6 +268,7 @@ def action_to_dict(action: Action) -> dict[str, Any]:
 
 ACTION_TYPES: dict[str, type[Action]] = {
     "create_role": CreateRole,
+    "alter_role": AlterRole,
     "create_database": CreateDatabase,
     "alter_database_owner": AlterDatabaseOwner,
     "apply_migration": ApplyMigration,
@@ -252,6 +300,16 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         **({"fleets": fleets} if (fleets := fleets_to_dict(plan)) else {}),
         "warnings": [without_nones(vars(warning)) for warning in plan.warnings],
         "blockers": [without_nones(vars(blocker)) for blocker in plan.blockers],
+        "unmanaged": unmanaged_to_dict(plan.unmanaged),
+        "notices": list(plan.notices),
+    }
+
+
+def unmanaged_to_dict(unmanaged: tuple[Unmanaged, ...]) -> dict[str, list[dict[str, str]]]:
+    """``{"roles": [{"server", "name"}], "databases": [...]}``: one list per kind over all servers."""
+    return {
+        "roles": [{"server": entry.server, "name": role} for entry in unmanaged for role in entry.roles],
+        "databases": [{"server": entry.server, "name": database} for entry in unmanaged for database in entry.databases],
     }
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
-from ..estate.model import Estate, Service
-from ..live.facts import LiveState, ServiceFacts, services_of_database
+from ..estate.model import Estate, Role, Service
+from ..live.facts import LiveRole, LiveState, ServerFacts, ServiceFacts, services_of_database
 from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
 from .plan import (
     Action,
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -25,6 +26,7 @@ from .plan import (
     Plan,
     RevertMigration,
     ServicePlan,
+    Unmanaged,
     Warning,
 )
 
@@ -51,8 +53,11 @@ def make_plan(
 ) -> Plan:
     """Compute every change needed to bring the live servers to what the plan file says."""
     actions: list[Action] = []
+    # Roles first, with their logins and memberships as declared, then the databases they
+    # own, then migrations (run as those owners).
     actions += _missing_roles(estate, live)
     foreign_databases = {estate.services[name].database for name in estate.foreign}
+    actions += _role_changes(estate, live)
     actions += [a for a in _missing_databases(estate, live) if a.database not in foreign_databases]
     owner_changes = [a for a in _owner_changes(estate, live) if a.database not in foreign_databases]
     actions += owner_changes
@@ -72,10 +77,13 @@ def make_plan(
         actions=tuple(actions),
         services=tuple(outcome.summary for outcome in in_file_order),
         warnings=tuple(_owner_change_warnings(owner_changes, estate, live))
+        + tuple(_undeclared_membership_warnings(estate, live))
         + tuple(warning for outcome in in_file_order for warning in outcome.warnings),
         blockers=tuple(_moved_databases(estate, live))
         + tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
+        unmanaged=_unmanaged(estate, live),
+        notices=tuple(_unchecked_password_notices(estate, live)),
     )
 
 
@@ -134,10 +142,99 @@ def _discovered(estate: Estate, fleet: str | None) -> bool:
 
 def _missing_roles(estate: Estate, live: LiveState) -> list[CreateRole]:
     return [
-        CreateRole(role.server, role.name, login=role.login, with_password=role.password is not None)
+        CreateRole(role.server, role.name, login=bool(role.login), with_password=role.password is not None)
         for role in estate.roles.values()
         if role.name not in live.servers[role.server].roles
     ]
+
+
+# A role that does not exist yet is compared as CREATE ROLE leaves it.
+def _as_created(role: Role) -> LiveRole:
+    return LiveRole(login=bool(role.login), connection_limit=-1, member_of=frozenset())
+
+
+def _role_changes(estate: Estate, live: LiveState) -> list[AlterRole]:
+    """Declared attributes that the live role (or the role as it will be created) lacks.
+    Roles whose attributes were not read (nothing known) are not compared."""
+    changes = []
+    for role in estate.roles.values():
+        facts = live.servers[role.server]
+        exists = role.name in facts.roles
+        current = facts.role_attributes.get(role.name) if exists else _as_created(role)
+        if current is None:
+            continue
+        change = AlterRole(
+            role.server,
+            role.name,
+            login=(current.login, role.login) if role.login is not None and current.login != role.login else None,
+            connection_limit=(current.connection_limit, role.connection_limit)
+            if role.connection_limit is not None and current.connection_limit != role.connection_limit
+            else None,
+            grant=tuple(other for other in role.member_of or () if other not in current.member_of),
+            password=exists and role.password is not None and (facts.passwords_match or {}).get(role.name) is False,
+        )
+        if change.changes():
+            changes.append(change)
+    return changes
+
+
+def _undeclared_membership_warnings(estate: Estate, live: LiveState) -> list[Warning]:
+    """Where the file lists a role's memberships, the others it has are shown, not revoked:
+    revoking could cut a running service off, and it may be granted on purpose by hand."""
+    warnings = []
+    for role in estate.roles.values():
+        current = live.servers[role.server].role_attributes.get(role.name)
+        if role.member_of is None or current is None:
+            continue
+        for other in sorted(current.member_of - set(role.member_of)):
+            warnings.append(
+                Warning(
+                    f"role {role.name} is also a member of {other}, which its member_of does not list; "
+                    f"dbplan never revokes: add it to member_of, or revoke it by hand (REVOKE {other} FROM {role.name})",
+                    rule="undeclared-membership",
+                )
+            )
+    return warnings
+
+
+def _unchecked_password_notices(estate: Estate, live: LiveState) -> list[str]:
+    """Once per server where declared passwords of existing roles could not be compared."""
+    notices = []
+    for name, facts in live.servers.items():
+        if facts.passwords_match is not None:
+            continue
+        unchecked = [r.name for r in estate.roles.values() if r.server == name and r.password and r.name in facts.roles]
+        if unchecked:
+            notices.append(
+                f"server {name}: password{'s' if len(unchecked) > 1 else ''} of {', '.join(unchecked)} not checked "
+                f"(reading stored passwords needs a superuser; {facts.connected_as or 'the connecting role'} is not one); "
+                "a changed password is not applied"
+            )
+    return notices
+
+
+# Never listed as unmanaged: what every server has, and what dbplan itself connects to.
+TEMPLATE_DATABASES = frozenset({"template0", "template1", "postgres"})
+
+
+def _unmanaged(estate: Estate, live: LiveState) -> tuple[Unmanaged, ...]:
+    """Roles and databases of each declared server that the plan file does not name."""
+    found = []
+    for name, facts in live.servers.items():
+        roles = sorted(set(facts.role_attributes) - _managed_or_system_roles(estate, name, facts))
+        skipped_databases = TEMPLATE_DATABASES | {facts.maintenance_database or "postgres"}
+        declared = {d.name for d in estate.databases.values() if d.server == name}
+        databases = sorted(facts.databases - declared - skipped_databases)
+        if roles or databases:
+            found.append(Unmanaged(name, tuple(roles), tuple(databases)))
+    return tuple(found)
+
+
+def _managed_or_system_roles(estate: Estate, server: str, facts: ServerFacts) -> set[str]:
+    declared = {role.name for role in estate.roles.values() if role.server == server}
+    system = {role for role in facts.role_attributes if role.startswith("pg_")}
+    dbplan_itself = {role for role in (facts.connected_as, facts.bootstrap_superuser) if role is not None}
+    return declared | system | dbplan_itself
 
 
 def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:

@@ -25,6 +25,7 @@ from ..live.failure import Failure
 from ..migrations.sqlscript import parse_script
 from ..planning.plan import (
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     CreateDatabase,
     CreateRole,
@@ -40,6 +41,7 @@ from .markup import alert as _alert
 from .markup import code, code_block, html_code, md_text
 from .markup import table as _table
 from .text import (
+    MAX_UNMANAGED_NAMES,
     change_phrases,
     difference_phrases,
     dirty_version,
@@ -206,7 +208,28 @@ def _document(plan: Plan, graph: EstateGraph | None, limits: Limits, *, sql_for:
     blocks += _servers(plan, limits)
     for service in plan.services:
         blocks += _service(plan, service, limits, sql_for=sql_for)
+    blocks += _unmanaged(plan, limits)
     return blocks
+
+
+def _unmanaged(plan: Plan, limits: Limits) -> list[Block]:
+    """Roles and databases the plan file does not mention, folded: a shared server may
+    hold hundreds, and they are never dropped, so they are context, not changes."""
+    if not plan.unmanaged and not plan.notices:
+        return []
+    items = [f"- {md_text(notice)}" for notice in plan.notices]
+    for entry in plan.unmanaged:
+        for noun, names in (("role", entry.roles), ("database", entry.databases)):
+            if names:
+                shown = names[: min(limits.items or MAX_UNMANAGED_NAMES, MAX_UNMANAGED_NAMES)]
+                more = f", … and {len(names) - len(shown)} more" if len(shown) < len(names) else ""
+                listed = ", ".join(code(name) for name in shown)
+                items.append(f"- server {code(entry.server)}: {plural(len(names), noun)}: {listed}{more}")
+    return [
+        "<details>\n<summary>Not managed by this plan file (listed, never dropped)</summary>\n\n"
+        + "\n".join(items)
+        + "\n\n</details>\n"
+    ]
 
 
 def _summary(plan: Plan) -> str:
@@ -300,7 +323,7 @@ def _handed_over(action: AlterDatabaseOwner) -> str:
 
 
 def _servers(plan: Plan, limits: Limits) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner))]
     blocks: list[str] = []
     for server in dict.fromkeys(action.server for action in creations):
         mine = [action for action in creations if action.server == server]
@@ -310,6 +333,8 @@ def _servers(plan: Plan, limits: Limits) -> list[str]:
             if isinstance(action, CreateRole):
                 detail = ("login" if action.login else "no login") + (", with password" if action.with_password else "")
                 items.append(f"- **create role** {code(action.role)} ({detail})")
+            elif isinstance(action, AlterRole):
+                items.append(f"- **alter role** {code(action.role)}: {md_text(', '.join(action.changes()))}")
             elif isinstance(action, AlterDatabaseOwner):
                 items.append(
                     f"- **change owner** of database {code(action.database)}: {code(action.previous_owner)} → "

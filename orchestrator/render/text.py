@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..planning.plan import (
     AlterDatabaseOwner,
+    AlterRole,
     ApplyMigration,
     Blocker,
     CreateDatabase,
@@ -57,6 +58,8 @@ def change_phrases(plan: Plan) -> list[str]:
     parts = []
     if counts["create_roles"]:
         parts.append(f"{plural(counts['create_roles'], 'role')} to create")
+    if counts["alter_roles"]:
+        parts.append(f"{plural(counts['alter_roles'], 'role')} to alter")
     if counts["create_databases"]:
         parts.append(f"{plural(counts['create_databases'], 'database')} to create")
     if counts["change_owners"]:
@@ -106,10 +109,38 @@ def render_plan(plan: Plan, *, color: bool = False) -> str:
         lines += _service_section(rest, service, style)
     for fleet in fleets:
         lines += text_section(fleet, style)
+    lines += _unmanaged(plan, style)
+    lines += _notices(plan, style)
     lines += _warnings(rest, style)
     lines += _blockers(rest, style)
     lines.append(summary_line(plan, style))
     return "\n".join(lines) + "\n"
+
+
+MAX_UNMANAGED_NAMES = 10  # a shared server may hold hundreds: the JSON lists them all
+
+
+def _unmanaged(plan: Plan, style: Style) -> list[str]:
+    """What the plan file does not mention: named (up to a few), never dropped."""
+    if not plan.unmanaged:
+        return []
+    lines = [style("Unmanaged (not in the plan file; listed, never dropped):", "bold")]
+    for entry in plan.unmanaged:
+        for noun, names in (("role", entry.roles), ("database", entry.databases)):
+            if names:
+                lines.append(style(f"  server {entry.server}: {plural(len(names), noun)}: {folded_names(names)}", "dim"))
+    return lines + [""]
+
+
+def folded_names(names: tuple[str, ...], limit: int = MAX_UNMANAGED_NAMES) -> str:
+    """``a, b, c`` or ``a, b, ... and 12 more (--format json lists all)``."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... and {len(names) - limit} more (--format json lists all)"
+
+
+def _notices(plan: Plan, style: Style) -> list[str]:
+    return [style(f"note: {notice}", "dim") for notice in plan.notices] + ([""] if plan.notices else [])
 
 
 def summary_line(plan: Plan, style: Style | None = None) -> str:
@@ -138,7 +169,7 @@ def difference_phrases(plan: Plan) -> list[str]:
 
 
 def _server_section(plan: Plan, style: Style) -> list[str]:
-    creations = [a for a in plan.actions if isinstance(a, (CreateRole, CreateDatabase, AlterDatabaseOwner))]
+    creations = [a for a in plan.actions if isinstance(a, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner))]
     lines: list[str] = []
     for server in dict.fromkeys(a.server for a in creations):
         lines.append(style(f"server {server}", "bold"))
@@ -150,6 +181,8 @@ def _server_section(plan: Plan, style: Style) -> list[str]:
                     part for part in ("login" if action.login else "nologin", "password" if action.with_password else "") if part
                 )
                 lines.append(style(f"  + create role {action.role} ({detail})", "green"))
+            elif isinstance(action, AlterRole):
+                lines.append(style(f"  ~ alter role {action.role}: {', '.join(action.changes())}", "yellow"))
             elif isinstance(action, AlterDatabaseOwner):
                 tables = f", with {', '.join(action.bookkeeping_tables)}" if action.bookkeeping_tables else ""
                 lines.append(

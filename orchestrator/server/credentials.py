@@ -40,6 +40,7 @@ __all__ = [
     "scram_verifier",
     "set_new_password",
     "store_password",
+    "verifier_matches",
     "write_access_rules",
 ]
 
@@ -113,19 +114,83 @@ def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
 
     ``password`` is ASCII (see :func:`new_password`), so SASLprep leaves it as it is.
     """
-    import base64
+    salt = os.urandom(16)
+    stored_key, server_key = _scram_keys(password.encode("utf-8"), salt, iterations)
+    return f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def verifier_matches(stored: str | None, password: str, role: str) -> bool:
+    """Whether ``stored`` (pg_authid.rolpassword) is a secret of ``password``: the SCRAM
+    keys recomputed with the stored salt and iterations, or the md5 hash of an older
+    server. None (no password) or a shape dbplan cannot read does not match."""
     import hashlib
     import hmac
 
-    def b64(raw: bytes) -> str:
-        return base64.b64encode(raw).decode("ascii")
+    if stored is None:
+        return False
+    if stored.startswith("md5"):
+        expected = "md5" + hashlib.md5((password + role).encode("utf-8")).hexdigest()  # PostgreSQL's md5 format
+        return hmac.compare_digest(stored, expected)
+    match = _SCRAM_SHAPE.fullmatch(stored)
+    if match is None:
+        return False
+    import base64
+    import binascii
 
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    try:
+        salt, stored_key, server_key = (base64.b64decode(match.group(i), validate=True) for i in (2, 3, 4))
+    except (binascii.Error, ValueError):
+        return False
+    computed = _scram_keys(saslprep(password), salt, int(match.group(1)))
+    return hmac.compare_digest(computed[0], stored_key) and hmac.compare_digest(computed[1], server_key)
+
+
+_SCRAM_SHAPE = re.compile(r"SCRAM-SHA-256\$([0-9]{1,9}):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)")
+
+
+def _scram_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """StoredKey and ServerKey of RFC 5802 for a prepared password."""
+    import hashlib
+    import hmac
+
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
     client_key = hmac.new(salted, b"Client Key", "sha256").digest()
     server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+    return hashlib.sha256(client_key).digest(), server_key
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode("ascii")
+
+
+def saslprep(password: str) -> bytes:
+    """The bytes libpq hashes for ``password``: SASLprep (RFC 4013) as PostgreSQL's
+    ``pg_saslprep`` does it. ASCII is left as it is; a password SASLprep refuses
+    (prohibited or badly mixed bidirectional characters) is used as its raw UTF-8,
+    which is what PostgreSQL falls back to as well."""
+    import stringprep
+    import unicodedata
+
+    raw = password.encode("utf-8")
+    if password.isascii():
+        return raw
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in password if not stringprep.in_table_b1(c))
+    prepared = unicodedata.normalize("NFKC", mapped)
+    prohibited = (
+        stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+        stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+        stringprep.in_table_c9, stringprep.in_table_a1,
+    )  # fmt: skip
+    if not prepared or any(check(c) for c in prepared for check in prohibited):
+        return raw
+    if any(stringprep.in_table_d1(c) for c in prepared):
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            return raw
+        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
+            return raw
+    return prepared.encode("utf-8")
 
 
 def read_password(data_dir: Path) -> str | None:
