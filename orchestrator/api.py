@@ -103,6 +103,17 @@ def _checked(estate: Estate, selection: Selection) -> Checked:
     return Checked(estate, graph.build(estate), migration_folders.scan(estate))
 
 
+def _connected_checked(
+    file: str | os.PathLike[str], environ: Mapping[str, str] | None, on_notice: Callable[[str], None] | None
+) -> Checked:
+    """The whole estate, discovered sets read and secrets required: what force, baseline
+    and accept need before they take a service's lock (an instance of a discovered set is
+    a service they may name)."""
+    estate = plan_file.load(file, environ)
+    estate.require_secrets()
+    return _checked(_discovered(estate, 0.0, on_notice), EVERY_SERVICE)
+
+
 def _discovered(
     estate: Estate, wait_seconds: float, on_notice: Callable[[str], None] | None
 ) -> Estate:
@@ -112,6 +123,8 @@ def _discovered(
     from .estate.fleet import with_discovered
     from .live.facts import discover
 
+    if any(spec.discovery is not None for spec in estate.sets.values()):
+        estate.require_secrets()  # discovery connects: an unset url is named, not tried
     found = discover(estate, wait_seconds=wait_seconds, on_retry=on_notice)
     for key, members in found.items():
         spec = estate.sets[key].discovery
@@ -402,8 +415,7 @@ def force(
     if the service changed while it waited for the migrations lock."""
     from .execution.force import force_version
 
-    checked = _checked(_discovered(plan_file.load(file, environ), 0.0, on_notice), EVERY_SERVICE)
-    checked.estate.require_secrets()
+    checked = _connected_checked(file, environ, on_notice)
     return force_version(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
         on_wait=on_notice,
@@ -425,8 +437,7 @@ def baseline(
     and a VERSION with no file; the database must exist."""
     from .execution.baseline import baseline_version
 
-    checked = validate(file, environ)
-    checked.estate.require_secrets()
+    checked = _connected_checked(file, environ, on_notice)
     return baseline_version(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
         on_wait=on_notice,
@@ -448,8 +459,7 @@ def accept(
     has no drift, and an empty reason."""
     from .execution.baseline import accept_checksum
 
-    checked = validate(file, environ)
-    checked.estate.require_secrets()
+    checked = _connected_checked(file, environ, on_notice)
     return accept_checksum(
         checked.estate, checked.migration_sets, service_name, version, reason=reason, lock_wait=lock_wait,
         on_wait=on_notice,
@@ -467,8 +477,7 @@ def adopt(
     as applied, nothing is run, and the other tool's table is left as it was."""
     from .execution.adopt import adopt_service
 
-    checked = validate(file, environ)
-    checked.estate.require_secrets()
+    checked = _connected_checked(file, environ, None)
     return adopt_service(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
 
 
@@ -483,8 +492,7 @@ def hand_back(
     dbmate can take over again without running any of them."""
     from .execution.adopt import hand_back
 
-    checked = validate(file, environ)
-    checked.estate.require_secrets()
+    checked = _connected_checked(file, environ, None)
     return hand_back(checked.estate, checked.migration_sets, service_name, lock_wait=lock_wait)
 
 
