@@ -147,7 +147,9 @@ def verify(
 
 
 def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
-    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    live = inspect(
+        checked.estate, wait_seconds=wait_seconds, on_retry=on_notice, relations=_relations_named(checked.migration_sets)
+    )
     return Planned(
         checked.estate,
         checked.graph,
@@ -155,6 +157,19 @@ def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[st
         live,
         make_plan(checked.estate, checked.graph, checked.migration_sets, live),
     )
+
+
+def _relations_named(migration_sets: Mapping[str, MigrationSet]) -> dict[str, frozenset[str]]:
+    """Per service, every table or index its migration files name: inspection reads their
+    live size for the warnings (one query per database, not one per file)."""
+    from .migrations.lint import relations_named
+
+    return {
+        name: frozenset().union(
+            *(relations_named(file.script) for m in migrations.migrations for file in (m.up, m.down) if file is not None)
+        )
+        for name, migrations in migration_sets.items()
+    }
 
 
 def apply(
