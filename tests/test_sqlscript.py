@@ -6,8 +6,19 @@ import time
 
 import pytest
 
-from orchestrator.migrations.lint import KNOWN_RULES, Finding, lint, new_tables_after, relations_named
-from orchestrator.migrations.sqlscript import Script, Statement, line_of_offset, parse_script
+from orchestrator.migrations.lint import (
+    KNOWN_RULES,
+    Finding,
+    lint,
+    new_tables_after,
+    relations_named,
+)
+from orchestrator.migrations.sqlscript import (
+    Script,
+    Statement,
+    line_of_offset,
+    parse_script,
+)
 
 
 def sqls(script: Script) -> list[str]:

@@ -51,7 +51,7 @@ WHERE NOT i.indisvalid ORDER BY 1
 # per database, whatever the number of files. reltuples is the planner's estimate (-1:
 # never analyzed); a partitioned table counts its leaf partitions.
 TABLE_STATS = """
-SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%I.%I', tn.nspname, t.relname),
+SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
        CASE WHEN t.relkind = 'p'
             THEN (SELECT sum(l.reltuples) FILTER (WHERE l.reltuples >= 0)
                   FROM pg_partition_tree(t.oid) p JOIN pg_class l ON l.oid = p.relid WHERE p.isleaf)
