@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -1082,3 +1083,18 @@ def test_vacuum_full_is_a_rewrite_under_access_exclusive():
         ("vacuum-full", 2, "ACCESS EXCLUSIVE", "orders"),
         ("vacuum-full", 4, "ACCESS EXCLUSIVE", "items"),
     ]
+
+
+RISKY = sorted((Path(__file__).resolve().parent.parent / "bench" / "risky").glob("*.sql"))
+
+
+@pytest.mark.parametrize("path", [p for p in RISKY if p.stem in KNOWN_RULES], ids=lambda p: p.stem)
+def test_each_risky_file_of_the_squawk_comparison_triggers_its_rule(path: Path) -> None:
+    assert path.stem in rules(lint(parse_script(path.read_text())))
+
+
+def test_the_safe_variants_of_the_squawk_comparison_are_quiet() -> None:
+    names = ("safe-variants", "new-table-if-not-exists", "create-domain-with-check", "drop-not-null")
+    for name in names:
+        path = next(p for p in RISKY if p.stem == name)
+        assert lint(parse_script(path.read_text())) == (), name
