@@ -1098,3 +1098,9 @@ def test_the_safe_variants_of_the_squawk_comparison_are_quiet() -> None:
     for name in names:
         path = next(p for p in RISKY if p.stem == name)
         assert lint(parse_script(path.read_text())) == (), name
+
+
+def test_an_index_of_a_new_table_is_new_too():
+    text = "CREATE TABLE a (x int);\nCREATE INDEX a_x ON a (x);\nDROP INDEX a_x;\nREINDEX INDEX a_x;\nDROP INDEX b_x;\n"
+    assert [(f.rule, f.line) for f in lint(parse_script(text))] == [("drop-index-not-concurrently", 5)]
+    assert "a_x" in new_tables_after(parse_script("CREATE TABLE a (x int);\nCREATE INDEX a_x ON a (x);"))

@@ -223,6 +223,9 @@ def _track_new_tables(node: Node, new: _NewTables) -> None:
         new.add(_rangevar_key(body["into"]["rel"]), if_not_exists=bool(body.get("if_not_exists")))
     elif kind == "SelectStmt" and body.get("intoClause"):
         new.add(_rangevar_key(body["intoClause"]["rel"]))
+    elif kind == "IndexStmt" and body.get("idxname") and _rangevar_key(body.get("relation", {})) in new:
+        # An index of a new table is new too (indexes and tables share pg_class's names).
+        new.add((_rangevar_key(body["relation"])[0], body["idxname"]))
     elif kind == "RenameStmt" and body.get("renameType") == "OBJECT_TABLE" and body.get("relation"):
         old = _rangevar_key(body["relation"])
         if old in new:
@@ -492,7 +495,9 @@ def _lint_drop(body: Node, new: _NewTables, report: _Report) -> None:
                 old[0] if len(old) == 1 else None,
             )
     elif remove == "OBJECT_INDEX" and not body.get("concurrent"):
-        for name in names:
+        for name, obj in zip(names, body.get("objects", [])):
+            if _list_key(obj) in new:
+                continue
             report(
                 "drop-index-not-concurrently",
                 "locking",
@@ -555,7 +560,7 @@ def _lint_reindex(body: Node, new: _NewTables, report: _Report) -> None:
     kind = body.get("kind", "")
     relation = body.get("relation") or {}
     key = _rangevar_key(relation) if relation else (None, body.get("name", ""))
-    if kind == "REINDEX_OBJECT_TABLE" and key in new:
+    if kind in ("REINDEX_OBJECT_TABLE", "REINDEX_OBJECT_INDEX") and key in new:
         return
     if kind == "REINDEX_OBJECT_INDEX":
         what, table = f"index {_key_name(key)}", _key_name(key)
