@@ -200,7 +200,9 @@ def verify(
 
 
 def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
-    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    live = inspect(
+        checked.estate, wait_seconds=wait_seconds, on_retry=on_notice, relations=_relations_named(checked.migration_sets)
+    )
     return Planned(
         checked.estate,
         checked.graph,
@@ -208,6 +210,21 @@ def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[st
         live,
         make_plan(checked.estate, checked.graph, checked.migration_sets, live),
     )
+
+
+def _relations_named(migration_sets: Mapping[str, MigrationSet]) -> dict[str, frozenset[str]]:
+    """Per service, every table or index its migration files name: inspection reads their
+    live size for the warnings (one query per database, not one per file)."""
+    from .migrations.lint import relations_named
+
+    # A set's instances share one MigrationSet: walk its files once, not once per database.
+    by_folder: dict[int, frozenset[str]] = {}
+    for migrations in migration_sets.values():
+        if id(migrations) not in by_folder:
+            by_folder[id(migrations)] = frozenset().union(
+                *(relations_named(f.script) for m in migrations.migrations for f in (m.up, m.down) if f is not None)
+            )
+    return {name: by_folder[id(migrations)] for name, migrations in migration_sets.items()}
 
 
 def apply(

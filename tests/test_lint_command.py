@@ -152,6 +152,7 @@ def test_json_is_one_object_with_every_finding(tmp_path: Path) -> None:
         "line": 3,
         "rule": "drop-column",
         "severity": "destructive",
+        "lock": "ACCESS EXCLUSIVE",
         "message": drop["message"],
         "statement": "ALTER TABLE accounts DROP COLUMN name",
         "hint": None,
@@ -289,3 +290,23 @@ def test_the_pre_commit_hook_fails_on_a_risky_file_and_passes_on_a_clean_one(tmp
     assert risky.returncode == 1, risky.stdout + risky.stderr
     assert "Failed" in risky.stdout
     assert "db/app/000002_drop_name.up.sql:3: drop-column (destructive)" in risky.stdout
+
+
+def test_a_table_an_earlier_named_file_creates_is_new(tmp_path: Path) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            "db/app/000002_audit.up.sql": "CREATE TABLE IF NOT EXISTS audit (id bigint, note varchar(20));\n",
+            "db/app/000002_audit.down.sql": "DROP TABLE audit;\n",
+            "db/app/000003_audit_index.up.sql": "CREATE INDEX audit_note ON audit (note);\n",
+            "db/app/000003_audit_index.down.sql": "DROP INDEX CONCURRENTLY audit_note;\n",
+        },
+    )
+    both = ("db/app/000002_audit.up.sql", "db/app/000003_audit_index.up.sql")
+    code, report = lint_json(root, *both)
+    assert code == 0 and [f["rule"] for f in report["findings"]] == []
+    # Named alone, or with no selection (every earlier file applied long ago): audit may be full.
+    for args in (both[1:], ()):
+        code, report = lint_json(root, *args)
+        index = [f for f in report["findings"] if f["rule"] == "create-index-not-concurrently"]
+        assert code == 1 and [(f["lock"], f["line"]) for f in index] == [("SHARE", 1)]

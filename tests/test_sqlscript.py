@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from orchestrator.migrations.lint import KNOWN_RULES, Finding, lint
-from orchestrator.migrations.sqlscript import Script, Statement, line_of_offset, parse_script
+from orchestrator.migrations.lint import (
+    KNOWN_RULES,
+    Finding,
+    lint,
+    new_tables_after,
+    relations_named,
+)
+from orchestrator.migrations.sqlscript import (
+    Script,
+    Statement,
+    line_of_offset,
+    parse_script,
+)
 
 
 def sqls(script: Script) -> list[str]:
@@ -472,13 +484,33 @@ FIRES = [
     ("ALTER TABLE orders ADD CONSTRAINT pos CHECK (total >= 0)", "add-check-validated", "locking"),
     ("CREATE INDEX CONCURRENTLY i ON orders (note)", "non-transactional-statement", "error"),
     ("VACUUM orders", "non-transactional-statement", "error"),
+    ("DROP INDEX i", "drop-index-not-concurrently", "locking"),
+    ("DROP INDEX IF EXISTS sales.i", "drop-index-not-concurrently", "locking"),
+    ("REINDEX INDEX i", "reindex-not-concurrently", "locking"),
+    ("REINDEX TABLE orders", "reindex-not-concurrently", "locking"),
+    ("ALTER TABLE orders ADD CONSTRAINT u UNIQUE (note)", "add-unique-without-index", "locking"),
+    ("ALTER TABLE orders ADD PRIMARY KEY (id)", "add-primary-key-without-index", "locking"),
+    ("ALTER TABLE orders RENAME COLUMN a TO b", "rename-column", "destructive"),
+    ("ALTER TABLE orders RENAME TO purchases", "rename-table", "destructive"),
+    ("ALTER TABLE orders DETACH PARTITION orders_2020", "detach-partition-not-concurrently", "locking"),
+    ("ALTER DOMAIN positive ADD CONSTRAINT p CHECK (VALUE > 0)", "alter-domain-add-constraint-validated", "locking"),
+    ("CLUSTER orders USING orders_pkey", "cluster", "locking"),
+    ("ALTER TABLE orders ADD COLUMN c int NOT NULL", "add-column-not-null-without-default", "locking"),
+    ("ALTER TABLE orders ALTER COLUMN note TYPE varchar(20)", "alter-column-type", "locking"),
+    ("ALTER TABLE orders ALTER COLUMN note TYPE text USING note::text", "alter-column-type", "locking"),
 ]
 
 QUIET = [
     "DROP VIEW v",
-    "DROP INDEX i",
     "DROP FUNCTION f()",
-    "ALTER TABLE orders RENAME COLUMN a TO b",
+    "ALTER INDEX i RENAME TO j",
+    "ALTER TABLE orders ADD CONSTRAINT u UNIQUE USING INDEX orders_note",
+    "ALTER TABLE orders ADD CONSTRAINT pk PRIMARY KEY USING INDEX orders_id",
+    "ALTER DOMAIN positive ADD CONSTRAINT p CHECK (VALUE > 0) NOT VALID",
+    "ALTER DOMAIN positive VALIDATE CONSTRAINT p",
+    "CREATE DOMAIN positive AS int CHECK (VALUE > 0)",
+    "ALTER TABLE orders ALTER COLUMN note SET STATISTICS 500",
+    "ALTER TABLE orders ADD COLUMN c int NOT NULL DEFAULT 1",
     "DELETE FROM orders WHERE id = 1",
     "DELETE FROM orders WHERE CURRENT OF c",
     "UPDATE orders SET note = '' WHERE id = 1",
@@ -588,9 +620,13 @@ def test_the_new_table_exemption_is_per_table():
     assert [(f.rule, f.line) for f in findings] == [("create-index-not-concurrently", 3)]
 
 
-def test_create_table_if_not_exists_is_not_a_new_table():
+def test_create_table_if_not_exists_is_a_new_table_unless_it_exists_already():
     text = "CREATE TABLE IF NOT EXISTS a (x int);\nCREATE INDEX ON a (x);\n"
-    assert rules(lint(parse_script(text))) == ["create-index-not-concurrently"]
+    assert lint(parse_script(text)) == ()
+    # Live inspection found a table of that name: IF NOT EXISTS created nothing.
+    assert rules(lint(parse_script(text), existing_tables=["public.a"])) == ["create-index-not-concurrently"]
+    text = "CREATE TABLE IF NOT EXISTS a AS SELECT 1 AS x;\nALTER TABLE a ADD COLUMN y int NOT NULL;\n"
+    assert lint(parse_script(text)) == ()
 
 
 def test_tables_created_by_as_into_and_rename_are_new():
@@ -979,3 +1015,92 @@ def test_a_file_that_starts_with_a_nul_character_is_refused_at_its_first_line() 
     assert not script.parsed
     assert "NUL character" in (script.parse_error or "")
     assert script.parse_error_line == 1
+
+
+def test_every_lock_warning_names_its_lock_and_table():
+    findings = lint(
+        parse_script(
+            "CREATE INDEX i ON orders (note);\n"
+            "ALTER TABLE orders ALTER COLUMN note SET STATISTICS 100, ADD FOREIGN KEY (cid) REFERENCES customers;\n"
+            "ALTER TABLE orders ALTER COLUMN total TYPE numeric(20, 2);\n"
+        )
+    )
+    assert [(f.rule, f.lock, f.table) for f in findings] == [
+        ("create-index-not-concurrently", "SHARE", "orders"),
+        ("add-foreign-key-validated", "SHARE ROW EXCLUSIVE", "orders"),
+        ("alter-column-type", "ACCESS EXCLUSIVE", "orders"),
+    ]
+    assert "takes SHARE on orders" in findings[0].message
+    assert "takes SHARE ROW EXCLUSIVE on orders and on customers" in findings[1].message
+    assert "takes ACCESS EXCLUSIVE on orders" in findings[2].message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "rewrites"),
+    [
+        ("character varying(20)", "varchar(40)", False),
+        ("character varying(20)", "varchar(20)", False),
+        ("character varying(20)", "text", False),
+        ("character varying(20)", "varchar", False),
+        ("character varying", "text", False),
+        ("text", "varchar", False),
+        ("character varying(40)", "varchar(20)", True),
+        ("text", "varchar(20)", True),
+        ("integer", "text", True),
+        ("integer", "bigint", True),
+    ],
+)
+def test_widening_a_varchar_is_quiet_when_the_old_type_is_known(old, new, rewrites):
+    script = parse_script(f"ALTER TABLE orders ALTER COLUMN note TYPE {new};")
+    findings = lint(script, column_types={"public.orders": {"note": old}})
+    assert rules(findings) == (["alter-column-type"] if rewrites else [])
+    if rewrites:
+        assert "unless" not in findings[0].message
+
+
+def test_a_varchar_change_on_an_unknown_column_says_what_it_depends_on():
+    (finding,) = lint(parse_script("ALTER TABLE orders ALTER COLUMN note TYPE text;"))
+    assert "unless it only widens a varchar or text column" in finding.message
+
+
+def test_new_tables_after_chains_over_files():
+    first = parse_script("CREATE TABLE IF NOT EXISTS a (x int);\nCREATE TABLE b AS SELECT 1 AS x;\nCREATE TABLE c (x int);")
+    second = parse_script("DROP TABLE c;\nALTER TABLE b RENAME TO d;")
+    after_first = new_tables_after(first)
+    assert after_first == ("a", "b", "c")
+    assert new_tables_after(second, after_first) == ("a", "b", "d")
+    assert new_tables_after(first, existing_tables=["public.a"]) == ("b", "c")
+
+
+def test_relations_named_lists_tables_and_indexes():
+    script = parse_script("CREATE INDEX i ON sales.orders (x);\nDROP INDEX j;\nUPDATE items SET x = 1;")
+    assert relations_named(script) == {"orders", "j", "items"}
+
+
+def test_vacuum_full_is_a_rewrite_under_access_exclusive():
+    findings = lint(parse_script("-- dbplan:no-transaction\nVACUUM FULL orders;\nVACUUM orders;\nVACUUM (FULL) items;"))
+    assert [(f.rule, f.line, f.lock, f.table) for f in findings] == [
+        ("vacuum-full", 2, "ACCESS EXCLUSIVE", "orders"),
+        ("vacuum-full", 4, "ACCESS EXCLUSIVE", "items"),
+    ]
+
+
+RISKY = sorted((Path(__file__).resolve().parent.parent / "bench" / "risky").glob("*.sql"))
+
+
+@pytest.mark.parametrize("path", [p for p in RISKY if p.stem in KNOWN_RULES], ids=lambda p: p.stem)
+def test_each_risky_file_of_the_squawk_comparison_triggers_its_rule(path: Path) -> None:
+    assert path.stem in rules(lint(parse_script(path.read_text())))
+
+
+def test_the_safe_variants_of_the_squawk_comparison_are_quiet() -> None:
+    names = ("safe-variants", "new-table-if-not-exists", "create-domain-with-check", "drop-not-null")
+    for name in names:
+        path = next(p for p in RISKY if p.stem == name)
+        assert lint(parse_script(path.read_text())) == (), name
+
+
+def test_an_index_of_a_new_table_is_new_too():
+    text = "CREATE TABLE a (x int);\nCREATE INDEX a_x ON a (x);\nDROP INDEX a_x;\nREINDEX INDEX a_x;\nDROP INDEX b_x;\n"
+    assert [(f.rule, f.line) for f in lint(parse_script(text))] == [("drop-index-not-concurrently", 5)]
+    assert "a_x" in new_tables_after(parse_script("CREATE TABLE a (x int);\nCREATE INDEX a_x ON a (x);"))

@@ -35,6 +35,7 @@ from .model import (
     Role,
     Server,
     Service,
+    TableLimit,
     history_table_name,
 )
 
@@ -615,6 +616,10 @@ def _services(
             format=spec.get("format", FORMAT_GOLANG_MIGRATE),
             target=int(spec["target"]) if spec.get("target") is not None else None,  # 1.0 is an "integer" too
             lint_allow=frozenset((spec.get("lint") or {}).get("allow") or ()),
+            lint_block_over=_table_limit(
+                (spec.get("lint") or {}).get("block_on_tables_larger_than"),
+                document.place(base + ("lint", "block_on_tables_larger_than")),
+            ),
             lock_timeout=_duration_ms(spec.get("lock_timeout"), document.place(base + ("lock_timeout",)))
             or (0 if "lock_timeout" in spec else DEFAULT_LOCK_TIMEOUT_MS),
             statement_timeout=_duration_ms(
@@ -644,6 +649,27 @@ def _duration_ms(value: int | str | None, place: Place) -> int | None:
             hint=f"at most {_MAX_TIMEOUT_MS} ms (about 24 days); 0 means no limit",
         )
     return millis
+
+
+_TABLE_LIMIT = re.compile(r"^([0-9]+) ?(kB|MB|GB|TB|rows)$")
+_SIZE_UNIT_BYTES = {"kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}  # as pg_size_pretty counts
+
+
+def _table_limit(value: object, place: Place) -> TableLimit | None:
+    """``block_on_tables_larger_than``: '10MB', '2 GB', '500kB' or '1000000 rows'."""
+    if value is None:
+        return None
+    match = _TABLE_LIMIT.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(
+            f"expected a table size such as '10MB', '2GB' or '1000000 rows', got {value!r}",
+            place=place,
+            hint="units: kB, MB, GB, TB (of pg_total_relation_size) or rows (estimated, pg_class.reltuples)",
+        )
+    number, unit = int(match.group(1)), match.group(2)
+    if unit == "rows":
+        return TableLimit(number, "rows", match.group(0))
+    return TableLimit(number * _SIZE_UNIT_BYTES[unit], "bytes", match.group(0))
 
 
 def _check_shared_tables(services: dict[str, Service], document: Document) -> None:

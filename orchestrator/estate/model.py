@@ -91,6 +91,20 @@ class Database:
 
 
 @dataclass(frozen=True)
+class TableLimit:
+    """``lint.block_on_tables_larger_than``: a lock or rewrite warning on a live table above
+    this size, in bytes or estimated rows, blocks the plan."""
+
+    amount: int
+    unit: str  # "bytes" | "rows"
+    text: str  # as the plan file writes it, for messages
+
+    def exceeded_by(self, rows: int | None, size: int | None) -> bool:
+        value = rows if self.unit == "rows" else size
+        return value is not None and value > self.amount
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     database: str
@@ -103,6 +117,7 @@ class Service:
     format: str = FORMAT_GOLANG_MIGRATE  # one of FOLDER_FORMATS
     target: int | None = None
     lint_allow: frozenset[str] = frozenset()
+    lint_block_over: TableLimit | None = None  # None: a warning on a large table stays a warning
     lock_timeout: int = DEFAULT_LOCK_TIMEOUT_MS  # milliseconds; 0 waits forever
     statement_timeout: int | None = DEFAULT_STATEMENT_TIMEOUT_MS  # milliseconds; None: the server's
     place: Place = field(default=Place(), compare=False)

@@ -8,7 +8,7 @@ to. All queries are named constants and run read-only; nothing here writes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, ConnectionFailed
@@ -60,6 +60,41 @@ SELECT format('%I.%I', n.nspname, c.relname)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE NOT i.indisvalid ORDER BY 1
 """
+# The size of the tables (and the tables of the indexes) that pending files name: one query
+# per database, whatever the number of files. reltuples is the planner's estimate (-1:
+# never analyzed); a partitioned table counts its leaf partitions.
+TABLE_STATS = """
+SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
+       CASE WHEN t.relkind = 'p'
+            THEN (SELECT sum(l.reltuples) FILTER (WHERE l.reltuples >= 0)
+                  FROM pg_partition_tree(t.oid) p JOIN pg_class l ON l.oid = p.relid WHERE p.isleaf)
+            ELSE nullif(greatest(t.reltuples, -1), -1) END,
+       CASE WHEN t.relkind = 'p'
+            THEN (SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree(t.oid) p)
+            ELSE pg_total_relation_size(t.oid) END,
+       (SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
+        FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid)
+JOIN pg_namespace tn ON tn.oid = t.relnamespace
+WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'm', 'i', 'I')
+  AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+ORDER BY 1, 2
+"""
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """A live table (or index) a pending file names, with the size of its table."""
+
+    schema: str
+    name: str  # the relation the file names: a table, or an index
+    is_index: bool
+    table: str  # schema.table it is or belongs to, quoted where needed
+    rows: int | None  # estimated (pg_class.reltuples); None: never analyzed
+    bytes: int  # pg_total_relation_size: with indexes and TOAST
+    columns: Mapping[str, str] = field(default_factory=dict, compare=False)  # name -> format_type
 
 
 # The shape of a table called like a migrations table: golang-migrate's (and dbplan's) has
@@ -143,6 +178,9 @@ class ServiceFacts:
     failure: Failure | None = None  # where the migration it is dirty at failed (a history fail row)
     # dbmate's or Flyway's bookkeeping, looked for only while dbplan has none of its own.
     foreign: ForeignBookkeeping | None = None
+    # Live size of the tables the service's files name (inspect's ``relations``); read
+    # for ``plan`` only: the executor's re-check does not lint.
+    tables: tuple[TableStats, ...] = ()
 
     def history_by_version(self) -> dict[int, HistoryEntry]:
         return {entry.version: entry for entry in self.history}
@@ -187,8 +225,12 @@ def inspect(
     *,
     wait_seconds: float = 0.0,
     on_retry: Callable[[str], None] | None = None,
+    relations: Mapping[str, Iterable[str]] | None = None,
 ) -> LiveState:
-    """Read every server and every existing database the plan file names."""
+    """Read every server and every existing database the plan file names.
+
+    ``relations``: per service, the table and index names its migration files name; their
+    live size goes into the service's facts (``tables``), read in one query per database."""
     estate.require_secrets()
     servers: dict[str, ServerFacts] = {}
     services: dict[str, ServiceFacts] = {}
@@ -205,8 +247,42 @@ def inspect(
             with connect(server, url, database) as conn:
                 for service in members:
                     services[service.name] = read_service(conn, service, owner, claimed=_claimed_among(members, service))
+                if relations:
+                    _add_table_stats(conn, members, relations, services)
             _refuse_shared_bookkeeping(members, {service.name: services[service.name].schema for service in members})
     return LiveState(servers=servers, services=services)
+
+
+def _add_table_stats(
+    conn: psycopg.Connection,
+    members: list[Service],
+    relations: Mapping[str, Iterable[str]],
+    services: dict[str, ServiceFacts],
+) -> None:
+    wanted = {service.name: frozenset(relations.get(service.name, ())) for service in members}
+    names = sorted(frozenset().union(*wanted.values()))
+    if not names:
+        return
+    stats = read_table_stats(conn, names, members[0])
+    for service in members:
+        mine = tuple(stat for stat in stats if stat.name in wanted[service.name])
+        services[service.name] = replace(services[service.name], tables=mine)
+
+
+def read_table_stats(conn: psycopg.Connection, names: list[str], service: Service) -> tuple[TableStats, ...]:
+    """The live size of every table or index called one of ``names``, in any schema."""
+    import psycopg
+
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            rows = conn.execute(TABLE_STATS, (names,)).fetchall()
+    except psycopg.Error as err:
+        raise unreadable(service, "table sizes", err) from err
+    return tuple(
+        TableStats(schema, name, index, table, None if count is None else int(count), int(size or 0), dict(columns or {}))
+        for schema, name, index, table, count, size, columns in rows
+    )
 
 
 def claimed_schemas(estate: Estate, service: Service) -> frozenset[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..estate.model import Estate, Service
+from ..migrations.lint import new_tables_after
 from ..migrations.refusals import refusals
 from ..migrations.scan import (
     TRANSACTIONAL_MODES,
@@ -50,6 +51,7 @@ class LintFinding:
     service: str
     statement: str | None = None  # the statement on one line, escaped
     hint: str | None = None
+    lock: str | None = None  # the lock the statement takes, for lock and rewrite findings
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def lint_estate(
     seen: set[tuple[str, frozenset[str]]] = set()  # a fleet's services share one folder: lint it once
     for name, service in estate.services.items():
         folder = Path(os.path.realpath(service.migrations_dir))
+        # Files named (FILES, --since) stand for the pending ones: a table an earlier one creates is new.
+        new_tables: tuple[str, ...] = ()
         for migration in migration_sets[name].migrations:
             for file in (migration.up, migration.down):
                 if file is None or (wanted is not None and folder / file.path.name not in wanted):
@@ -92,7 +96,9 @@ def lint_estate(
                 blockers: list[Blocker] = []
                 up = file is migration.up
                 if up:
-                    warnings = file_warnings(service, migration, blockers, lint=True)
+                    warnings = file_warnings(service, migration, blockers, lint=True, new_tables=new_tables)
+                    if wanted is not None:  # with no selection, earlier files count as applied long ago
+                        new_tables = new_tables_after(file.script, new_tables)
                 else:
                     warnings = lint_warnings(service, file, lint=True)
                 findings += [
@@ -104,6 +110,7 @@ def lint_estate(
                         warning.message if up else "when reverted: " + warning.message,
                         service.name,
                         warning.statement,
+                        lock=warning.lock,
                     )
                     for warning in warnings
                 ]

@@ -149,6 +149,10 @@ class Warning:
     rule: str | None = None
     statement: str | None = None
     severity: str | None = None  # lint findings: destructive | locking
+    lock: str | None = None  # the lock the statement takes: ACCESS EXCLUSIVE, SHARE, ...
+    table: str | None = None  # the live table it takes it on (schema.table), when found
+    rows: int | None = None  # that table's estimated rows (pg_class.reltuples)
+    bytes: int | None = None  # and its size (pg_total_relation_size)
 
 
 @dataclass(frozen=True)

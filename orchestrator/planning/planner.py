@@ -11,8 +11,16 @@ from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
 from ..estate.model import Estate, Role, Service
-from ..live.facts import LiveRole, LiveState, ServerFacts, ServiceFacts, services_of_database
-from ..migrations.scan import TRANSACTIONAL_MODES, Migration, MigrationFile, MigrationSet, RunMode, run_mode_of
+from ..live.facts import LiveRole, LiveState, ServerFacts, ServiceFacts, TableStats, services_of_database
+from ..migrations.lint import new_tables_after
+from ..migrations.scan import (
+    TRANSACTIONAL_MODES,
+    Migration,
+    MigrationFile,
+    MigrationSet,
+    RunMode,
+    run_mode_of,
+)
 from .plan import (
     Action,
     AlterDatabaseOwner,
@@ -324,11 +332,19 @@ def plan_service(
     reverts = _reverts(service, applied, by_version, service.target, blockers)
     remaining = sorted(set(applied) - {r.version for r in reverts})
     applies = _applies(service, pending, max(remaining, default=None))
+    # Tables an earlier pending file creates (however) are new and empty when a later one
+    # alters them: no lock or rewrite warning on them.
+    new_tables: tuple[str, ...] = ()
     for migration in pending:
-        warnings += file_warnings(service, migration, blockers, lint=lint)
+        found = file_warnings(service, migration, blockers, lint=lint, new_tables=new_tables, facts=facts)
+        blockers += large_table_blockers(service, migration.version, found)
+        warnings += found
+        new_tables = new_tables_after(migration.up.script, new_tables, existing_tables(facts))
     for revert in reverts:  # a revert drops what its up file made: the reviewer sees that too
         down = by_version[revert.version].down
-        warnings += lint_warnings(service, down, lint=lint) if down is not None else []
+        found = lint_warnings(service, down, lint=lint, facts=facts) if down is not None else []
+        blockers += large_table_blockers(service, revert.version, found)
+        warnings += found
 
     summary = ServicePlan(
         service=service.name,
@@ -598,8 +614,18 @@ def _applies(service: Service, pending: list[Migration], base: int | None) -> tu
     return tuple(applies)
 
 
-def file_warnings(service: Service, migration: Migration, blockers: list[Blocker], *, lint: bool) -> list[Warning]:
-    """The warnings of a pending up file (``dbplan lint`` shows the same); its blockers go to ``blockers``."""
+def file_warnings(
+    service: Service,
+    migration: Migration,
+    blockers: list[Blocker],
+    *,
+    lint: bool,
+    new_tables: tuple[str, ...] = (),
+    facts: ServiceFacts | None = None,
+) -> list[Warning]:
+    """The warnings of a pending up file (``dbplan lint`` shows the same); its blockers go to
+    ``blockers``. ``new_tables``: tables earlier pending files create; ``facts``: the live
+    state, whose table sizes go into the lint warnings (None: not known, as in ``dbplan lint``)."""
     script = migration.up.script
     file = migration.up.display
     warnings: list[Warning] = []
@@ -627,25 +653,118 @@ def file_warnings(service: Service, migration: Migration, blockers: list[Blocker
             Warning("has no down file: it cannot be reverted", service=service.name, file=file, rule="missing-down")
         )
     blockers += _file_blockers(service, migration.version, migration.up, migration.run_mode)
-    return warnings + lint_warnings(service, migration.up, lint=lint)
+    return warnings + lint_warnings(service, migration.up, lint=lint, new_tables=new_tables, facts=facts)
 
 
-def lint_warnings(service: Service, file: MigrationFile, *, lint: bool) -> list[Warning]:
-    """The lint findings of a file as warnings; those of severity ``error`` are blockers instead."""
+def lint_warnings(
+    service: Service,
+    file: MigrationFile,
+    *,
+    lint: bool,
+    new_tables: tuple[str, ...] = (),
+    facts: ServiceFacts | None = None,
+) -> list[Warning]:
+    """The lint findings of a file as warnings, each with the live size of its table when
+    ``facts`` has it; those of severity ``error`` are blockers instead."""
     from ..migrations.lint import lint as lint_script
 
-    return [
-        Warning(
-            finding.message,
-            service=service.name,
-            file=file.display,
-            line=finding.line,
-            rule=finding.rule,
-            statement=finding.statement,
-            severity=finding.severity,
+    if not lint:
+        return []
+    tables = facts.tables if facts is not None else ()
+    findings = lint_script(
+        file.script,
+        new_tables=new_tables,
+        existing_tables=existing_tables(facts),
+        column_types={f"{t.schema}.{t.name}": t.columns for t in tables if not t.is_index},
+        allow=service.lint_allow,
+    )
+    warnings = []
+    for finding in findings:
+        if finding.severity == "error":  # reported as a blocker when it matters
+            continue
+        stats = _stats_of(finding.table, tables, facts.schema if facts is not None else None)
+        message = finding.message + (f" Live: {size_phrase(stats)}." if stats else "")
+        warnings.append(
+            Warning(
+                message,
+                service=service.name,
+                file=file.display,
+                line=finding.line,
+                rule=finding.rule,
+                statement=finding.statement,
+                severity=finding.severity,
+                lock=finding.lock,
+                table=stats.table if stats else finding.table,
+                rows=stats.rows if stats else None,
+                bytes=stats.bytes if stats else None,
+            )
         )
-        for finding in (lint_script(file.script, allow=service.lint_allow) if lint else ())
-        if finding.severity != "error"  # reported as a blocker when it matters
+    return warnings
+
+
+def existing_tables(facts: ServiceFacts | None) -> tuple[str, ...]:
+    """The live tables (not indexes) among those the files name, as ``schema.table``."""
+    if facts is None:
+        return ()
+    return tuple(f"{t.schema}.{t.name}" for t in facts.tables if not t.is_index)
+
+
+def _stats_of(name: str | None, tables: tuple[TableStats, ...], schema: str | None) -> TableStats | None:
+    """The live table a finding names (``orders``, ``sales.orders``, an index): with an
+    unqualified name in several schemas, the service's schema, then public, then the largest."""
+    if not name or not tables:
+        return None
+    wanted_schema, _, relation = name.rpartition(".")
+    matches = [t for t in tables if t.name == relation and (not wanted_schema or t.schema == wanted_schema)]
+    if not matches:
+        return None
+    return max(matches, key=lambda t: (t.schema == schema, t.schema == "public", t.bytes))
+
+
+def size_phrase(stats: TableStats) -> str:
+    """``orders: ~1.2M rows, 840 MB``."""
+    rows = "rows not counted yet (never analyzed)" if stats.rows is None else f"~{_rounded(stats.rows)} rows"
+    return f"{stats.table}: {rows}, {pretty_bytes(stats.bytes)}"
+
+
+def _rounded(count: int) -> str:
+    for size, suffix in ((10**9, " billion"), (10**6, "M"), (10**3, "k")):
+        if count >= size:
+            value = count / size
+            return f"{value:.1f}".removesuffix(".0") + suffix if value < 100 else f"{value:.0f}{suffix}"
+    return str(count)
+
+
+def pretty_bytes(size: int) -> str:
+    """As PostgreSQL's pg_size_pretty: a unit up once the number reaches 10240 of this one."""
+    value = float(size)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if abs(value) < 10 * 1024:
+            return f"{value:.0f} {unit}"
+        value /= 1024
+    return f"{value:.0f} TB"
+
+
+def large_table_blockers(service: Service, version: int, warnings: list[Warning]) -> list[Blocker]:
+    """A lock or rewrite warning on a live table above the service's
+    ``lint.block_on_tables_larger_than`` stops the plan."""
+    limit = service.lint_block_over
+    if limit is None:
+        return []
+    return [
+        Blocker(
+            f"{warning.file}:{warning.line}: {warning.statement} takes {warning.lock} on {warning.table} "
+            f"({pretty_bytes(warning.bytes or 0)}, "
+            + ("rows unknown" if warning.rows is None else f"~{_rounded(warning.rows)} rows")
+            + f"), larger than lint.block_on_tables_larger_than ({limit.text}) of service '{service.name}'",
+            service=service.name,
+            version=version,
+            file=warning.file,
+            hint=f"make the change without the long lock ({warning.rule}: see its warning), or run it on purpose "
+            f"with '-- dbplan:allow {warning.rule}' in the file, or raise the limit",
+        )
+        for warning in warnings
+        if warning.severity == "locking" and warning.lock and limit.exceeded_by(warning.rows, warning.bytes)
     ]
 
 

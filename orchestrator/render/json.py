@@ -155,6 +155,7 @@ def render_lint(report: LintReport, fail_on: str) -> str:
                     "line": finding.line,
                     "rule": finding.rule,
                     "severity": finding.severity,
+                    "lock": finding.lock,
                     "message": printable(finding.message),
                     "statement": None if finding.statement is None else printable(finding.statement),
                     "hint": finding.hint,

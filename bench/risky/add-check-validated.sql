@@ -1,0 +1,1 @@
+ALTER TABLE orders ADD CONSTRAINT positive_total CHECK (total >= 0);

@@ -1,0 +1,1 @@
+CREATE DOMAIN positive AS integer CHECK (VALUE > 0);

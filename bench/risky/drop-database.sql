@@ -1,0 +1,2 @@
+-- dbplan:no-transaction
+DROP DATABASE legacy;

@@ -1,0 +1,2 @@
+-- dbplan:no-transaction
+VACUUM FULL orders;

@@ -1,0 +1,124 @@
+"""Warnings that know the table (issue 14, item 3): the lock a statement takes, the live
+table's rows and size read during the plan's inspection, a threshold in the plan file
+that blocks a lock on a large table, and no warnings on tables the pending files create."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from estate import Estate
+
+ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, note varchar(20), total int);\n"
+REWRITE = "ALTER TABLE orders ALTER COLUMN total TYPE bigint;\n"
+
+
+@pytest.fixture
+def estate(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
+    return Estate(tmp_path, pg_url, dbname_prefix, capsys)
+
+
+def with_large_orders(estate: Estate, rows: int = 50_000, **options: object) -> Estate:
+    """An applied table orders with ``rows`` rows, analyzed (reltuples set), and a pending
+    migration that rewrites it."""
+    estate.add_app(**options)
+    estate.write("app", "000001_orders.up.sql", ORDERS)
+    estate.write("app", "000001_orders.down.sql", "DROP TABLE orders;\n")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    estate.execute("app", f"INSERT INTO orders SELECT g, 'n' || g, g FROM generate_series(1, {rows}) g; ANALYZE orders")
+    estate.write("app", "000002_bigger_totals.up.sql", REWRITE)
+    estate.write("app", "000002_bigger_totals.down.sql", "ALTER TABLE orders ALTER COLUMN total TYPE int;\n")
+    return estate
+
+
+def lock_warnings(estate: Estate) -> list[dict[str, object]]:
+    run = estate.dbplan("plan", "--format", "json")
+    assert run.code == 0, run.output
+    return [w for w in json.loads(run.out)["warnings"] if w.get("lock")]
+
+
+def column_type(estate: Estate, column: str) -> str:
+    rows = estate.query("app", "SELECT data_type FROM information_schema.columns WHERE table_name = 'orders' AND column_name = %s", (column,))
+    return str(rows[0][0])
+
+
+def test_a_rewrite_warning_names_the_lock_and_the_live_size(estate: Estate) -> None:
+    with_large_orders(estate)
+    size = estate.query("app", "SELECT pg_total_relation_size('orders')")[0][0]
+    run = estate.dbplan("plan")
+    assert run.code == 0, run.output
+    assert "takes ACCESS EXCLUSIVE on orders" in run.out
+    assert f"Live: public.orders: ~50k rows, {size // 1024} kB." in run.out
+
+    (warning,) = lock_warnings(estate)
+    assert (warning["rule"], warning["lock"], warning["table"], warning["rows"], warning["bytes"]) == (
+        "alter-column-type", "ACCESS EXCLUSIVE", "public.orders", 50_000, size,
+    )  # fmt: skip
+    markdown = estate.dbplan("plan", "--format", "markdown")
+    assert "public.orders: \\~50k rows" in markdown.out  # ~ escaped: GitHub shows ~50k
+
+
+@pytest.mark.parametrize(("limit", "blocked"), [("1MB", True), ("10000 rows", True), ("100000 rows", False), ("1GB", False)])
+def test_the_threshold_turns_a_lock_on_a_large_table_into_a_blocker(estate: Estate, limit: str, blocked: bool) -> None:
+    with_large_orders(estate, lint={"block_on_tables_larger_than": limit})
+    run = estate.dbplan("plan")
+    assert run.code == (1 if blocked else 0), run.output
+    apply = estate.dbplan("apply", "--yes")
+    if blocked:
+        assert "migrations/app/000002_bigger_totals.up.sql:1: ALTER TABLE orders ALTER COLUMN total TYPE bigint takes " in run.output
+        assert f"larger than lint.block_on_tables_larger_than ({limit}) of service 'app'" in run.output
+        assert "-- dbplan:allow alter-column-type" in run.output
+        assert apply.code != 0 and column_type(estate, "total") == "integer"
+    else:
+        assert apply.code == 0 and column_type(estate, "total") == "bigint"
+
+
+def test_an_allowed_rule_is_not_blocked_by_the_threshold(estate: Estate) -> None:
+    with_large_orders(estate, lint={"block_on_tables_larger_than": "1MB"})
+    estate.write("app", "000002_bigger_totals.up.sql", "-- dbplan:allow alter-column-type\n" + REWRITE)
+    assert estate.dbplan("plan").code == 0
+
+
+@pytest.mark.parametrize("value", ["10 MiB", "large", "-5MB", 10])
+def test_a_bad_threshold_is_a_located_error(estate: Estate, value: object) -> None:
+    estate.add_app(lint={"block_on_tables_larger_than": value})
+    run = estate.dbplan("validate")
+    assert run.code != 0
+    line = next(i for i, text in enumerate(estate.plan_file.read_text().splitlines(), 1) if "block_on_tables_larger_than" in text)
+    assert f"dbplan.yaml:{line}" in run.err
+    assert "block_on_tables_larger_than" in run.err or "10MB" in run.err
+
+
+def test_tables_that_pending_files_create_get_no_lock_warnings(estate: Estate) -> None:
+    estate.add_app()
+    estate.write("app", "000001_orders.up.sql", "CREATE TABLE IF NOT EXISTS orders (id int, note varchar(20));\n")
+    estate.write("app", "000002_index.up.sql", "CREATE INDEX orders_note ON orders (note);\nALTER TABLE orders ADD COLUMN n int NOT NULL;\n")
+    estate.write("app", "000003_copy.up.sql", "CREATE TABLE archive AS SELECT * FROM orders;\nALTER TABLE orders ALTER COLUMN id TYPE bigint;\n")
+    estate.write("app", "000004_more.up.sql", "ALTER TABLE archive ADD PRIMARY KEY (id);\nCREATE INDEX ON archive (note);\n")
+    assert lock_warnings(estate) == []
+
+
+def test_if_not_exists_of_a_live_table_creates_nothing_new(estate: Estate) -> None:
+    with_large_orders(estate)
+    estate.write("app", "000002_bigger_totals.up.sql", "CREATE TABLE IF NOT EXISTS orders (id int);\nCREATE INDEX orders_total ON orders (total);\n")
+    (warning,) = lock_warnings(estate)
+    assert (warning["rule"], warning["lock"], warning["rows"]) == ("create-index-not-concurrently", "SHARE", 50_000)
+
+
+@pytest.mark.parametrize(
+    ("change", "warned"),
+    [
+        ("ALTER COLUMN note TYPE varchar(40)", False),
+        ("ALTER COLUMN note TYPE text", False),
+        ("ALTER COLUMN note TYPE varchar", False),
+        ("ALTER COLUMN note TYPE varchar(10)", True),
+        ("ALTER COLUMN total TYPE bigint", True),
+        ("ALTER COLUMN total TYPE text", True),
+    ],
+)
+def test_widening_a_varchar_is_not_a_rewrite(estate: Estate, change: str, warned: bool) -> None:
+    with_large_orders(estate, rows=100)
+    estate.write("app", "000002_bigger_totals.up.sql", f"ALTER TABLE orders {change};\n")
+    assert [w["rule"] for w in lock_warnings(estate)] == (["alter-column-type"] if warned else [])
