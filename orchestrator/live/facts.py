@@ -63,21 +63,35 @@ WHERE NOT i.indisvalid ORDER BY 1
 # The size of the tables (and the tables of the indexes) that pending files name: one query
 # per database, whatever the number of files. reltuples is the planner's estimate (-1:
 # never analyzed); a partitioned table counts its leaf partitions.
+# Read from the catalog only, never pg_total_relation_size or pg_partition_tree: those
+# lock the table (ACCESS SHARE), so a plan would wait behind any session holding it
+# ACCESS EXCLUSIVE, such as a running migration. relpages, like reltuples, is the estimate
+# of the last VACUUM or ANALYZE.
 TABLE_STATS = """
 SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
-       CASE WHEN t.relkind = 'p'
-            THEN (SELECT sum(l.reltuples) FILTER (WHERE l.reltuples >= 0)
-                  FROM pg_partition_tree(t.oid) p JOIN pg_class l ON l.oid = p.relid WHERE p.isleaf)
-            ELSE nullif(greatest(t.reltuples, -1), -1) END,
-       CASE WHEN t.relkind = 'p'
-            THEN (SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree(t.oid) p)
-            ELSE pg_total_relation_size(t.oid) END,
+       s.rows, s.bytes,
        (SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
         FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index i ON i.indexrelid = c.oid
 JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid)
 JOIN pg_namespace tn ON tn.oid = t.relnamespace
+CROSS JOIN LATERAL (
+    WITH RECURSIVE tree(relid) AS (
+        SELECT t.oid
+        UNION ALL
+        SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.relid WHERE t.relkind = 'p'
+    )
+    SELECT CASE WHEN t.relkind = 'p'
+                THEN sum(l.reltuples) FILTER (WHERE l.relkind <> 'p' AND l.reltuples >= 0)
+                ELSE nullif(greatest(t.reltuples, -1), -1) END AS rows,
+           sum(l.relpages::bigint + coalesce(toast.relpages, 0)
+               + coalesce((SELECT sum(ix.relpages) FROM pg_index pi JOIN pg_class ix ON ix.oid = pi.indexrelid
+                           WHERE pi.indrelid = l.oid), 0))
+           * current_setting('block_size')::bigint AS bytes
+    FROM tree JOIN pg_class l ON l.oid = tree.relid
+    LEFT JOIN pg_class toast ON toast.oid = l.reltoastrelid
+) s
 WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'm', 'i', 'I')
   AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
 ORDER BY 1, 2
@@ -93,7 +107,7 @@ class TableStats:
     is_index: bool
     table: str  # schema.table it is or belongs to, quoted where needed
     rows: int | None  # estimated (pg_class.reltuples); None: never analyzed
-    bytes: int  # pg_total_relation_size: with indexes and TOAST
+    bytes: int  # estimated from pg_class.relpages: with indexes and TOAST (0: never vacuumed or analyzed)
     columns: Mapping[str, str] = field(default_factory=dict, compare=False)  # name -> format_type
 
 
