@@ -95,6 +95,7 @@ def plan(
     on_notice: Callable[[str], None] | None = None,
     wait_for_runs: float = 0.0,
     selection: Selection = EVERY_SERVICE,
+    parallel: int | None = None,
 ) -> Planned:
     """Read the live servers and compute what would change.
 
@@ -107,7 +108,7 @@ def plan(
     _check_seconds("wait_seconds", wait_seconds)
     _check_seconds("wait_for_runs", wait_for_runs)
     checked = validate(file, environ, selection)
-    planned = _plan_checked(checked, wait_seconds, on_notice)
+    planned = _plan_checked(checked, wait_seconds, on_notice, parallel)
     deadline = time.monotonic() + wait_for_runs
     announced: set[str] = set()
     while planned.plan.blocked and time.monotonic() < deadline:
@@ -122,7 +123,7 @@ def plan(
                 )
         announced |= running.keys()
         time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
-        planned = _plan_checked(checked, 0.0, on_notice)
+        planned = _plan_checked(checked, 0.0, on_notice, parallel)
     return planned
 
 
@@ -146,8 +147,10 @@ def verify(
     return replace(planned, verification=verification)
 
 
-def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
-    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+def _plan_checked(
+    checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None, parallel: int | None = None
+) -> Planned:
+    live = inspect(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice, parallel=parallel)
     return Planned(
         checked.estate,
         checked.graph,
@@ -163,10 +166,16 @@ def apply(
     progress: Progress | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
     cancellation: Cancellation | None = None,
+    parallel: int | None = None,
+    keep_going: bool = False,
 ) -> Result:
     """Execute a plan computed by ``plan``; re-checked under the lock before anything runs.
 
     ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
+    Independent work runs side by side, ``parallel`` connections per server at most (None:
+    each server's ``parallel``, else 8). The first failure stops new work, unless
+    ``keep_going``: then all that does not depend on a failure runs (``Result.failures``,
+    ``Result.not_run``).
     """
     from .execution.executor import execute  # the writer is loaded only by commands that write
 
@@ -179,6 +188,8 @@ def apply(
         progress=progress,
         lock_wait=lock_wait,
         cancellation=cancellation,
+        parallel=parallel,
+        keep_going=keep_going,
     )
 
 
@@ -202,6 +213,7 @@ def plan_saved(
     environ: Mapping[str, str] | None = None,
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
+    parallel: int | None = None,
 ) -> Planned:
     """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything differs."""
     from .planning import savedplan
@@ -209,7 +221,9 @@ def plan_saved(
     saved = savedplan.load(Path(saved_path))
     savedplan.check_environment(saved, plan_file.selected_environment(environ))
     selection = Selection.from_dict(saved.get("selection"))
-    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
+    planned = plan(
+        file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection, parallel=parallel
+    )
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
     savedplan.check(saved, planned.plan, now)
     return planned

@@ -104,10 +104,12 @@ class MigrationFailed(DbplanError):
         *,
         sqlstate: str | None = None,
         pg_message: str | None = None,
+        location: str | None = None,
         **kwargs: object,
     ) -> None:
         self.sqlstate = sqlstate
         self.pg_message = pg_message
+        self.location = location  # file:line of the failing statement, when known
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 

@@ -262,6 +262,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             url=url,
             embedded=embedded,
             maintenance_database=spec.get("maintenance_database"),
+            parallel=spec.get("parallel"),
             place=place,
             unset_url=unset_url,
         )
