@@ -254,16 +254,16 @@ class _Scheduler:
     def _blocked_by(self, unit: Unit) -> str | None:
         """Why ``unit`` can no longer run (a unit it comes after, or a lower stage of its
         fleet, failed or was skipped), or None."""
-        for index in sorted(unit.after):
-            if self.state[index] in (FAILED, SKIPPED):
-                other = self.units[index]
-                return f"{other.where} {'failed' if self.state[index] == FAILED else 'did not run'}"
-        if unit.fleet in self.stages:
+        if unit.fleet in self.stages:  # first: the reason shared by the whole rest of the fleet
             for stage in self.stages[unit.fleet]:
                 if stage >= unit.stage:
                     break
                 if (unit.fleet, stage) in self.broken:
                     return f"stage {stage} of fleet '{unit.fleet}' did not succeed"
+        for index in sorted(unit.after):
+            if self.state[index] in (FAILED, SKIPPED):
+                other = self.units[index]
+                return f"{other.where} {'failed' if self.state[index] == FAILED else 'did not run'}"
         return None
 
     # -- what happened -------------------------------------------------------------------
