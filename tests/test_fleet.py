@@ -97,10 +97,10 @@ def test_a_fleet_is_created_and_migrated_with_one_line_per_database(estate: Esta
     tenants = fleet_estate(estate, pg_url2, 12, parallel=3)
     run = estate.dbplan("apply", "--yes")
     assert run.code == 0, run.output
-    lines = re.findall(r"^\[(\d+)/(\d+) databases\] database (\S+) on (\w+): done", run.err, re.M)
+    lines = re.findall(r"^\[(\d+)/(\d+) databases\] database (\S+) on (\w+): done", run.err, re.MULTILINE)
     assert sorted(database for _, _, database, _ in lines) == sorted(database for _, database in tenants)
     assert {total for _, total, _, _ in lines} == {"12"}
-    assert not re.search(r"^\[\d+/\d+\] apply", run.err, re.M), "a fleet reports databases, not migrations"
+    assert not re.search(r"^\[\d+/\d+\] apply", run.err, re.MULTILINE), "a fleet reports databases, not migrations"
     assert "Apply complete: 48 done." in run.out  # 12 databases and 36 migrations
     for server, database in tenants:
         assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)]
@@ -240,3 +240,45 @@ def test_the_live_display_shows_done_failing_in_flight_and_the_slowest() -> None
     assert re.search(r"t1\s+main\s+apply 4 backfill\s+1.5 s", screen)
     live.stop()
     assert "FAILED" in file.getvalue() and "\x1b[" in file.getvalue()  # drawn for a terminal
+
+
+def test_ctrl_c_in_a_fleet_rolls_back_what_runs_and_starts_nothing_new(estate: Estate, pg_url2: str) -> None:
+    import signal
+
+    from processes import dbplan_backends, wait_until
+
+    tenants = fleet_estate(estate, pg_url2, 12, parallel=2)
+    estate.write("tenant", "3_add_note.up.sql", "SELECT pg_sleep(30);\nALTER TABLE items ADD COLUMN note text;\n")
+    process = start_dbplan(estate.plan_file, "apply", "--yes")
+    wait_until(lambda: dbplan_backends(estate.url, "%pg_sleep%") and dbplan_backends(pg_url2, "%pg_sleep%"), 60,
+               "migrations in flight on both servers")  # fmt: skip
+    process.signal(signal.SIGINT)
+    run = finish(process, 60)
+    assert run.code == 128 + signal.SIGINT, run.err
+    assert re.search(r"received SIGINT: cancelling versions 2 to 3 of service 't\d+'; it is rolled back", run.err), run.err
+    assert re.search(r"databases\] database \S+ on \w+: cancelled", run.err), run.err
+    assert "Apply stopped on request" in run.out
+    assert "stopped on request" in run.out  # the databases that never started are listed
+    for server, database in tenants:
+        rows = query(urls(estate, pg_url2)[server], "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
+        if rows:
+            versions = [v for v, in query(urls(estate, pg_url2)[server], database,
+                                         "SELECT version FROM dbplan_history WHERE event = 'apply'")] \
+                if query(urls(estate, pg_url2)[server], database, "SELECT to_regclass('dbplan_history') IS NOT NULL") == [(True,)] else []  # fmt: skip
+            assert 3 not in versions, "the migration in flight was rolled back"
+
+    estate.write("tenant", "3_add_note.up.sql", "ALTER TABLE items ADD COLUMN note text;\n")
+    resumed = estate.dbplan("apply", "--yes")
+    assert resumed.code == 0, resumed.output
+    for server, database in tenants:
+        assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)], database
+
+
+def test_a_server_parallel_below_one_is_a_located_error(estate: Estate, pg_url2: str) -> None:
+    fleet_estate(estate, pg_url2, 2)
+    estate.document["servers"]["second"]["parallel"] = 0
+    estate.save()
+    run = estate.dbplan("validate")
+    assert run.code == 1
+    assert re.search(r"dbplan\.yaml:\d+.*servers\.second\.parallel", run.err), run.err
+    assert "unknown key" not in run.err and "0" in run.err

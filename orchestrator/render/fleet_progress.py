@@ -40,6 +40,7 @@ class _Database:
     done: int = 0  # actions done
     skipped: int = 0
     failed: bool = False
+    cancelled: bool = False  # stopped on request: rolled back, not a failure of its SQL
     not_run: bool = False
     current: str | None = None  # what runs now
     current_since: float = 0.0
@@ -83,13 +84,15 @@ class FleetTracker:
             entry.duration_ms += outcome.duration_ms
         elif outcome.status == "skipped":
             entry.skipped += 1
+        elif outcome.status == "cancelled":
+            entry.cancelled = True
         else:
             entry.failed = True
 
     def unit_finished(self, unit: Unit, status: str) -> None:
         entry = self.databases[self._key(unit)]
         entry.units_left -= 1
-        if status == "failed":
+        if status == "failed" and not entry.cancelled:
             entry.failed = True
         elif status == "skipped":
             entry.not_run = True
@@ -114,7 +117,7 @@ class FleetTracker:
     def counts(self) -> tuple[int, int, int, int]:
         """Databases done, failing (failed or not run), in flight, and in all."""
         done = sum(1 for entry in self.finished if not entry.failed and not entry.not_run)
-        failing = sum(1 for entry in self.databases.values() if entry.failed or entry.not_run)
+        failing = sum(1 for entry in self.databases.values() if entry.failed or entry.not_run or entry.cancelled)
         return done, failing, len(self.in_flight()), len(self.databases)
 
     @staticmethod
@@ -138,6 +141,8 @@ def database_line(entry: _Database, index: int, total: int) -> str:
     """One finished database, as the plain display writes it."""
     if entry.failed:
         status = "FAILED"
+    elif entry.cancelled:
+        status = "cancelled (rolled back)"
     elif entry.not_run:
         status = "skipped (see the table at the end)"
     else:
