@@ -94,6 +94,10 @@ class _Run:
     # so each line is whole and the counts add up.
     said: threading.RLock = field(default_factory=threading.RLock)
     members: dict[str, list[Service]] = field(default_factory=dict)  # database -> its services
+    # Per service, its actions in the plan, and those reported so far: looked up once per
+    # service, so a fleet's thousands of services do not each scan the whole run.
+    plan_actions: dict[str, list[MigrationAction]] = field(default_factory=dict)
+    reported: set[Action] = field(default_factory=set)
 
     def url(self, server: Server) -> str:
         with self.said:
@@ -104,6 +108,7 @@ class _Run:
     def finish(self, outcome: Outcome) -> None:
         with self.said:
             self.outcomes.append(outcome)
+            self.reported.add(outcome.action)
             self.progress.action_finished(outcome, len(self.outcomes), len(self.plan.actions))
 
     def start(self, action: Action) -> None:
@@ -168,6 +173,9 @@ def execute(
         return Result(tuple(run.outcomes), err, failures=(), not_run=())
     for service in estate.services.values():
         run.members.setdefault(service.database, []).append(service)
+    for action in plan.actions:
+        if isinstance(action, (ApplyMigration, RevertMigration)):
+            run.plan_actions.setdefault(action.service, []).append(action)
     units = fleet.units_of(plan, estate)
     servers = {unit.server for unit in units}
     bounds = {name: connection_bound(estate.servers[name], parallel) for name in servers}
@@ -504,7 +512,8 @@ def _run_todo(
 def _skip_done_by_others(run: _Run, shown: list[MigrationAction], todo: list[MigrationAction]) -> None:
     """Report the shown actions that are neither still to do nor reported yet as skipped."""
     still_to_do = set(todo)  # actions are frozen values: a set keeps 1,000 migrations linear
-    reported = {outcome.action for outcome in run.outcomes}
+    with run.said:
+        reported = {action for action in shown if action in run.reported}
     for action in shown:
         if action not in still_to_do and action not in reported:
             run.finish(Outcome(action, "skipped", detail="already done by another run"))
@@ -664,7 +673,7 @@ def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts
     fresh = plan_service(service, run.estate, run.migration_sets[service.name], facts, lint=False)
     if fresh.blockers:
         raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
-    return _still_to_do(service, shown, list(fresh.actions), run.plan)
+    return _still_to_do(service, shown, list(fresh.actions), run.plan_actions.get(service.name, []))
 
 
 def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: ServiceFacts) -> psycopg.sql.Composable:
@@ -688,10 +697,11 @@ def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: Se
 
 
 def _still_to_do(
-    service: Service, shown: list[MigrationAction], fresh: list[MigrationAction], plan: Plan
+    service: Service, shown: list[MigrationAction], fresh: list[MigrationAction], planned: list[MigrationAction]
 ) -> list[MigrationAction]:
-    """The fresh plan must be the shown one, or its tail when another run did the head."""
-    all_shown = list(plan.actions_of(service.name))
+    """The fresh plan must be the shown one (``planned``: the service's actions in the
+    plan), or its tail when another run did the head."""
+    all_shown = list(planned)
     start = all_shown.index(shown[0])
     remaining_shown = all_shown[start:]
     if len(fresh) <= len(remaining_shown) and fresh == remaining_shown[len(remaining_shown) - len(fresh) :]:

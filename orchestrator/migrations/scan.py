@@ -90,8 +90,18 @@ class MigrationSet:
 
 
 def scan(estate: Estate) -> dict[str, MigrationSet]:
-    """Scan the migration folder of every service, in plan-file order."""
-    return {name: scan_service(service, estate.root) for name, service in estate.services.items()}
+    """Scan the migration folder of every service, in plan-file order.
+
+    A fleet's services share one folder: it is read once, and its migrations (frozen
+    values) are shared, so 2,000 services do not read, parse and hold it 2,000 times."""
+    sets: dict[str, MigrationSet] = {}
+    by_folder: dict[Path, MigrationSet] = {}
+    for name, service in estate.services.items():
+        known = by_folder.get(service.migrations_dir)
+        if known is None:
+            known = by_folder[service.migrations_dir] = scan_service(service, estate.root)
+        sets[name] = known if known.service == name else MigrationSet(name, known.folder, known.migrations)
+    return sets
 
 
 def scan_service(service: Service, root: Path) -> MigrationSet:
