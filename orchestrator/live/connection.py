@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionFailed
 from ..estate import conninfo
-from ..estate.model import DEFAULT_MAINTENANCE_DATABASE, DEFAULT_PARALLEL_PER_SERVER, Server
+from ..estate.model import (
+    DEFAULT_MAINTENANCE_DATABASE,
+    DEFAULT_PARALLEL_PER_SERVER,
+    Server,
+)
 
 if TYPE_CHECKING:
     import psycopg
