@@ -145,6 +145,7 @@ def plan(
     on_notice: Callable[[str], None] | None = None,
     wait_for_runs: float = 0.0,
     selection: Selection = EVERY_SERVICE,
+    parallel: int | None = None,
 ) -> Planned:
     """Read the live servers and compute what would change.
 
@@ -158,7 +159,7 @@ def plan(
     _check_seconds("wait_for_runs", wait_for_runs)
     estate = _discovered(plan_file.load(file, environ), wait_seconds, on_notice)
     checked = _checked(estate, selection)
-    planned = _plan_checked(checked, wait_seconds, on_notice)
+    planned = _plan_checked(checked, wait_seconds, on_notice, parallel)
     deadline = time.monotonic() + wait_for_runs
     announced: set[str] = set()
     while planned.plan.blocked and time.monotonic() < deadline:
@@ -173,7 +174,7 @@ def plan(
                 )
         announced |= running.keys()
         time.sleep(RUN_IN_PROGRESS_POLL_SECONDS)
-        planned = _plan_checked(checked, 0.0, on_notice)
+        planned = _plan_checked(checked, 0.0, on_notice, parallel)
     if selection.only:  # the rest of the file is left out on purpose: it is not unmanaged
         planned = replace(planned, plan=replace(planned.plan, unmanaged=()))
     return planned
@@ -199,9 +200,15 @@ def verify(
     return replace(planned, verification=verification)
 
 
-def _plan_checked(checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None) -> Planned:
+def _plan_checked(
+    checked: Checked, wait_seconds: float, on_notice: Callable[[str], None] | None, parallel: int | None = None
+) -> Planned:
     live = inspect(
-        checked.estate, wait_seconds=wait_seconds, on_retry=on_notice, relations=_relations_named(checked.migration_sets)
+        checked.estate,
+        wait_seconds=wait_seconds,
+        on_retry=on_notice,
+        relations=_relations_named(checked.migration_sets),
+        parallel=parallel,
     )
     return Planned(
         checked.estate,
@@ -233,10 +240,16 @@ def apply(
     progress: Progress | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
     cancellation: Cancellation | None = None,
+    parallel: int | None = None,
+    keep_going: bool = False,
 ) -> Result:
     """Execute a plan computed by ``plan``; re-checked under the lock before anything runs.
 
     ``cancellation.request(...)`` (from a signal handler, say) stops it between migrations.
+    Independent work runs side by side, ``parallel`` connections per server at most (None:
+    each server's ``parallel``, else 8). The first failure stops new work, unless
+    ``keep_going``: then all that does not depend on a failure runs (``Result.failures``,
+    ``Result.not_run``).
     """
     from .execution.executor import execute  # the writer is loaded only by commands that write
 
@@ -249,6 +262,8 @@ def apply(
         progress=progress,
         lock_wait=lock_wait,
         cancellation=cancellation,
+        parallel=parallel,
+        keep_going=keep_going,
     )
 
 
@@ -273,6 +288,7 @@ def plan_saved(
     wait_seconds: float = 0.0,
     on_notice: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
+    parallel: int | None = None,
 ) -> Planned:
     """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything
     differs. ``shard``: the part this run was asked for (--shard), which must be the saved one's."""
@@ -288,7 +304,9 @@ def plan_saved(
             f"the saved plan was made for {made_for}; this run is for shard {shard[0]}/{shard[1]}; nothing was changed",
             hint="apply each shard's own saved plan",
         )
-    planned = plan(file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection)
+    planned = plan(
+        file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection, parallel=parallel
+    )
     now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
     savedplan.check(saved, planned.plan, now)
     return planned

@@ -96,6 +96,14 @@ ShardsOption = Annotated[
         help="Split into N parts and take part JOB_COMPLETION_INDEX + 1 (a Kubernetes Indexed Job's index, from 0).",
     ),
 ]
+ParallelOption = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel",
+        min=1,
+        help="At most this many connections per server at once (default: the server's 'parallel', else 8).",
+    ),
+]
 ScratchUrlOption = Annotated[
     str | None,
     typer.Option(
@@ -227,21 +235,53 @@ def _say_json_refusal(err: DbplanError, plan: Plan | None = None) -> None:
 
 
 class _CliProgress:
-    """Progress of apply on stderr, one line per action, so stdout stays the report."""
+    """Progress of apply on stderr, so stdout stays the report: one line per action, or,
+    for a fleet (``fleet_progress.is_fleet``), one line per database finished, or a live
+    summary when stderr is a terminal."""
 
     def __init__(self) -> None:
         self.started = 0.0
+        self.fleet: Any = None  # a fleet_progress.FleetTracker once the run is a fleet's
+
+    def fleet_started(self, units: list[Any]) -> None:
+        from .render import fleet_progress
+
+        if not fleet_progress.is_fleet(units):
+            return
+        if sys.stderr.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb":
+            from rich.console import Console
+
+            self.fleet = fleet_progress.FleetLive(Console(file=sys.stderr))
+        else:
+            self.fleet = fleet_progress.FleetLines(_note)
+        self.fleet.fleet_started(units)
+
+    def unit_finished(self, unit: Any, status: str) -> None:
+        if self.fleet is not None:
+            self.fleet.unit_finished(unit, status)
+
+    def stop(self) -> None:
+        if self.fleet is not None and hasattr(self.fleet, "stop"):
+            self.fleet.stop()
 
     def action_started(self, action: Action, index: int, total: int) -> None:
         self.started = time.monotonic()
+        if self.fleet is not None:
+            self.fleet.action_started(action, index, total)
 
     def action_finished(self, outcome: Outcome, index: int, total: int) -> None:
+        if self.fleet is not None:
+            self.fleet.action_finished(outcome, index, total)
+            return
         status = {"done": "done", "skipped": "skipped", "failed": "FAILED", "cancelled": "cancelled"}[outcome.status]
         timing = f" in {outcome.duration_ms} ms" if outcome.status == "done" else ""
         detail = f" ({outcome.detail})" if outcome.status == "skipped" and outcome.detail else ""
         _note(f"[{index}/{total}] {describe_action(outcome.action)}: {status}{timing}{detail}")
 
     def notice(self, message: str) -> None:
+        if self.fleet is not None:
+            self.fleet.notice(message)
+            return
         _note(message)
 
 
@@ -304,11 +344,12 @@ def plan(
         bool, typer.Option("--verify", help="Run the pending migrations first on a throwaway copy of the live schema.")
     ] = False,
     scratch_url: ScratchUrlOption = None,
+    parallel: ParallelOption = None,
 ) -> None:
     """Read the live servers and print what would change."""
     selection = _selection(only, no_deps, shard, shards)
     try:
-        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection)
+        planned = api.plan(file, wait_seconds=wait, on_notice=_note, selection=selection, parallel=parallel)
         if verify and not planned.plan.blocked:
             planned = api.verify(planned, scratch_url=scratch_url, on_notice=_note)
     except DbplanError as err:
@@ -376,6 +417,14 @@ def apply(
     no_deps: NoDepsOption = False,
     shard: ShardOption = None,
     shards: ShardsOption = None,
+    parallel: ParallelOption = None,
+    keep_going: Annotated[
+        bool,
+        typer.Option(
+            "--keep-going",
+            help="After a failure, go on with everything that does not depend on it (never past a failed stage).",
+        ),
+    ] = False,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
@@ -388,9 +437,13 @@ def apply(
         _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
     try:
         if saved_plan is None:
-            planned = api.plan(file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection)
+            planned = api.plan(
+                file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection, parallel=parallel
+            )
         else:
-            planned = api.plan_saved(file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard)
+            planned = api.plan_saved(
+                file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard, parallel=parallel
+            )
     except DbplanError as err:
         _fail(err)
     if not as_json:
@@ -415,8 +468,19 @@ def apply(
     cancellation = Cancellation()
     _collect_garbage_from_here()  # a long run: its garbage must not pile up
     _state["phase"] = "applying"  # set before the handlers, so no stop can be told "nothing was changed"
+    progress = _CliProgress()
     with _stop_on_signals(cancellation):
-        result = api.apply(planned, progress=_CliProgress(), lock_wait=lock_wait, cancellation=cancellation)
+        try:
+            result = api.apply(
+                planned,
+                progress=progress,
+                lock_wait=lock_wait,
+                cancellation=cancellation,
+                parallel=parallel,
+                keep_going=keep_going,
+            )
+        finally:
+            progress.stop()
     _state["json_refusal"] = False  # the result below is the JSON object
     if as_json:
         from .render import json as render_json

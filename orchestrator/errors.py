@@ -105,11 +105,13 @@ class MigrationFailed(DbplanError):
         sqlstate: str | None = None,
         pg_message: str | None = None,
         line: int | None = None,
+        location: str | None = None,
         **kwargs: object,
     ) -> None:
         self.sqlstate = sqlstate
         self.pg_message = pg_message
         self.line = line  # of the file, where PostgreSQL refused it (None: not known)
+        self.location = location  # file:line of the failing statement, when known
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 

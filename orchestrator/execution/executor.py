@@ -17,6 +17,7 @@ transactional migration in flight is cancelled, since its rollback leaves no tra
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
-from ..live.connection import behind_pooler, connect, connection_lost, server_url
+from ..live.connection import behind_pooler, connect, connection_bound, connection_lost, server_url
 from ..live.facts import LiveRole, ServerFacts, ServiceFacts, declared_passwords, locate_apart, read_server, read_service
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
     advisory_lock,
+    database_lock_key,
     hold_again,
     migrations_lock_key,
     pooler_message,
@@ -50,7 +52,7 @@ from ..planning.plan import (
 )
 from ..planning.planner import plan_service
 from ..planning.records import ADOPTION_REASON
-from . import bookkeeping
+from . import bookkeeping, fleet
 from .batches import Step
 from .guard import transaction_guard
 from .inline_copy import run_transactional_steps
@@ -90,21 +92,34 @@ class _Run:
     cancellation: Cancellation = field(default_factory=Cancellation)
     outcomes: list[Outcome] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
+    # Units of a fleet run on several threads: outcomes and progress go through one lock,
+    # so each line is whole and the counts add up.
+    said: threading.RLock = field(default_factory=threading.RLock)
+    members: dict[str, list[Service]] = field(default_factory=dict)  # database -> its services
+    # Per service, its actions in the plan, and those reported so far: looked up once per
+    # service, so a fleet's thousands of services do not each scan the whole run.
+    plan_actions: dict[str, list[MigrationAction]] = field(default_factory=dict)
+    reported: set[Action] = field(default_factory=set)
 
     def url(self, server: Server) -> str:
-        if server.name not in self.urls:
-            self.urls[server.name] = server_url(server)
-        return self.urls[server.name]
+        with self.said:
+            if server.name not in self.urls:
+                self.urls[server.name] = server_url(server)
+            return self.urls[server.name]
 
     def finish(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
-        self.progress.action_finished(outcome, len(self.outcomes), len(self.plan.actions))
+        with self.said:
+            self.outcomes.append(outcome)
+            self.reported.add(outcome.action)
+            self.progress.action_finished(outcome, len(self.outcomes), len(self.plan.actions))
 
     def start(self, action: Action) -> None:
-        self.progress.action_started(action, len(self.outcomes) + 1, len(self.plan.actions))
+        with self.said:
+            self.progress.action_started(action, len(self.outcomes) + 1, len(self.plan.actions))
 
     def notice(self, message: str) -> None:
-        self.progress.notice(message)
+        with self.said:
+            self.progress.notice(message)
 
     def lock_wait_for(self, conn: psycopg.Connection, key: int, what: str) -> LockWait:
         """Waiting for a lock the way this run waits: up to ``--lock-wait``, announced, and
@@ -138,28 +153,94 @@ def execute(
     progress: Progress | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
     cancellation: Cancellation | None = None,
+    parallel: int | None = None,
+    keep_going: bool = False,
 ) -> Result:
-    """Carry out ``plan``; stop at the first failure, or when ``cancellation`` asks, and report what was done."""
+    """Carry out ``plan`` and report what was done.
+
+    Independent work runs side by side, up to ``connection_bound(server, parallel)``
+    units at once per server (``fleet``). The first failure stops new work (what is in
+    flight finishes), unless ``keep_going``: then everything that does not depend on a
+    failure runs. ``cancellation`` stops it: nothing new starts, what runs is rolled back
+    or finishes.
+    """
     if plan.blocked:
         first = plan.blockers[0]
         raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
-    import psycopg
 
     run = _Run(plan, estate, migration_sets, progress or SilentProgress(), lock_wait, cancellation or Cancellation())
     try:
         _refuse_unguardable_behind_pooler(run)
-        for group in _groups(plan.actions):
-            run.check_stop(f"before {action_phrase(group[0])}")
-            try:
-                if isinstance(group[0], (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner)):
-                    _create_on_server(run, estate.servers[group[0].server], group)
-                else:
-                    _migrate_service(run, estate.services[group[0].service], group)  # type: ignore[arg-type]
-            except psycopg.Error as err:
-                raise _driver_error(run, group[0], err) from err
     except DbplanError as err:
-        return Result(tuple(run.outcomes), err)
-    return Result(tuple(run.outcomes))
+        return Result(tuple(run.outcomes), err, failures=(), not_run=())
+    for service in estate.services.values():
+        run.members.setdefault(service.database, []).append(service)
+    for action in plan.actions:
+        if isinstance(action, (ApplyMigration, RevertMigration)):
+            run.plan_actions.setdefault(action.service, []).append(action)
+    units = fleet.units_of(plan, estate)
+    servers = {unit.server for unit in units}
+    bounds = {name: connection_bound(estate.servers[name], parallel) for name in servers}
+    for name in servers:  # before the threads: starting an embedded server is done once
+        try:
+            run.url(estate.servers[name])
+        except DbplanError as err:
+            return Result(tuple(run.outcomes), err)
+    _announce(run.progress, units)
+    schedule = fleet.run_units(
+        units,
+        bounds,
+        lambda unit: _run_unit(run, unit),
+        keep_going=keep_going,
+        stop_requested=lambda: run.cancellation.requested,
+        on_finished=lambda unit, status: _unit_finished(run, unit, status),
+    )
+    error = _first_error(run, schedule)
+    return Result(tuple(run.outcomes), error, failures=tuple(schedule.failures), not_run=tuple(schedule.not_run))
+
+
+def _run_unit(run: _Run, unit: fleet.Unit) -> DbplanError | None:
+    """One unit's work; its error (None: it succeeded). Runs on a worker thread."""
+    import psycopg
+
+    first = unit.actions[0]
+    try:
+        run.check_stop(f"before {action_phrase(first)}")
+        if unit.kind == fleet.ROLES:
+            _create_on_server(run, run.estate.servers[unit.server], unit.actions)
+        elif unit.kind == fleet.DATABASE:
+            _create_database(run, run.estate.servers[unit.server], unit.actions)
+        else:
+            _migrate_service(run, run.estate.services[first.service], unit.actions)  # type: ignore[union-attr, arg-type]
+    except psycopg.Error as err:
+        return _driver_error(run, first, err)
+    except DbplanError as err:
+        return err
+    return None
+
+
+def _first_error(run: _Run, schedule: fleet.Schedule) -> DbplanError | None:
+    """The error the run ends with: a stop request if there was one, else the first failure."""
+    for failure in schedule.failures:
+        if isinstance(failure.error, Interrupted):
+            return failure.error
+    if run.cancellation.requested and schedule.not_run:
+        return run.interrupted("stopped before the next step")
+    return schedule.failures[0].error if schedule.failures else None
+
+
+def _announce(progress: Progress, units: list[fleet.Unit]) -> None:
+    """Tell a progress that follows databases (``FleetProgress``) what the run holds."""
+    started = getattr(progress, "fleet_started", None)
+    if started is not None:
+        started(units)
+
+
+def _unit_finished(run: _Run, unit: fleet.Unit, status: str) -> None:
+    finished = getattr(run.progress, "unit_finished", None)
+    if finished is not None:
+        with run.said:
+            finished(unit, status)
 
 
 def _driver_error(run: _Run, first: Action, err: Exception) -> DbplanError:
@@ -181,24 +262,6 @@ def _driver_error(run: _Run, first: Action, err: Exception) -> DbplanError:
         hint="what is done is recorded and is not applied twice: run 'dbplan apply' again "
         "('dbplan status' shows where each service stands)",
     )
-
-
-def _groups(actions: tuple[Action, ...]) -> Iterator[list[Action]]:
-    """Consecutive actions that run under one lock: one server's creations, one service's migrations."""
-    group: list[Action] = []
-    for action in actions:
-        if group and _lock_scope(group[0]) != _lock_scope(action):
-            yield group
-            group = []
-        group.append(action)
-    if group:
-        yield group
-
-
-def _lock_scope(action: Action) -> tuple[str, str]:
-    if isinstance(action, (CreateRole, AlterRole, CreateDatabase, AlterDatabaseOwner)):
-        return ("server", action.server)
-    return ("service", action.service)
 
 
 def _refuse_unguardable_behind_pooler(run: _Run) -> None:
@@ -245,10 +308,54 @@ def _create_on_server(run: _Run, server: Server, actions: list[Action]) -> None:
             _create_each(run, conn, server, actions)
 
 
+def _create_database(run: _Run, server: Server, actions: list[Action]) -> None:
+    """Create one database (or change its owner) under a lock of its own, so that a
+    fleet's databases are created side by side and two runs never both create one."""
+    database = actions[0].database  # type: ignore[union-attr]
+    with connect(server, run.url(server)) as conn:
+        if behind_pooler(conn):
+            _create_each(run, conn, server, actions)
+            return
+        waiting = run.lock_wait_for(conn, database_lock_key(server.name, database), f"database '{database}' on server '{server.name}'")
+        with advisory_lock(waiting, server=server.name):
+            checkpoint("locked")
+            _create_each(run, conn, server, actions)
+
+
+# CREATE DATABASE copies template1 and refuses while any session is connected to it
+# ("source database "template1" is being accessed by other users", 55006): a monitoring
+# probe or a psql left open there. Concurrent CREATE DATABASE statements do not conflict
+# with each other (they share the template's lock), so this is a wait, not a race:
+# retried for a while rather than switched to template0, which would drop whatever the
+# administrator put in template1.
+TEMPLATE_BUSY_RETRY_SECONDS = 10.0
+
+
+def _execute_create(run: _Run, conn: psycopg.Connection, statement: psycopg.sql.Composed, what: str) -> None:
+    from psycopg import errors
+
+    deadline = time.monotonic() + TEMPLATE_BUSY_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except errors.ObjectInUse:
+            if time.monotonic() + delay > deadline:
+                raise
+            run.notice(f"{what}: the template database is in use by another session; retrying")
+            run.check_stop(f"while waiting to create {what}")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
     from psycopg import errors
 
-    live = read_server(conn, server, declared_passwords(run.estate, server.name))  # re-read under the lock
+    # Re-read under the lock; stored passwords are compared only where a role is altered
+    # (a fleet's database units would recompute every role's verifier for nothing).
+    passwords = declared_passwords(run.estate, server.name) if any(isinstance(a, AlterRole) for a in actions) else None
+    live = read_server(conn, server, passwords)
     for action in actions:
         if isinstance(action, AlterDatabaseOwner):
             _alter_owner(run, server, action, live.database_owners.get(action.database))
@@ -267,7 +374,8 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
         started = time.monotonic()
         checkpoint("create")
         try:
-            conn.execute(_create_statement(conn, run.estate, action))
+            what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"
+            _execute_create(run, conn, _create_statement(conn, run.estate, action), what)
         # UniqueViolation: a concurrent CREATE of the same name committed while this one ran.
         except (errors.DuplicateDatabase, errors.DuplicateObject, errors.UniqueViolation):
             run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
@@ -417,7 +525,7 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
     with connect(server, run.url(server), service.database) as conn:
         with conn.transaction():
             # Fixed for the run: the lock's key and every statement name this table.
-            schema = locate_apart(conn, run.estate, service, owner)
+            schema = locate_apart(conn, run.estate, service, owner, run.members.get(service.database))
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         tables = bookkeeping.Tables(schema, service.table, service.history_table)
@@ -473,7 +581,8 @@ def _run_todo(
 def _skip_done_by_others(run: _Run, shown: list[MigrationAction], todo: list[MigrationAction]) -> None:
     """Report the shown actions that are neither still to do nor reported yet as skipped."""
     still_to_do = set(todo)  # actions are frozen values: a set keeps 1,000 migrations linear
-    reported = {outcome.action for outcome in run.outcomes}
+    with run.said:
+        reported = {action for action in shown if action in run.reported}
     for action in shown:
         if action not in still_to_do and action not in reported:
             run.finish(Outcome(action, "skipped", detail="already done by another run"))
@@ -633,7 +742,7 @@ def _fresh_todo(run: _Run, service: Service, shown: list[MigrationAction], facts
     fresh = plan_service(service, run.estate, run.migration_sets[service.name], facts, lint=False)
     if fresh.blockers:
         raise PlanBlocked(fresh.blockers[0].message, service=service.name, hint=fresh.blockers[0].hint)
-    return _still_to_do(service, shown, list(fresh.actions), run.plan)
+    return _still_to_do(service, shown, list(fresh.actions), run.plan_actions.get(service.name, []))
 
 
 def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: ServiceFacts) -> psycopg.sql.Composable:
@@ -657,10 +766,11 @@ def _prepare_bookkeeping(tables: bookkeeping.Tables, service: Service, facts: Se
 
 
 def _still_to_do(
-    service: Service, shown: list[MigrationAction], fresh: list[MigrationAction], plan: Plan
+    service: Service, shown: list[MigrationAction], fresh: list[MigrationAction], planned: list[MigrationAction]
 ) -> list[MigrationAction]:
-    """The fresh plan must be the shown one, or its tail when another run did the head."""
-    all_shown = list(plan.actions_of(service.name))
+    """The fresh plan must be the shown one (``planned``: the service's actions in the
+    plan), or its tail when another run did the head."""
+    all_shown = list(planned)
     start = all_shown.index(shown[0])
     remaining_shown = all_shown[start:]
     if len(fresh) <= len(remaining_shown) and fresh == remaining_shown[len(remaining_shown) - len(fresh) :]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import DbplanError
 from ..planning.plan import Action
+from .fleet import Failure, NotRun
 
 if TYPE_CHECKING:
     import psycopg
@@ -50,7 +51,11 @@ class Outcome:
 @dataclass(frozen=True)
 class Result:
     outcomes: tuple[Outcome, ...]
-    error: DbplanError | None = field(default=None, compare=False)
+    error: DbplanError | None = field(default=None, compare=False)  # the first failure (or the stop)
+    # Every unit of work that failed, in the order they failed, and every one that did not
+    # run and why (a fleet's run goes on after a failure with --keep-going).
+    failures: tuple[Failure, ...] = field(default=(), compare=False)
+    not_run: tuple[NotRun, ...] = field(default=(), compare=False)
 
     @property
     def ok(self) -> bool:
@@ -74,16 +79,18 @@ class Cancellation:
     The executor checks it between actions. A transactional migration in flight is
     cancelled at once: its rollback leaves nothing behind. A no-transaction migration is
     let finish, because stopping it half-way leaves the service dirty; only a second
-    request cancels it. ``request`` only sets fields and sends a cancel request, so it is
+    request cancels it. ``request`` only sets fields and sends cancel requests, so it is
     safe to call from a signal handler.
+
+    A fleet's apply runs several migrations at once, one per thread: each thread marks
+    its own query (``running``), and a request reaches every one of them.
     """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.requests = 0
-        self._conn: psycopg.Connection | None = None
-        self._running: str | None = None
-        self._rolls_back = False
+        # thread id -> (connection, what runs, whether cancelling it rolls it back)
+        self._running: dict[int, tuple[psycopg.Connection, str, bool]] = {}
 
     @property
     def requested(self) -> bool:
@@ -93,33 +100,42 @@ class Cancellation:
         """Ask the run to stop; returns what will happen, for the user to read."""
         self.requests += 1
         self.signal_name = signal_name
-        if self._conn is None or self._running is None:
+        running = list(self._running.values())  # a copy: threads come and go meanwhile
+        if not running:
             return f"received {signal_name}: stopping before the next step"
-        if self._rolls_back:
-            self._cancel_query()
-            return f"received {signal_name}: cancelling {self._running}; it is rolled back"
-        if self.requests == 1:
-            return (
-                f"received {signal_name}: letting {self._running} finish, since it runs outside a transaction "
-                f"and stopping it half-way would leave the service dirty; send {signal_name} again to cancel it"
-            )
-        self._cancel_query()
-        return f"received {signal_name} again: cancelling {self._running}; the service will be left dirty"
+        said = []
+        for conn, description, rolls_back in running:
+            if rolls_back:
+                self._cancel_query(conn)
+                said.append(f"cancelling {description}; it is rolled back")
+            elif self.requests == 1:
+                said.append(
+                    f"letting {description} finish, since it runs outside a transaction "
+                    f"and stopping it half-way would leave the service dirty; send {signal_name} again to cancel it"
+                )
+            else:
+                self._cancel_query(conn)
+                said.append(f"cancelling {description}; the service will be left dirty")
+        again = " again" if self.requests > 1 and any(not rolls_back for _, _, rolls_back in running) else ""
+        return f"received {signal_name}{again}: " + "; ".join(said)
 
     @contextmanager
     def running(self, conn: psycopg.Connection, description: str, *, rolls_back: bool) -> Iterator[None]:
         """Mark the query sent inside the block as the one a request may cancel."""
-        self._conn, self._running, self._rolls_back = conn, description, rolls_back
+        import threading
+
+        me = threading.get_ident()
+        self._running[me] = (conn, description, rolls_back)
         try:
             yield
         finally:
-            self._conn = self._running = None
+            self._running.pop(me, None)
 
-    def _cancel_query(self) -> None:
+    @staticmethod
+    def _cancel_query(conn: psycopg.Connection) -> None:
         import psycopg
 
         try:
-            if self._conn is not None:
-                self._conn.cancel_safe(timeout=5.0)
+            conn.cancel_safe(timeout=5.0)
         except psycopg.Error:
             pass  # the query ends anyway; the executor stops at its next check

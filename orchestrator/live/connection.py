@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionFailed
 from ..estate import conninfo
-from ..estate.model import DEFAULT_MAINTENANCE_DATABASE, Server
+from ..estate.model import (
+    DEFAULT_MAINTENANCE_DATABASE,
+    DEFAULT_PARALLEL_PER_SERVER,
+    Server,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -29,6 +33,13 @@ BACKEND_PID = "SELECT pg_backend_pid()"
 # Class 08 (connection exception) and 57P01-57P03 (terminated by an administrator or a
 # shutdown): the session is gone, and with it any transaction it had open.
 CONNECTION_LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def connection_bound(server: Server, parallel: int | None = None) -> int:
+    """How many connections a fleet's inspection or apply opens to ``server`` at once:
+    ``--parallel N`` (the command line wins, as for every other option), else the plan
+    file's ``servers.X.parallel``, else ``DEFAULT_PARALLEL_PER_SERVER``."""
+    return max(1, parallel or server.parallel or DEFAULT_PARALLEL_PER_SERVER)
 
 
 def server_url(server: Server) -> str:

@@ -7,13 +7,14 @@ to. All queries are named constants and run read-only; nothing here writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import ConfigError, ConnectionFailed
 from ..estate.model import Estate, Server, Service
-from .connection import connect, server_url
+from .connection import connect, connection_bound, server_url
 from .failure import Failure, parse_reason
 from .locks import lock_holder, migrations_lock_key
 
@@ -240,31 +241,103 @@ def inspect(
     wait_seconds: float = 0.0,
     on_retry: Callable[[str], None] | None = None,
     relations: Mapping[str, Iterable[str]] | None = None,
+    parallel: int | None = None,
 ) -> LiveState:
     """Read every server and every existing database the plan file names.
 
+    The servers are read side by side, and the databases of each server through at most
+    ``connection_bound(server, parallel)`` connections at once. The result is the one a
+    sequential read gives (same order, same first error), so the plan does not depend on
+    which connection answered first.
+
     ``relations``: per service, the table and index names its migration files name; their
-    live size goes into the service's facts (``tables``), read in one query per database."""
+    live size goes into the service's facts (``tables``), read in one query per database.
+    """
     estate.require_secrets()
+    listed = list(estate.servers.values())
+    reads = run_all(
+        [partial(_inspect_server, estate, server, wait_seconds, on_retry, parallel, relations) for server in listed],
+        workers=len(listed),
+    )
     servers: dict[str, ServerFacts] = {}
     services: dict[str, ServiceFacts] = {}
-    for server in estate.servers.values():
-        url = server_url(server)
-        with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
-            servers[server.name] = read_server(conn, server, declared_passwords(estate, server.name))
-        for database, members in _services_by_database(estate, server).items():
-            if database not in servers[server.name].databases:
-                for service in members:
-                    services[service.name] = ServiceFacts(service.name, database_exists=False)
-                continue
-            owner = estate.databases[database].owner
-            with connect(server, url, database) as conn:
-                for service in members:
-                    services[service.name] = read_service(conn, service, owner, claimed=_claimed_among(members, service))
-                if relations:
-                    _add_table_stats(conn, members, relations, services)
-            _refuse_shared_bookkeeping(members, {service.name: services[service.name].schema for service in members})
+    for server, (server_facts, service_facts) in zip(listed, reads):
+        servers[server.name] = server_facts
+        services.update(service_facts)
     return LiveState(servers=servers, services=services)
+
+
+def _inspect_server(
+    estate: Estate,
+    server: Server,
+    wait_seconds: float,
+    on_retry: Callable[[str], None] | None,
+    parallel: int | None,
+    relations: Mapping[str, Iterable[str]] | None,
+) -> tuple[ServerFacts, dict[str, ServiceFacts]]:
+    url = server_url(server)
+    with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
+        server_facts = read_server(conn, server, declared_passwords(estate, server.name))
+    grouped = _services_by_database(estate, server)
+    existing = [database for database in grouped if database in server_facts.databases]
+    reads = run_all(
+        [partial(_inspect_database, estate, server, url, database, grouped[database], relations) for database in existing],
+        workers=connection_bound(server, parallel),
+    )
+    read = dict(zip(existing, reads))
+    services: dict[str, ServiceFacts] = {}
+    for database, members in grouped.items():  # the order a sequential read gives
+        for service in members:
+            services[service.name] = (
+                read[database][service.name] if database in read else ServiceFacts(service.name, database_exists=False)
+            )
+    return server_facts, services
+
+
+def _inspect_database(
+    estate: Estate,
+    server: Server,
+    url: str,
+    database: str,
+    members: list[Service],
+    relations: Mapping[str, Iterable[str]] | None,
+) -> dict[str, ServiceFacts]:
+    owner = estate.databases[database].owner
+    with connect(server, url, database) as conn:
+        found = {
+            service.name: read_service(conn, service, owner, claimed=_claimed_among(members, service))
+            for service in members
+        }
+        if relations:
+            _add_table_stats(conn, members, relations, found)
+    _refuse_shared_bookkeeping(members, {name: facts.schema for name, facts in found.items()})
+    return found
+
+
+T = TypeVar("T")
+
+
+def run_all(tasks: Sequence[Callable[[], T]], *, workers: int) -> list[T]:
+    """Run ``tasks`` on up to ``workers`` threads (each task opens its own connection:
+    psycopg connections are not shared between threads); their results in task order.
+
+    The first failure, in task order, is raised once the tasks already started are done;
+    tasks not started yet are dropped. Since tasks start in order, that is the error a
+    sequential loop would have raised. One task, or one worker, runs in this thread.
+    """
+    if len(tasks) <= 1 or workers <= 1:
+        return [task() for task in tasks]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix="dbplan-read") as pool:
+        futures = [pool.submit(task) for task in tasks]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            future.cancel()  # only those not started yet
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+    return [future.result() for future in futures]
 
 
 def _add_table_stats(
@@ -299,10 +372,11 @@ def read_table_stats(conn: psycopg.Connection, names: list[str], service: Servic
     )
 
 
-def claimed_schemas(estate: Estate, service: Service) -> frozenset[str]:
+def claimed_schemas(estate: Estate, service: Service, members: Sequence[Service] | None = None) -> frozenset[str]:
     """The schemas where other services of the same database name their own table of
-    this name (``schema:``): a table found there is theirs, not this service's."""
-    return _claimed_among(services_of_database(estate, service.database), service)
+    this name (``schema:``): a table found there is theirs, not this service's.
+    ``members``: the services of that database, when the caller has them."""
+    return _claimed_among(services_of_database(estate, service.database) if members is None else members, service)
 
 
 _by_database: tuple[object, dict[str, list[Service]]] | None = None
@@ -365,12 +439,20 @@ def discover(
     return found
 
 
-def locate_apart(conn: psycopg.Connection, estate: Estate, service: Service, owner: str | None) -> str:
+def locate_apart(
+    conn: psycopg.Connection,
+    estate: Estate,
+    service: Service,
+    owner: str | None,
+    members: Sequence[Service] | None = None,
+) -> str:
     """``locate_schema`` for the executor, which may have created the database a moment
     ago (so ``inspect`` could not look): also refuses a table another service of the
-    database resolves to."""
-    members = services_of_database(estate, service.database)
-    schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other)) for other in members}
+    database resolves to. ``members``: the services of that database, if known."""
+    if members is None:
+        members = services_of_database(estate, service.database)
+    members = list(members)
+    schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other, members)) for other in members}
     _refuse_shared_bookkeeping(members, schemas)
     return schemas[service.name]
 

