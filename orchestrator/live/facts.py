@@ -305,7 +305,7 @@ def _inspect_database(
     owner = estate.databases[database].owner
     with connect(server, url, database) as conn:
         found = {
-            service.name: read_service(conn, service, owner, claimed=_claimed_among(members, service))
+            service.name: read_service(conn, service, owner, claimed=_claimed_among(members, service), server=server.name)
             for service in members
         }
         if relations:
@@ -556,6 +556,7 @@ def read_service(
     *,
     schema: str | None = None,
     claimed: frozenset[str] = frozenset(),
+    server: str | None = None,  # named in an error
 ) -> ServiceFacts:
     """Read one service's bookkeeping through an open connection to its database: in
     ``schema`` if given (the executor's, fixed for its run), else where ``locate_schema``
@@ -582,7 +583,7 @@ def read_service(
             in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
             invalid = tuple(row[0] for row in conn.execute(INVALID_INDEXES))
     except psycopg.Error as err:
-        raise unreadable(service, "migrations", err) from err
+        raise unreadable(service, "migrations", err, server) from err
     return ServiceFacts(
         service=service.name,
         database_exists=True,
@@ -662,11 +663,13 @@ def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None,
     )
 
 
-def unreadable(service: Service, what: str, err: Exception) -> ConnectionFailed:
+def unreadable(service: Service, what: str, err: Exception, server: str | None = None) -> ConnectionFailed:
     """A service's bookkeeping could not be read: the server's message, where it was read."""
+    on = f" on server '{server}'" if server else ""
     return ConnectionFailed(
-        f"cannot read the {what} of service '{service.name}' in database '{service.database}': {str(err).strip()}",
+        f"cannot read the {what} of service '{service.name}' in database '{service.database}'{on}: {str(err).strip()}",
         service=service.name,
+        server=server,
     )
 
 

@@ -54,14 +54,14 @@ def read_history(estate: Estate, live: LiveState, *, limit: int | None = None) -
             histories.append(ServiceHistory(service.name, service.database, server.name, None, ()))
             continue
         with connect(server, server_url(server), service.database) as conn:
-            events, more = _events(conn, service, facts.schema, limit)
+            events, more = _events(conn, service, facts.schema, limit, server.name)
         table = f"{facts.schema}.{service.history_table}"
         histories.append(ServiceHistory(service.name, service.database, server.name, table, events, more))
     return histories
 
 
 def _events(
-    conn: psycopg.Connection, service: Service, schema: str, limit: int | None
+    conn: psycopg.Connection, service: Service, schema: str, limit: int | None, server_name: str
 ) -> tuple[tuple[HistoryEvent, ...], bool]:
     import psycopg
     from psycopg import sql
@@ -75,7 +75,7 @@ def _events(
             conn.execute("SET TRANSACTION READ ONLY")
             rows = conn.execute(query).fetchall()
     except psycopg.Error as err:
-        raise unreadable(service, "history", err) from err
+        raise unreadable(service, "history", err, server_name) from err
     more = limit is not None and len(rows) > limit
     kept = rows[:limit] if limit is not None else rows
     return tuple(HistoryEvent(*row) for row in reversed(kept)), more
