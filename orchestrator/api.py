@@ -219,19 +219,21 @@ def _plan_checked(
     )
 
 
-def _relations_named(migration_sets: Mapping[str, MigrationSet]) -> dict[str, frozenset[str]]:
-    """Per service, every table or index its migration files name: inspection reads their
-    live size for the warnings (one query per database, not one per file)."""
+def _relations_named(migration_sets: Mapping[str, MigrationSet]) -> dict[str, dict[int, frozenset[str]]]:
+    """Per service and version, every table or index its migration files name: inspection
+    reads the live size of those of the versions still to run, for the warnings (one query
+    per database, not one per file, and none where nothing is pending)."""
     from .migrations.lint import relations_named
 
-    # A set's instances share one MigrationSet: walk its files once, not once per database.
-    by_folder: dict[int, frozenset[str]] = {}
+    # A set's instances share one folder's migrations: walk its files once, not once per database.
+    by_folder: dict[int, dict[int, frozenset[str]]] = {}
     for migrations in migration_sets.values():
-        if id(migrations) not in by_folder:
-            by_folder[id(migrations)] = frozenset().union(
-                *(relations_named(f.script) for m in migrations.migrations for f in (m.up, m.down) if f is not None)
-            )
-    return {name: by_folder[id(migrations)] for name, migrations in migration_sets.items()}
+        if id(migrations.migrations) not in by_folder:
+            by_folder[id(migrations.migrations)] = {
+                m.version: frozenset().union(*(relations_named(f.script) for f in (m.up, m.down) if f is not None))
+                for m in migrations.migrations
+            }
+    return {name: by_folder[id(migrations.migrations)] for name, migrations in migration_sets.items()}
 
 
 def apply(

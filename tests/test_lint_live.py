@@ -144,3 +144,25 @@ def test_plan_reads_the_size_of_a_table_another_session_holds_locked_without_wai
     assert run.code == 0, run.output
     (warning,) = [w for w in json.loads(run.out)["warnings"] if w.get("lock")]
     assert warning["table"] == "public.orders" and warning["rows"] == 50_000
+
+
+def test_a_partitioned_table_counts_the_rows_and_size_of_its_partitions(estate: Estate) -> None:
+    estate.add_app()
+    estate.write("app", "000001_events.up.sql", (
+        "CREATE TABLE events (id int, at date NOT NULL) PARTITION BY RANGE (at);\n"
+        "CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');\n"
+        "CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');\n"
+    ))  # fmt: skip
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.execute("app", (
+        "INSERT INTO events SELECT g, date '2024-01-01' + (g % 700) FROM generate_series(1, 30000) g;"
+        " ANALYZE events_2024, events_2025"
+    ))  # fmt: skip
+    estate.write("app", "000002_rewrite.up.sql", "ALTER TABLE events ALTER COLUMN id TYPE bigint;\n")
+    estate.write("app", "000002_rewrite.down.sql", "ALTER TABLE events ALTER COLUMN id TYPE int;\n")
+    size = sum(
+        estate.query("app", f"SELECT pg_total_relation_size('{name}')")[0][0] for name in ("events_2024", "events_2025")
+    )
+    (warning,) = lock_warnings(estate)
+    assert (warning["table"], warning["rows"]) == ("public.events", 30_000)
+    assert abs(int(warning["bytes"]) - size) <= size * 0.1

@@ -67,32 +67,26 @@ WHERE NOT i.indisvalid ORDER BY 1
 # Read from the catalog only, never pg_total_relation_size or pg_partition_tree: those
 # lock the table (ACCESS SHARE), so a plan would wait behind any session holding it
 # ACCESS EXCLUSIVE, such as a running migration. relpages, like reltuples, is the estimate
-# of the last VACUUM or ANALYZE.
+# of the last VACUUM or ANALYZE. A partitioned table counts its partitions (one level: a
+# recursive walk made the query several times dearer to plan, on every database).
 TABLE_STATS = """
 SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
-       s.rows, s.bytes,
+       CASE WHEN t.relkind = 'p'
+            THEN (SELECT sum(l.reltuples) FILTER (WHERE l.reltuples >= 0)
+                  FROM pg_inherits h JOIN pg_class l ON l.oid = h.inhrelid WHERE h.inhparent = t.oid)
+            ELSE nullif(greatest(t.reltuples, -1), -1) END,
+       (SELECT sum(l.relpages::bigint + coalesce(toast.relpages, 0)
+                   + coalesce((SELECT sum(ix.relpages) FROM pg_index pi JOIN pg_class ix ON ix.oid = pi.indexrelid
+                               WHERE pi.indrelid = l.oid), 0))
+        FROM pg_class l LEFT JOIN pg_class toast ON toast.oid = l.reltoastrelid
+        WHERE l.oid = t.oid OR (t.relkind = 'p' AND l.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = t.oid)))
+       * current_setting('block_size')::bigint,
        (SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
         FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index i ON i.indexrelid = c.oid
 JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid)
 JOIN pg_namespace tn ON tn.oid = t.relnamespace
-CROSS JOIN LATERAL (
-    WITH RECURSIVE tree(relid) AS (
-        SELECT t.oid
-        UNION ALL
-        SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.relid WHERE t.relkind = 'p'
-    )
-    SELECT CASE WHEN t.relkind = 'p'
-                THEN sum(l.reltuples) FILTER (WHERE l.relkind <> 'p' AND l.reltuples >= 0)
-                ELSE nullif(greatest(t.reltuples, -1), -1) END AS rows,
-           sum(l.relpages::bigint + coalesce(toast.relpages, 0)
-               + coalesce((SELECT sum(ix.relpages) FROM pg_index pi JOIN pg_class ix ON ix.oid = pi.indexrelid
-                           WHERE pi.indrelid = l.oid), 0))
-           * current_setting('block_size')::bigint AS bytes
-    FROM tree JOIN pg_class l ON l.oid = tree.relid
-    LEFT JOIN pg_class toast ON toast.oid = l.reltoastrelid
-) s
 WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'm', 'i', 'I')
   AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
 ORDER BY 1, 2
@@ -240,7 +234,7 @@ def inspect(
     *,
     wait_seconds: float = 0.0,
     on_retry: Callable[[str], None] | None = None,
-    relations: Mapping[str, Iterable[str]] | None = None,
+    relations: Mapping[str, Mapping[int, Iterable[str]]] | None = None,
     parallel: int | None = None,
 ) -> LiveState:
     """Read every server and every existing database the plan file names.
@@ -273,7 +267,7 @@ def _inspect_server(
     wait_seconds: float,
     on_retry: Callable[[str], None] | None,
     parallel: int | None,
-    relations: Mapping[str, Iterable[str]] | None,
+    relations: Mapping[str, Mapping[int, Iterable[str]]] | None,
 ) -> tuple[ServerFacts, dict[str, ServiceFacts]]:
     url = server_url(server)
     with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
@@ -300,7 +294,7 @@ def _inspect_database(
     url: str,
     database: str,
     members: list[Service],
-    relations: Mapping[str, Iterable[str]] | None,
+    relations: Mapping[str, Mapping[int, Iterable[str]]] | None,
 ) -> dict[str, ServiceFacts]:
     owner = estate.databases[database].owner
     with connect(server, url, database) as conn:
@@ -343,17 +337,37 @@ def run_all(tasks: Sequence[Callable[[], T]], *, workers: int) -> list[T]:
 def _add_table_stats(
     conn: psycopg.Connection,
     members: list[Service],
-    relations: Mapping[str, Iterable[str]],
+    relations: Mapping[str, Mapping[int, Iterable[str]]],
     services: dict[str, ServiceFacts],
 ) -> None:
-    wanted = {service.name: frozenset(relations.get(service.name, ())) for service in members}
+    wanted = {
+        service.name: frozenset().union(*_names_still_to_run(service, services[service.name], relations))
+        for service in members
+    }
     names = sorted(frozenset().union(*wanted.values()))
     if not names:
-        return
+        return  # nothing pending here: a fleet's up-to-date databases cost no query
     stats = read_table_stats(conn, names, members[0])
     for service in members:
         mine = tuple(stat for stat in stats if stat.name in wanted[service.name])
         services[service.name] = replace(services[service.name], tables=mine)
+
+
+def _names_still_to_run(
+    service: Service, facts: ServiceFacts, relations: Mapping[str, Mapping[int, Iterable[str]]]
+) -> list[Iterable[str]]:
+    """The relations of the versions the plan may run: above the current version, or
+    below it without a history row (out of order); all of them when the service is new,
+    dirty or pinned to a target, which may revert."""
+    by_version = relations.get(service.name, {})
+    if facts.version is None or facts.dirty or service.target is not None:
+        return list(by_version.values())
+    recorded = facts.history_by_version() if facts.history_exists else None
+    return [
+        names
+        for version, names in by_version.items()
+        if version > facts.version or (recorded is not None and version not in recorded)
+    ]
 
 
 def read_table_stats(conn: psycopg.Connection, names: list[str], service: Service) -> tuple[TableStats, ...]:
