@@ -11,8 +11,8 @@ What it does (issue #12, "Benchmarks"):
 
 1. starts two throwaway PostgreSQL clusters (``EmbeddedServer``, durable settings);
 2. writes one service's 5 migrations (dbplan's up/down files and dbmate's one-file form)
-   and a plan file with N databases and N services written out, spread evenly over the
-   two servers (the set syntax, once it exists, expands to the same estate);
+   and a plan file with one set of N databases (``per_server``, placed as the dbmate loop
+   places them) served by one service;
 3. measures, in the same run:
    (a) creating the N databases and applying the 5 migrations: the loop people run
        today (``for db in ...; do dbmate --url ... up; done``: dbmate creates each
@@ -106,15 +106,15 @@ def write_migrations(root: Path, migrations: list[tuple[str, str, str]]) -> tupl
 
 
 def plan_file(root: Path, urls: list[str], count: int, prefix: str) -> Path:
+    """One set over both servers, placed as the dbmate loop places them (n mod servers)."""
     lines = ["version: 1", "servers:"]
     for index, url in enumerate(urls):
         lines += [f"  s{index}:", f"    url: '{url}'"]
-    lines.append("databases:")
-    for n in range(count):
-        lines += [f"  {prefix}{n}:", f"    server: s{n % len(urls)}"]
-    lines.append("services:")
-    for n in range(count):
-        lines += [f"  {prefix}{n}:", f"    database: {prefix}{n}", "    migrations: migrations/tenant"]
+    lines += ["databases:", "  tenants:", "    set:", "      per_server:"]
+    for index in range(len(urls)):
+        names = ", ".join(f"{prefix}{n}" for n in range(index, count, len(urls)))
+        lines.append(f"        s{index}: [{names}]")
+    lines += ["services:", "  tenant:", "    database: tenants", "    migrations: migrations/tenant"]
     path = root / "dbplan.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -282,3 +282,34 @@ def test_a_server_parallel_below_one_is_a_located_error(estate: Estate, pg_url2:
     assert run.code == 1
     assert re.search(r"dbplan\.yaml:\d+.*servers\.second\.parallel", run.err), run.err
     assert "unknown key" not in run.err and "0" in run.err
+
+
+def test_a_set_with_a_failed_canary_in_the_plan_file_stops_the_rest_of_the_set(estate: Estate, pg_url2: str) -> None:
+    # End to end: the set's `canary:` key (the loader) gates the roll-out (the scheduler).
+    folder = estate.root / "migrations" / "tenant"
+    folder.mkdir(parents=True)
+    for name, text in MIGRATIONS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    names = {"main": [estate.name(f"c{n}") for n in (1, 3, 5)], "second": [estate.name(f"c{n}") for n in (2, 4, 6)]}
+    canary = names["main"][0]
+    estate.document["servers"]["second"] = {"url": pg_url2}
+    estate.document["databases"] = {"tenants": {"set": {"per_server": names, "canary": [canary]}}}
+    estate.document["services"] = {"tenant": {"database": "tenants", "migrations": "migrations/tenant"}}
+    estate.save()
+    with_bad_row(estate.url, canary)
+
+    run = estate.dbplan("apply", "--yes", "--keep-going")
+    assert run.code == 1, run.output
+    assert "qty_positive" in run.output and canary in run.output
+    for server, members in names.items():
+        for database in members:
+            if database != canary:
+                exists = query(urls(estate, pg_url2)[server], "postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{database}'")
+                assert exists == [(0,)], f"{database}: the rest of the set started although its canary failed"
+
+    with psycopg.connect(estate.url, dbname=canary, autocommit=True) as conn:
+        conn.execute("UPDATE items SET qty = 1")
+    assert estate.dbplan("apply", "--yes").code == 0
+    for server, members in names.items():
+        for database in members:
+            assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)]
