@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from .planning.adoption import Takeover
     from .planning.offline_lint import LintReport
     from .planning.records import Recording
+    from .server.embedded import EmbeddedServer
     from .verification.dryrun import Verification
     from .verification.roundtrip import MigrationCheck, RoundTripReport
-    from .server.embedded import EmbeddedServer
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,9 @@ def apply(
     ``keep_going``: then all that does not depend on a failure runs (``Result.failures``,
     ``Result.not_run``).
     """
-    from .execution.executor import execute  # the writer is loaded only by commands that write
+    from .execution.executor import (
+        execute,  # the writer is loaded only by commands that write
+    )
 
     _check_seconds("lock_wait", lock_wait)
 

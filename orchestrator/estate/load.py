@@ -25,8 +25,8 @@ from .model import (
     DEFAULT_LOCK_TIMEOUT_MS,
     DEFAULT_MIGRATIONS_TABLE,
     DEFAULT_STATEMENT_TIMEOUT_MS,
-    Blueprint,
     FORMAT_GOLANG_MIGRATE,
+    Blueprint,
     Database,
     DatabaseSet,
     Discovery,
@@ -734,7 +734,9 @@ def load(file: str | os.PathLike[str] = DEFAULT_PLAN_FILE, environ: Mapping[str,
         blueprint=blueprint if sets else None,
         discovered=not any(spec.discovery for spec in sets.values()),
     )
-    from . import graph  # cycles are a property of the whole file: report them at load time
+    from . import (
+        graph,  # cycles are a property of the whole file: report them at load time
+    )
 
     graph.build(estate)
     return estate

@@ -17,6 +17,7 @@ from ..live.locks import LockWait, advisory_lock, migrations_lock_key
 from ..migrations.scan import MigrationSet
 from ..planning.adoption import Takeover, takeover
 from . import bookkeeping
+from .records import find_service
 
 
 def adopt_service(
@@ -25,15 +26,7 @@ def adopt_service(
     """Record what dbmate or Flyway applied as applied by dbplan; refuse (nothing changed)
     a database without such bookkeeping, one dbplan keeps already, or one whose rows do not
     match the files."""
-    from ..estate.load import suggest
-
-    service = estate.services.get(service_name)
-    if service is None:
-        match = suggest(service_name, estate.services)
-        raise DbplanError(
-            f"unknown service '{service_name}'" + (f"; did you mean '{match}'?" if match else ""),
-            hint=f"services: {', '.join(estate.services)}",
-        )
+    service = find_service(estate, service_name)
     server = estate.server_of_service(service)
     owner = estate.databases[service.database].owner
     if service.database not in _databases(estate, service.database):
@@ -112,9 +105,7 @@ def hand_back(estate: Estate, migration_sets: dict[str, MigrationSet], service_n
     from ..live.facts import DBMATE_TABLE, read_foreign
     from ..planning.planner import applied_versions
 
-    service = estate.services.get(service_name)
-    if service is None:
-        raise DbplanError(f"unknown service '{service_name}'", hint=f"services: {', '.join(estate.services)}")
+    service = find_service(estate, service_name)
     server = estate.server_of_service(service)
     owner = estate.databases[service.database].owner
     migration_set = migration_sets[service.name]

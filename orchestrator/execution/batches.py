@@ -39,7 +39,12 @@ from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import MigrationFile
 from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, ExpectFunction, expect_version
+from .guard import (
+    GUARD_BUSY_SQLSTATE,
+    GUARD_MOVED_SQLSTATE,
+    ExpectFunction,
+    expect_version,
+)
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,

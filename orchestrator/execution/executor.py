@@ -25,8 +25,22 @@ from typing import TYPE_CHECKING
 
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
 from ..estate.model import Estate, Server, Service
-from ..live.connection import behind_pooler, connect, connection_bound, connection_lost, server_url
-from ..live.facts import LiveRole, ServerFacts, ServiceFacts, declared_passwords, locate_apart, read_server, read_service
+from ..live.connection import (
+    behind_pooler,
+    connect,
+    connection_bound,
+    connection_lost,
+    server_url,
+)
+from ..live.facts import (
+    LiveRole,
+    ServerFacts,
+    ServiceFacts,
+    declared_passwords,
+    locate_apart,
+    read_server,
+    read_service,
+)
 from ..live.locks import (
     DEFAULT_LOCK_WAIT_SECONDS,
     LockWait,
@@ -58,13 +72,13 @@ from .guard import transaction_guard
 from .inline_copy import run_transactional_steps
 from .migration_run import (
     GuardFailed,
-    rollback_quietly,
     Target,
     as_role,
     checkpoint,
     execute_guarded,
     file_of,
     ms_since,
+    rollback_quietly,
     run_outside_transaction,
 )
 from .progress import (

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 
 from ..errors import DbplanError
 from ..estate.model import Estate
-from ..planning.plan import Action, AlterDatabaseOwner, AlterRole, CreateDatabase, CreateRole, Plan
+from ..planning.plan import (
+    Action,
+    AlterDatabaseOwner,
+    AlterRole,
+    CreateDatabase,
+    CreateRole,
+    Plan,
+)
 
 ROLES, DATABASE, SERVICE = "roles", "database", "service"
 

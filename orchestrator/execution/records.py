@@ -35,9 +35,15 @@ def find_service(estate: Estate, service_name: str) -> Service:
         match = suggest(service_name, estate.services)
         raise DbplanError(
             f"unknown service '{service_name}'" + (f"; did you mean '{match}'?" if match else ""),
-            hint=f"services: {', '.join(estate.services)}",
+            hint=f"services: {_listed(list(estate.services))}",
         )
     return service
+
+
+def _listed(names: list[str], limit: int = 10) -> str:
+    """A fleet has thousands of services: name a few, count the rest."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def record(

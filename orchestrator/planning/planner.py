@@ -11,7 +11,14 @@ from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
 from ..estate.model import Estate, Role, Service
-from ..live.facts import LiveRole, LiveState, ServerFacts, ServiceFacts, TableStats, services_of_database
+from ..live.facts import (
+    LiveRole,
+    LiveState,
+    ServerFacts,
+    ServiceFacts,
+    TableStats,
+    services_of_database,
+)
 from ..migrations.lint import new_tables_after
 from ..migrations.scan import (
     TRANSACTIONAL_MODES,

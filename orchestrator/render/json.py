@@ -6,14 +6,21 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DbplanError
-from ..planning.plan import FORMAT_VERSION, Plan, action_to_dict, plan_to_dict, service_to_dict, without_nones
+from ..planning.plan import (
+    FORMAT_VERSION,
+    Plan,
+    action_to_dict,
+    plan_to_dict,
+    service_to_dict,
+    without_nones,
+)
 
 if TYPE_CHECKING:
+    from ..execution.progress import Result
     from ..live.history import ServiceHistory
     from ..planning.offline_lint import LintReport
     from ..planning.records import Recording
     from ..verification.roundtrip import RoundTripReport
-    from ..execution.progress import Result
 
 
 def render_plan(plan: Plan) -> str:

@@ -23,10 +23,10 @@ from ..planning.plan import (
 _CODES = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
 
 if TYPE_CHECKING:
+    from ..execution.progress import Result
     from ..live.history import ServiceHistory
     from ..planning.offline_lint import LintReport
     from ..verification.roundtrip import MigrationCheck, RoundTripReport
-    from ..execution.progress import Result
 
 
 class Style:
