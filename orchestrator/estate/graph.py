@@ -22,8 +22,23 @@ class EstateGraph:
     service_generations: tuple[tuple[str, ...], ...]  # services of one generation are independent
 
 
+# The last estate built and its graph: load() builds it to report cycles, and the command
+# then asks again for the same estate (a fleet's graph of thousands of nodes, twice).
+_last_built: tuple[Estate, EstateGraph] | None = None
+
+
 def build(estate: Estate) -> EstateGraph:
     """Build the graph; raise ``GraphError`` naming every member of a dependency cycle."""
+    global _last_built
+    last = _last_built
+    if last is not None and last[0] is estate:
+        return last[1]
+    built = _build(estate)
+    _last_built = (estate, built)  # one tuple: a thread sees the old pair or the new one
+    return built
+
+
+def _build(estate: Estate) -> EstateGraph:
     import networkx as nx  # heavy import, paid only by commands that need the graph
 
     graph = nx.DiGraph()
