@@ -28,6 +28,7 @@ from .planning.plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     CreateDatabase,
     CreateRole,
     Plan,
@@ -294,6 +295,8 @@ def describe_action(action: Action) -> str:
         return f"create database {action.database} on {action.server}"
     if isinstance(action, AlterDatabaseOwner):
         return f"change owner of database {action.database} on {action.server} to {action.owner}"
+    if isinstance(action, ApplyRepeatable):
+        return f"run repeatable {action.service} {action.title}"
     verb = "apply" if isinstance(action, ApplyMigration) else "revert"
     assert isinstance(action, (ApplyMigration, RevertMigration))
     return f"{verb} {action.service} {action.version} {action.title}"

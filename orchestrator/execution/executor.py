@@ -37,12 +37,13 @@ from ..live.locks import (
     pooler_message,
     server_lock_key,
 )
-from ..migrations.scan import Migration, MigrationSet
+from ..migrations.scan import Migration, MigrationFile, MigrationSet
 from ..planning.plan import (
     Action,
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     CreateDatabase,
     CreateRole,
     MigrationAction,
@@ -176,7 +177,7 @@ def execute(
     for service in estate.services.values():
         run.members.setdefault(service.database, []).append(service)
     for action in plan.actions:
-        if isinstance(action, (ApplyMigration, RevertMigration)):
+        if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable)):
             run.plan_actions.setdefault(action.service, []).append(action)
     units = fleet.units_of(plan, estate)
     servers = {unit.server for unit in units}
@@ -691,13 +692,15 @@ def _run_and_report(
     befores = [version_before] + [action.version_after for action in actions[:-1]]
     try:
         if actions[0].transactional:
+            repeatables = {r.description: r.file for r in run.migration_sets[target.service.name].repeatables}
             steps = [
-                Step(action, file_of(action, by_version[action.version]), before)
+                Step(action, _file_to_run(action, by_version, repeatables), before)
                 for action, before in zip(actions, befores)
             ]
             run_transactional_steps(run, target, steps, report, guard=guard)
         else:
             (action,) = actions
+            assert not isinstance(action, ApplyRepeatable), "a repeatable always runs in a transaction"
             run.check_stop(f"before {action_phrase(action)}")
             report.started(Step(action, file_of(action, by_version[action.version])))
             run_outside_transaction(run, target, action, by_version[action.version], version_before)
@@ -705,6 +708,15 @@ def _run_and_report(
     except (MigrationFailed, Interrupted) as failure:
         report.failed(failure)
         raise
+
+
+def _file_to_run(
+    action: MigrationAction, by_version: dict[int, Migration], repeatables: dict[str, MigrationFile]
+) -> MigrationFile:
+    if isinstance(action, ApplyRepeatable):
+        return repeatables[action.title]
+    assert action.version is not None
+    return file_of(action, by_version[action.version])
 
 
 class _StepProgress:
@@ -787,7 +799,13 @@ def _still_to_do(
 def _describe_actions(actions: list[MigrationAction]) -> str:
     if not actions:
         return "do nothing"
-    return ", ".join(f"{'apply' if isinstance(a, ApplyMigration) else 'revert'} {a.version}" for a in actions)
+    return ", ".join(_described(action) for action in actions)
+
+
+def _described(action: MigrationAction) -> str:
+    if isinstance(action, ApplyRepeatable):
+        return f"run repeatable {action.title}"
+    return f"{'apply' if isinstance(action, ApplyMigration) else 'revert'} {action.version}"
 
 
 def _pg_message(err: Exception) -> str:

@@ -21,7 +21,7 @@ from ..estate.model import Server, Service
 from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
-from ..planning.plan import MigrationAction, RevertMigration
+from ..planning.plan import ApplyRepeatable, MigrationAction, RevertMigration
 from . import bookkeeping
 from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, expect_version
 
@@ -117,6 +117,8 @@ def file_of(action: MigrationAction, migration: Migration) -> MigrationFile:
 
 def event_of(action: MigrationAction) -> str:
     """The history's word for what an action does."""
+    if isinstance(action, ApplyRepeatable):
+        return "repeat"
     return "revert" if isinstance(action, RevertMigration) else "apply"
 
 
@@ -134,6 +136,7 @@ def run_outside_transaction(
     when another run moved on meanwhile."""
     from psycopg import sql
 
+    assert not isinstance(action, ApplyRepeatable), "a repeatable always runs in a transaction"
     file, event = file_of(action, migration), event_of(action)
     conn, owner, tables = target.conn, target.owner, target.tables
     started = time.monotonic()
@@ -305,7 +308,7 @@ def _record_failure(
     from ..live.failure import FAIL_EVENT, Failure, reason_of
 
     conn = target.conn
-    if conn.closed or conn.broken:
+    if conn.closed or conn.broken or isinstance(action, ApplyRepeatable):  # a repeatable leaves nothing dirty
         return
     reason = reason_of(
         Failure(file.display, failure.line, failure.sqlstate, failure.pg_message or failure.message, done, total)

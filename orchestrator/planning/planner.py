@@ -26,6 +26,7 @@ from .plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     Blocker,
     CreateDatabase,
     CreateRole,
@@ -50,10 +51,11 @@ class ServiceOutcome:
     applies: tuple[ApplyMigration, ...]
     warnings: tuple[Warning, ...]
     blockers: tuple[Blocker, ...]
+    repeats: tuple[ApplyRepeatable, ...] = ()  # after the applies, as Flyway runs them
 
     @property
     def actions(self) -> tuple[MigrationAction, ...]:
-        return self.reverts + self.applies
+        return self.reverts + self.applies + self.repeats
 
 
 def make_plan(
@@ -79,7 +81,7 @@ def make_plan(
     for name in reversed(graph.service_order):
         actions += outcomes[name].reverts
     for name in graph.service_order:
-        actions += outcomes[name].applies
+        actions += outcomes[name].applies + outcomes[name].repeats
     in_file_order = [outcomes[name] for name in estate.services]
     return Plan(
         actions=tuple(actions),
@@ -367,7 +369,30 @@ def plan_service(
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
-    return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+    version_at_end = applies[-1].version_after if applies else max(remaining, default=None)
+    repeats = _repeats(service, migration_set, facts, version_at_end)
+    return ServiceOutcome(summary, reverts, applies, tuple(warnings), (), repeats)
+
+
+def _repeats(
+    service: Service, migration_set: MigrationSet, facts: ServiceFacts, version: int | None
+) -> tuple[ApplyRepeatable, ...]:
+    """The repeatable files to run: those never recorded, and those whose checksum differs
+    from the one last recorded; in the order of their descriptions."""
+    return tuple(
+        ApplyRepeatable(
+            service=service.name,
+            database=service.database,
+            version=version,
+            title=repeatable.description,
+            file=repeatable.file.display,
+            checksum=repeatable.file.checksum,
+            previous_checksum=facts.repeatables.get(repeatable.description),
+            run_mode=run_mode_of(repeatable.file.script),
+        )
+        for repeatable in migration_set.repeatables
+        if facts.repeatables.get(repeatable.description) != repeatable.file.checksum
+    )
 
 
 def _foreign_blocker(service: Service, facts: ServiceFacts) -> Blocker:
