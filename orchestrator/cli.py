@@ -746,6 +746,7 @@ def adopt(
     lines = [summary]
     if taken.baseline is not None:
         lines.append(f"  Flyway's baseline: versions up to {taken.baseline} count as applied.")
+    lines += [f"  repeatable {r.file.display}: unchanged since Flyway ran it, recorded" for r in taken.repeatables]
     lines += [f"  not taken over: {what}" for what in taken.skipped]
     lines.append(f"  {taken.source} was left as it was.")
     _say("\n".join(lines) + "\n")
