@@ -398,6 +398,11 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
+        texts.update(
+            (repeatable.file.display, repeatable.file.text)
+            for migration_set in planned.migration_sets.values()
+            for repeatable in migration_set.repeatables
+        )
         shown = render_markdown_plan(plan_value, sql_for=texts.get, graph=planned.graph)
         return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text

@@ -4,10 +4,26 @@ first time and whenever their checksum changes, each in one transaction with its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from estate import Estate
+
+from orchestrator.estate.graph import build as build_graph
+from orchestrator.estate.model import FORMAT_FLYWAY, Database, Server, Service
+from orchestrator.estate.model import Estate as EstateModel
+from orchestrator.execution.fleet import units_of
+from orchestrator.live.facts import HistoryEntry, LiveState, ServerFacts, ServiceFacts
+from orchestrator.migrations.scan import MigrationSet
+from orchestrator.migrations.scan import scan as scan_migrations
+from orchestrator.planning.plan import (
+    ApplyRepeatable,
+    Plan,
+    action_from_dict,
+    action_to_dict,
+)
+from orchestrator.planning.planner import make_plan
 
 V1 = "CREATE TABLE accounts (id int PRIMARY KEY, name text);\n"
 V2 = "ALTER TABLE accounts ADD COLUMN email text;\n"
@@ -66,12 +82,15 @@ def test_an_edited_repeatable_is_planned_and_run_again(estate: Estate) -> None:
 
     plan = estate.dbplan("plan")
     as_json = estate.dbplan("plan", "--format", "json")
+    markdown = estate.dbplan("plan", "--format", "markdown")
     applied = estate.dbplan("apply", "--yes")
 
     assert "~ R__views.sql changed: will run again" in plan.out
     (action,) = json.loads(as_json.out)["actions"]
     assert action["kind"] == "apply_repeatable" and action["title"] == "views" and action["version"] == 2000000
     assert action["previous_checksum"] is not None and action["previous_checksum"] != action["checksum"]
+    assert "| run again | repeatable | `R__views.sql` | yes |" in markdown.out
+    assert "SELECT id, name, email FROM accounts" in markdown.out  # the SQL a reviewer reads
     assert applied.code == 0, applied.output
     assert [row for row in history(estate) if row[1] == "repeat"] == [(2000000, "repeat", "views")] * 2
     checksums = estate.query("app", "SELECT checksum FROM dbplan_history WHERE event = 'repeat' ORDER BY id")
@@ -136,3 +155,72 @@ def test_a_no_transaction_repeatable_is_a_located_error(estate: Estate) -> None:
     assert run.code != 0
     assert "migrations/app/R__index.sql" in run.err and "outside one transaction" in run.err
     assert not estate.database_exists("app")
+
+
+# -- the planner, pure: no server ------------------------------------------------------------
+
+
+def pure_world(root: Path) -> tuple[EstateModel, dict[str, MigrationSet]]:
+    folder = root / "migrations" / "app"
+    folder.mkdir(parents=True)
+    for name, text in {"V1__accounts.sql": V1, "V2__email.sql": V2, "R__views.sql": VIEWS}.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    service = Service("app", "app", folder, "migrations/app", format=FORMAT_FLYWAY)
+    estate = EstateModel(
+        file=root / "dbplan.yaml",
+        root=root,
+        servers={"main": Server("main", "postgresql://postgres@localhost/postgres", embedded=None)},
+        roles={},
+        databases={"app": Database("app", "main")},
+        services={"app": service},
+    )
+    return estate, scan_migrations(estate)
+
+
+def pure_plan(estate: EstateModel, sets: dict[str, MigrationSet], facts: ServiceFacts) -> Plan:
+    server = ServerFacts("main", "15.4", None, "127.0.0.1:5432", frozenset({"postgres", "app"}), frozenset({"postgres"}))
+    return make_plan(estate, build_graph(estate), sets, LiveState({"main": server}, {"app": facts}))
+
+
+def at_version_2(sets: dict[str, MigrationSet], **changes: object) -> ServiceFacts:
+    migrations = sets["app"].migrations
+    history = tuple(HistoryEntry(m.version, "apply", m.up.checksum, m.title, i) for i, m in enumerate(migrations, 1))
+    facts = ServiceFacts("app", True, "public", True, True, 2000000, history=history, history_count=3)
+    return replace(facts, **changes)  # type: ignore[arg-type]
+
+
+def test_a_repeatable_recorded_with_its_checksum_is_not_planned(tmp_path: Path) -> None:
+    estate, sets = pure_world(tmp_path)
+    checksum = sets["app"].repeatables[0].file.checksum
+
+    unchanged = pure_plan(estate, sets, at_version_2(sets, repeatables={"views": checksum}))
+    changed = pure_plan(estate, sets, at_version_2(sets, repeatables={"views": "0" * 64}))
+
+    assert unchanged.actions == ()
+    assert changed.actions == (
+        ApplyRepeatable("app", "app", 2000000, "views", "migrations/app/R__views.sql", checksum, "0" * 64),
+    )
+    assert changed.summary()["repeat"] == 1
+
+
+def test_a_blocked_service_runs_no_repeatable(tmp_path: Path) -> None:
+    estate, sets = pure_world(tmp_path)
+
+    dirty = pure_plan(estate, sets, at_version_2(sets, dirty=True))
+
+    assert dirty.blocked
+    assert not any(isinstance(action, ApplyRepeatable) for action in dirty.actions)
+
+
+def test_repeatables_follow_the_services_new_versions_and_round_trip_through_json(tmp_path: Path) -> None:
+    estate, sets = pure_world(tmp_path)
+
+    plan = pure_plan(estate, sets, ServiceFacts("app", True, "public"))
+
+    kinds = [action.kind for action in plan.actions]
+    assert kinds == ["apply_migration", "apply_migration", "apply_repeatable"]
+    repeat = plan.actions[-1]
+    assert isinstance(repeat, ApplyRepeatable) and repeat.version == 2000000 and repeat.previous_checksum is None
+    assert tuple(action_from_dict(json.loads(json.dumps(action_to_dict(a)))) for a in plan.actions) == plan.actions
+    (unit,) = [unit for unit in units_of(plan, estate) if unit.service == "app"]  # one lock for all three
+    assert unit.actions == list(plan.actions)
