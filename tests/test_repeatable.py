@@ -224,3 +224,17 @@ def test_repeatables_follow_the_services_new_versions_and_round_trip_through_jso
     assert tuple(action_from_dict(json.loads(json.dumps(action_to_dict(a)))) for a in plan.actions) == plan.actions
     (unit,) = [unit for unit in units_of(plan, estate) if unit.service == "app"]  # one lock for all three
     assert unit.actions == list(plan.actions)
+
+
+def test_a_repeatable_to_run_is_linted_and_refused_as_any_file(tmp_path: Path) -> None:
+    estate, _ = pure_world(tmp_path)
+    folder = tmp_path / "migrations" / "app"
+    (folder / "R__cleanup.sql").write_text("DROP TABLE accounts;\n", encoding="utf-8")
+    (folder / "R__index.sql").write_text("CREATE INDEX CONCURRENTLY a_name ON accounts (name);\n", encoding="utf-8")
+    sets = scan_migrations(estate)
+
+    plan = pure_plan(estate, sets, at_version_2(sets))
+
+    assert plan.blocked
+    assert any(b.file == "migrations/app/R__index.sql" and "CONCURRENTLY" in b.message for b in plan.blockers)
+    assert any(w.file == "migrations/app/R__cleanup.sql" and w.severity == "destructive" for w in plan.warnings)

@@ -348,6 +348,13 @@ def plan_service(
         blockers += large_table_blockers(service, revert.version, found)
         warnings += found
 
+    version_at_end = applies[-1].version_after if applies else max(remaining, default=None)
+    repeats = _repeats(service, migration_set, facts, version_at_end)
+    for repeatable in migration_set.repeatables:  # a reviewer reads a repeatable that runs as any file
+        if any(repeat.title == repeatable.description for repeat in repeats):
+            blockers += _file_blockers(service, None, repeatable.file, RunMode.TRANSACTION)
+            warnings += lint_warnings(service, repeatable.file, lint=lint, new_tables=new_tables, facts=facts)
+
     summary = ServicePlan(
         service=service.name,
         database=service.database,
@@ -369,8 +376,6 @@ def plan_service(
     )
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
-    version_at_end = applies[-1].version_after if applies else max(remaining, default=None)
-    repeats = _repeats(service, migration_set, facts, version_at_end)
     return ServiceOutcome(summary, reverts, applies, tuple(warnings), (), repeats)
 
 
@@ -793,7 +798,7 @@ def large_table_blockers(service: Service, version: int, warnings: list[Warning]
     ]
 
 
-def _file_blockers(service: Service, version: int, file: MigrationFile, run_mode: str) -> list[Blocker]:
+def _file_blockers(service: Service, version: int | None, file: MigrationFile, run_mode: str) -> list[Blocker]:
     """What in a file stops the plan (``refusals``): each names the file and line."""
     from ..migrations.refusals import refusals
 
