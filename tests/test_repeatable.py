@@ -83,9 +83,12 @@ def test_an_edited_repeatable_is_planned_and_run_again(estate: Estate) -> None:
     plan = estate.dbplan("plan")
     as_json = estate.dbplan("plan", "--format", "json")
     markdown = estate.dbplan("plan", "--format", "markdown")
+    status = estate.dbplan("status")
     applied = estate.dbplan("apply", "--yes")
 
     assert "~ R__views.sql changed: will run again" in plan.out
+    assert "0 +1 R__" in status.out, status.out
+    assert json.loads(as_json.out)["services"][0]["repeatables"] == ["views"]
     (action,) = json.loads(as_json.out)["actions"]
     assert action["kind"] == "apply_repeatable" and action["title"] == "views" and action["version"] == 2000000
     assert action["previous_checksum"] is not None and action["previous_checksum"] != action["checksum"]

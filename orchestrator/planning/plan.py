@@ -213,6 +213,7 @@ class ServicePlan:
     fleet: str | None = None  # the service definition over a set this instance came from
     stage: int | None = None  # its database's roll-out stage within the set (0: canary)
     failure: Failure | None = None  # dirty: where its migration failed, when the history recorded it
+    repeatables: tuple[str, ...] = ()  # descriptions of the repeatable files that will run
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "bookkeeping": service.bookkeeping,
         **({"fleet": service.fleet, "stage": service.stage} if service.fleet else {}),
         **({"failure": vars(service.failure)} if service.failure else {}),
+        **({"repeatables": list(service.repeatables)} if service.repeatables else {}),
     }
 
 

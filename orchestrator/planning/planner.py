@@ -374,6 +374,7 @@ def plan_service(
         stage=estate.databases[service.database].stage if service.fleet else None,
         failure=facts.failure if facts.dirty else None,
     )
+    summary = replace(summary, repeatables=tuple(repeat.title for repeat in repeats))
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
     return ServiceOutcome(summary, reverts, applies, tuple(warnings), (), repeats)

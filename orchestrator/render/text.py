@@ -298,7 +298,7 @@ def render_status(plan: Plan, *, color: bool = False) -> str:
             s.database,
             version_label(s.current),
             version_label(s.latest),
-            str(len(s.pending)),
+            str(len(s.pending)) + (f" +{len(s.repeatables)} R__" if s.repeatables else ""),
             "yes" if s.dirty else "no",
             ", ".join(str(d.version) for d in s.drift) or "-",
             s.bookkeeping or "-",
