@@ -241,3 +241,14 @@ def test_a_repeatable_to_run_is_linted_and_refused_as_any_file(tmp_path: Path) -
     assert plan.blocked
     assert any(b.file == "migrations/app/R__index.sql" and "CONCURRENTLY" in b.message for b in plan.blockers)
     assert any(w.file == "migrations/app/R__cleanup.sql" and w.severity == "destructive" for w in plan.warnings)
+
+
+def test_dbplan_lint_reads_the_repeatable_files_too(estate: Estate) -> None:
+    flyway_app(estate)
+    estate.write("app", "R__cleanup.sql", "SELECT 1;\nDROP TABLE accounts;\n")
+
+    run = estate.dbplan("lint")
+
+    assert run.code == 1, run.output
+    assert "migrations/app/R__cleanup.sql:2: drop-table (destructive)" in run.out, run.out
+    assert "4 files linted" in run.out
