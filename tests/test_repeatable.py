@@ -115,6 +115,7 @@ def test_a_failing_repeatable_leaves_nothing_and_fails(estate: Estate) -> None:
 
     assert applied.code == 1, applied.output
     assert "R__views.sql" in applied.output and "no_such_column" in applied.output
+    assert "cannot run repeatable 'views' of service 'app'" in applied.err
     assert view_columns(estate) == ["id", "name"]  # the first statement was rolled back too
     assert [row for row in history(estate) if row[1] == "repeat"] == [(2000000, "repeat", "views")]
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(2000000, False)]

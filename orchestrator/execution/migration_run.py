@@ -347,8 +347,9 @@ def migration_failure(
     import psycopg
 
     verb = "revert" if isinstance(action, RevertMigration) else "apply"
+    what = f"run repeatable '{action.title}'" if isinstance(action, ApplyRepeatable) else f"{verb} version {action.version}"
     if not isinstance(err, psycopg.Error):
-        return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
+        return MigrationFailed(f"{file.display}: cannot {what}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
     message = printable(server_message(err))  # it may quote the file: "invalid input syntax: \"<ESC>...\""
@@ -397,7 +398,7 @@ def migration_failure(
     else:
         hint = "the migration was rolled back: nothing of it is left in the database; fix the file and apply again"
     return MigrationFailed(
-        f"cannot {verb} version {action.version} of service '{action.service}': " + "\n  ".join(details),
+        f"cannot {what} of service '{action.service}': " + "\n  ".join(details),
         sqlstate=sqlstate,
         pg_message=message,
         line=line,
