@@ -290,6 +290,7 @@ def test_init_writes_a_plan_file_that_validates(tmp_path: Path, capsys: pytest.C
     [
         ("db/migrations", DBMATE_FILES, "dbmate"),
         ("src/main/resources/db/migration", {"V1__init.sql": "SELECT 1;\n"}, "flyway"),
+        ("sql", {"R__views.sql": "CREATE OR REPLACE VIEW v AS SELECT 1;\n"}, "flyway"),  # repeatables only
         ("migrations", {"1_init.up.sql": "SELECT 1;\n"}, "golang-migrate"),
     ],
 )

@@ -552,7 +552,7 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     rejected: ServiceFacts | None = None
     while True:
         # Under the lock: another run may have moved on.
-        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
         todo = _fresh_todo(run, service, shown, facts)
         _skip_done_by_others(run, shown, todo)
         if not todo:
@@ -646,7 +646,7 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
     settled = 0  # shown[:settled] are reported
     rejected: ServiceFacts | None = None
     while True:
-        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
         if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
             waiting.pause()
             continue
