@@ -586,7 +586,7 @@ def _existing_folder(root: Path) -> tuple[str | None, str]:
         names = sorted(path.name for path in folder.glob("*.sql"))
         if any(name.endswith(".up.sql") for name in names):
             return candidate, "golang-migrate"
-        if any(re.match(r"^V[0-9]", name) for name in names):
+        if any(re.match(r"^(V[0-9]|R__)", name) for name in names):
             return candidate, "flyway"
         if any("-- migrate:up" in (folder / name).read_text(errors="replace") for name in names):
             return candidate, "dbmate"

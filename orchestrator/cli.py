@@ -28,6 +28,7 @@ from .planning.plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     CreateDatabase,
     CreateRole,
     Plan,
@@ -294,6 +295,8 @@ def describe_action(action: Action) -> str:
         return f"create database {action.database} on {action.server}"
     if isinstance(action, AlterDatabaseOwner):
         return f"change owner of database {action.database} on {action.server} to {action.owner}"
+    if isinstance(action, ApplyRepeatable):
+        return f"run repeatable {action.service} {action.title}"
     verb = "apply" if isinstance(action, ApplyMigration) else "revert"
     assert isinstance(action, (ApplyMigration, RevertMigration))
     return f"{verb} {action.service} {action.version} {action.title}"
@@ -395,6 +398,11 @@ def _render_plan(planned: api.Planned, format: PlanFormat) -> str:
             for file in (migration.up, migration.down)
             if file is not None
         }
+        texts.update(
+            (repeatable.file.display, repeatable.file.text)
+            for migration_set in planned.migration_sets.values()
+            for repeatable in migration_set.repeatables
+        )
         shown = render_markdown_plan(plan_value, sql_for=texts.get, graph=planned.graph)
         return shown + (render_verification.render_markdown(verified) if verified is not None else "")
     from .render import text
@@ -743,6 +751,7 @@ def adopt(
     lines = [summary]
     if taken.baseline is not None:
         lines.append(f"  Flyway's baseline: versions up to {taken.baseline} count as applied.")
+    lines += [f"  repeatable {r.file.display}: unchanged since Flyway ran it, recorded" for r in taken.repeatables]
     lines += [f"  not taken over: {what}" for what in taken.skipped]
     lines.append(f"  {taken.source} was left as it was.")
     _say("\n".join(lines) + "\n")

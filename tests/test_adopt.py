@@ -253,19 +253,12 @@ def test_a_flyway_version_dbplan_cannot_order_is_a_located_error(estate: Estate)
     estate.add_database("app")
     estate.add_service("app", "app", format="flyway")
     estate.write("app", "V1.2000__too_far.sql", "SELECT 1;\n")
-    estate.write("app", "R__views.sql", "SELECT 1;\n")
 
-    (estate.root / "migrations" / "app" / "R__views.sql").unlink()
     run = estate.dbplan("validate")
-    (estate.root / "migrations" / "app" / "V1.2000__too_far.sql").unlink()
-    estate.write("app", "R__views.sql", "SELECT 1;\n")
-    repeatable = estate.dbplan("validate")
 
     assert run.code != 0
     assert "migrations/app/V1.2000__too_far.sql" in run.err
     assert "cannot map the Flyway version '1.2000'" in run.err
-    assert repeatable.code != 0
-    assert "migrations/app/R__views.sql" in repeatable.err and "repeatable" in repeatable.err
     assert not estate.database_exists("app")
 
 
@@ -297,6 +290,7 @@ def test_init_writes_a_plan_file_that_validates(tmp_path: Path, capsys: pytest.C
     [
         ("db/migrations", DBMATE_FILES, "dbmate"),
         ("src/main/resources/db/migration", {"V1__init.sql": "SELECT 1;\n"}, "flyway"),
+        ("sql", {"R__views.sql": "CREATE OR REPLACE VIEW v AS SELECT 1;\n"}, "flyway"),  # repeatables only
         ("migrations", {"1_init.up.sql": "SELECT 1;\n"}, "golang-migrate"),
     ],
 )
@@ -385,6 +379,36 @@ def test_adopt_takes_a_flyway_baseline_and_undo_rows_as_flyway_meant_them(estate
     assert events == [(1000000, "baseline"), (1001000, "adopt")]
     assert "+ 2001000 prices" in plan.out, plan.out  # undone: pending again, and only it
     assert "1000000 init" not in plan.out
+
+
+def test_adopt_records_flyway_repeatables_that_did_not_change_and_runs_the_others_again(estate: Estate) -> None:
+    views = "CREATE OR REPLACE VIEW account_ids AS SELECT id FROM accounts;\n"
+    grants_as_run = "CREATE TABLE granted (n int);\n"
+    migrated_like_flyway(estate, files={**FLYWAY_FILES, "R__views.sql": views, "R__grants.sql": grants_as_run})
+    estate.execute("app", views + grants_as_run)
+    with psycopg.connect(estate.url, dbname=estate.name("app"), autocommit=True) as conn:
+        for rank, (name, text) in enumerate([("R__views.sql", views), ("R__grants.sql", grants_as_run)], start=10):
+            conn.execute(
+                "INSERT INTO flyway_schema_history VALUES (%s, NULL, %s, 'SQL', %s, %s, 'flyway', now(), 5, true)",
+                (rank, name[3:-4], name, flyway_checksum(text)),
+            )
+    (estate.root / "migrations" / "app" / "R__grants.sql").write_text("CREATE TABLE IF NOT EXISTS granted (n int);\n")
+
+    adopted = estate.dbplan("adopt", "app")
+    plan = estate.dbplan("plan")
+    applied = estate.dbplan("apply", "--yes")
+
+    assert adopted.code == 0, adopted.output
+    assert "repeatable migrations/app/R__views.sql: unchanged since Flyway ran it, recorded" in adopted.out
+    assert "R__grants.sql changed since Flyway last ran it (installed_rank 11): 'dbplan apply' runs it again" in adopted.out
+    rows = estate.query("app", "SELECT version, event, title FROM dbplan_history WHERE title = 'views'")
+    assert rows == [(2001000, "adopt_repeatable", "views")]
+    assert "~ R__grants.sql" not in plan.out and "+ R__grants.sql new repeatable: will run" in plan.out, plan.out
+    assert "R__views.sql" not in plan.out
+    assert applied.code == 0, applied.output
+    ran = estate.query("app", "SELECT version, event, title FROM dbplan_history WHERE event = 'repeat'")
+    assert ran == [(2001000, "repeat", "grants")]
+    assert "No changes" in estate.dbplan("plan").out
 
 
 def test_status_before_adopt_names_the_other_tool(estate: Estate) -> None:

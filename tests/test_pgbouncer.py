@@ -174,3 +174,21 @@ def test_inline_copy_data_through_pgbouncer_is_guarded_and_recorded_with_its_mig
     assert estate.query("app", "SELECT id FROM seed ORDER BY id") == [(1,), (2,), (3,)]
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(2, False)]
     assert estate.query("app", "SELECT version FROM dbplan_history WHERE event = 'apply' ORDER BY id") == [(1,), (2,)]
+
+
+def test_a_flyway_repeatable_runs_through_pgbouncer_and_again_when_edited(estate: Estate, pg_url: str) -> None:
+    estate.add_database("app")
+    estate.add_service("app", "app", format="flyway")
+    estate.write("app", "V1__items.sql", "CREATE TABLE items (id int, sku text);\n")
+    estate.write("app", "R__views.sql", "CREATE OR REPLACE VIEW skus AS SELECT sku FROM items;\n")
+    first = estate.dbplan("apply", "--yes")
+    estate.write("app", "R__views.sql", "CREATE OR REPLACE VIEW skus AS SELECT sku, id FROM items;\n")
+    second = estate.dbplan("apply", "--yes")
+
+    assert first.code == 0, first.output
+    assert second.code == 0, second.output
+    events = estate.query("app", "SELECT version, event, title FROM dbplan_history ORDER BY id")
+    assert events == [(1000000, "apply", "items"), (1000000, "repeat", "views"), (1000000, "repeat", "views")]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1000000, False)]
+    assert "No changes" in estate.dbplan("plan").out
+    assert _advisory_locks_left(pg_url) == []

@@ -88,6 +88,12 @@ def _statements(tables: bookkeeping.Tables, create_schema: bool, taken: Takeover
             tables, version=migration.version, title=migration.title, checksum=migration.up.checksum,
             event="adopt", reason=reason, duration_ms=0,
         )  # fmt: skip
+    for repeatable in taken.repeatables:  # the version only says where the service stood
+        statements += bookkeeping.record_event(
+            tables, version=taken.version or 0, title=repeatable.description, checksum=repeatable.file.checksum,
+            event="adopt_repeatable", reason=f"adopted from {taken.tool} ({taken.source}): its checksum matched",
+            duration_ms=0,
+        )  # fmt: skip
     return statements + bookkeeping.set_version(tables, taken.version, False)
 
 

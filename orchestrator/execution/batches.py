@@ -345,6 +345,8 @@ def transaction_text(
     conn, action, file = target.conn, step.action, step.file
     opening = _begin(file) + ";\n" + _head_guard(target, step, guard, prepared) + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
+    if version is None:  # a repeatable run before any version: the history's version is not null
+        version = 0
     # The prepared statement inserts a version other than the one it deletes (see its
     # docstring); an out-of-order file leaves the version as it was.
     if prepared is not None and after is not None and after != step.version_before:

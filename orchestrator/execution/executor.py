@@ -51,12 +51,13 @@ from ..live.locks import (
     pooler_message,
     server_lock_key,
 )
-from ..migrations.scan import Migration, MigrationSet
+from ..migrations.scan import Migration, MigrationFile, MigrationSet
 from ..planning.plan import (
     Action,
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     CreateDatabase,
     CreateRole,
     MigrationAction,
@@ -190,7 +191,7 @@ def execute(
     for service in estate.services.values():
         run.members.setdefault(service.database, []).append(service)
     for action in plan.actions:
-        if isinstance(action, (ApplyMigration, RevertMigration)):
+        if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable)):
             run.plan_actions.setdefault(action.service, []).append(action)
     units = fleet.units_of(plan, estate)
     servers = {unit.server for unit in units}
@@ -565,7 +566,7 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     rejected: ServiceFacts | None = None
     while True:
         # Under the lock: another run may have moved on.
-        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
         todo = _fresh_todo(run, service, shown, facts)
         _skip_done_by_others(run, shown, todo)
         if not todo:
@@ -659,7 +660,7 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
     settled = 0  # shown[:settled] are reported
     rejected: ServiceFacts | None = None
     while True:
-        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema)
+        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
         if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
             waiting.pause()
             continue
@@ -705,13 +706,15 @@ def _run_and_report(
     befores = [version_before] + [action.version_after for action in actions[:-1]]
     try:
         if actions[0].transactional:
+            repeatables = {r.description: r.file for r in run.migration_sets[target.service.name].repeatables}
             steps = [
-                Step(action, file_of(action, by_version[action.version]), before)
+                Step(action, _file_to_run(action, by_version, repeatables), before)
                 for action, before in zip(actions, befores)
             ]
             run_transactional_steps(run, target, steps, report, guard=guard)
         else:
             (action,) = actions
+            assert not isinstance(action, ApplyRepeatable), "a repeatable always runs in a transaction"
             run.check_stop(f"before {action_phrase(action)}")
             report.started(Step(action, file_of(action, by_version[action.version])))
             run_outside_transaction(run, target, action, by_version[action.version], version_before)
@@ -719,6 +722,15 @@ def _run_and_report(
     except (MigrationFailed, Interrupted) as failure:
         report.failed(failure)
         raise
+
+
+def _file_to_run(
+    action: MigrationAction, by_version: dict[int, Migration], repeatables: dict[str, MigrationFile]
+) -> MigrationFile:
+    if isinstance(action, ApplyRepeatable):
+        return repeatables[action.title]
+    assert action.version is not None
+    return file_of(action, by_version[action.version])
 
 
 class _StepProgress:
@@ -801,7 +813,13 @@ def _still_to_do(
 def _describe_actions(actions: list[MigrationAction]) -> str:
     if not actions:
         return "do nothing"
-    return ", ".join(f"{'apply' if isinstance(a, ApplyMigration) else 'revert'} {a.version}" for a in actions)
+    return ", ".join(_described(action) for action in actions)
+
+
+def _described(action: MigrationAction) -> str:
+    if isinstance(action, ApplyRepeatable):
+        return f"run repeatable {action.title}"
+    return f"{'apply' if isinstance(action, ApplyMigration) else 'revert'} {action.version}"
 
 
 def _pg_message(err: Exception) -> str:

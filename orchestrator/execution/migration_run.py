@@ -21,7 +21,7 @@ from ..estate.model import Server, Service
 from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
-from ..planning.plan import MigrationAction, RevertMigration
+from ..planning.plan import ApplyRepeatable, MigrationAction, RevertMigration
 from . import bookkeeping
 from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, expect_version
 
@@ -117,6 +117,8 @@ def file_of(action: MigrationAction, migration: Migration) -> MigrationFile:
 
 def event_of(action: MigrationAction) -> str:
     """The history's word for what an action does."""
+    if isinstance(action, ApplyRepeatable):
+        return "repeat"
     return "revert" if isinstance(action, RevertMigration) else "apply"
 
 
@@ -134,6 +136,7 @@ def run_outside_transaction(
     when another run moved on meanwhile."""
     from psycopg import sql
 
+    assert not isinstance(action, ApplyRepeatable), "a repeatable always runs in a transaction"
     file, event = file_of(action, migration), event_of(action)
     conn, owner, tables = target.conn, target.owner, target.tables
     started = time.monotonic()
@@ -305,7 +308,7 @@ def _record_failure(
     from ..live.failure import FAIL_EVENT, Failure, reason_of
 
     conn = target.conn
-    if conn.closed or conn.broken:
+    if conn.closed or conn.broken or isinstance(action, ApplyRepeatable):  # a repeatable leaves nothing dirty
         return
     reason = reason_of(
         Failure(file.display, failure.line, failure.sqlstate, failure.pg_message or failure.message, done, total)
@@ -344,8 +347,9 @@ def migration_failure(
     import psycopg
 
     verb = "revert" if isinstance(action, RevertMigration) else "apply"
+    what = f"run repeatable '{action.title}'" if isinstance(action, ApplyRepeatable) else f"{verb} version {action.version}"
     if not isinstance(err, psycopg.Error):
-        return MigrationFailed(f"{file.display}: cannot {verb} version {action.version}: {err}", service=action.service, version=action.version)
+        return MigrationFailed(f"{file.display}: cannot {what}: {err}", service=action.service, version=action.version)
     diag = err.diag
     sqlstate = diag.sqlstate
     message = printable(server_message(err))  # it may quote the file: "invalid input syntax: \"<ESC>...\""
@@ -394,7 +398,7 @@ def migration_failure(
     else:
         hint = "the migration was rolled back: nothing of it is left in the database; fix the file and apply again"
     return MigrationFailed(
-        f"cannot {verb} version {action.version} of service '{action.service}': " + "\n  ".join(details),
+        f"cannot {what} of service '{action.service}': " + "\n  ".join(details),
         sqlstate=sqlstate,
         pg_message=message,
         line=line,

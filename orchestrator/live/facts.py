@@ -191,6 +191,8 @@ class ServiceFacts:
     # Live size of the tables the service's files name (inspect's ``relations``); read
     # for ``plan`` only: the executor's re-check does not lint.
     tables: tuple[TableStats, ...] = ()
+    # Repeatable files (Flyway's R__): description -> the checksum last recorded for it.
+    repeatables: Mapping[str, str | None] = field(default_factory=dict)
 
     def history_by_version(self) -> dict[int, HistoryEntry]:
         return {entry.version: entry for entry in self.history}
@@ -590,6 +592,7 @@ def read_service(
                 table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
             version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
             history, last_force = _history(conn, schema, service.history_table) if history_exists else ((), None)
+            repeatables = _repeatables(conn, schema, service.history_table) if history_exists else {}
             history_count = _count_rows(conn, schema, service.history_table) if history_exists else None
             failure = _failure(conn, schema, service.history_table, version) if dirty and history_exists else None
             in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
@@ -611,6 +614,7 @@ def read_service(
         dirty_in_progress=in_progress,
         failure=failure,
         foreign=foreign,
+        repeatables=repeatables,
     )
 
 
@@ -749,6 +753,20 @@ def _current_version(conn: psycopg.Connection, schema: str, table: str) -> tuple
     return (None if version is None or version < 0 else int(version)), bool(row[1])
 
 
+REPEATABLE_EVENTS = ("repeat", "adopt_repeatable")  # a repeatable ran; adopt took over Flyway's record of it
+
+
+def _repeatables(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str | None]:
+    """The checksum last recorded for each repeatable file, by description (its title)."""
+    from psycopg import sql
+
+    query = sql.SQL(
+        "SELECT DISTINCT ON (title) title, checksum FROM {} WHERE event IN ('repeat', 'adopt_repeatable') "
+        "ORDER BY title, id DESC"
+    ).format(sql.Identifier(schema, table))
+    return {title: checksum for title, checksum in conn.execute(query)}
+
+
 def _history(
     conn: psycopg.Connection, schema: str, table: str
 ) -> tuple[tuple[HistoryEntry, ...], HistoryEntry | None]:
@@ -761,9 +779,10 @@ def _history(
 
     table_id = sql.Identifier(schema, table)
     latest = sql.SQL(
-        "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} WHERE event <> 'fail' "
-        "ORDER BY version, id DESC"
-    ).format(table_id)  # a fail row records a failure, it is no version's state (live/failure.py)
+        "SELECT DISTINCT ON (version) version, event, checksum, title, id FROM {} "
+        "WHERE event NOT IN ('fail', 'repeat', 'adopt_repeatable') ORDER BY version, id DESC"
+    ).format(table_id)  # a fail row records a failure, it is no version's state (live/failure.py); a
+    # repeatable's rows only say which version the service was at when it ran (_repeatables)
     last_force = sql.SQL(
         "SELECT version, event, checksum, title, id FROM {} WHERE event IN ('force', 'baseline') "
         "ORDER BY id DESC LIMIT 1"

@@ -9,8 +9,9 @@ undo files (the down). A version is dot- or underscore-separated integers (``1``
 ``2_1``), ordered part by part, with trailing zero parts insignificant, as Flyway orders
 them. dbplan's bookkeeping keeps an integer, so a version maps to
 ``major * 1_000_000 + minor * 1_000 + patch``: at most three parts, minor and patch below
-1000. Repeatable files (``R__``) are refused: dbplan has no way yet to re-run a file when
-its checksum changes without also re-running it where it must not.
+1000. Repeatable files, ``R__{description}.sql``, have no version: they run after the
+versioned migrations, in the order of their descriptions, the first time and whenever
+their checksum changes (``Repeatable``); each in one transaction with its history row.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from ..errors import MigrationFileError, Place
 from ..estate.model import FORMAT_DBMATE, Service
 from .scan import (
     MAX_VERSION,
+    TRANSACTIONAL_MODES,
     Migration,
     MigrationFile,
     MigrationSet,
+    Repeatable,
     _check_folder,
     _check_printable,
     _display,
     _is_folder,
     _read_file,
+    run_mode_of,
 )
 from .sqlscript import NO_TRANSACTION_MARKER
 
@@ -42,7 +46,7 @@ DBMATE_UP = re.compile(r"^--\s*migrate:up(?:\s+(?P<options>.*))?$")
 DBMATE_DOWN = re.compile(r"^--\s*migrate:down(?:\s+(?P<options>.*))?$")
 
 FLYWAY_NAME = re.compile(r"^(?P<kind>[VU])(?P<version>[^_]+(?:_[^_]+)*?)__(?P<description>.+)\.sql$")
-FLYWAY_REPEATABLE = re.compile(r"^R__.+\.sql$")
+FLYWAY_REPEATABLE = re.compile(r"^R__(?P<description>.+)\.sql$")
 FLYWAY_VERSION = re.compile(r"^[0-9]+(?:[._][0-9]+)*$")
 FLYWAY_PART_LIMIT = 1000  # minor and patch parts: three decimal digits each
 FLYWAY_MAX_PARTS = 3
@@ -58,11 +62,19 @@ def scan_foreign_format(service: Service, root: Path) -> MigrationSet:
     entries = [entry for entry in entries if not entry.name.startswith(".") and not _is_folder(entry)]
     for entry in entries:
         _check_printable(entry.name, prefix)
+    repeatables: list[Repeatable] = []
     if service.format == FORMAT_DBMATE:
         migrations = _dbmate_migrations(entries, folder, root, prefix)
     else:
-        migrations = _flyway_migrations(entries, folder, root, prefix)
-    return MigrationSet(service.name, folder, tuple(sorted(migrations, key=lambda m: m.version)))
+        repeatables = _flyway_repeatables(entries, folder, root, prefix)
+        named = {repeatable.file.path.name for repeatable in repeatables}
+        migrations = _flyway_migrations([entry for entry in entries if entry.name not in named], folder, root, prefix)
+    return MigrationSet(
+        service.name,
+        folder,
+        tuple(sorted(migrations, key=lambda m: m.version)),
+        tuple(sorted(repeatables, key=lambda r: r.description)),
+    )
 
 
 # -- dbmate ------------------------------------------------------------------------------
@@ -153,13 +165,6 @@ def _flyway_migrations(entries: list[os.DirEntry[str]], folder: Path, root: Path
     downs: dict[int, MigrationFile] = {}
     for entry in entries:
         display = prefix + entry.name
-        if FLYWAY_REPEATABLE.match(entry.name):
-            raise MigrationFileError(
-                f"{entry.name} is a Flyway repeatable migration, which dbplan does not run",
-                place=Place(display),
-                hint="dbplan cannot yet re-run a file when it changes without risking running it where it "
-                "must not; move its statements into a versioned V file (idempotent: CREATE OR REPLACE)",
-            )
         match = FLYWAY_NAME.match(entry.name)
         if match is None:
             raise MigrationFileError(
@@ -193,6 +198,28 @@ def _flyway_migrations(entries: list[os.DirEntry[str]], folder: Path, root: Path
         Migration(version, description, up, downs.get(version), written)
         for version, (written, description, up) in ups.items()
     ]
+
+
+def _flyway_repeatables(entries: list[os.DirEntry[str]], folder: Path, root: Path, prefix: str) -> list[Repeatable]:
+    found: list[Repeatable] = []
+    for entry in entries:
+        match = FLYWAY_REPEATABLE.match(entry.name)
+        if match is None:
+            continue
+        display = prefix + entry.name
+        file = _read_file(folder / entry.name, root, display, entry)
+        if run_mode_of(file.script) not in TRANSACTIONAL_MODES:
+            # Run again and again outside a transaction, a failure would leave it half done
+            # with no version to mark dirty: the service's state could not say so.
+            raise MigrationFileError(
+                f"{entry.name} is a repeatable migration that runs outside one transaction "
+                "(marked no-transaction, or several BEGIN/COMMIT blocks), which dbplan refuses",
+                place=Place(display),
+                hint="a repeatable runs in one transaction with its history row: remove the "
+                f"'{NO_TRANSACTION_MARKER.strip()}' line or the extra transactions, or move the statements into a V file",
+            )
+        found.append(Repeatable(match["description"], file))
+    return found
 
 
 def flyway_version_number(written: str, display: str | None = None) -> int:

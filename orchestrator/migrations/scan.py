@@ -79,10 +79,20 @@ def run_mode_of(script: Script) -> str:
 
 
 @dataclass(frozen=True)
+class Repeatable:
+    """A file without a version (Flyway's ``R__description.sql``): it runs again, after the
+    versioned migrations, whenever its checksum differs from the one last recorded."""
+
+    description: str  # what its history rows are kept by, and the order they run in
+    file: MigrationFile
+
+
+@dataclass(frozen=True)
 class MigrationSet:
     service: str
     folder: Path
     migrations: tuple[Migration, ...]  # ascending by version
+    repeatables: tuple[Repeatable, ...] = ()  # ascending by description, as Flyway runs them
 
     def by_version(self) -> dict[int, Migration]:
         return {migration.version: migration for migration in self.migrations}

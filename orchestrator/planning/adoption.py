@@ -10,7 +10,7 @@ from ..errors import DbplanError, MigrationFileError, Place
 from ..estate.model import Service
 from ..live.facts import FlywayRow, ForeignBookkeeping
 from ..migrations.formats import flyway_checksum, flyway_version_number
-from ..migrations.scan import Migration, MigrationSet
+from ..migrations.scan import Migration, MigrationSet, Repeatable
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,9 @@ class Takeover:
     applied: tuple[Migration, ...]  # ascending: recorded as 'adopt' events
     baseline: int | None = None  # Flyway's baseline: every version up to it counts as applied
     skipped: tuple[str, ...] = ()  # what was not taken over, and why (repeatable rows)
+    # Flyway's repeatables whose file still gives the checksum Flyway last recorded: their
+    # sha256 is recorded, so they do not run again until they change.
+    repeatables: tuple[Repeatable, ...] = ()
 
     @property
     def version(self) -> int | None:
@@ -57,6 +60,7 @@ def _flyway(service: Service, migrations: MigrationSet, foreign: ForeignBookkeep
     baseline: int | None = None
     skipped: list[str] = []
     mismatches: list[str] = []
+    last_repeatable_rows: dict[str, FlywayRow] = {}
     for row in foreign.flyway_rows:
         if row.type == "SCHEMA":
             continue
@@ -66,7 +70,10 @@ def _flyway(service: Service, migrations: MigrationSet, foreign: ForeignBookkeep
                 "(success = false)", hint="repair the database and the row first ('flyway repair' removes failed rows)"
             )  # fmt: skip
         if row.version is None:
-            skipped.append(f"repeatable {row.script} (installed_rank {row.installed_rank})")
+            if row.type in ("SQL", "JDBC", "SPRING_JDBC", "SCRIPT") and row.script:
+                last_repeatable_rows[row.script.rsplit("/", 1)[-1]] = row  # Flyway compares the latest run
+            else:
+                skipped.append(f"{row.type} row {row.script} (installed_rank {row.installed_rank})")
             continue
         version = _version_of(service, foreign, row)
         if row.type == "BASELINE":
@@ -95,7 +102,30 @@ def _flyway(service: Service, migrations: MigrationSet, foreign: ForeignBookkeep
             hint="restore the files as they were applied (git log shows them), then adopt again; nothing was changed",
         )
     ordered = tuple(sorted(applied.values(), key=lambda m: m.version))
-    return Takeover("flyway", foreign.qualified, ordered, baseline, tuple(skipped))
+    repeatables = _unchanged_repeatables(migrations, last_repeatable_rows, skipped)
+    return Takeover("flyway", foreign.qualified, ordered, baseline, tuple(skipped), repeatables)
+
+
+def _unchanged_repeatables(
+    migrations: MigrationSet, last_rows: dict[str, FlywayRow], skipped: list[str]
+) -> tuple[Repeatable, ...]:
+    """The repeatable files whose Flyway CRC32 is the one Flyway recorded when it last ran
+    them. The others are left unrecorded, so that dbplan runs them again (as Flyway would
+    have); a row without a file is only reported."""
+    by_name = {repeatable.file.path.name: repeatable for repeatable in migrations.repeatables}
+    unchanged: list[Repeatable] = []
+    for name, row in last_rows.items():
+        repeatable = by_name.get(name)
+        if repeatable is None:
+            skipped.append(f"repeatable {row.script} (installed_rank {row.installed_rank}): no such file, nothing to run")
+        elif row.checksum is None or row.checksum != flyway_checksum(repeatable.file.text):
+            skipped.append(
+                f"repeatable {repeatable.file.display} changed since Flyway last ran it "
+                f"(installed_rank {row.installed_rank}): 'dbplan apply' runs it again"
+            )
+        else:
+            unchanged.append(repeatable)
+    return tuple(sorted(unchanged, key=lambda r: r.description))
 
 
 def _version_of(service: Service, foreign: ForeignBookkeeping, row: FlywayRow) -> int:

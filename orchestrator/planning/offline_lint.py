@@ -115,6 +115,20 @@ def lint_estate(
                     for warning in warnings
                 ]
                 findings += _refusals(service, file)
+        for repeatable in migration_sets[name].repeatables:  # Flyway's R__ files: they run too
+            file = repeatable.file
+            if (wanted is not None and folder / file.path.name not in wanted) or (file.display, service.lint_allow) in seen:
+                continue
+            seen.add((file.display, service.lint_allow))
+            files.append(file.display)
+            findings += [
+                LintFinding(
+                    file.display, warning.line, warning.rule or "warning", warning.severity or "notice",
+                    warning.message, service.name, warning.statement, lock=warning.lock,
+                )
+                for warning in lint_warnings(service, file, lint=True)
+            ]  # fmt: skip
+            findings += _refusals(service, file)
     position = {file: index for index, file in enumerate(files)}
     return LintReport(tuple(files), tuple(sorted(findings, key=lambda f: (position[f.file], f.line or 0))))
 

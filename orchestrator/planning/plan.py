@@ -114,9 +114,34 @@ class RevertMigration:
         return self.run_mode in TRANSACTIONAL_MODES
 
 
-Action = CreateRole | AlterRole | CreateDatabase | AlterDatabaseOwner | ApplyMigration | RevertMigration
+@dataclass(frozen=True)
+class ApplyRepeatable:
+    """Run a repeatable file (Flyway's ``R__description.sql``) again, after the service's
+    versioned migrations: its checksum differs from the one last recorded, or none was.
+    ``version`` is the service's version when it runs, which it leaves as it is."""
+
+    service: str
+    database: str
+    version: int | None  # schema_migrations.version when it runs (None: no version yet)
+    title: str  # the file's description: what its history rows are kept by
+    file: str
+    checksum: str
+    previous_checksum: str | None  # None: it never ran
+    run_mode: str = "transaction"
+    kind: str = field(default="apply_repeatable", init=False)
+
+    @property
+    def version_after(self) -> int | None:
+        return self.version
+
+    @property
+    def transactional(self) -> bool:
+        return True  # the scan refuses a repeatable marked no-transaction
+
+
+Action = CreateRole | AlterRole | CreateDatabase | AlterDatabaseOwner | ApplyMigration | RevertMigration | ApplyRepeatable
 ServerAction = CreateRole | AlterRole | CreateDatabase | AlterDatabaseOwner  # run on the server, under its lock
-MigrationAction = ApplyMigration | RevertMigration
+MigrationAction = ApplyMigration | RevertMigration | ApplyRepeatable
 
 
 def action_phrase(action: Action) -> str:
@@ -129,6 +154,8 @@ def action_phrase(action: Action) -> str:
         return f"creating database '{action.database}'"
     if isinstance(action, AlterDatabaseOwner):
         return f"handing database '{action.database}' to owner '{action.owner}'"
+    if isinstance(action, ApplyRepeatable):
+        return f"running repeatable '{action.title}' of service '{action.service}'"
     verb = "applying" if isinstance(action, ApplyMigration) else "reverting"
     return f"{verb} version {action.version} of service '{action.service}'"
 
@@ -186,6 +213,7 @@ class ServicePlan:
     fleet: str | None = None  # the service definition over a set this instance came from
     stage: int | None = None  # its database's roll-out stage within the set (0: canary)
     failure: Failure | None = None  # dirty: where its migration failed, when the history recorded it
+    repeatables: tuple[str, ...] = ()  # descriptions of the repeatable files that will run
 
 
 @dataclass(frozen=True)
@@ -230,7 +258,10 @@ class Plan:
             "revert_migration": "revert",
         }
         for action in self.actions:
-            counts[key[action.kind]] += 1
+            if action.kind == "apply_repeatable":  # only when there are some: the shape stays as it was
+                counts["repeat"] = counts.get("repeat", 0) + 1
+            else:
+                counts[key[action.kind]] += 1
         return counts
 
     def actions_of(self, service: str) -> tuple[MigrationAction, ...]:
@@ -241,7 +272,7 @@ class Plan:
         """Built once: renderers ask per service, and a fleet has thousands of them."""
         grouped: dict[str, list[MigrationAction]] = {}
         for action in self.actions:
-            if isinstance(action, (ApplyMigration, RevertMigration)):
+            if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable)):
                 grouped.setdefault(action.service, []).append(action)
         return {service: tuple(actions) for service, actions in grouped.items()}
 
@@ -271,7 +302,7 @@ def action_to_dict(action: Action) -> dict[str, Any]:
     for name in action.__dataclass_fields__:
         if name != "kind":
             data[name] = getattr(action, name)
-    if isinstance(action, (ApplyMigration, RevertMigration)):
+    if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable)):
         data["transactional"] = action.transactional
     return data
 
@@ -283,6 +314,7 @@ ACTION_TYPES: dict[str, type[Action]] = {
     "alter_database_owner": AlterDatabaseOwner,
     "apply_migration": ApplyMigration,
     "revert_migration": RevertMigration,
+    "apply_repeatable": ApplyRepeatable,
 }
 
 
@@ -358,6 +390,7 @@ def service_to_dict(service: ServicePlan) -> dict[str, Any]:
         "bookkeeping": service.bookkeeping,
         **({"fleet": service.fleet, "stage": service.stage} if service.fleet else {}),
         **({"failure": vars(service.failure)} if service.failure else {}),
+        **({"repeatables": list(service.repeatables)} if service.repeatables else {}),
     }
 
 

@@ -33,6 +33,7 @@ from .plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     Blocker,
     CreateDatabase,
     CreateRole,
@@ -57,10 +58,11 @@ class ServiceOutcome:
     applies: tuple[ApplyMigration, ...]
     warnings: tuple[Warning, ...]
     blockers: tuple[Blocker, ...]
+    repeats: tuple[ApplyRepeatable, ...] = ()  # after the applies, as Flyway runs them
 
     @property
     def actions(self) -> tuple[MigrationAction, ...]:
-        return self.reverts + self.applies
+        return self.reverts + self.applies + self.repeats
 
 
 def make_plan(
@@ -86,7 +88,7 @@ def make_plan(
     for name in reversed(graph.service_order):
         actions += outcomes[name].reverts
     for name in graph.service_order:
-        actions += outcomes[name].applies
+        actions += outcomes[name].applies + outcomes[name].repeats
     in_file_order = [outcomes[name] for name in estate.services]
     return Plan(
         actions=tuple(actions),
@@ -353,6 +355,13 @@ def plan_service(
         blockers += large_table_blockers(service, revert.version, found)
         warnings += found
 
+    version_at_end = applies[-1].version_after if applies else max(remaining, default=None)
+    repeats = _repeats(service, migration_set, facts, version_at_end)
+    for repeatable in migration_set.repeatables:  # a reviewer reads a repeatable that runs as any file
+        if any(repeat.title == repeatable.description for repeat in repeats):
+            blockers += _file_blockers(service, None, repeatable.file, RunMode.TRANSACTION)
+            warnings += lint_warnings(service, repeatable.file, lint=lint, new_tables=new_tables, facts=facts)
+
     summary = ServicePlan(
         service=service.name,
         database=service.database,
@@ -372,9 +381,31 @@ def plan_service(
         stage=estate.databases[service.database].stage if service.fleet else None,
         failure=facts.failure if facts.dirty else None,
     )
+    summary = replace(summary, repeatables=tuple(repeat.title for repeat in repeats))
     if blockers:
         return ServiceOutcome(summary, (), (), tuple(warnings), tuple(blockers))
-    return ServiceOutcome(summary, reverts, applies, tuple(warnings), ())
+    return ServiceOutcome(summary, reverts, applies, tuple(warnings), (), repeats)
+
+
+def _repeats(
+    service: Service, migration_set: MigrationSet, facts: ServiceFacts, version: int | None
+) -> tuple[ApplyRepeatable, ...]:
+    """The repeatable files to run: those never recorded, and those whose checksum differs
+    from the one last recorded; in the order of their descriptions."""
+    return tuple(
+        ApplyRepeatable(
+            service=service.name,
+            database=service.database,
+            version=version,
+            title=repeatable.description,
+            file=repeatable.file.display,
+            checksum=repeatable.file.checksum,
+            previous_checksum=facts.repeatables.get(repeatable.description),
+            run_mode=run_mode_of(repeatable.file.script),
+        )
+        for repeatable in migration_set.repeatables
+        if facts.repeatables.get(repeatable.description) != repeatable.file.checksum
+    )
 
 
 def _foreign_blocker(service: Service, facts: ServiceFacts) -> Blocker:
@@ -775,7 +806,7 @@ def large_table_blockers(service: Service, version: int, warnings: list[Warning]
     ]
 
 
-def _file_blockers(service: Service, version: int, file: MigrationFile, run_mode: str) -> list[Blocker]:
+def _file_blockers(service: Service, version: int | None, file: MigrationFile, run_mode: str) -> list[Blocker]:
     """What in a file stops the plan (``refusals``): each names the file and line."""
     from ..migrations.refusals import refusals
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ..planning.plan import (
     ApplyMigration,
+    ApplyRepeatable,
     Blocker,
     CreateDatabase,
     MigrationAction,
@@ -61,7 +62,7 @@ class FleetSummary:
             return state + ", blocked"
         if actions:
             state += f" -> {_version(member.target)} ("
-            state += ", ".join(f"{'+' if a.kind == 'apply_migration' else '-'} {a.version} {a.title}" for a in actions[:3])
+            state += ", ".join(_short(a) for a in actions[:3])
             state += f", {len(actions) - 3} more)" if len(actions) > 3 else ")"
         else:
             state += ", up to date"
@@ -116,7 +117,7 @@ def split_fleets(plan: Plan) -> tuple[Plan, list[FleetSummary]]:
     actions = []
     for action in plan.actions:
         owner = getattr(action, "service", None)
-        if isinstance(owner, str) and owner in instance_fleet and isinstance(action, (ApplyMigration, RevertMigration)):
+        if isinstance(owner, str) and owner in instance_fleet and isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable)):
             fleets[instance_fleet[owner]].actions.setdefault(owner, []).append(action)
         elif isinstance(action, CreateDatabase) and action.database in fleet_databases:
             fleets[fleet_databases[action.database]].creations.append(action)
@@ -239,3 +240,10 @@ def render_markdown_plan(plan: Plan, **options: object) -> str:
     if not found:
         return markdown._summary(plan) + "\n" + section + text
     return head + markdown._summary(plan) + "\n" + section + tail
+
+
+def _short(action: MigrationAction) -> str:
+    """``+ 3 add_prices``, ``- 3 add_prices``, ``~ R__views``: an action in a fleet's line."""
+    if isinstance(action, ApplyRepeatable):
+        return f"~ R__{action.title}"
+    return f"{'+' if isinstance(action, ApplyMigration) else '-'} {action.version} {action.title}"

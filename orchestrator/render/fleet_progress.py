@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..execution.fleet import ROLES, Unit
-from ..planning.plan import Action, ApplyMigration, RevertMigration
+from ..planning.plan import Action, ApplyMigration, ApplyRepeatable, RevertMigration
 
 if TYPE_CHECKING:
     from ..execution.progress import Outcome
@@ -131,6 +131,8 @@ class FleetTracker:
 
 
 def _what(action: Action) -> str:
+    if isinstance(action, ApplyRepeatable):
+        return f"run repeatable {action.title}"
     if isinstance(action, (ApplyMigration, RevertMigration)):
         verb = "apply" if isinstance(action, ApplyMigration) else "revert"
         return f"{verb} {action.version} {action.title}"

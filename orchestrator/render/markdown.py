@@ -27,10 +27,12 @@ from ..planning.plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     CreateDatabase,
     CreateRole,
     MigrationAction,
     Plan,
+    RevertMigration,
     ServicePlan,
     Warning,
 )
@@ -282,7 +284,7 @@ def _overview(plan: Plan, limits: Limits) -> list[str]:
     rows = []
     for service in services:
         actions = plan.actions_of(service.service)
-        applies = sum(isinstance(action, ApplyMigration) for action in actions)
+        applies = sum(not isinstance(action, RevertMigration) for action in actions)  # a repeatable runs too
         rows.append(
             [code(service.service, in_table=True), code(service.database, in_table=True)]
             + ([code(service.server, in_table=True)] if several_servers else [])
@@ -304,7 +306,7 @@ def _graph(plan: Plan, graph: EstateGraph) -> str:
             notes[("database", action.database)] = "new"
     for service in plan.services:
         actions = plan.actions_of(service.service)
-        applies = sum(isinstance(action, ApplyMigration) for action in actions)
+        applies = sum(not isinstance(action, RevertMigration) for action in actions)  # a repeatable runs too
         parts = [f"+{applies}"] if applies else []
         parts += [f"-{len(actions) - applies}"] if len(actions) > applies else []
         parts += ["blocked"] if service_blockers(plan, service.service) else []
@@ -393,8 +395,8 @@ def _migration_table(actions: Sequence[MigrationAction], folder: str | None, lim
     shown = actions[: limits.rows]
     rows = [
         [
-            "apply" if isinstance(action, ApplyMigration) else "**revert**",
-            str(action.version),
+            _verb(action),
+            "repeatable" if isinstance(action, ApplyRepeatable) else str(action.version),
             code(posixpath.basename(action.file) if folder else action.file, in_table=True),
             _RUN_MODES.get(action.run_mode, md_text(action.run_mode)),
         ]
@@ -402,13 +404,19 @@ def _migration_table(actions: Sequence[MigrationAction], folder: str | None, lim
     ]
     blocks = [_table(["Action", "Version", "File", "In a transaction"], ["---", "---:", "---", "---"], rows)] if rows else []
     if len(shown) < len(actions):
-        rest = [action.version for action in actions[len(shown) :]]
+        rest = [action.version for action in actions[len(shown) :] if not isinstance(action, ApplyRepeatable)]
         more = "more " if shown else ""
         left = plural(len(actions) - len(shown), f"{more}migration")
         blocks.append(f"*{left} ({versions_phrase(rest)}) not listed, to keep this comment short.*\n")
     if len(actions) > FOLD_ROWS:
-        return [fold(f"{plural(len(actions), 'migration')}: {versions_phrase([a.version for a in actions])}", "\n".join(blocks))]
+        return [fold(f"{plural(len(actions), 'migration')}: {versions_phrase([a.version for a in actions if not isinstance(a, ApplyRepeatable)])}", "\n".join(blocks))]
     return blocks
+
+
+def _verb(action: MigrationAction) -> str:
+    if isinstance(action, ApplyRepeatable):
+        return "run again" if action.previous_checksum else "run"
+    return "apply" if isinstance(action, ApplyMigration) else "**revert**"
 
 
 def fold(summary: str, body: str) -> str:
@@ -507,9 +515,13 @@ class _Sql:
 
 def _sql_details(action: MigrationAction, sql: str | None, per_file: int) -> _Sql:
     verb = "apply" if isinstance(action, ApplyMigration) else "revert"
+    if isinstance(action, ApplyRepeatable):
+        verb = "run repeatable"
+    else:
+        verb += f" {action.version}"
     name = html_code(posixpath.basename(action.file))
     if sql is None:
-        return _Sql(f"*{verb} {action.version}: the SQL of {code(action.file)} could not be read.*\n", cut=False)
+        return _Sql(f"*{verb}: the SQL of {code(action.file)} could not be read.*\n", cut=False)
     sql = sql.replace("\r\n", "\n").rstrip("\n")
     total_lines = sql.count("\n") + 1
     shown = sql
@@ -517,7 +529,7 @@ def _sql_details(action: MigrationAction, sql: str | None, per_file: int) -> _Sq
         cut_at = sql.rfind("\n", 0, per_file)
         shown = sql[: cut_at if cut_at > 0 else per_file]
     fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
-    summary = f"{verb} {action.version} {name} · {plural(total_lines, 'line')}"
+    summary = f"{verb} {name} · {plural(total_lines, 'line')}"
     parts = [f"<details>\n<summary>{summary}</summary>\n\n{fence}sql\n{shown}\n{fence}\n"]
     cut = shown != sql
     if cut:

@@ -13,6 +13,7 @@ from ..planning.plan import (
     AlterDatabaseOwner,
     AlterRole,
     ApplyMigration,
+    ApplyRepeatable,
     Blocker,
     CreateDatabase,
     CreateRole,
@@ -64,10 +65,12 @@ def change_phrases(plan: Plan) -> list[str]:
         parts.append(f"{plural(counts['create_databases'], 'database')} to create")
     if counts["change_owners"]:
         parts.append(f"{plural(counts['change_owners'], 'database owner')} to change")
-    if counts["apply"] or not counts["revert"]:
+    if counts["apply"] or not (counts["revert"] or counts.get("repeat")):
         parts.append(f"{plural(counts['apply'], 'migration')} to apply")
     if counts["revert"]:
         parts.append(f"{plural(counts['revert'], 'migration')} to revert")
+    if counts.get("repeat"):
+        parts.append(f"{plural(counts['repeat'], 'repeatable migration')} to run")
     return parts
 
 
@@ -209,9 +212,13 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
     lines = [header]
     if service.bookkeeping:
         lines.append(style(f"  bookkeeping in {service.bookkeeping}", "dim"))
-    width = max((len(str(v)) for v in [*(a.version for a in actions), *(d.version for d in service.drift)]), default=1)
-    title_width = min(max((len(a.title) for a in actions), default=0), MAX_TITLE_WIDTH)
+    versioned = [a for a in actions if not isinstance(a, ApplyRepeatable)]
+    width = max((len(str(v)) for v in [*(a.version for a in versioned), *(d.version for d in service.drift)]), default=1)
+    title_width = min(max((len(a.title) for a in versioned), default=0), MAX_TITLE_WIDTH)
     for action in actions:
+        if isinstance(action, ApplyRepeatable):
+            lines.append(_repeatable_line(action, style))
+            continue
         mode = "" if action.run_mode == "transaction" else f"  [{action.run_mode}]"
         sign, color = ("+", "green") if isinstance(action, ApplyMigration) else ("-", "red")
         lines.append(
@@ -238,6 +245,14 @@ def _service_section(plan: Plan, service: ServicePlan, style: Style) -> list[str
         lines.append(style("  up to date", "dim"))
     lines.append("")
     return lines
+
+
+def _repeatable_line(action: ApplyRepeatable, style: Style) -> str:
+    """``~ R__views.sql changed: will run again``, or ``+ R__views.sql new: will run``."""
+    name = action.file.rsplit("/", 1)[-1]
+    if action.previous_checksum is None:
+        return style(f"  + {name} new repeatable: will run", "green") + style(f"  {action.file}", "dim")
+    return style(f"  ~ {name} changed: will run again", "yellow") + style(f"  {action.file}", "dim")
 
 
 def _warnings(plan: Plan, style: Style) -> list[str]:
@@ -283,7 +298,7 @@ def render_status(plan: Plan, *, color: bool = False) -> str:
             s.database,
             version_label(s.current),
             version_label(s.latest),
-            str(len(s.pending)),
+            str(len(s.pending)) + (f" +{len(s.repeatables)} R__" if s.repeatables else ""),
             "yes" if s.dirty else "no",
             ", ".join(str(d.version) for d in s.drift) or "-",
             s.bookkeeping or "-",
