@@ -32,7 +32,7 @@ def adopt_service(
     if service.database not in _databases(estate, service.database):
         raise DbplanError(f"database '{service.database}' of service '{service.name}' does not exist", service=service.name)
     with connect(server, server_url(server), service.database) as conn:
-        seen = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
+        seen = read_service(conn, service, owner, server=server.name, claimed=claimed_schemas(estate, service))
         assert seen.schema is not None
         if seen.history_exists:
             raise DbplanError(
@@ -62,7 +62,7 @@ def adopt_service(
         key = migrations_lock_key(service.database, seen.schema, service.table)
         what = f"the migrations of service '{service.name}'"
         with advisory_lock(LockWait(conn, key, what, wait_seconds=lock_wait)):
-            now = read_service(conn, service, owner, schema=seen.schema)
+            now = read_service(conn, service, owner, server=server.name, schema=seen.schema)
             if now.history_exists or now.foreign != foreign:
                 raise DbplanError(
                     f"the bookkeeping of service '{service.name}' changed while adopt waited for the lock; nothing "
@@ -116,7 +116,7 @@ def hand_back(estate: Estate, migration_sets: dict[str, MigrationSet], service_n
     owner = estate.databases[service.database].owner
     migration_set = migration_sets[service.name]
     with connect(server, server_url(server), service.database) as conn:
-        seen = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
+        seen = read_service(conn, service, owner, server=server.name, claimed=claimed_schemas(estate, service))
         assert seen.schema is not None
         with conn.transaction():
             foreign = read_foreign(conn, seen.schema)
@@ -129,7 +129,7 @@ def hand_back(estate: Estate, migration_sets: dict[str, MigrationSet], service_n
             )
         key = migrations_lock_key(service.database, seen.schema, service.table)
         with advisory_lock(LockWait(conn, key, f"the migrations of service '{service.name}'", wait_seconds=lock_wait)):
-            now = read_service(conn, service, owner, schema=seen.schema)
+            now = read_service(conn, service, owner, server=server.name, schema=seen.schema)
             if now.dirty:
                 raise DbplanError(f"service '{service.name}' is dirty: fix it before handing it back", service=service.name)
             by_version = migration_set.by_version()

@@ -68,7 +68,7 @@ def record(
     migration_set = migration_sets[service.name]
     owner = estate.databases[service.database].owner
     with connect(server, server_url(server), service.database) as conn:
-        seen = read_service(conn, service, owner, claimed=claimed_schemas(estate, service))
+        seen = read_service(conn, service, owner, server=server.name, claimed=claimed_schemas(estate, service))
         version = decide(service, migration_set, seen).version  # a refusal needs no wait for the lock
         assert seen.schema is not None
         tables = bookkeeping.Tables(seen.schema, service.table, service.history_table)
@@ -78,7 +78,7 @@ def record(
             # A run that held the lock may have moved the service on meanwhile (it was in a
             # no-transaction migration, say): what the person saw is no longer true, and
             # recording their word now could make the next apply run migrations again.
-            now = read_service(conn, service, owner, schema=seen.schema)
+            now = read_service(conn, service, owner, server=server.name, schema=seen.schema)
             if while_unchanged and _state(now) != _state(seen):
                 raise _moved_on(command, version, service.name, seen, now)
             recording = decide(service, migration_set, now)
@@ -94,7 +94,7 @@ def record(
             except psycopg.Error as err:
                 if sqlstate_of(err) != GUARD_MOVED_SQLSTATE:
                     raise
-                later = read_service(conn, service, owner, schema=seen.schema)
+                later = read_service(conn, service, owner, server=server.name, schema=seen.schema)
                 raise _moved_on(command, version, service.name, seen, later) from None
     return recording
 
