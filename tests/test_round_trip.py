@@ -212,3 +212,23 @@ def test_migrations_after_a_bad_down_are_still_tested(estate: Estate) -> None:
         "down of 3 drops index orders_total_idx, which was there before the up",
     ]
     assert twins(estate.url) == []
+
+
+def test_a_set_of_databases_is_tested_once_not_once_per_database(tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    names = [estate.name(f"tenant{n}") for n in range(1, 6)]
+    estate.document["databases"] = {"tenants": {"set": {"names": names, "servers": ["main"]}}}
+    estate.document["services"] = {"tenant": {"database": "tenants", "migrations": "migrations/tenant"}}
+    estate.save()
+    folder = estate.root / "migrations" / "tenant"
+    folder.mkdir(parents=True)
+    (folder / "1_items.up.sql").write_text("CREATE TABLE items (id int, note text);\n")
+    (folder / "1_items.down.sql").write_text("ALTER TABLE items DROP COLUMN note;\n")  # leaves the table behind
+
+    run = estate.dbplan("test", "--scratch-url", estate.url, "--format", "json")
+
+    assert run.code == 1, run.output
+    services = json.loads(run.out)["services"]
+    assert [service["service"] for service in services] == [f"tenant[{names[0]}]"], "one database of the set is tested"
+    assert "items" in run.out
+    assert twins(estate.url) == []

@@ -143,9 +143,16 @@ def _test_database(
 
 
 def _services_by_database(estate: Estate, order: tuple[str, ...]) -> dict[str, list[Service]]:
+    """The services to test, by database. A set's databases all run the same files: only
+    its first database is tested (with every service over the set there), so a fleet of
+    500 costs one twin, not 500."""
+    tested_set_database: dict[str, str] = {}
     grouped: dict[str, list[Service]] = {}
     for name in order:
         service = estate.services[name]
+        fleet = estate.databases[service.database].fleet
+        if fleet is not None and tested_set_database.setdefault(fleet, service.database) != service.database:
+            continue
         grouped.setdefault(service.database, []).append(service)
     return grouped
 
