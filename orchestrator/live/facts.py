@@ -306,7 +306,7 @@ def _inspect_database(
             for service in members
         }
         if relations:
-            _add_table_stats(conn, members, relations, found)
+            _add_table_stats(conn, members, relations, found, server.name)
     _refuse_shared_bookkeeping(members, {name: facts.schema for name, facts in found.items()})
     return found
 
@@ -342,6 +342,7 @@ def _add_table_stats(
     members: list[Service],
     relations: Mapping[str, Mapping[int, Iterable[str]]],
     services: dict[str, ServiceFacts],
+    server: str,
 ) -> None:
     wanted = {
         service.name: frozenset().union(*_names_still_to_run(service, services[service.name], relations))
@@ -350,7 +351,7 @@ def _add_table_stats(
     names = sorted(frozenset().union(*wanted.values()))
     if not names:
         return  # nothing pending here: a fleet's up-to-date databases cost no query
-    stats = read_table_stats(conn, names, members[0])
+    stats = read_table_stats(conn, names, members[0], server)
     for service in members:
         mine = tuple(stat for stat in stats if stat.name in wanted[service.name])
         services[service.name] = replace(services[service.name], tables=mine)
@@ -373,7 +374,9 @@ def _names_still_to_run(
     ]
 
 
-def read_table_stats(conn: psycopg.Connection, names: list[str], service: Service) -> tuple[TableStats, ...]:
+def read_table_stats(
+    conn: psycopg.Connection, names: list[str], service: Service, server: str | None = None
+) -> tuple[TableStats, ...]:
     """The live size of every table or index called one of ``names``, in any schema."""
     import psycopg
 
@@ -381,7 +384,7 @@ def read_table_stats(conn: psycopg.Connection, names: list[str], service: Servic
         # One catalog query: no transaction of its own (three round trips more per database).
         rows = conn.execute(TABLE_STATS, (names,)).fetchall()
     except psycopg.Error as err:
-        raise unreadable(service, "table sizes", err) from err
+        raise unreadable(service, "table sizes", err, server) from err
     return tuple(
         TableStats(schema, name, index, table, None if count is None else int(count), int(size or 0), dict(columns or {}))
         for schema, name, index, table, count, size, columns in rows
