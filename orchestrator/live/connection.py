@@ -12,9 +12,10 @@ client: ``behind_pooler`` tells the executor to rely on transaction-level locks 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConnectionFailed
 from ..estate import conninfo
@@ -23,6 +24,7 @@ from ..estate.model import (
     DEFAULT_PARALLEL_PER_SERVER,
     Server,
 )
+from . import scram
 
 if TYPE_CHECKING:
     import psycopg
@@ -74,17 +76,7 @@ def connect(
     delay = 0.2
     while True:
         try:
-            return psycopg.connect(
-                url,
-                dbname=dbname,
-                autocommit=True,
-                prepare_threshold=None,
-                application_name=APPLICATION_NAME,
-                connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                # The session's own default, whatever PGCLIENTENCODING says: a RESET ALL
-                # between migrations then returns to what the parser read the files as.
-                client_encoding="UTF8",
-            )
+            return _connect_with_known_keys(url, dbname)
         except psycopg.OperationalError as err:
             reason = _first_line(str(err), url)
             where = f"server '{server.name}' (database '{dbname}', {describe(server)})"
@@ -111,6 +103,96 @@ def connect(
             raise ConnectionFailed(
                 f"cannot connect to server '{server.name}': {_first_line(str(err), url)}", server=server.name
             ) from None
+
+
+def _connect_with_known_keys(url: str, dbname: str) -> psycopg.Connection:
+    """Connect with the SCRAM keys learned for ``url``, if any (see :mod:`.scram`); keys
+    that the server no longer takes (a new password) are forgotten and the password is
+    used, in the same call."""
+    import psycopg
+
+    keys = _SCRAM_KEYS.usable(url)
+    if keys is None:
+        conn = _libpq_connect(url, dbname)
+        _SCRAM_KEYS.saw_login(url, conn)
+        return conn
+    try:
+        return _libpq_connect(url, dbname, keys.as_parameters())
+    except psycopg.OperationalError as err:
+        if not any(sign in str(err) for sign in KEYS_REFUSED):
+            raise
+        _SCRAM_KEYS.forget(url)
+        return _libpq_connect(url, dbname)
+
+
+def _libpq_connect(url: str, dbname: str, keys: dict[str, str] | None = None) -> psycopg.Connection:
+    import psycopg
+
+    extra: dict[str, Any] = dict(keys or {})  # libpq parameters, not psycopg's own
+    return psycopg.connect(
+        url,
+        dbname=dbname,
+        autocommit=True,
+        prepare_threshold=None,
+        application_name=APPLICATION_NAME,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        # The session's own default, whatever PGCLIENTENCODING says: a RESET ALL
+        # between migrations then returns to what the parser read the files as.
+        client_encoding="UTF8",
+        **extra,
+    )
+
+
+# What libpq says when the server does not take the keys: the server's refusal, or a
+# server signature that the server key does not verify.
+KEYS_REFUSED = ("password authentication failed", "SCRAM", "server signature")
+
+
+class _KeysPerServer:
+    """The SCRAM keys of each server url, learned at its second connection: a command
+    that connects once pays nothing, a fleet pays one exchange per server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first_login: dict[str, tuple[scram.Endpoint, str]] = {}
+        self._keys: dict[str, scram.Keys | None] = {}  # None: not to be learned, use the password
+
+    def usable(self, url: str) -> scram.Keys | None:
+        if url in self._keys:
+            return self._keys[url]
+        with self._lock:
+            if url not in self._keys and url in self._first_login:
+                endpoint, password = self._first_login.pop(url)
+                self._keys[url] = scram.keys_for(endpoint, password)
+            return self._keys.get(url)
+
+    def saw_login(self, url: str, conn: psycopg.Connection) -> None:
+        """Remember where and with which password ``conn`` logged in, for the next one."""
+        if url in self._keys or url in self._first_login or not conn.pgconn.used_password:
+            return
+        info = conn.info
+        if not scram.libpq_takes_keys() or not info.password:
+            self._keys[url] = None
+            return
+        endpoint = scram.Endpoint(
+            host=info.hostaddr or info.host,
+            port=info.port,
+            user=info.user,
+            database=info.dbname,
+            ssl=bool(conn.pgconn.ssl_in_use),
+        )
+        with self._lock:
+            self._first_login.setdefault(url, (endpoint, info.password))
+
+    def forget(self, url: str) -> None:
+        with self._lock:
+            self._keys[url] = None
+
+    def secrets(self) -> list[str]:
+        return [value for keys in self._keys.values() if keys for value in (keys.client, keys.server)]
+
+
+_SCRAM_KEYS = _KeysPerServer()
 
 
 def _embedded_password_hint(server: Server, url: str, reason: str) -> str | None:
@@ -196,6 +278,8 @@ def _first_line(message: str, url: str) -> str:
 
         for spelling in (password, quote(password, safe=""), quote(password)):
             line = line.replace(spelling, "***")
+    for key in _SCRAM_KEYS.secrets():
+        line = line.replace(key, "***")
     return line
 
 

@@ -1,0 +1,214 @@
+"""A fleet's connections log in with one SCRAM key per server instead of hashing the
+password again for every database (live/scram.py), and that shortcut changes nothing a
+user can see: the same logins succeed and fail, a changed password still works, the
+server logs nothing for the exchange that learns the salt, and no key is ever shown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from orchestrator.errors import ConnectionFailed
+from orchestrator.estate.model import Server
+from orchestrator.live import connection, scram
+
+pytestmark = pytest.mark.skipif(
+    not scram.libpq_takes_keys(), reason="libpq before 18 takes no SCRAM keys"
+)
+
+PASSWORD = "fleet-Pw-8Rt3"
+
+
+@pytest.fixture
+def role(pg_url: str, dbname_prefix: str) -> Iterator[str]:
+    """A login role with a SCRAM password, and three databases it may connect to."""
+    name = f"{dbname_prefix}fleet"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(PASSWORD)
+            )
+        )
+        for n in range(3):
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(f"{name}_{n}"), sql.Identifier(name)
+                )
+            )
+    yield name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for n in range(3):
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(f"{name}_{n}")
+                )
+            )
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def _passfile_url(
+    pg_url: str, role: str, folder: Path, password: str
+) -> tuple[str, Path]:
+    parts = urlsplit(pg_url)
+    passfile = folder / "pgpass"
+    passfile.write_text(f"*:*:*:{role}:{password}\n")
+    passfile.chmod(0o600)
+    return (
+        f"postgresql://{role}@{parts.hostname}:{parts.port}/{role}_0?passfile={passfile}",
+        passfile,
+    )
+
+
+def _endpoint(pg_url: str, role: str) -> scram.Endpoint:
+    parts = urlsplit(pg_url)
+    return scram.Endpoint(
+        str(parts.hostname), int(parts.port or 5432), role, f"{role}_0", ssl=False
+    )
+
+
+def _server_log(pg_url: str) -> Path:
+    with psycopg.connect(pg_url) as conn:
+        log = (
+            Path(str(conn.execute("SHOW data_directory").fetchone()[0]))
+            / "postgres.log"
+        )  # type: ignore[index]
+    if not log.is_file():
+        pytest.skip("the server's log is not readable here (DBPLAN_TEST_URL?)")
+    return log
+
+
+def test_the_keys_alone_log_in_to_every_database_and_wrong_ones_do_not(
+    pg_url: str, role: str
+) -> None:
+    keys = scram.keys_for(_endpoint(pg_url, role), PASSWORD)
+    assert keys is not None
+    parts = urlsplit(pg_url)
+    for n in range(3):  # no password given: the keys prove it
+        with psycopg.connect(
+            host=parts.hostname, port=parts.port, user=role, dbname=f"{role}_{n}", sslmode="disable",
+            **keys.as_parameters(),
+        ) as conn:  # fmt: skip
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+    wrong = scram.keys_for(_endpoint(pg_url, role), PASSWORD + "x")
+    assert wrong is not None and wrong != keys
+    with pytest.raises(
+        psycopg.OperationalError, match="password authentication failed"
+    ):
+        psycopg.connect(host=parts.hostname, port=parts.port, user=role, dbname=f"{role}_0", sslmode="disable",
+                        **wrong.as_parameters())  # fmt: skip
+
+
+def test_learning_the_salt_leaves_no_line_in_the_server_log_and_no_session(
+    pg_url: str, role: str
+) -> None:
+    """Even with log_connections on, the server logs only that a connection came in (it
+    ends the session quietly, as for psql asking for a password), names no role, and
+    counts no session."""
+    log = _server_log(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET log_connections = on")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            _wait_for_new_sessions_to_log_connections(pg_url)
+            start = log.stat().st_size
+            for _ in range(3):
+                assert scram.keys_for(_endpoint(pg_url, role), PASSWORD) is not None
+            sessions = conn.execute(
+                "SELECT sum(sessions) FROM pg_stat_database WHERE datname LIKE %s",
+                (f"{role}%",),
+            ).fetchone()
+        finally:
+            conn.execute("ALTER SYSTEM RESET log_connections")
+            conn.execute("SELECT pg_reload_conf()")
+    written = log.read_bytes()[start:].decode("utf-8", "replace")
+    assert written.count("connection received") == 3, written
+    assert (
+        role not in written and "FATAL" not in written and "could not" not in written
+    ), written
+    assert sessions == (0,), "no session was counted in the databases' statistics"
+
+
+def _wait_for_new_sessions_to_log_connections(pg_url: str) -> None:
+    """The postmaster reads the reloaded setting when it gets round to the signal."""
+    for _ in range(100):
+        with psycopg.connect(pg_url) as probe:
+            if probe.execute("SHOW log_connections").fetchone() == ("on",):
+                return
+        time.sleep(0.05)
+    pytest.fail("log_connections never took effect")
+
+
+def test_a_server_that_asks_for_no_scram_gets_no_keys(pg_url: str) -> None:
+    """The test server trusts its own OS user on the unix socket (peer)."""
+    with psycopg.connect(pg_url) as conn:
+        sockets = (
+            conn.execute("SHOW unix_socket_directories")
+            .fetchone()[0]
+            .split(",")[0]
+            .strip()
+        )  # type: ignore[index]
+        user, port = conn.info.user, conn.info.port
+    assert (
+        scram.keys_for(
+            scram.Endpoint("/nowhere-" + sockets, port, user, "postgres", ssl=False),
+            "x",
+        )
+        is None
+    )
+    assert (
+        scram.keys_for(scram.Endpoint("127.0.0.1", 1, user, "postgres", ssl=False), "x")
+        is None
+    )  # nothing listens
+
+
+def test_connect_goes_on_when_the_password_changes_between_connections(
+    pg_url: str, role: str, tmp_path: Path
+) -> None:
+    url, passfile = _passfile_url(pg_url, role, tmp_path, PASSWORD)
+    server = Server("main", url, embedded=None)
+    for n in range(3):  # the second connection learns the keys, the third uses them
+        with connection.connect(server, url, f"{role}_{n}") as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (
+                f"{role}_{n}",
+            )
+    assert connection._SCRAM_KEYS.usable(url) is not None, "the keys were learned"
+
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD 'changed-Pw-2'").format(
+                sql.Identifier(role)
+            )
+        )
+    passfile.write_text(f"*:*:*:{role}:changed-Pw-2\n")
+    with connection.connect(
+        server, url, f"{role}_1"
+    ) as conn:  # stale keys: the password, at once
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+    assert connection._SCRAM_KEYS.usable(url) is None, "stale keys are forgotten"
+
+    passfile.write_text(f"*:*:*:{role}:not-the-password\n")
+    with pytest.raises(ConnectionFailed, match="password authentication failed"):
+        connection.connect(server, url, f"{role}_2")
+
+
+def test_no_key_is_shown_when_a_connection_with_keys_fails(
+    pg_url: str, role: str, tmp_path: Path
+) -> None:
+    url, _ = _passfile_url(pg_url, role, tmp_path, PASSWORD)
+    server = Server("main", url, embedded=None)
+    for n in range(2):
+        connection.connect(server, url, f"{role}_{n}").close()
+    keys = connection._SCRAM_KEYS.usable(url)
+    assert keys is not None
+    with pytest.raises(ConnectionFailed) as failed:
+        connection.connect(server, url, f"{role}_missing")
+    shown = str(failed.value) + str(failed.value.hint or "")
+    assert "does not exist" in shown
+    for secret in (keys.client, keys.server, PASSWORD):
+        assert secret not in shown
