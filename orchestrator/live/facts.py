@@ -48,14 +48,15 @@ SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 CURRENT_SCHEMA = "SELECT coalesce(current_schema(), 'public')"
 TABLE_EXISTS = "SELECT to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) IS NOT NULL"
 ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %s)"
-# Every schema that holds a table of this name, and whether the history table is beside it.
+# Every relation called like the migrations table or its history, in any schema: which
+# schema is the service's is worked out from these rows (``_locate``). Plain comparisons
+# only: a fresh session pays for every operator, function and catalog a query touches
+# (the regular expression and the EXISTS this once had made it several times dearer, once
+# per database of a fleet).
 TABLE_LOCATIONS = """
-SELECT n.nspname::text,
-       EXISTS (SELECT FROM pg_class h WHERE h.relnamespace = n.oid AND h.relname = %s AND h.relkind IN ('r', 'p'))
+SELECT n.nspname::text, c.relname::text, c.relkind IN ('r', 'p')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname = %s AND c.relkind IN ('r', 'p')
-  AND n.nspname !~ '^pg_(toast|temp_)'
-ORDER BY 1
+WHERE c.relname IN (%s, %s)
 """
 INVALID_INDEXES = """
 SELECT format('%I.%I', n.nspname, c.relname)
@@ -64,13 +65,42 @@ WHERE NOT i.indisvalid ORDER BY 1
 """
 # The size of the tables (and the tables of the indexes) that pending files name: one query
 # per database, whatever the number of files. reltuples is the planner's estimate (-1:
-# never analyzed); a partitioned table counts its leaf partitions.
+# never analyzed).
 # Read from the catalog only, never pg_total_relation_size or pg_partition_tree: those
 # lock the table (ACCESS SHARE), so a plan would wait behind any session holding it
 # ACCESS EXCLUSIVE, such as a running migration. relpages, like reltuples, is the estimate
-# of the last VACUUM or ANALYZE. A partitioned table counts its partitions (one level: a
-# recursive walk made the query several times dearer to plan, on every database).
-TABLE_STATS = """
+# of the last VACUUM or ANALYZE.
+# TABLE_STATS is the cheap form a fleet reads in every database (each subquery and
+# operator costs a fresh session planning time); only when one of the tables is
+# partitioned is TABLE_STATS_PARTITIONED read as well, which counts the partitions (one
+# level: a recursive walk made the query several times dearer to plan).
+_TABLE_STATS_FROM = """
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid)
+JOIN pg_namespace tn ON tn.oid = t.relnamespace
+WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'm', 'i', 'I')
+  AND n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema'
+ORDER BY 1, 2
+"""
+_COLUMNS = """(SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
+        FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)"""
+TABLE_STATS = (
+    """
+SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
+       nullif(greatest(t.reltuples, -1), -1),
+       (t.relpages::bigint + coalesce((SELECT x.relpages FROM pg_class x WHERE x.oid = t.reltoastrelid), 0)
+        + coalesce((SELECT sum(x.relpages) FROM pg_index pi JOIN pg_class x ON x.oid = pi.indexrelid
+                    WHERE pi.indrelid = t.oid), 0))
+       * current_setting('block_size')::bigint,
+       """
+    + _COLUMNS
+    + """,
+       t.relkind = 'p'"""
+    + _TABLE_STATS_FROM
+)
+TABLE_STATS_PARTITIONED = (
+    """
 SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%I', tn.nspname, t.relname),
        CASE WHEN t.relkind = 'p'
             THEN (SELECT sum(l.reltuples) FILTER (WHERE l.reltuples >= 0)
@@ -82,16 +112,12 @@ SELECT n.nspname::text, c.relname::text, c.relkind IN ('i', 'I'), format('%%I.%%
         FROM pg_class l LEFT JOIN pg_class toast ON toast.oid = l.reltoastrelid
         WHERE l.oid = t.oid OR (t.relkind = 'p' AND l.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = t.oid)))
        * current_setting('block_size')::bigint,
-       (SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
-        FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_index i ON i.indexrelid = c.oid
-JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid)
-JOIN pg_namespace tn ON tn.oid = t.relnamespace
-WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'm', 'i', 'I')
-  AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
-ORDER BY 1, 2
-"""
+       """
+    + _COLUMNS
+    + """,
+       t.relkind = 'p'"""
+    + _TABLE_STATS_FROM
+)
 
 
 @dataclass(frozen=True)
@@ -383,11 +409,13 @@ def read_table_stats(
     try:
         # One catalog query: no transaction of its own (three round trips more per database).
         rows = conn.execute(TABLE_STATS, (names,)).fetchall()
+        if any(row[-1] for row in rows):
+            rows = conn.execute(TABLE_STATS_PARTITIONED, (names,)).fetchall()
     except psycopg.Error as err:
         raise unreadable(service, "table sizes", err, server) from err
     return tuple(
         TableStats(schema, name, index, table, None if count is None else int(count), int(size or 0), dict(columns or {}))
-        for schema, name, index, table, count, size, columns in rows
+        for schema, name, index, table, count, size, columns, _ in rows
     )
 
 
@@ -588,8 +616,10 @@ def read_service(
     try:
         # One snapshot for every query: the executor trusts these facts as one state.
         with _snapshot(conn):
-            schema = schema or locate_schema(conn, service, owner, claimed)
-            table_exists, history_exists = _tables_exist(conn, schema, service.table, service.history_table)
+            present = None
+            if schema is None:
+                schema, present = _locate(conn, service, owner, claimed)
+            table_exists, history_exists = present or _tables_exist(conn, schema, service.table, service.history_table)
             foreign = None if history_exists else read_foreign(conn, schema)
             if foreign is not None and foreign.tool == "dbmate" and foreign.table == service.table:
                 table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
@@ -661,18 +691,34 @@ def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None,
     One with the history table beside it is dbplan's; several candidates, none of them
     in the current schema, are an error rather than a guess.
     """
+    return _locate(conn, service, owner, claimed)[0]
+
+
+def _locate(
+    conn: psycopg.Connection, service: Service, owner: str | None, claimed: frozenset[str]
+) -> tuple[str, tuple[bool, bool] | None]:
+    """``locate_schema``, and whether the migrations table and its history table are in
+    that schema, which the catalog read that found it already says (None: not read)."""
     if service.schema is not None:
-        return service.schema
-    rows = conn.execute(TABLE_LOCATIONS, (service.history_table, service.table)).fetchall()
-    found = [(schema, with_history) for schema, with_history in rows if schema not in claimed]
-    if not found:
-        return resolve_schema(conn, owner)
-    candidates = [schema for schema, with_history in found if with_history] or [schema for schema, _ in found]
+        return service.schema, None
+    found: dict[str, set[str]] = {}  # schema -> the names there, of any kind of relation
+    tables: dict[str, set[str]] = {}  # schema -> the names there that are tables
+    for schema, name, is_table in conn.execute(TABLE_LOCATIONS, (service.history_table, service.table)):
+        if schema.startswith(("pg_toast", "pg_temp_")):
+            continue
+        found.setdefault(schema, set()).add(name)
+        if is_table:
+            tables.setdefault(schema, set()).add(name)
+    candidates = sorted(schema for schema, names in tables.items() if service.table in names and schema not in claimed)
+    if not candidates:
+        schema = resolve_schema(conn, owner)
+        return schema, _present(found, schema, service)
+    candidates = [schema for schema in candidates if service.history_table in tables[schema]] or candidates
     if len(candidates) == 1:
-        return candidates[0]
+        return candidates[0], _present(found, candidates[0], service)
     current = resolve_schema(conn, owner)
     if current in candidates:
-        return current
+        return current, _present(found, current, service)
     raise ConfigError(
         f"service '{service.name}' has a migrations table '{service.table}' in several schemas of database "
         f"'{service.database}' ({', '.join(candidates)}), none of them the current schema '{current}'",
@@ -680,6 +726,13 @@ def locate_schema(conn: psycopg.Connection, service: Service, owner: str | None,
         service=service.name,
         hint=f"say which one is the service's with services.{service.name}.schema in the plan file",
     )
+
+
+def _present(found: Mapping[str, set[str]], schema: str, service: Service) -> tuple[bool, bool]:
+    """Whether the migrations table and its history table are in ``schema`` (as any kind of
+    relation, as ``to_regclass`` finds them)."""
+    names = found.get(schema, set())
+    return service.table in names, service.history_table in names
 
 
 def unreadable(service: Service, what: str, err: Exception, server: str | None = None) -> ConnectionFailed:
