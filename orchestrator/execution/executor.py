@@ -38,6 +38,7 @@ from ..live.facts import (
     ServiceFacts,
     declared_passwords,
     locate_apart,
+    read_database_owners,
     read_server,
     read_service,
 )
@@ -365,10 +366,10 @@ def _execute_create(run: _Run, conn: psycopg.Connection, statement: psycopg.sql.
 
 
 def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
-    from psycopg import errors
-
-    # Re-read under the lock; stored passwords are compared only where a role is altered
-    # (a fleet's database units would recompute every role's verifier for nothing).
+    if all(isinstance(action, (CreateDatabase, AlterDatabaseOwner)) for action in actions):
+        _create_databases(run, conn, server, actions)
+        return
+    # Re-read under the lock; stored passwords are compared only where a role is altered.
     passwords = declared_passwords(run.estate, server.name) if any(isinstance(a, AlterRole) for a in actions) else None
     live = read_server(conn, server, passwords)
     for action in actions:
@@ -381,29 +382,44 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
             _alter_role(run, conn, server, action, fresh)
             continue
         exists = action.role in live.roles if isinstance(action, CreateRole) else action.database in live.databases
-        if exists:
-            run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
-            continue
-        run.check_stop(f"before {action_phrase(action)}")
-        run.start(action)
-        started = time.monotonic()
-        checkpoint("create")
-        try:
-            what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"
-            _execute_create(run, conn, _create_statement(conn, run.estate, action), what)
-        # UniqueViolation: a concurrent CREATE of the same name committed while this one ran.
-        except (errors.DuplicateDatabase, errors.DuplicateObject, errors.UniqueViolation):
-            run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
-            continue
-        except errors.Error as err:
-            what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"
-            failure = DbplanError(
-                f"cannot create {what} on server '{server.name}': {_pg_message(err)}", server=server.name
-            )
-            run.finish(Outcome(action, "failed", detail=failure.message))
-            raise failure from err
-        checkpoint("created")
-        run.finish(Outcome(action, "done", ms_since(started)))
+        _create_one(run, conn, server, action, exists=exists)
+
+
+def _create_databases(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
+    """A fleet's database unit: re-read under the lock only the databases it creates, not
+    the whole server (which, once per database, made a fleet's creation quadratic)."""
+    owners = read_database_owners(conn, server, [action.database for action in actions])  # type: ignore[union-attr]
+    for action in actions:
+        if isinstance(action, AlterDatabaseOwner):
+            _alter_owner(run, server, action, owners.get(action.database))
+        else:
+            _create_one(run, conn, server, action, exists=action.database in owners)  # type: ignore[union-attr]
+
+
+def _create_one(run: _Run, conn: psycopg.Connection, server: Server, action: Action, *, exists: bool) -> None:
+    """CREATE one role or database, unless it exists (then another run made it)."""
+    from psycopg import errors
+
+    if exists:
+        run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
+        return
+    what = f"role '{action.role}'" if isinstance(action, CreateRole) else f"database '{action.database}'"  # type: ignore[union-attr]
+    run.check_stop(f"before {action_phrase(action)}")
+    run.start(action)
+    started = time.monotonic()
+    checkpoint("create")
+    try:
+        _execute_create(run, conn, _create_statement(conn, run.estate, action), what)
+    # UniqueViolation: a concurrent CREATE of the same name committed while this one ran.
+    except (errors.DuplicateDatabase, errors.DuplicateObject, errors.UniqueViolation):
+        run.finish(Outcome(action, "skipped", detail="already exists (created by another run)"))
+        return
+    except errors.Error as err:
+        failure = DbplanError(f"cannot create {what} on server '{server.name}': {_pg_message(err)}", server=server.name)
+        run.finish(Outcome(action, "failed", detail=failure.message))
+        raise failure from err
+    checkpoint("created")
+    run.finish(Outcome(action, "done", ms_since(started)))
 
 
 def _alter_owner(run: _Run, server: Server, action: AlterDatabaseOwner, owner_now: str | None) -> None:

@@ -580,6 +580,20 @@ def read_server(conn: psycopg.Connection, server: Server, passwords: Mapping[str
     )
 
 
+DATABASE_OWNERS = "SELECT datname::text, pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = ANY(%s)"
+
+
+def read_database_owners(conn: psycopg.Connection, server: Server, databases: list[str]) -> dict[str, str]:
+    """Which of ``databases`` exist on the server, with their owners: what creating one
+    database needs to know, in a query that does not grow with the server's databases."""
+    import psycopg
+
+    try:
+        return {name: owner for name, owner in conn.execute(DATABASE_OWNERS, (databases,))}
+    except psycopg.Error as err:
+        raise ConnectionFailed(f"cannot read server '{server.name}': {err}", server=server.name) from err
+
+
 def _passwords_match(conn: psycopg.Connection, passwords: Mapping[str, str]) -> dict[str, bool] | None:
     """Recompute each stored verifier with its own salt and iterations and the declared
     password. None when the connecting role may not read pg_authid."""
