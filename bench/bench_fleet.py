@@ -21,6 +21,10 @@ What it does (issue #12, "Benchmarks"):
        included; target at most 3 s);
    (b) applying that one migration everywhere: the dbmate loop against ``dbplan apply``;
    (d) dbplan's peak RSS in each (wait4 of the process; target under 150 MB);
+   (e) the floor: the least any tool must do to apply one more migration everywhere, in
+       this Python, with dbplan's connections (one per database, SCRAM keys), at the same
+       parallelism: lock, read the version, CREATE INDEX and bump the version, commit.
+       No plan shown first, no history, no checks: what a one-pass tool could reach;
 4. prints the times, the ratios (targets: create+5 >= 3x, apply-one >= 5x) and the cost
    per database, and writes them as JSON (``--json``).
 
@@ -137,6 +141,28 @@ def dbmate_loop(dbmate: str, urls: list[str], count: int, prefix: str, folder: P
     return Ran(time.perf_counter() - started, peak, 0)
 
 
+def floor_apply(urls: list[str], count: int, prefix: str, parallel: int) -> float:
+    """(e): one session per database does only what applying one migration needs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.estate.model import Server
+    from orchestrator.live.connection import connect
+
+    servers = [Server(f"s{index}", url, None) for index, url in enumerate(urls)]
+
+    def one(n: int) -> None:
+        server = servers[n % len(servers)]
+        with connect(server, str(server.url), f"{prefix}{n}") as conn:
+            conn.execute("SELECT pg_try_advisory_lock(1)")
+            conn.execute("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1").fetchall()
+            conn.execute("BEGIN; CREATE INDEX floor_at ON events (at); UPDATE schema_migrations SET version = version + 1; COMMIT")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel * len(servers)) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--databases", type=int, default=500)
@@ -179,6 +205,8 @@ def main() -> int:
             sys.exit(f"bench: dbplan apply failed: {dbplan_one.err}")
         print(f"(b) dbplan apply, one new: {dbplan_one.seconds:.1f} s, peak RSS {dbplan_one.max_rss_mb:.0f} MB",
               flush=True)  # fmt: skip
+        floor = floor_apply(urls, count, "dp", options.parallel or 8)
+        print(f"(e) floor, one more migration in one session per database: {floor:.1f} s", flush=True)
 
         results.update({
             "create_plus_5": {"dbmate_loop_s": loop_create.seconds, "dbplan_s": dbplan_create.seconds,
@@ -186,6 +214,7 @@ def main() -> int:
             "apply_one": {"dbmate_loop_s": loop_one.seconds, "dbplan_s": dbplan_one.seconds,
                           "speedup": loop_one.seconds / dbplan_one.seconds, "target": 5.0},
             "plan_one_pending_s": {"dbplan_s": planned.seconds, "target": 3.0},
+            "floor_apply_one_s": floor,
             "peak_rss_mb": {"apply_create": dbplan_create.max_rss_mb, "plan": planned.max_rss_mb,
                             "apply_one": dbplan_one.max_rss_mb, "target": 150.0},
             "ms_per_database": {"dbplan_create_plus_5": 1000 * dbplan_create.seconds / count,
