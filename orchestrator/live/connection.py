@@ -153,7 +153,8 @@ class _KeysPerServer:
     that connects once pays nothing, a fleet pays one exchange per server."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dictionaries
+        self._learning: dict[str, threading.Lock] = {}  # one per url: a slow server delays only its own
         self._first_login: dict[str, tuple[scram.Endpoint, str]] = {}
         self._keys: dict[str, scram.Keys | None] = {}  # None: not to be learned, use the password
 
@@ -161,10 +162,14 @@ class _KeysPerServer:
         if url in self._keys:
             return self._keys[url]
         with self._lock:
-            if url not in self._keys and url in self._first_login:
-                endpoint, password = self._first_login.pop(url)
+            if url not in self._first_login:
+                return None  # no login yet to learn from
+            learning = self._learning.setdefault(url, threading.Lock())
+        with learning:  # the other connections to this server wait for the keys
+            if url not in self._keys:
+                endpoint, password = self._first_login[url]
                 self._keys[url] = scram.keys_for(endpoint, password)
-            return self._keys.get(url)
+            return self._keys[url]
 
     def saw_login(self, url: str, conn: psycopg.Connection) -> None:
         """Remember where and with which password ``conn`` logged in, for the next one."""
