@@ -140,3 +140,36 @@ def test_without_a_scratch_url_the_copy_runs_on_an_embedded_server_of_the_live_m
         data = tmp_path / ".dbplan" / f"scratch-pg{live_major}"
         if data.exists():
             EmbeddedServer(data).destroy()
+
+
+def test_a_set_is_verified_once_per_starting_point_not_once_per_database(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three tenants at version 1 run the same file on the same schema: one copy stands for
+    them. A fourth, added to the set since, starts from nothing: it gets a copy of its own."""
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    names = [estate.name(f"tenant{n}") for n in range(1, 5)]
+    estate.document["databases"] = {"tenants": {"set": {"names": names[:3], "servers": ["main"]}}}
+    estate.document["services"] = {"tenant": {"database": "tenants", "migrations": "migrations/tenant"}}
+    estate.save()
+    estate.write("tenant", "1_items.up.sql", "CREATE TABLE items (id int);\n")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.document["databases"]["tenants"]["set"]["names"] = names
+    estate.save()
+    estate.write("tenant", "2_note.up.sql", "ALTER TABLE items ADD COLUMN note text;\n")
+
+    run = estate.dbplan("plan", "--verify", "--scratch-url", estate.url, "--format", "json")
+    text = estate.dbplan("plan", "--verify", "--scratch-url", estate.url)
+
+    assert run.code == 0, run.output
+    verified = json.loads(run.out)["verification"]["services"]
+    assert [(s["service"], s["stands_for"], s["ok"]) for s in verified] == [
+        (f"tenant[{names[0]}]", 3, True),
+        (f"tenant[{names[3]}]", 1, True),
+    ]
+    assert f"✓ tenant[{names[0]}] (and 2 more databases of its set starting from the same version)" in text.out
+    assert "+ column items.note" in text.out
+    with psycopg.connect(estate.url) as conn:
+        created = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (names[3],)).fetchone()
+    assert created is None, "the plan created nothing"
+    assert copies(estate.url) == []

@@ -43,10 +43,11 @@ def render_text(verification: Verification, *, color: bool = False) -> str:
         return "Verify: nothing pending, nothing to run on a copy.\n"
     lines = [style("Verified on a copy of the live schema", "bold") + f" ({versions_line(verification)}):"]
     for service in verification.services:
+        name = service.service + stands_for(service)
         if service.ok:
-            lines.append(style(f"  ✓ {service.service}: the pending migrations ran; {summary(service)}", "green"))
+            lines.append(style(f"  ✓ {name}: the pending migrations ran; {summary(service)}", "green"))
         else:
-            lines.append(style(f"  ✗ {service.service}: {printable(service.error or 'failed')}", "red"))
+            lines.append(style(f"  ✗ {name}: {printable(service.error or 'failed')}", "red"))
         for change in service.changes[:MAX_CHANGES_SHOWN]:
             lines.append(f"      {change_line(change)}")
         if len(service.changes) > MAX_CHANGES_SHOWN:
@@ -61,10 +62,11 @@ def render_markdown(verification: Verification) -> str:
         return ""
     lines = ["", "### Dry run on a copy of the live schema", "", versions_line(verification), ""]
     for service in verification.services:
+        name = f"<b>{_html(service.service)}</b>{_html(stands_for(service))}"
         head = (
-            f"✅ <b>{_html(service.service)}</b>: the pending migrations ran; {summary(service)}"
+            f"✅ {name}: the pending migrations ran; {summary(service)}"
             if service.ok
-            else f"❌ <b>{_html(service.service)}</b>: <code>{_html(service.error or 'failed')}</code>"
+            else f"❌ {name}: <code>{_html(service.error or 'failed')}</code>"
         )
         if not service.changes:
             lines += [head, ""]
@@ -73,6 +75,14 @@ def render_markdown(verification: Verification) -> str:
         lines += [change_line(change) for change in service.changes]
         lines += ["```", "", "</details>", ""]
     return "\n".join(lines) + "\n"
+
+
+def stands_for(service: ServiceVerification) -> str:
+    """For the copy of a set's database: how many databases of the set it answers for."""
+    if service.stands_for <= 1:
+        return ""
+    others = service.stands_for - 1
+    return f" (and {others} more database{'s' if others > 1 else ''} of its set starting from the same version)"
 
 
 def _html(text: str) -> str:
@@ -95,6 +105,7 @@ def to_dict(verification: Verification) -> dict[str, Any]:
                 "ok": s.ok,
                 "error": s.error,
                 "sqlstate": s.sqlstate,
+                "stands_for": s.stands_for,
                 "changes": [vars(change) for change in s.changes],
             }
             for s in verification.services

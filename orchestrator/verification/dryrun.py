@@ -51,6 +51,9 @@ class ServiceVerification:
     error: str | None = None  # the failure, as apply would report it (file:line, SQLSTATE)
     sqlstate: str | None = None
     changes: tuple[SchemaChange, ...] = ()
+    # How many databases this copy stands for: 1, or the databases of a set that start
+    # from the same point (the same actions), of which only the first is copied.
+    stands_for: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,22 +93,57 @@ def verify(
     for name in pending:
         service = estate.services[name]
         by_database.setdefault(service.database, []).append(service)
+    stands_for = _one_copy_per_starting_point(estate, plan, live, by_database)
     live_major: dict[str, int] = {}
     copy_major: dict[str, int] = {}
     results: list[ServiceVerification] = []
-    for database, services in by_database.items():
+    for database, count in stands_for.items():
+        services = by_database[database]
         server = estate.servers[estate.databases[database].server]
         major = live_major.setdefault(server.name, _live_major(server))
         binaries = _binaries_for(major)
         scratch = scratch_server(estate, binaries=binaries, scratch_url=scratch_url)
         copy_major[server.name] = _major(scratch)
         if on_notice:
+            also = f", for {count} databases of its set" if count > 1 else ""
             on_notice(
-                f"verifying {', '.join(s.name for s in services)} on a copy of database '{database}' "
+                f"verifying {', '.join(s.name for s in services)} on a copy of database '{database}'{also} "
                 f"(PostgreSQL {copy_major[server.name]})"
             )
-        results += _verify_database(scratch, estate, server, database, services, migration_sets, live, binaries)
+        verified = _verify_database(scratch, estate, server, database, services, migration_sets, live, binaries)
+        results += [replace(result, stands_for=count) for result in verified]
     return Verification(live_major, copy_major, tuple(results))
+
+
+def _one_copy_per_starting_point(
+    estate: Estate, plan: Plan, live: LiveState, by_database: dict[str, list[Service]]
+) -> dict[str, int]:
+    """The databases to copy, each with the number of databases it stands for.
+
+    A set's databases run the same files: those that start from the same point (the same
+    pending actions, versions included, in a database that exists or is still to be
+    created alike) would run the same statements on the same schema,
+    so the first of them is copied for all; a database of the set that is behind or ahead
+    gets a copy of its own. A fleet of 500 costs one copy, not 500.
+    """
+    first_of: dict[tuple[object, ...], str] = {}
+    stands_for: dict[str, int] = {}
+    for database, services in by_database.items():
+        fleet = estate.databases[database].fleet
+        if fleet is None:
+            stands_for[database] = 1
+            continue
+        exists = live.services[services[0].name].database_exists
+        start = (fleet, exists, *(_action_key(action) for service in services for action in plan.actions_of(service.name)))
+        first = first_of.setdefault(start, database)
+        stands_for[first] = stands_for.get(first, 0) + 1
+    return stands_for
+
+
+def _action_key(action: object) -> tuple[object, ...]:
+    """An action as it would run in any database of its set: without the names of the
+    service instance and database it belongs to."""
+    return (type(action).__name__, *(getattr(action, key, None) for key in ("version", "version_after", "checksum")))
 
 
 def _live_major(server: Server) -> int:
