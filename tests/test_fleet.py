@@ -394,6 +394,24 @@ def test_history_and_force_take_one_database_of_a_set(estate: Estate, pg_url2: s
     assert every.out.count("tenant[") >= COUNT
 
 
+def test_status_shows_a_set_in_one_row_per_state_and_its_dirty_databases_by_name(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2, {"range": {"pattern": estate.name("t{n}"), "from": 1, "to": COUNT}, "servers": ["main"]})
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("tenant", "000002_note.up.sql", "ALTER TABLE account ADD COLUMN note text;\n")
+    dirty = estate.name("t3")
+    with psycopg.connect(estate.url, dbname=dirty, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET dirty = true")
+
+    run = estate.dbplan("status")
+    rows = [line.split() for line in run.out.splitlines()]
+
+    assert ["tenant", f"{COUNT - 1}", "of", f"{COUNT}", "databases", "1", "2", "1", "no", "-", "public.schema_migrations"] in rows
+    assert [f"tenant[{dirty}]", dirty, "1", "2", "1", "yes", "-", "public.schema_migrations"] in rows
+    assert len([row for row in rows if row and row[0].startswith("tenant")]) == 2, run.out
+    every = json.loads(estate.dbplan("status", "--format", "json").out)["services"]
+    assert len(every) == COUNT, "JSON still lists every database"
+
+
 def test_new_adds_to_the_one_folder_of_a_service_over_a_set(estate: Estate, pg_url2: str) -> None:
     fleet(estate, pg_url2)
     run = estate.dbplan("new", "tenant", "add plan")

@@ -289,23 +289,13 @@ def environment_line(plan: Plan, style: Style) -> list[str]:
     return [style(f"Environment: {plan.environment}", "bold"), ""] if plan.environment else []
 
 
+STATUS_HEADER = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT", "BOOKKEEPING")
+
+
 def render_status(plan: Plan, *, color: bool = False) -> str:
     style = Style(color)
-    header = ("SERVICE", "DATABASE", "CURRENT", "LATEST", "PENDING", "DIRTY", "DRIFT", "BOOKKEEPING")
-    rows = [header] + [
-        (
-            s.service,
-            s.database,
-            version_label(s.current),
-            version_label(s.latest),
-            str(len(s.pending)) + (f" +{len(s.repeatables)} R__" if s.repeatables else ""),
-            "yes" if s.dirty else "no",
-            ", ".join(str(d.version) for d in s.drift) or "-",
-            s.bookkeeping or "-",
-        )
-        for s in plan.services
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    rows = [STATUS_HEADER, *_status_rows(plan)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_HEADER))]
     lines = []
     for index, row in enumerate(rows):
         text = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -317,10 +307,62 @@ def render_status(plan: Plan, *, color: bool = False) -> str:
             text = style(text, "yellow")
         lines.append(text)
     lines = environment_line(plan, style) + lines
+    if any(service.fleet is not None for service in plan.services):
+        lines.append("(a set's databases in the same state share a row; --format json lists every database)")
     lines += [""] + [
         style(f"! {blocker.message}", "red") for blocker in plan.blockers
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _status_row(service: ServicePlan) -> tuple[str, ...]:
+    return (
+        service.service,
+        service.database,
+        version_label(service.current),
+        version_label(service.latest),
+        str(len(service.pending)) + (f" +{len(service.repeatables)} R__" if service.repeatables else ""),
+        "yes" if service.dirty else "no",
+        ", ".join(str(d.version) for d in service.drift) or "-",
+        service.bookkeeping or "-",
+    )
+
+
+def _status_rows(plan: Plan) -> list[tuple[str, ...]]:
+    """A row per service; a set's databases in the same state share one row (the set is
+    read at a glance, issue #12), where those that are dirty or drifted keep their own."""
+    fleets: dict[str, list[ServicePlan]] = {}
+    for service in plan.services:
+        if service.fleet is not None:
+            fleets.setdefault(service.fleet, []).append(service)
+    rows: list[tuple[str, ...]] = []
+    for service in plan.services:
+        if service.fleet is None:
+            rows.append(_status_row(service))
+        elif fleets[service.fleet][0] is service:
+            rows += _fleet_status_rows(service.fleet, fleets[service.fleet])
+    return rows
+
+
+def _fleet_status_rows(fleet: str, members: list[ServicePlan]) -> list[tuple[str, ...]]:
+    from collections import Counter
+
+    from .fleet import LISTED
+
+    states: Counter[tuple[str, ...]] = Counter()
+    outliers: list[tuple[str, ...]] = []
+    for member in members:
+        row = _status_row(member)
+        if member.dirty or member.drift:
+            outliers.append(row)
+        else:
+            states[row[2:]] += 1
+    of = f" of {len(members)}" if len(states) > 1 or outliers else ""
+    rows = [(fleet, f"{count}{of} database{'s' if count > 1 else ''}", *state) for state, count in states.most_common()]
+    rows += outliers[:LISTED]
+    if len(outliers) > LISTED:
+        rows.append((fleet, f"and {len(outliers) - LISTED} more dirty or drifted", "", "", "", "", "", ""))
+    return rows
 
 
 def render_result(result: Result, *, color: bool = False) -> str:
