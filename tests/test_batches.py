@@ -18,8 +18,6 @@ from estate import Estate
 from processes import Finished, start_dbplan, wait_until
 from tcpproxy import TcpProxy
 
-from orchestrator.execution.batches import SESSION_STATEMENTS_FROM_STEPS
-
 
 def _app_estate(tmp_path: Path, url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> Estate:
     estate = Estate(tmp_path, url, prefix, capsys)
@@ -182,37 +180,23 @@ def test_quick_migrations_travel_together_and_a_slow_one_ends_its_batch(estate: 
 
 
 def test_a_file_that_deallocates_prepared_statements_does_not_break_the_bookkeeping(estate: Estate) -> None:
-    """From SESSION_STATEMENTS_FROM_STEPS migrations on, the bookkeeping goes as a
-    statement prepared once per run; a file that runs DEALLOCATE ALL (or one the parser
-    cannot read) makes the rest go as plain statements. A file that runs RESET ALL drops
-    the mark of its own start: it is still timed."""
-    last = SESSION_STATEMENTS_FROM_STEPS + 4
+    """The bookkeeping goes as a statement prepared once per run; a file that runs
+    DEALLOCATE ALL (or one the parser cannot read) makes the rest go as plain statements.
+    A file that runs RESET ALL drops the mark of its own start: it is still timed."""
     special = {
         3: _table(3) + "RESET ALL;\n",
         5: _table(5) + "DEALLOCATE ALL;\n",
         9: _table(9) + "ALTER TABLE schema_migrations ADD COLUMN note text DEFAULT 'kept';\n",
     }
-    _write_tables(estate, range(1, last + 1), special)
+    _write_tables(estate, range(1, 13), special)
 
     run = estate.dbplan("apply", "--yes")
 
     assert run.code == 0, run.output
-    assert _applied(estate) == list(range(1, last + 1))
-    assert estate.query("app", "SELECT version, dirty, note FROM schema_migrations") == [(last, False, "kept")]
+    assert _applied(estate) == list(range(1, 13))
+    assert estate.query("app", "SELECT version, dirty, note FROM schema_migrations") == [(12, False, "kept")]
     durations = estate.query("app", "SELECT count(*) FROM dbplan_history WHERE duration_ms IS NULL OR applied_at IS NULL")
     assert durations == [(0,)]
-
-
-def test_a_few_migrations_leave_no_temporary_schema_behind(estate: Estate) -> None:
-    """Below SESSION_STATEMENTS_FROM_STEPS the checks are DO blocks: no session function,
-    so the database gets no pg_temp schema (PostgreSQL keeps one created for good), and a
-    fleet's databases do not each pay for making and removing it."""
-    _write_tables(estate, range(1, 6), {})
-
-    assert estate.dbplan("apply", "--yes").code == 0
-
-    assert _applied(estate) == [1, 2, 3, 4, 5]
-    assert estate.query("app", "SELECT count(*) FROM pg_namespace WHERE left(nspname, 8) = 'pg_temp_'") == [(0,)]
 
 
 def test_a_server_that_ends_the_session_inside_a_batch_names_the_migration_it_ran(estate: Estate) -> None:

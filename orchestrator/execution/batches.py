@@ -67,11 +67,6 @@ if TYPE_CHECKING:
 MAX_BATCH_MIGRATIONS = 64
 MAX_BATCH_BYTES = 1 << 20  # the server keeps the parse trees of a whole query until it ends
 QUICK_BATCH_SECONDS = 0.25  # a batch that took longer is followed by a batch of one
-# From this many steps on, the bookkeeping statement is prepared and the check is a
-# function of the session: below it, creating and dropping them (the first temporary
-# object of a session creates its pg_temp schema, and the session's end removes it again)
-# costs the server more than a DO block per step, once per database of a fleet.
-SESSION_STATEMENTS_FROM_STEPS = 16
 FIRST_BATCHING_SERVER = 130000  # PostgreSQL 13: statement_timeout per statement of a query
 # A transactional migration that hit lock_timeout is rolled back whole, so trying again
 # is safe: the blocker is often a short burst of traffic or a vacuum.
@@ -116,7 +111,7 @@ def run_transactional(
     read_as_parser(target.conn)
     sizer = _BatchSizer(enabled=guard is None and _server_reads_batches(target.conn))
     # Behind a pooler (a guard) the next transaction may get another session: no session state.
-    with _prepared_bookkeeping(target, enabled=guard is None and len(steps) >= SESSION_STATEMENTS_FROM_STEPS) as prepared:
+    with _prepared_bookkeeping(target, enabled=guard is None and len(steps) > 1) as prepared:
         _run_steps(run, target, steps, report, sizer, _TransactionTexts(target, steps, guard, prepared))
 
 
