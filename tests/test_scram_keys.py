@@ -5,8 +5,11 @@ server logs nothing for the exchange that learns the salt, and no key is ever sh
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -199,3 +202,50 @@ def test_no_key_is_shown_when_a_connection_with_keys_fails(
     assert "does not exist" in shown
     for secret in (keys.client, keys.server, PASSWORD):
         assert secret not in shown
+
+
+def _sasl_continue(body: bytes) -> bytes:
+    payload = struct.pack("!i", 11) + body
+    return b"R" + struct.pack("!i", len(payload) + 4) + payload
+
+
+SASL_OFFER = b"R" + struct.pack("!i", 23) + struct.pack("!i", 10) + b"SCRAM-SHA-256\0\0"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda nonce: SASL_OFFER + _sasl_continue(b"r=" + nonce + b"x,i=4096"), id="no-salt"),
+        pytest.param(lambda nonce: SASL_OFFER + _sasl_continue(b"r=" + nonce + b"x,s=!!notbase64,i=4096"), id="bad-salt"),
+        pytest.param(lambda nonce: SASL_OFFER + _sasl_continue(b"r=" + nonce + b"x,s=c2FsdA==,i=999999999"), id="huge-count"),
+        pytest.param(lambda nonce: SASL_OFFER + _sasl_continue(b"r=someone-else,s=c2FsdA==,i=4096"), id="wrong-nonce"),
+        pytest.param(lambda nonce: b"HTTP/1.1 400 Bad Request\r\n\r\n", id="not-postgres"),
+        pytest.param(lambda nonce: SASL_OFFER, id="closes-after-offer"),
+    ],
+)
+def test_a_server_that_answers_nonsense_gets_no_keys(answer: Callable[[bytes], bytes]) -> None:
+    """The salt comes from whatever listens there: a malformed, hostile or foreign answer
+    leaves the keys unlearned (the connection then logs in with the password), never a
+    crash, and a huge iteration count is not hashed here."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(4096)  # the startup message
+                first = answer(b"")
+                peer.sendall(first[: len(SASL_OFFER)] if first.startswith(SASL_OFFER) else first)
+                if first.startswith(SASL_OFFER) and len(first) > len(SASL_OFFER):
+                    request = peer.recv(4096)
+                    nonce = request.rsplit(b"r=", 1)[1]
+                    peer.sendall(answer(nonce)[len(SASL_OFFER) :])
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        started = time.monotonic()
+        assert scram.keys_for(scram.Endpoint("127.0.0.1", port, "someone", "db", ssl=False), "pw") is None
+        assert time.monotonic() - started < 5
+        server.join(5)

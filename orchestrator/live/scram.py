@@ -35,6 +35,9 @@ PROTOCOL_3_0 = 196608
 SSL_REQUEST = 80877103
 AUTH_SASL, AUTH_SASL_CONTINUE = 10, 11
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
+# PostgreSQL's default is 4,096 (scram_iterations); a count past this is left to libpq,
+# rather than hashed here while every other connection to the server waits.
+MAX_ITERATIONS = 1_000_000
 # libpq 18 is the first to take the keys instead of a password.
 FIRST_LIBPQ_WITH_KEYS = 180000
 
@@ -71,9 +74,9 @@ def keys_for(endpoint: Endpoint, password: str) -> Keys | None:
     with the password, as before)."""
     try:
         learned = _salt_and_iterations(endpoint)
-    except (OSError, ValueError, struct.error):  # ssl.SSLError is an OSError
+    except (OSError, ValueError, KeyError, struct.error):  # ssl.SSLError is an OSError
         return None
-    if learned is None:
+    if learned is None or not 0 < learned[1] <= MAX_ITERATIONS:
         return None
     salt, iterations = learned
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
@@ -116,8 +119,12 @@ def _salt_and_iterations(endpoint: Endpoint) -> tuple[bytes, int] | None:
 def _open(endpoint: Endpoint) -> socket.socket:
     if endpoint.host.startswith("/"):
         channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
-        channel.connect(f"{endpoint.host}/.s.PGSQL.{endpoint.port}")
+        try:
+            channel.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+            channel.connect(f"{endpoint.host}/.s.PGSQL.{endpoint.port}")
+        except OSError:
+            channel.close()
+            raise
         return channel
     channel = socket.create_connection(
         (endpoint.host, endpoint.port), timeout=HANDSHAKE_TIMEOUT_SECONDS
@@ -126,14 +133,17 @@ def _open(endpoint: Endpoint) -> socket.socket:
         return channel
     import ssl  # here, not at the top: importing it costs every dbplan command about 10 ms
 
-    channel.sendall(struct.pack("!ii", 8, SSL_REQUEST))
-    if channel.recv(1) != b"S":
+    try:
+        channel.sendall(struct.pack("!ii", 8, SSL_REQUEST))
+        if channel.recv(1) != b"S":
+            raise ValueError("the server did not take SSL this time")
+        context = ssl.create_default_context()
+        context.check_hostname = False  # nothing secret is sent: see the module's docstring
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(channel)
+    except (OSError, ValueError):
         channel.close()
-        raise ValueError("the server did not take SSL this time")
-    context = ssl.create_default_context()
-    context.check_hostname = False  # nothing secret is sent: see the module's docstring
-    context.verify_mode = ssl.CERT_NONE
-    return context.wrap_socket(channel)
+        raise
 
 
 def _startup_message(endpoint: Endpoint) -> bytes:
