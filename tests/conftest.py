@@ -13,6 +13,7 @@ collected tests use) and are stopped and deleted at session end.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,13 @@ import pgcluster  # noqa: E402
 from pgcluster import ClusterPool, drop_databases_with_prefix  # noqa: E402
 
 _POOL = ClusterPool()
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`, nohup)
+# inherits SIGINT ignored, and so would every dbplan the tests start: a Ctrl-C sent in
+# its first moments, before dbplan's own handler is in place, would then be lost where a
+# terminal's is not. A handler of the suite's own is reset to the default by exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
