@@ -357,8 +357,12 @@ def _fleet_status_rows(fleet: str, members: list[ServicePlan]) -> list[tuple[str
             outliers.append(row)
         else:
             states[row[2:]] += 1
-    of = f" of {len(members)}" if len(states) > 1 or outliers else ""
-    rows = [(fleet, f"{count}{of} database{'s' if count > 1 else ''}", *state) for state, count in states.most_common()]
+    def how_many(count: int) -> str:
+        if len(states) > 1 or outliers:
+            return f"{count} of {len(members)} databases"
+        return f"{count} database{'s' if count > 1 else ''}"
+
+    rows = [(fleet, how_many(count), *state) for state, count in states.most_common()]
     rows += outliers[:LISTED]
     if len(outliers) > LISTED:
         rows.append((fleet, f"and {len(outliers) - LISTED} more dirty or drifted", "", "", "", "", "", ""))
