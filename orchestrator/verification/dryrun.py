@@ -21,7 +21,7 @@ from ..estate import graph
 from ..estate.model import Database, Estate, Role, Server, Service
 from ..execution.executor import execute
 from ..live.connection import connect, server_url
-from ..live.facts import LiveState, inspect
+from ..live.facts import LiveState, inspect, read_database_owners
 from ..migrations.scan import MigrationSet
 from ..planning.plan import Plan
 from ..planning.planner import make_plan
@@ -31,7 +31,6 @@ from .scratch import scratch_server
 
 # Roles of the live server, so that owners and grants in the copy mean what they mean there.
 LIVE_ROLES = "SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1"
-DATABASE_OWNER = "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s"
 
 
 @dataclass(frozen=True)
@@ -208,10 +207,10 @@ def _copy_schema(
     live_url = server_url(server)
     with connect(server, live_url) as conn:
         roles = [row[0] for row in conn.execute(LIVE_ROLES)]
-        owner_row = conn.execute(DATABASE_OWNER, (database,)).fetchone()
+        live_owner = read_database_owners(conn, server, [database]).get(database)
     # The copy has the live database's owner, who owns public (pg_database_owner) there too;
     # a database still to be created gets the owner the plan file names, as it will live.
-    owner = owner_row[0] if owner_row else estate.databases[database].owner
+    owner = live_owner or estate.databases[database].owner
     if owner and owner not in roles:
         roles.append(owner)
     with connect(copy.scratch, copy.scratch.url or "") as conn:
