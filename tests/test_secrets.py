@@ -185,6 +185,12 @@ def _admin_estate(estate: Estate, admin: str, pg_url: str) -> None:
     estate.save()
 
 
+def _create_logging_admin(conn: psycopg.Connection, admin: str) -> None:
+    """A superuser of the test's own, every statement of whose sessions the server logs."""
+    conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
+    conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
+
+
 def _log_in(pg_url: str, role: str, password: str) -> str:
     parts = urlsplit(pg_url)
     with psycopg.connect(
@@ -199,8 +205,7 @@ def test_role_passwords_reach_neither_the_log_nor_pg_stat_activity(
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
     admin = estate.name("admin")
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
-        conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
+        _create_logging_admin(conn, admin)
         log = _server_log(conn)
         log_start = log.stat().st_size
         _admin_estate(estate, admin, pg_url)
@@ -439,8 +444,7 @@ def test_a_changed_password_reaches_no_output_saved_plan_nor_log(
     estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
     admin = estate.name("admin")
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(sql.Identifier(admin), ADMIN_PASSWORD))
-        conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin)))
+        _create_logging_admin(conn, admin)
         log = _server_log(conn)
         _admin_estate(estate, admin, pg_url)
         assert estate.dbplan("apply", "--yes").code == 0
