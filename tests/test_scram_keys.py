@@ -5,11 +5,18 @@ server logs nothing for the exchange that learns the salt, and no key is ever sh
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -105,6 +112,33 @@ def test_the_keys_alone_log_in_to_every_database_and_wrong_ones_do_not(
     ):
         psycopg.connect(host=parts.hostname, port=parts.port, user=role, dbname=f"{role}_0", sslmode="disable",
                         **wrong.as_parameters())  # fmt: skip
+
+
+def test_a_server_that_does_not_know_the_password_is_refused_by_the_server_key(pg_url: str, role: str) -> None:
+    """The keys keep SCRAM mutual: with the right client key but a server key from another
+    password (a server that stole the client key, not the verifier), libpq refuses the
+    server's signature instead of logging in."""
+    keys = scram.keys_for(_endpoint(pg_url, role), PASSWORD)
+    other = scram.keys_for(_endpoint(pg_url, role), PASSWORD + "x")
+    assert keys is not None and other is not None
+    parts = urlsplit(pg_url)
+    with pytest.raises(psycopg.OperationalError, match="server signature"):
+        psycopg.connect(host=parts.hostname, port=parts.port, user=role, dbname=f"{role}_0", sslmode="disable",
+                        scram_client_key=keys.client, scram_server_key=other.server)  # fmt: skip
+
+
+def test_no_part_of_dbplan_reads_a_connection_string_back_from_libpq() -> None:
+    """libpq's own account of a connection (psycopg's ``info.dsn``, ``get_parameters()``)
+    leaves out the password but holds the SCRAM keys: nothing in dbplan may read it, so
+    that no output, log or error can show them."""
+    sources = (Path(connection.__file__).parent.parent).rglob("*.py")
+    readers = [
+        f"{path.name}:{number}"
+        for path in sources
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if ".info.dsn" in line or ".get_parameters(" in line
+    ]
+    assert readers == []
 
 
 def test_learning_the_salt_leaves_no_line_in_the_server_log_and_no_session(
@@ -227,13 +261,60 @@ def test_a_server_that_answers_nonsense_gets_no_keys(answer: Callable[[bytes], b
     """The salt comes from whatever listens there: a malformed, hostile or foreign answer
     leaves the keys unlearned (the connection then logs in with the password), never a
     crash, and a huge iteration count is not hashed here."""
+    with _fake_server(answer) as port:
+        started = time.monotonic()
+        assert scram.keys_for(scram.Endpoint("127.0.0.1", port, "someone", "db", ssl=False), "pw") is None
+        assert time.monotonic() - started < 5
+
+
+def test_the_salt_is_learned_over_ssl_when_the_login_used_it(tmp_path: Path) -> None:
+    """A server reached over SSL is asked over SSL too (SSLRequest, then TLS): the keys
+    come out as PBKDF2 of the password with the salt the server sent."""
+    tls = _self_signed_tls(tmp_path)
+    salt = b"salt-of-the-role"
+
+    def offer(nonce: bytes) -> bytes:
+        return SASL_OFFER + _sasl_continue(b"r=" + nonce + b"srv,s=" + base64.b64encode(salt) + b",i=4096")
+
+    with _fake_server(offer, tls=tls) as port:
+        keys = scram.keys_for(scram.Endpoint("127.0.0.1", port, "someone", "db", ssl=True), "pw")
+    salted = hashlib.pbkdf2_hmac("sha256", b"pw", salt, 4096)
+    assert keys == scram.Keys(
+        client=base64.b64encode(hmac.new(salted, b"Client Key", "sha256").digest()).decode(),
+        server=base64.b64encode(hmac.new(salted, b"Server Key", "sha256").digest()).decode(),
+    )
+
+
+def _self_signed_tls(folder: Path) -> ssl.SSLContext:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for a TLS server")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@contextmanager
+def _fake_server(answer: Callable[[bytes], bytes], *, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A one-connection server on a free port that answers the startup message with
+    ``answer(b"")`` up to the SASL offer and the client's first SCRAM message with the
+    rest of ``answer(nonce)``; with ``tls``, it takes an SSLRequest first."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        port = listener.getsockname()[1]
 
         def serve() -> None:
             peer, _ = listener.accept()
+            if tls is not None:
+                peer.recv(8)  # the SSLRequest
+                peer.sendall(b"S")
+                peer = tls.wrap_socket(peer, server_side=True)
             with peer:
                 peer.recv(4096)  # the startup message
                 first = answer(b"")
@@ -245,7 +326,5 @@ def test_a_server_that_answers_nonsense_gets_no_keys(answer: Callable[[bytes], b
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
-        started = time.monotonic()
-        assert scram.keys_for(scram.Endpoint("127.0.0.1", port, "someone", "db", ssl=False), "pw") is None
-        assert time.monotonic() - started < 5
+        yield listener.getsockname()[1]
         server.join(5)
