@@ -18,9 +18,9 @@ way: ``standard_conforming_strings`` on, and PostgreSQL 13 or later, which appli
 ``statement_timeout`` to each statement of a multi-statement query rather than the whole.
 Behind a pooler each migration goes alone, with its guard.
 
-The bookkeeping is one statement prepared once per run of steps (``_prepared_bookkeeping``):
-parsing and planning it for every migration cost the server more than running it. It also
-marks the start of the next migration, which then needs no statement of its own for that.
+The bookkeeping is one statement prepared once per run of steps (``_prepared_bookkeeping``),
+and so is the check at the head of each transaction: parsing and planning them for every
+migration cost the server more than running them.
 """
 
 from __future__ import annotations
@@ -39,12 +39,7 @@ from ..live.connection import connection_lost, read_as_parser
 from ..migrations.scan import MigrationFile
 from ..planning.plan import MigrationAction, action_phrase
 from . import bookkeeping
-from .guard import (
-    GUARD_BUSY_SQLSTATE,
-    GUARD_MOVED_SQLSTATE,
-    ExpectFunction,
-    expect_version,
-)
+from .guard import EXPECT_STATEMENTS, ExpectStatement, expect_version, guard_refusal
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -163,8 +158,8 @@ def _failure(run: RunControl, target: Target, failed: Step, outcome: _BatchOutco
     error = outcome.error
     assert error is not None
     sqlstate = sqlstate_of(error)
-    if sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
-        return GuardFailed(str(sqlstate))
+    if (refusal := guard_refusal(error)) is not None:
+        return GuardFailed(refusal)
     action = failed.action
     if sqlstate == QUERY_CANCELED and run.cancellation.requested:
         return run.interrupted(
@@ -276,21 +271,19 @@ def _batch_query(texts: list[Transaction]) -> tuple[str, list[int], list[int]]:
     """The query of a batch, where each step's file text starts in it, and how many
     statements of each transaction come after its BEGIN and before the file's.
 
-    The first transaction marks its own start; each later one was marked by the
-    bookkeeping of the one before, if that one's did (``Transaction.marks_next``).
+    Each transaction marks its own start after its guard (whose RESET ALL would clear
+    an earlier mark): the guard's check does, else a statement of its own.
     """
     parts: list[str] = []
     file_offsets: list[int] = []
     head_counts: list[int] = []
     length = 0
-    marked = False
     for text in texts:
-        head = text.opening if marked else text.opening + bookkeeping.MARK_START
+        head = text.marked_opening
         file_offsets.append(length + len(head))
-        head_counts.append(text.opening_statements + (0 if marked else 1))
+        head_counts.append(text.opening_statements + (0 if text.marked else 1))
         parts += [head, text.body, text.tail]
         length += len(head) + len(text.body) + len(text.tail)
-        marked = text.marks_next
     return "".join(parts), file_offsets, head_counts
 
 
@@ -331,8 +324,13 @@ class Transaction:
     opening: str  # BEGIN, the guard, the service's settings
     body: str  # the file's text, verbatim, so that PostgreSQL's error position maps back to it
     tail: str  # the bookkeeping and COMMIT
-    marks_next: bool  # the bookkeeping marks the start of the next transaction
     opening_statements: int = 0  # statements of ``opening`` after its BEGIN
+    marked: bool = False  # the guard marks the migration's start (else MARK_START does)
+
+    @property
+    def marked_opening(self) -> str:
+        """The opening, with the mark of the migration's start if its guard sets none."""
+        return self.opening if self.marked else self.opening + bookkeeping.MARK_START
 
 
 def transaction_text(
@@ -343,7 +341,8 @@ def transaction_text(
 ) -> Transaction:
     """One step's transaction; the mark of its start goes between opening and body."""
     conn, action, file = target.conn, step.action, step.file
-    opening = _begin(file) + ";\n" + _head_guard(target, step, guard, prepared) + target.transaction_settings
+    head_guard, guard_statements = _head_guard(target, step, guard, prepared)
+    opening = _begin(file) + ";\n" + head_guard + target.transaction_settings
     version, title, checksum, event, after = action.version, action.title, file.checksum, event_of(action), action.version_after
     if version is None:  # a repeatable run before any version: the history's version is not null
         version = 0
@@ -351,37 +350,37 @@ def transaction_text(
     # docstring); an out-of-order file leaves the version as it was.
     if prepared is not None and after is not None and after != step.version_before:
         bookkeeping_sql = prepared.record.execute(version=version, title=title, checksum=checksum, event=event, version_after=after)
-        marks_next = True
     else:
         bookkeeping_sql = bookkeeping.record_migration(
             target.tables, version=version, title=title, checksum=checksum, event=event, version_after=after
         )
-        marks_next = False
     restore = target.identity_restore if _may_change_identity(file) else ""
     tail = "\n;\n" + restore + bookkeeping_sql.as_string(conn) + "COMMIT;\n"
-    return Transaction(opening, _transactional_body(file), tail, marks_next, 1 + target.settings_count)
+    return Transaction(
+        opening, _transactional_body(file), tail, guard_statements + target.settings_count, marked=guard is None
+    )
 
 
 def _head_guard(
     target: Target, step: Step, guard: psycopg.sql.Composable | None, prepared: _SessionStatements | None
-) -> str:
-    """What a step's transaction checks first: behind a pooler, the pooler's guard; else
-    that the bookkeeping still holds the step's ``version_before``."""
+) -> tuple[str, int]:
+    """What a step's transaction checks first, and in how many statements: behind a
+    pooler, the pooler's guard (a DO block); else that the bookkeeping still holds the
+    step's ``version_before`` (``guard.expect_version``, prepared in a run of steps)."""
     if guard is not None:
-        return guard.as_string(target.conn)
-    if prepared is not None and prepared.expect is not None:
-        return prepared.expect.call(step.version_before).as_string(target.conn)
-    return expect_version(target.tables, step.version_before).as_string(target.conn)
+        return guard.as_string(target.conn), 1
+    if prepared is not None:
+        return prepared.expect.call(target.tables, step.version_before).as_string(target.conn), EXPECT_STATEMENTS
+    return expect_version(target.tables, step.version_before).as_string(target.conn), EXPECT_STATEMENTS
 
 
 @dataclass(frozen=True)
 class _SessionStatements:
-    """What a run of steps keeps in the session: the bookkeeping statement, prepared, and
-    the check at the head of each transaction, as a function (None: the role may not
-    create temporary objects, and the check goes as a DO block)."""
+    """What a run of steps prepares in the session: the bookkeeping, and the check at the
+    head of each transaction."""
 
     record: bookkeeping.PreparedBookkeeping
-    expect: ExpectFunction | None
+    expect: ExpectStatement
 
 
 _prepared_runs = itertools.count(1)
@@ -389,9 +388,9 @@ _prepared_runs = itertools.count(1)
 
 @contextmanager
 def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[_SessionStatements | None]:
-    """The bookkeeping statement prepared in the session for one run of steps, and the
-    check function, both removed after it (their names are the run's own, so nothing
-    else can collide)."""
+    """The bookkeeping statement and the check prepared in the session for one run of
+    steps, and removed after it (their names are the run's own, so nothing else can
+    collide)."""
     if not enabled:
         yield None
         return
@@ -399,24 +398,18 @@ def _prepared_bookkeeping(target: Target, *, enabled: bool) -> Iterator[_Session
 
     conn = target.conn
     number = next(_prepared_runs)
-    record = bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}")
-    conn.execute(record.prepare(target.tables).as_string(conn).encode())
-    expect: ExpectFunction | None = ExpectFunction(f"dbplan_expect_{number}")
+    prepared = _SessionStatements(
+        bookkeeping.PreparedBookkeeping(f"dbplan_record_migration_{number}"), ExpectStatement(f"dbplan_expect_{number}")
+    )
+    conn.execute((prepared.record.prepare(target.tables) + prepared.expect.prepare(target.tables)).as_string(conn).encode())
     try:
-        conn.execute(expect.create(target.tables).as_string(conn).encode())  # type: ignore[union-attr]
-    except psycopg.Error:  # no TEMP privilege on the database: DO blocks do the same
-        rollback_quietly(conn)
-        expect = None
-    try:
-        yield _SessionStatements(record, expect)
+        yield prepared
     finally:
         if not (conn.closed or conn.broken):
             rollback_quietly(conn)
-            with suppress(psycopg.Error):  # a file may have deallocated it; the session ends soon anyway
-                conn.execute(record.deallocate().as_string(conn).encode())
-            with suppress(psycopg.Error):
-                if expect is not None:
-                    conn.execute(expect.drop().as_string(conn).encode())
+            for statement in (prepared.record.deallocate(), prepared.expect.deallocate()):
+                with suppress(psycopg.Error):  # a file may have deallocated it; the session ends soon anyway
+                    conn.execute(statement.as_string(conn).encode())
 
 
 def _may_change_identity(file: MigrationFile) -> bool:
@@ -459,7 +452,7 @@ def _is_done_marker(result: PGresult) -> bool:
 
     return (
         result.status == pq.ExecStatus.TUPLES_OK
-        and result.nfields >= 1  # the prepared bookkeeping returns the next mark too
+        and result.nfields == 1
         and result.fname(0) == _DONE_MARKER_BYTES
     )
 

@@ -108,12 +108,11 @@ def record_event(
 
 # A migration's own start and run time, measured by the server. Not now(): that is the
 # time the query arrived, shared by every transaction of a batch. The start is a setting
-# of the session (a setting is the cheapest thing a transaction can write): MARK_START, a
-# statement of the migration's own, marks it for its transaction; in a batch, the prepared
-# bookkeeping of the migration before marks it for the next (``PreparedBookkeeping``).
+# of the transaction (a setting is the cheapest thing a transaction can write): MARK_START,
+# a statement of the migration's own after its guard, marks it.
 # date_part, not extract: extract computes in numeric, which costs the server more.
-_MARK = "set_config('dbplan.migration_started', date_part('epoch', clock_timestamp())::text, {})"
-MARK_START = "SELECT " + _MARK.format("true") + ";\n"
+MARK = "set_config('dbplan.migration_started', date_part('epoch', clock_timestamp())::text, true)"
+MARK_START = "SELECT " + MARK + ";\n"  # where no guard's check marks it (``guard.expect_version``)
 # The file may RESET ALL: then the mark is gone, and the query's arrival has to do.
 _STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, date_part('epoch', now()))"
 DONE_MARKER = "dbplan_migration_done_ms"
@@ -122,10 +121,6 @@ _DONE_TIMES = sql.SQL(
     f"to_timestamp({_STARTED}), ((date_part('epoch', clock_timestamp()) - {_STARTED}) * 1000)::integer"
 )
 _RETURNING_DONE = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER};\n")
-# The same, and the start of the next migration marked: set_config(..., false) keeps the
-# mark for the session, since the next migration of a batch runs in a transaction of its
-# own, right after this one commits.
-_RETURNING_DONE_MARK_NEXT = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER}, {_MARK.format('false')};\n")
 
 
 def record_migration(
@@ -149,8 +144,7 @@ def record_migration(
 
 @dataclass(frozen=True)
 class PreparedBookkeeping:
-    """``record_migration`` as one prepared statement of a session, which also marks the
-    start of the next migration (that one then needs no statement of its own for it).
+    """``record_migration`` as one prepared statement of a session.
 
     Prepared, the server parses and plans it once per run rather than once per migration,
     which halves what the bookkeeping costs it; and once planned, one statement with
@@ -171,7 +165,7 @@ class PreparedBookkeeping:
             sql.SQL(" RETURNING 1),\n  inserted AS (INSERT INTO "), table, _VERSION_DIRTY_VALUES,
             sql.SQL("$6, false))\n"),
             _INSERT_INTO, tables.history_id, _DONE_COLUMNS, sql.SQL("$1, $2, $3, $4, "), _DONE_TIMES,
-            sql.SQL(", $5"), _RETURNING_DONE_MARK_NEXT,
+            sql.SQL(", $5"), _RETURNING_DONE,
         ])  # fmt: skip
 
     def execute(self, *, version: int, title: str | None, checksum: str, event: str, version_after: int) -> sql.Composed:

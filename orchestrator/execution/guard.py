@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from psycopg import sql
 
+from .bookkeeping import MARK
+
 if TYPE_CHECKING:
     from ..live.facts import ServiceFacts
     from .bookkeeping import Tables
@@ -85,68 +87,82 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
 # check_function_bodies, standard_conforming_strings, SET ROLE, SET SESSION AUTHORIZATION)
 # outlives its transaction, and the next migration would run under it, so where a table
 # ends up would depend on how many runs applied the folder. RESET ALL spares role and
-# session authorization, hence their own RESETs. The mark of the migration's start (a
-# setting too, see ``bookkeeping.MARK_START``) is kept.
-_EXPECT_BODY = (
-    "  mark := current_setting('dbplan.migration_started', true);\n"
-    "  RESET SESSION AUTHORIZATION;\n"
-    "  RESET ROLE;\n"
-    "  RESET ALL;\n"
-    "  PERFORM set_config('dbplan.migration_started', coalesce(mark, ''), false);\n"
-    "  LOCK TABLE {migrations_id} IN SHARE ROW EXCLUSIVE MODE;\n"
-    "  SELECT CASE WHEN version >= 0 THEN version END, dirty INTO found_version, found_dirty\n"
-    "    FROM {migrations_id} ORDER BY version DESC LIMIT 1;\n"
-    "  IF ROW(found_version, coalesce(found_dirty, false)) IS DISTINCT FROM ROW(expected_version, expected_dirty) THEN\n"
-    "    RAISE EXCEPTION 'dbplan: the migrations moved on since they were read' USING ERRCODE = {moved};\n"
-    "  END IF;\n"
+# session authorization, hence their own RESETs. It also clears the mark of a migration's
+# start (``bookkeeping.MARK_START``), which therefore comes after the check.
+#
+# Plain statements, not PL/pgSQL: a DO block cost a fresh session a millisecond of the
+# server's time (loading and compiling PL/pgSQL), a function of the session a pg_temp
+# schema; a fleet pays that once per database. Plain SQL cannot raise an error of its own,
+# so a bookkeeping that moved on fails a cast of MOVED_MARKER, which no other statement
+# produces (``guard_refusal`` recognises it by the marker, whatever the server's language).
+MOVED_MARKER = "dbplan-guard: the migrations moved on since they were read, found version "
+EXPECT_STATEMENTS = 5  # the statements of an expect head, for an error's statement count
+
+# The check itself, which also marks the start of the migration (``bookkeeping.MARK_START``,
+# cleared by the RESET ALL before it). A negative version is golang-migrate's "none", as no
+# row is; greatest() skips the NULL of no row. The message's cast depends on the row read,
+# so the planner cannot fold it.
+_CHECK = (
+    "SELECT CASE WHEN greatest(m.found, -1) = {version} AND coalesce(m.dirty, false) = {dirty} THEN NULL\n"
+    "  ELSE ({moved} || greatest(m.found, -1))::integer END AS dbplan_expect, " + MARK + "\n"
+    "FROM (SELECT) AS one LEFT JOIN LATERAL\n"
+    "  (SELECT version AS found, dirty FROM {migrations_id} ORDER BY version DESC LIMIT 1) AS m ON true"
 )
+_RESET_AND_LOCK = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; LOCK TABLE {migrations_id} IN SHARE ROW EXCLUSIVE MODE;\n"
 
 
 def expect_version(tables: Tables, version: int | None, *, dirty: bool = False) -> sql.Composed:
     """The head of a transaction that may write the bookkeeping only if it still reads
-    (``version``, ``dirty``): raises GUARD_MOVED_SQLSTATE otherwise (see ``_EXPECT_BODY``).
-
-    A DO block, parsed and compiled each time: where it runs once per migration in a batch,
-    ``ExpectFunction`` does the same for a fraction of the server's work.
-    """
-    return sql.SQL(
-        "DO $dbplan_expect$\n"
-        "DECLARE expected_version bigint := {version}; expected_dirty boolean := {dirty};\n"
-        "  found_version bigint; found_dirty boolean; mark text;\n"
-        "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
-    ).format(
-        version=sql.Literal(version),
-        dirty=sql.Literal(dirty),
+    (``version``, ``dirty``), failing with MOVED_MARKER in its message otherwise; it marks
+    the start of what follows it."""
+    return sql.SQL(_RESET_AND_LOCK + _CHECK + ";\n").format(
         migrations_id=tables.migrations_id,
-        moved=sql.Literal(GUARD_MOVED_SQLSTATE),
+        version=sql.Literal(-1 if version is None else version),
+        dirty=sql.Literal(dirty),
+        moved=sql.Literal(MOVED_MARKER),
     )
 
 
-class ExpectFunction:
-    """``expect_version`` as a function of the session (in ``pg_temp``, so no other session
-    sees it and nothing is left in the database), created once per run of steps: PL/pgSQL
-    compiles it once, and each call costs the server a few statements' worth."""
+class ExpectStatement:
+    """``expect_version`` with its check prepared in the session, once per run of steps: a
+    batch's heads stay short, so that ``pg_stat_activity`` (the first kilobyte of a query
+    at the default ``track_activity_query_size``) shows the migrations, not the checks, and
+    the server plans the check once."""
 
     def __init__(self, name: str) -> None:
-        self.name = name  # unique to the run that created it
+        self.name = name  # unique to the run that prepared it
 
-    def create(self, tables: Tables) -> sql.Composed:
-        return sql.SQL(
-            "CREATE FUNCTION pg_temp.{name}(expected_version bigint, expected_dirty boolean) RETURNS void\n"
-            "LANGUAGE plpgsql AS $dbplan_expect$\n"
-            "DECLARE found_version bigint; found_dirty boolean; mark text;\n"
-            "BEGIN\n" + _EXPECT_BODY + "END\n$dbplan_expect$;\n"
-        ).format(
+    def prepare(self, tables: Tables) -> sql.Composed:
+        return sql.SQL("PREPARE {name} (bigint, boolean) AS\n" + _CHECK + ";\n").format(
             name=sql.Identifier(self.name),
             migrations_id=tables.migrations_id,
-            moved=sql.Literal(GUARD_MOVED_SQLSTATE),
+            version=sql.SQL("$1"),
+            dirty=sql.SQL("$2"),
+            moved=sql.Literal(MOVED_MARKER),
         )
 
-    def call(self, version: int | None) -> sql.Composed:
-        return sql.Composed(
-            [sql.SQL("SELECT pg_temp."), sql.Identifier(self.name), sql.SQL("("), sql.Literal(version),
-             sql.SQL("::bigint, false);\n")]
-        )  # fmt: skip
+    def call(self, tables: Tables, version: int | None) -> sql.Composed:
+        return sql.SQL(_RESET_AND_LOCK + "EXECUTE {name}({version}, false);\n").format(
+            migrations_id=tables.migrations_id,
+            name=sql.Identifier(self.name),
+            version=sql.Literal(-1 if version is None else version),
+        )
 
-    def drop(self) -> sql.Composed:
-        return sql.SQL("DROP FUNCTION IF EXISTS pg_temp.{}(bigint, boolean);\n").format(sql.Identifier(self.name))
+    def deallocate(self) -> sql.Composed:
+        return sql.SQL("DEALLOCATE {};\n").format(sql.Identifier(self.name))
+
+
+def guard_refusal(err: BaseException) -> str | None:
+    """GUARD_BUSY_SQLSTATE or GUARD_MOVED_SQLSTATE when ``err`` is a guard's refusal (the
+    pooler's guard raises them; ``expect_version`` fails a cast of MOVED_MARKER); else None."""
+    diag = getattr(err, "diag", None)
+    if diag is None:
+        return None
+    if diag.sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
+        return str(diag.sqlstate)
+    if diag.sqlstate == INVALID_TEXT_REPRESENTATION and MOVED_MARKER in (diag.message_primary or ""):
+        return GUARD_MOVED_SQLSTATE
+    return None
+
+
+INVALID_TEXT_REPRESENTATION = "22P02"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..live.connection import connection_lost, read_as_parser
-from . import batches, bookkeeping
+from . import batches
 from .batches import (
     Step,
     StepReport,
@@ -25,7 +25,7 @@ from .batches import (
     run_transactional,
     transaction_text,
 )
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE
+from .guard import guard_refusal
 from .migration_run import (
     LOCK_NOT_AVAILABLE,
     QUERY_CANCELED,
@@ -112,7 +112,7 @@ def _run_once(conn: psycopg.Connection, transaction: Transaction, file: Migratio
     statement: Statement | None = None
     try:
         read_as_parser(conn)
-        conn.execute((transaction.opening + bookkeeping.MARK_START).encode())
+        conn.execute(transaction.marked_opening.encode())
         for statement in file.script.inner_statements:
             read_as_parser(conn)  # a statement may have changed how the server reads the next
             run_statement(conn, statement)
@@ -132,8 +132,8 @@ def _retry_delay(conn: psycopg.Connection, error: psycopg.Error, attempt: int) -
 
 def _failure(run: RunControl, target: Target, step: Step, failed: _StatementFailed, attempts: int) -> Exception:
     action, sqlstate = step.action, sqlstate_of(failed.error)
-    if sqlstate in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
-        return GuardFailed(str(sqlstate))
+    if (refusal := guard_refusal(failed.error)) is not None:
+        return GuardFailed(refusal)
     if sqlstate == QUERY_CANCELED and run.cancellation.requested:
         return run.interrupted(
             f"cancelled {step.file.display} (version {action.version} of service '{action.service}') while it "

@@ -23,7 +23,7 @@ from ..migrations.scan import Migration, MigrationFile
 from ..migrations.sqlscript import Script, Statement, line_of_offset, printable
 from ..planning.plan import ApplyRepeatable, MigrationAction, RevertMigration
 from . import bookkeeping
-from .guard import GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE, expect_version
+from .guard import GUARD_BUSY_SQLSTATE, expect_version, guard_refusal
 
 if TYPE_CHECKING:
     import psycopg
@@ -278,8 +278,9 @@ def execute_guarded(conn: psycopg.Connection, script: bytes) -> None:
         conn.execute(script)
     except psycopg.Error as err:
         rollback_quietly(conn)
-        if sqlstate_of(err) in (GUARD_BUSY_SQLSTATE, GUARD_MOVED_SQLSTATE):
-            raise GuardFailed(str(sqlstate_of(err))) from None
+        refusal = guard_refusal(err)
+        if refusal is not None:
+            raise GuardFailed(refusal) from None
         raise
 
 

@@ -20,8 +20,7 @@ from ..live.locks import LockWait, advisory_lock, migrations_lock_key
 from ..migrations.scan import MigrationSet
 from ..planning.records import Recording
 from . import bookkeeping
-from .guard import GUARD_MOVED_SQLSTATE, expect_version
-from .migration_run import sqlstate_of
+from .guard import GUARD_MOVED_SQLSTATE, expect_version, guard_refusal
 
 # Decides what to record from the service's facts (raises DbplanError to refuse).
 Decide = Callable[[Service, MigrationSet, ServiceFacts], Recording]
@@ -92,7 +91,7 @@ def record(
                 with conn.transaction():
                     conn.execute(statements.as_string(conn).encode())
             except psycopg.Error as err:
-                if sqlstate_of(err) != GUARD_MOVED_SQLSTATE:
+                if guard_refusal(err) != GUARD_MOVED_SQLSTATE:
                     raise
                 later = read_service(conn, service, owner, server=server.name, schema=seen.schema)
                 raise _moved_on(command, version, service.name, seen, later) from None
