@@ -51,6 +51,9 @@ class Planned(Checked):
     live: LiveState
     plan: Plan
     verification: Verification | None = None  # plan --verify: the dry run on a copy
+    # apply --one-pass: per service, the state its saved plan was made from, which the
+    # executor checks in the session that locks it (None: the plan was just made).
+    expected: Mapping[str, dict[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ def apply(
         cancellation=cancellation,
         parallel=parallel,
         keep_going=keep_going,
+        expected=planned.expected,
     )
 
 
@@ -296,6 +300,59 @@ def plan_saved(
 ) -> Planned:
     """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything
     differs. ``shard``: the part this run was asked for (--shard), which must be the saved one's."""
+    from .planning import savedplan
+
+    saved, selection = _load_saved(saved_path, environ, shard)
+    planned = plan(
+        file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection, parallel=parallel
+    )
+    now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
+    savedplan.check(saved, planned.plan, now)
+    return planned
+
+
+def plan_saved_one_pass(
+    file: str | os.PathLike[str],
+    saved_path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    wait_seconds: float = 0.0,
+    on_notice: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Planned:
+    """A saved plan to apply in one pass (``apply --one-pass``): one session per database,
+    not two.
+
+    The plan file, the migration files and every server (identity, roles, databases) are
+    checked here, and anything changed refuses the whole plan before any change. Each
+    database's bookkeeping is checked later, in the session that locks and migrates it:
+    a database that changed since the plan was saved is refused on its own, as a failure
+    of the run, after the databases before it were migrated.
+    """
+    from .live.facts import inspect_servers
+    from .planning import savedplan
+
+    saved, selection = _load_saved(saved_path, environ, shard)
+    checked = _checked(_discovered(plan_file.load(file, environ), wait_seconds, on_notice), selection)
+    live = inspect_servers(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
+    savedplan.check_all_but_databases(saved, savedplan.fingerprint(checked.estate, checked.migration_sets, live))
+    actions = savedplan.saved_actions(saved)
+    _refuse_unknown_targets(checked.estate, actions)
+    return Planned(
+        checked.estate,
+        checked.graph,
+        checked.migration_sets,
+        live,
+        Plan(actions=actions, services=(), environment=checked.estate.environment),
+        expected=saved["fingerprint"].get("services", {}),
+    )
+
+
+def _load_saved(
+    saved_path: str | os.PathLike[str], environ: Mapping[str, str] | None, shard: tuple[int, int] | None
+) -> tuple[dict[str, object], Selection]:
+    """The saved plan and the services it was made for, refused if it was made for another
+    environment or another shard than this run's."""
     from .errors import PlanChanged
     from .planning import savedplan
 
@@ -308,12 +365,20 @@ def plan_saved(
             f"the saved plan was made for {made_for}; this run is for shard {shard[0]}/{shard[1]}; nothing was changed",
             hint="apply each shard's own saved plan",
         )
-    planned = plan(
-        file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection, parallel=parallel
-    )
-    now = savedplan.fingerprint(planned.estate, planned.migration_sets, planned.live)
-    savedplan.check(saved, planned.plan, now)
-    return planned
+    return saved, selection
+
+
+def _refuse_unknown_targets(estate: Estate, actions: Sequence[object]) -> None:
+    """A saved plan whose fingerprint matches names only what the plan file declares; one
+    edited by hand may not, and gets an error rather than a crash half-way."""
+    for action in actions:
+        for kind, known in (("service", estate.services), ("database", estate.databases)):
+            name = getattr(action, kind, None)
+            if name is not None and name not in known:
+                raise DbplanError(
+                    f"the saved plan names {kind} '{name}', which the plan file does not declare; nothing was changed",
+                    hint="run 'dbplan plan --out FILE' again and review the new plan",
+                )
 
 
 def migrate(

@@ -433,6 +433,15 @@ def apply(
             help="After a failure, go on with everything that does not depend on it (never past a failed stage).",
         ),
     ] = False,
+    one_pass: Annotated[
+        bool,
+        typer.Option(
+            "--one-pass",
+            help="With a saved plan: check each database against it in the session that migrates it, "
+            "not all of them first (one session per database instead of two; a database that changed "
+            "since is refused on its own).",
+        ),
+    ] = False,
 ) -> None:
     """Show the plan, ask for confirmation on a terminal, and execute it."""
     from .render import text
@@ -443,11 +452,16 @@ def apply(
     selection = _selection(only, no_deps, shard, shards)
     if saved_plan is not None and selection.only:
         _fail(DbplanError("a saved plan already says which services it applies; --only goes with 'dbplan plan --out'"))
+    if one_pass and saved_plan is None:
+        _fail(DbplanError("--one-pass applies a saved plan", hint="save one with 'dbplan plan --out FILE', review it, "
+                          "then run 'dbplan apply --one-pass FILE'"))  # fmt: skip
     try:
         if saved_plan is None:
             planned = api.plan(
                 file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection, parallel=parallel
             )
+        elif one_pass:
+            planned = api.plan_saved_one_pass(file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard)
         else:
             planned = api.plan_saved(
                 file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard, parallel=parallel
@@ -455,7 +469,8 @@ def apply(
     except DbplanError as err:
         _fail(err)
     if not as_json:
-        _say(text.render_plan(planned.plan, color=_use_color()))
+        _say(text.render_one_pass(planned.plan, color=_use_color()) if one_pass
+             else text.render_plan(planned.plan, color=_use_color()))  # fmt: skip
     if planned.plan.blocked:
         _fail(DbplanError("the plan is blocked; nothing was changed", hint=planned.plan.blockers[0].hint), plan=planned.plan)
     if not planned.plan.changes:

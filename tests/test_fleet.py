@@ -8,6 +8,7 @@ built in memory, like tests/test_planner.py, since the planner never talks to a 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,153 @@ def test_a_saved_fleet_plan_refuses_naming_the_databases_that_changed(estate: Es
     untouched = estate.name("t1")
     urls = {"main": estate.url, "second": pg_url2}
     assert "two" not in tables_in(urls[load(estate.plan_file).databases[untouched].server], untouched)
+
+
+# ---------------------------------------------------------------------------
+# A saved plan applied in one pass (apply --one-pass)
+
+
+def urls_by_database(estate: Estate, url2: str) -> dict[str, str]:
+    urls = {"main": estate.url, "second": url2}
+    return {name: urls[database.server] for name, database in load(estate.plan_file).databases.items()}
+
+
+def versions_applied(url: str, database: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, dbname=database, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT version, count(*) FROM dbplan_history WHERE event = 'apply' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+
+
+def sessions_of(url: str, url2: str, databases: list[str]) -> dict[str, int]:
+    """pg_stat_database.sessions of each database: how many sessions it has had so far."""
+    found: dict[str, int] = {}
+    for server_url in (url, url2):
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            rows = conn.execute("SELECT datname, sessions FROM pg_stat_database WHERE datname = ANY(%s)", (databases,))
+            found.update({name: int(count) for name, count in rows})
+    return found
+
+
+def saved_with_two(estate: Estate, pg_url2: str) -> Path:
+    """The set migrated to 1, then a plan saved that applies 000002 everywhere."""
+    fleet(estate, pg_url2)
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("tenant", "000002_two.up.sql", "CREATE TABLE two (id int);\n")
+    path = estate.root.parent / "plan.json"
+    assert estate.dbplan("plan", "--out", str(path)).code == 0
+    return path
+
+
+def test_one_pass_applies_the_saved_plan_in_one_session_per_database(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    names = [estate.name(f"t{n}") for n in range(1, COUNT + 1)]
+    urls = urls_by_database(estate, pg_url2)
+    time.sleep(0.6)  # the plan's sessions are counted once they have ended
+    before = sessions_of(estate.url, pg_url2, names)
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes")
+    assert run.code == 0, run.output
+    assert "Plan: 12 migrations to apply." in run.out
+    assert "One pass: each of the 12 databases is checked against the saved plan" in run.out
+    assert "Apply complete: 12 done." in run.out
+    time.sleep(0.6)
+    after = sessions_of(estate.url, pg_url2, names)
+    assert {name: after[name] - before[name] for name in names} == {name: 1 for name in names}
+    for name in names:
+        assert versions_applied(urls[name], name) == [(1, 1), (2, 1)], name
+    assert "No changes" in estate.dbplan("plan").out
+
+
+def test_one_pass_refuses_each_database_that_changed_and_leaves_it_as_it_was(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    urls = urls_by_database(estate, pg_url2)
+    moved, dirty = estate.name("t2"), estate.name("t5")
+    estate.write("tenant", "000003_three.up.sql", "CREATE TABLE three (id int);\n")
+    assert estate.dbplan("apply", "--yes", "--only", f"tenant[{moved}]").code == 0  # 2 and 3, since the plan
+    (estate.root / "migrations" / "tenant" / "000003_three.up.sql").unlink()
+    with psycopg.connect(urls[dirty], dbname=dirty, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET dirty = true")
+
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes", "--keep-going")
+    assert run.code == 1
+    assert "Apply complete" not in run.out
+    assert "Failed:" in run.out
+    for name, change in ((moved, "version 1 -> 3"), (dirty, "version 1 -> 1, now dirty")):
+        assert f"database '{name}' on server" in run.out
+        assert f"no longer matches the saved plan for service 'tenant[{name}]': its bookkeeping changed since the plan " \
+               f"was saved ({change}" in run.out.replace("\n  ", " "), run.out  # fmt: skip
+    assert "three" in tables_in(urls[moved], moved) and versions_applied(urls[moved], moved) == [(1, 1), (2, 1), (3, 1)]
+    assert "two" not in tables_in(urls[dirty], dirty)
+    with psycopg.connect(urls[dirty], dbname=dirty, autocommit=True) as conn:
+        assert conn.execute("SELECT version, dirty FROM schema_migrations").fetchall() == [(1, True)]
+    for name in urls:
+        if name not in (moved, dirty):
+            assert versions_applied(urls[name], name) == [(1, 1), (2, 1)], name
+
+
+def test_one_pass_goes_on_where_a_failure_left_it_when_run_again(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    urls = urls_by_database(estate, pg_url2)
+    broken = estate.name("t3")
+    with psycopg.connect(urls[broken], dbname=broken, autocommit=True) as conn:
+        conn.execute("CREATE TABLE two (id int)")  # migration 2 fails here
+    failed = estate.dbplan("apply", "--one-pass", str(path), "--yes", "--keep-going")
+    assert failed.code == 1
+    assert 'relation "two" already exists (SQLSTATE 42P07)' in failed.out
+    with psycopg.connect(urls[broken], dbname=broken, autocommit=True) as conn:
+        conn.execute("DROP TABLE two")
+    again = estate.dbplan("apply", "--one-pass", str(path), "--yes")
+    assert again.code == 0, again.output
+    assert "Apply complete: 1 done, 11 skipped (already done by another run)." in again.out, again.out
+    for name in urls:
+        assert versions_applied(urls[name], name) == [(1, 1), (2, 1)], name
+
+
+def test_one_pass_refuses_the_whole_plan_when_a_file_changed_and_changes_nothing(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    urls = urls_by_database(estate, pg_url2)
+    estate.write("tenant", "000002_two.up.sql", "CREATE TABLE two (id bigint);\n")
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes")
+    assert run.code == 1
+    assert "the saved plan no longer matches; nothing was changed" in run.err
+    assert "service 'tenant': migration 2 was edited" in run.err
+    assert all("two" not in tables_in(url, name) for name, url in urls.items())
+
+
+def test_one_pass_creates_the_databases_a_saved_plan_creates(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    path = estate.root.parent / "plan.json"
+    assert estate.dbplan("plan", "--out", str(path)).code == 0
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes", "--format", "json")
+    assert run.code == 0, run.output
+    result = json.loads(run.out)
+    assert result["ok"] is True
+    for name, url in urls_by_database(estate, pg_url2).items():
+        assert tables_in(url, name) >= {"account", "schema_migrations", "dbplan_history"}, name
+
+
+def test_one_pass_needs_a_saved_plan(estate: Estate, pg_url2: str) -> None:
+    fleet(estate, pg_url2)
+    run = estate.dbplan("apply", "--one-pass", "--yes")
+    assert run.code == 1
+    assert "--one-pass applies a saved plan" in run.err
+    assert "dbplan plan --out FILE" in run.err
+    assert not estate.database_exists("t1")
+
+
+def test_two_one_pass_applies_of_one_saved_plan_apply_each_migration_once(estate: Estate, pg_url2: str) -> None:
+    from processes import finish, start_dbplan
+
+    path = saved_with_two(estate, pg_url2)
+    runs = [finish(p) for p in [start_dbplan(estate.plan_file, "apply", "--one-pass", str(path), "--yes") for _ in range(2)]]
+    for run in runs:
+        assert run.code == 0, run.err  # a database the other run did is where the plan ends: skipped
+    urls = urls_by_database(estate, pg_url2)
+    for name, url in urls.items():
+        assert versions_applied(url, name) == [(1, 1), (2, 1)], name
+    done = sum(int(n) for run in runs for n in re.findall(r"Apply complete: (\d+) done", run.out))
+    assert done == COUNT, [run.out for run in runs]
 
 
 # ---------------------------------------------------------------------------

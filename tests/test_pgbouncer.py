@@ -71,6 +71,32 @@ def test_eight_processes_through_pgbouncer_apply_everything_exactly_once(estate:
     assert _advisory_locks_left(pg_url) == [], "no lock may stay behind on a pooled server connection"
 
 
+def test_eight_one_pass_applies_of_a_saved_plan_through_pgbouncer_apply_everything_once(
+    estate: Estate, pg_url: str
+) -> None:
+    latest = race_estate(estate, migrations=12, sleep=0.02)
+    for service in ("orders", "billing"):  # roles and databases made, version 1 applied
+        estate.document["services"][service]["target"] = 1
+    estate.save()
+    assert estate.dbplan("apply", "--yes").code == 0
+    for service in ("orders", "billing"):
+        del estate.document["services"][service]["target"]
+    estate.save()
+    saved = estate.root / "plan.json"
+    assert estate.dbplan("plan", "--out", str(saved)).code == 0
+    processes = [start_dbplan(estate.plan_file, "apply", "--one-pass", str(saved), "--yes") for _ in range(PROCESSES)]
+    runs = [finish(process) for process in processes]
+
+    for service in ("orders", "billing"):
+        assert_applied_exactly_once(estate, service, service, range(1, latest[service] + 1))
+    # A database another run got into first is refused (changed since the plan), unless
+    # that run got to the plan's end, and then it is skipped: never applied twice.
+    for run in runs:
+        assert run.code == 0 or "no longer matches the saved plan for service" in run.out, run.err + run.out
+    assert any(run.code == 0 for run in runs)
+    assert _advisory_locks_left(pg_url) == [], "no lock may stay behind on a pooled server connection"
+
+
 def test_a_direct_session_lock_keeps_pooled_runs_out(estate: Estate, pg_url: str) -> None:
     """The transaction-level lock uses golang-migrate's key: a session that holds it directly
     (golang-migrate, or dbplan connected without the pooler) keeps a pooled run waiting."""

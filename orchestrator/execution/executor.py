@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,7 @@ from ..live.locks import (
     server_lock_key,
 )
 from ..migrations.scan import Migration, MigrationFile, MigrationSet
+from ..planning import savedplan
 from ..planning.plan import (
     Action,
     AlterDatabaseOwner,
@@ -116,6 +117,9 @@ class _Run:
     # service, so a fleet's thousands of services do not each scan the whole run.
     plan_actions: dict[str, list[MigrationAction]] = field(default_factory=dict)
     reported: set[Action] = field(default_factory=set)
+    # apply --one-pass: per service, the state its saved plan was made from, checked under
+    # its lock before anything of it runs (None: the plan was made and checked just now).
+    expected: Mapping[str, dict[str, object]] | None = None
 
     def url(self, server: Server) -> str:
         with self.said:
@@ -171,6 +175,7 @@ def execute(
     cancellation: Cancellation | None = None,
     parallel: int | None = None,
     keep_going: bool = False,
+    expected: Mapping[str, dict[str, object]] | None = None,
 ) -> Result:
     """Carry out ``plan`` and report what was done.
 
@@ -178,13 +183,15 @@ def execute(
     units at once per server (``fleet``). The first failure stops new work (what is in
     flight finishes), unless ``keep_going``: then everything that does not depend on a
     failure runs. ``cancellation`` stops it: nothing new starts, what runs is rolled back
-    or finishes.
+    or finishes. ``expected`` (a saved plan applied in one pass): per service, the state
+    the plan was made from; a service found otherwise under its lock is refused, a failure.
     """
     if plan.blocked:
         first = plan.blockers[0]
         raise PlanBlocked(first.message, service=first.service, version=first.version, hint=first.hint)
 
     run = _Run(plan, estate, migration_sets, progress or SilentProgress(), lock_wait, cancellation or Cancellation())
+    run.expected = expected
     try:
         _refuse_unguardable_behind_pooler(run)
     except DbplanError as err:
@@ -554,9 +561,8 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
     server = run.estate.server_of_service(service)
     owner = run.estate.databases[service.database].owner
     with connect(server, run.url(server), service.database) as conn:
-        with conn.transaction():
-            # Fixed for the run: the lock's key and every statement name this table.
-            schema = locate_apart(conn, run.estate, service, owner, run.members.get(service.database))
+        # Fixed for the run: the lock's key and every statement name this table.
+        schema, present = _located(run, conn, service, owner)
         key = migrations_lock_key(service.database, schema, service.table)
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         tables = bookkeeping.Tables(schema, service.table, service.history_table)
@@ -566,10 +572,27 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
             return
         with advisory_lock(waiting, server=server.name):
             checkpoint("locked")
-            _migrate_locked(run, Target(conn, service, server, owner, tables, lock=waiting), shown)
+            # Tables seen before the lock are still there under it (nothing dbplan runs drops
+            # them); tables not seen may have been made since, and are looked for again.
+            _migrate_locked(run, Target(conn, service, server, owner, tables, lock=waiting), shown,
+                            present if present == (True, True) else None)  # fmt: skip
 
 
-def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> None:
+def _located(
+    run: _Run, conn: psycopg.Connection, service: Service, owner: str | None
+) -> tuple[str, tuple[bool, bool] | None]:
+    """The schema of the service's tables (and whether both are there): from the saved plan
+    applied in one pass, which found them there and whose state is checked under the lock
+    (a table gone since fails that read), else looked for. A catalog query less per database."""
+    saved = savedplan.saved_location(run.expected.get(service.name)) if run.expected is not None else None
+    if saved is not None:
+        return saved, (True, True)
+    return locate_apart(conn, run.estate, service, owner, run.members.get(service.database))
+
+
+def _migrate_locked(
+    run: _Run, target: Target, shown: list[MigrationAction], present: tuple[bool, bool] | None = None
+) -> None:
     """Under the session lock: re-read, re-plan, then run what is still to do.
 
     Every migration's transaction checks that the bookkeeping is what this run planned
@@ -580,14 +603,22 @@ def _migrate_locked(run: _Run, target: Target, shown: list[MigrationAction]) -> 
     service = target.service
     by_version = run.migration_sets[service.name].by_version()
     rejected: ServiceFacts | None = None
+    first_read = True
     while True:
         # Under the lock: another run may have moved on.
-        facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
+        facts = read_service(
+            target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name,
+            present=present if first_read else None,
+        )  # fmt: skip
+        if first_read:
+            _refuse_if_changed_since_saved(run, target, shown, facts)
+            first_read = False
         todo = _fresh_todo(run, service, shown, facts)
         _skip_done_by_others(run, shown, todo)
         if not todo:
             return
-        _prepare(target, facts)
+        if not (facts.table_exists and facts.history_exists):  # else nothing to create or record: a round trip less
+            _prepare(target, facts)
         checkpoint("prepared")
         try:
             _run_todo(run, target, todo, facts.version, by_version)
@@ -617,6 +648,43 @@ def _skip_done_by_others(run: _Run, shown: list[MigrationAction], todo: list[Mig
     for action in shown:
         if action not in still_to_do and action not in reported:
             run.finish(Outcome(action, "skipped", detail="already done by another run"))
+
+
+def _refuse_if_changed_since_saved(run: _Run, target: Target, shown: list[MigrationAction], facts: ServiceFacts) -> None:
+    """apply --one-pass: a service whose bookkeeping is not what its saved plan was made
+    from is refused here, before anything of it runs; the check the whole plan gets
+    before its first change otherwise (``savedplan.check``), one database at a time.
+
+    Except where it stands at the plan's end, with nothing left to do: an earlier run of
+    the same saved plan got that far (its actions are then reported as skipped), so
+    running the saved plan again goes on where a failure or a stop left it.
+    """
+    if run.expected is None:
+        return
+    service = target.service
+    changed = savedplan.database_changed(
+        run.expected.get(service.name), savedplan.service_fingerprint(run.estate, service.name, facts)
+    )
+    if changed is not None and not _at_plan_end(run, service, shown, facts):
+        raise PlanChanged(
+            f"database '{service.database}' on server '{target.server.name}' no longer matches the saved plan "
+            f"for service '{service.name}': {changed}; nothing was changed in it",
+            server=target.server.name,
+            service=service.name,
+            hint=savedplan.REPLAN_HINT,
+        )
+
+
+def _at_plan_end(run: _Run, service: Service, shown: list[MigrationAction], facts: ServiceFacts) -> bool:
+    """Whether the service is where the plan's last action for it leaves it, clean, with
+    nothing left to do."""
+    last = run.plan_actions[service.name][-1]
+    if facts.dirty or facts.version != last.version_after:
+        return False
+    try:
+        return not _fresh_todo(run, service, shown, facts)
+    except DbplanError:  # the fresh plan is not the shown one, or is blocked: not its end
+        return False
 
 
 def _guard_contradicts(service: Service) -> DbplanError:
@@ -675,11 +743,17 @@ def _migrate_guarded(run: _Run, target: Target, shown: list[MigrationAction], wa
     by_version = run.migration_sets[service.name].by_version()
     settled = 0  # shown[:settled] are reported
     rejected: ServiceFacts | None = None
+    first_read = True
     while True:
         facts = read_service(target.conn, service, target.owner, schema=target.tables.schema, server=target.server.name)
         if facts.dirty_in_progress:  # a directly connected run is inside a no-transaction migration
             waiting.pause()
             continue
+        if first_read:
+            # Behind a pooler nothing holds the lock between transactions: what is checked
+            # here is the state before this run's first transaction, as with the lock.
+            _refuse_if_changed_since_saved(run, target, shown, facts)
+            first_read = False
         todo = _fresh_todo(run, service, shown, facts)
         for action in shown[settled : len(shown) - len(todo)]:
             run.finish(Outcome(action, "skipped", detail="already done by another run"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -311,8 +312,16 @@ def behind_pooler(conn: psycopg.Connection) -> bool:
     Odyssey, pgcat) makes up its own, since the client has no backend of its own to cancel.
     A pool in session mode looks the same from here, and is treated alike: safe, if slower.
     """
-    row = conn.execute(BACKEND_PID).fetchone()
-    return row is None or row[0] != conn.info.backend_pid
+    # Asked once per connection: the executor and the lock both ask, and a fleet pays every
+    # round trip once per database. What answers a connection does not change in its life.
+    known = _BEHIND_POOLER.get(conn)
+    if known is None:
+        row = conn.execute(BACKEND_PID).fetchone()
+        known = _BEHIND_POOLER[conn] = row is None or row[0] != conn.info.backend_pid
+    return known
+
+
+_BEHIND_POOLER: weakref.WeakKeyDictionary[psycopg.Connection, bool] = weakref.WeakKeyDictionary()
 
 
 def connection_lost(conn: psycopg.Connection, err: BaseException) -> bool:

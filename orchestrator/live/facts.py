@@ -293,6 +293,28 @@ def inspect(
     return LiveState(servers=servers, services=services)
 
 
+def inspect_servers(
+    estate: Estate, *, wait_seconds: float = 0.0, on_retry: Callable[[str], None] | None = None
+) -> LiveState:
+    """Read every server (one session each), none of its databases: what a saved plan
+    applied in one pass checks before the first change (its databases are checked one by
+    one, under their locks)."""
+    estate.require_secrets()
+    listed = list(estate.servers.values())
+    reads = run_all(
+        [partial(_read_server_of, estate, server, server_url(server), wait_seconds, on_retry) for server in listed],
+        workers=len(listed),
+    )
+    return LiveState(servers={server.name: facts for server, facts in zip(listed, reads)}, services={})
+
+
+def _read_server_of(
+    estate: Estate, server: Server, url: str, wait_seconds: float, on_retry: Callable[[str], None] | None
+) -> ServerFacts:
+    with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
+        return read_server(conn, server, declared_passwords(estate, server.name))
+
+
 def _inspect_server(
     estate: Estate,
     server: Server,
@@ -302,8 +324,7 @@ def _inspect_server(
     relations: Mapping[str, Mapping[int, Iterable[str]]] | None,
 ) -> tuple[ServerFacts, dict[str, ServiceFacts]]:
     url = server_url(server)
-    with connect(server, url, wait_seconds=wait_seconds, on_retry=on_retry) as conn:
-        server_facts = read_server(conn, server, declared_passwords(estate, server.name))
+    server_facts = _read_server_of(estate, server, url, wait_seconds, on_retry)
     grouped = _services_by_database(estate, server)
     existing = [database for database in grouped if database in server_facts.databases]
     reads = run_all(
@@ -495,16 +516,17 @@ def locate_apart(
     service: Service,
     owner: str | None,
     members: Sequence[Service] | None = None,
-) -> str:
+) -> tuple[str, tuple[bool, bool] | None]:
     """``locate_schema`` for the executor, which may have created the database a moment
     ago (so ``inspect`` could not look): also refuses a table another service of the
-    database resolves to. ``members``: the services of that database, if known."""
+    database resolves to. ``members``: the services of that database, if known. With the
+    schema, whether the service's two tables were there (``read_service``'s ``present``)."""
     if members is None:
         members = services_of_database(estate, service.database)
     members = list(members)
-    schemas = {other.name: locate_schema(conn, other, owner, claimed_schemas(estate, other, members)) for other in members}
-    _refuse_shared_bookkeeping(members, schemas)
-    return schemas[service.name]
+    found = {other.name: _locate(conn, other, owner, claimed_schemas(estate, other, members)) for other in members}
+    _refuse_shared_bookkeeping(members, {name: schema for name, (schema, _) in found.items()})
+    return found[service.name]
 
 
 def _refuse_shared_bookkeeping(members: list[Service], schemas: Mapping[str, str | None]) -> None:
@@ -619,48 +641,105 @@ def read_service(
     owner: str | None,
     *,
     schema: str | None = None,
+    present: tuple[bool, bool] | None = None,
     claimed: frozenset[str] = frozenset(),
     server: str | None = None,  # named in an error
 ) -> ServiceFacts:
     """Read one service's bookkeeping through an open connection to its database: in
     ``schema`` if given (the executor's, fixed for its run), else where ``locate_schema``
-    finds it.
+    finds it. ``present``: whether the migrations table and its history table are there,
+    if the caller's ``locate_schema`` just saw.
 
     The executor calls this too, under the lock, to re-plan against fresh facts.
     """
     import psycopg
 
     try:
-        # One snapshot for every query: the executor trusts these facts as one state.
-        with _snapshot(conn):
-            present = None
-            if schema is None:
-                schema, present = _locate(conn, service, owner, claimed)
-            table_exists, history_exists = present or _tables_exist(conn, schema, service.table, service.history_table)
-            foreign = None if history_exists else read_foreign(conn, schema)
-            if foreign is not None and foreign.tool == "dbmate" and foreign.table == service.table:
-                table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
-            version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
-            recorded = _read_history(conn, schema, service.history_table) if history_exists else None
-            history, last_force, repeatables = _summarise_history(recorded or [])
-            history_count = None if recorded is None else len(recorded)
-            failure = _failure(conn, schema, service.history_table, version) if dirty and history_exists else None
-            in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
-            invalid = _invalid_indexes(conn)
+        if schema is None:
+            schema, present = _locate(conn, service, owner, claimed)
+        if present == (True, True):
+            # The common case (a clean database dbplan migrated before) in one statement,
+            # a snapshot of its own: a fleet pays every round trip once per database.
+            read = _read_at_once(conn, service, schema)
+            if read is not None:
+                return read
+        return _read_in_snapshot(conn, service, schema)
     except psycopg.Error as err:
         raise unreadable(service, "migrations", err, server) from err
+
+
+# Version, dirty flag, every history row and whether any index is invalid, in one statement.
+AT_ONCE = """
+SELECT m.version, m.dirty, h.rows, EXISTS (SELECT FROM pg_index WHERE NOT indisvalid)
+FROM (SELECT) AS one
+LEFT JOIN LATERAL (SELECT version, dirty FROM {migrations} ORDER BY version DESC LIMIT 1) AS m ON true
+CROSS JOIN LATERAL (
+  SELECT json_agg(json_build_array(version, event, checksum, title, id) ORDER BY id) AS rows FROM {history}
+) AS h
+"""
+
+
+def _read_at_once(conn: psycopg.Connection, service: Service, schema: str) -> ServiceFacts | None:
+    """The facts of a service whose two tables exist, in one statement; None when it is
+    dirty or an index is invalid, whose details take the reads of ``_read_in_snapshot``."""
+    from psycopg import sql
+
+    query = sql.SQL(AT_ONCE).format(
+        migrations=sql.Identifier(schema, service.table), history=sql.Identifier(schema, service.history_table)
+    )
+    row = conn.execute(query).fetchone()
+    assert row is not None  # FROM (SELECT): always one row
+    version, dirty, rows, any_invalid = row
+    if dirty or any_invalid:
+        return None
+    recorded = [(v, event, checksum, title, int(event_id)) for v, event, checksum, title, event_id in rows or ()]
+    return _facts(service, schema, (True, True), _plain_version(version), False, recorded, invalid=())
+
+
+def _read_in_snapshot(conn: psycopg.Connection, service: Service, schema: str) -> ServiceFacts:
+    """Every fact, one query each, in one snapshot: the executor trusts them as one state."""
+    with _snapshot(conn):
+        table_exists, history_exists = _tables_exist(conn, schema, service.table, service.history_table)
+        foreign = None if history_exists else read_foreign(conn, schema)
+        if foreign is not None and foreign.tool == "dbmate" and foreign.table == service.table:
+            table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
+        version, dirty = _current_version(conn, schema, service.table) if table_exists else (None, False)
+        recorded = _read_history(conn, schema, service.history_table) if history_exists else None
+        failure = _failure(conn, schema, service.history_table, version) if dirty and history_exists else None
+        in_progress = lock_holder(conn, migrations_lock_key(service.database, schema, service.table)) if dirty else None
+        invalid = _invalid_indexes(conn)
+    return _facts(
+        service, schema, (table_exists, history_exists), version, dirty, recorded, invalid=invalid,
+        failure=failure, in_progress=in_progress, foreign=foreign,
+    )  # fmt: skip
+
+
+def _facts(
+    service: Service,
+    schema: str,
+    present: tuple[bool, bool],
+    version: int | None,
+    dirty: bool,
+    recorded: list[HistoryRow] | None,
+    *,
+    invalid: tuple[str, ...],
+    failure: Failure | None = None,
+    in_progress: str | None = None,
+    foreign: ForeignBookkeeping | None = None,
+) -> ServiceFacts:
+    history, last_force, repeatables = _summarise_history(recorded or [])
     return ServiceFacts(
         service=service.name,
         database_exists=True,
         schema=schema,
-        table_exists=table_exists,
-        history_exists=history_exists,
+        table_exists=present[0],
+        history_exists=present[1],
         version=version,
         dirty=dirty,
         history=history,
         last_force=last_force,
         invalid_indexes=invalid,
-        history_count=history_count,
+        history_count=None if recorded is None else len(recorded),
         dirty_in_progress=in_progress,
         failure=failure,
         foreign=foreign,
@@ -775,12 +854,26 @@ def resolve_schema(conn: psycopg.Connection, owner: str | None) -> str:
 
     role_row = conn.execute(ROLE_EXISTS, (owner,)).fetchone() if owner else None
     if owner and role_row and role_row[0]:
-        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
-        row = conn.execute(CURRENT_SCHEMA).fetchone()
-        conn.execute("RESET ROLE")
+        with _in_a_transaction(conn):  # SET LOCAL: the role goes back however this ends
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
+            row = conn.execute(CURRENT_SCHEMA).fetchone()
+            conn.execute("RESET ROLE")
     else:
         row = conn.execute(CURRENT_SCHEMA).fetchone()
     return row[0] if row else "public"
+
+
+@contextmanager
+def _in_a_transaction(conn: psycopg.Connection) -> Iterator[None]:
+    """The transaction ``conn`` is in, or one of its own when it is in none (the executor
+    locates a table outside any, to spare a fleet two round trips per database)."""
+    from psycopg.pq import TransactionStatus
+
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        with conn.transaction():
+            yield
+    else:
+        yield
 
 
 @contextmanager
@@ -821,9 +914,12 @@ def _current_version(conn: psycopg.Connection, schema: str, table: str) -> tuple
     row = conn.execute(query).fetchone()
     if row is None:
         return None, False
-    version = row[0]
-    # golang-migrate writes -1 for "no version" in some drivers.
-    return (None if version is None or version < 0 else int(version)), bool(row[1])
+    return _plain_version(row[0]), bool(row[1])
+
+
+def _plain_version(version: int | None) -> int | None:
+    """golang-migrate writes -1 for "no version" in some drivers."""
+    return None if version is None or version < 0 else int(version)
 
 
 REPEATABLE_EVENTS = ("repeat", "adopt_repeatable")  # a repeatable ran; adopt took over Flyway's record of it

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..errors import DbplanError, PlanChanged
 from ..estate.model import Estate
-from ..live.facts import LiveState
+from ..live.facts import LiveState, ServiceFacts
 from ..migrations.scan import MigrationSet
-from .plan import Plan, action_from_dict, plan_to_dict
+from .plan import Action, Plan, action_from_dict, plan_to_dict
 
 SAVED_PLAN_KIND = "dbplan-saved-plan"
 
@@ -43,16 +43,22 @@ def fingerprint(estate: Estate, migration_sets: dict[str, MigrationSet], live: L
             for name, facts in live.servers.items()
         },
         "migrations": _migrations(estate, migration_sets),
-        "services": {
-            name: {
-                "database_exists": facts.database_exists,
-                "version": facts.version,
-                "dirty": facts.dirty,
-                "history": {str(e.version): [e.event, e.checksum, e.id] for e in facts.history},
-                **_fleet_of(estate, name),
-            }
-            for name, facts in live.services.items()
-        },
+        "services": {name: service_fingerprint(estate, name, facts) for name, facts in live.services.items()},
+    }
+
+
+def service_fingerprint(estate: Estate, name: str, facts: ServiceFacts) -> dict[str, Any]:
+    """What one service's part of a plan depends on: where its bookkeeping stands, and
+    where its tables are (``schema``, and whether both ``tables`` exist there), which a
+    plan applied in one pass uses instead of looking for them again."""
+    return {
+        "database_exists": facts.database_exists,
+        "schema": facts.schema,
+        "tables": facts.table_exists and facts.history_exists,
+        "version": facts.version,
+        "dirty": facts.dirty,
+        "history": {str(e.version): [e.event, e.checksum, e.id] for e in facts.history},
+        **_fleet_of(estate, name),
     }
 
 
@@ -105,22 +111,71 @@ def load(path: Path) -> dict[str, Any]:
     return document
 
 
+REPLAN_HINT = "run 'dbplan plan --out FILE' again and review the new plan"
+
+
 def check(saved: dict[str, Any], plan: Plan, now: dict[str, Any]) -> None:
     """Refuse when the plan's inputs or its actions differ from the saved ones."""
     check_environment(saved, plan.environment)
     changes = differences(saved["fingerprint"], now)
-    if not changes:
-        try:
-            saved_actions = tuple(action_from_dict(action) for action in saved.get("actions", []))
-        except (KeyError, TypeError) as err:
-            raise DbplanError(f"the saved plan's actions cannot be read: {err}") from err
-        if saved_actions != plan.actions:
-            changes.append("the plan's actions differ from the saved ones")
+    if not changes and saved_actions(saved) != plan.actions:
+        changes.append("the plan's actions differ from the saved ones")
+    _refuse(changes)
+
+
+def check_all_but_databases(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """For a saved plan applied in one pass: refuse, changing nothing, when the plan file, a
+    migration file or a server (its identity, roles and databases) differs from the saved
+    plan's. Each database's bookkeeping is checked later, by ``database_changed``, in the
+    session that locks it."""
+    if saved.get("blocked"):
+        raise PlanChanged("the saved plan is blocked; nothing was changed", hint=REPLAN_HINT)
+    _refuse(differences(saved["fingerprint"], now, services=False))
+
+
+def _refuse(changes: list[str]) -> None:
     if changes:
         raise PlanChanged(
             "the saved plan no longer matches; nothing was changed:\n" + "\n".join(f"  - {c}" for c in changes),
-            hint="run 'dbplan plan --out FILE' again and review the new plan",
+            hint=REPLAN_HINT,
         )
+
+
+def saved_actions(saved: dict[str, Any]) -> tuple[Action, ...]:
+    try:
+        return tuple(action_from_dict(action) for action in saved.get("actions", []))
+    except (KeyError, TypeError) as err:
+        raise DbplanError(f"the saved plan's actions cannot be read: {err}") from err
+
+
+def database_changed(expected: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """How a service's bookkeeping differs from what the saved plan was made from (None:
+    it does not). ``expected``: its entry in the saved fingerprint; a database the plan
+    creates is expected to hold no bookkeeping yet."""
+    if expected is None:
+        return "it was not part of the saved plan"
+    if not expected.get("database_exists"):  # created by this run, a moment ago: where is new
+        expected = {**expected, "database_exists": True, "schema": now["schema"], "tables": now["tables"]}
+    if expected == now:
+        return None
+    return (
+        f"its bookkeeping changed since the plan was saved (version {_version(expected)} -> {_version(now)}"
+        f"{', now dirty' if now['dirty'] else ''}"
+        f"{', its history differs' if expected.get('history') != now['history'] else ''}): another apply ran?"
+    )
+
+
+def _version(entry: dict[str, Any]) -> str:
+    return "none" if entry.get("version") is None else str(entry["version"])
+
+
+def saved_location(expected: dict[str, Any] | None) -> str | None:
+    """The schema in which a saved plan found a service's two tables (None: they were not
+    both there): where its lock and its reads are, without looking again."""
+    if expected is None or not expected.get("database_exists") or expected.get("tables") is not True:
+        return None
+    schema = expected.get("schema")
+    return schema if isinstance(schema, str) else None
 
 
 def check_environment(saved: dict[str, Any], environment: str | None) -> None:
@@ -137,13 +192,14 @@ def _environment(name: str | None) -> str:
     return f"environment '{name}'" if name else "the plan file without an environment"
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def differences(saved: dict[str, Any], now: dict[str, Any], *, services: bool = True) -> list[str]:
     found: list[str] = []
     if saved.get("plan_file") != now["plan_file"]:
         found.append("the plan file changed")
     found += _server_differences(saved.get("servers", {}), now["servers"])
     found += _migration_differences(saved.get("migrations", {}), now["migrations"])
-    found += _service_differences(saved.get("services", {}), now["services"])
+    if services:
+        found += _service_differences(saved.get("services", {}), now["services"])
     return found
 
 

@@ -18,6 +18,7 @@ from ..planning.plan import (
     CreateDatabase,
     CreateRole,
     Plan,
+    RevertMigration,
     ServicePlan,
 )
 
@@ -117,6 +118,23 @@ def render_plan(plan: Plan, *, color: bool = False) -> str:
     lines += _warnings(rest, style)
     lines += _blockers(rest, style)
     lines.append(summary_line(plan, style))
+    return "\n".join(lines) + "\n"
+
+
+def render_one_pass(plan: Plan, *, color: bool = False) -> str:
+    """What ``apply --one-pass`` says before it starts: the saved plan's counts (it was
+    reviewed as a whole when it was saved) and how each database is checked."""
+    style = Style(color)
+    databases = {action.database for action in plan.actions if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable))}
+    lines = environment_line(plan, style)
+    lines.append(summary_line(plan, style))
+    lines.append(
+        style(
+            f"One pass: each of the {plural(len(databases), 'database')} is checked against the saved plan "
+            "in the session that migrates it; one that changed since is refused on its own.",
+            "dim",
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
