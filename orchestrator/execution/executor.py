@@ -31,6 +31,7 @@ from ..live.connection import (
     connection_bound,
     connection_lost,
     server_url,
+    try_lock_unless_pooled,
 )
 from ..live.facts import (
     LiveRole,
@@ -567,10 +568,12 @@ def _migrate_service(run: _Run, service: Service, shown: list[MigrationAction]) 
         what = f"the migrations of service '{service.name}' ({service.database}.{schema}.{service.table})"
         tables = bookkeeping.Tables(schema, service.table, service.history_table)
         waiting = run.lock_wait_for(conn, key, what)
-        if behind_pooler(conn):
+        taken = try_lock_unless_pooled(conn, key)
+        if taken is None:
             _migrate_guarded(run, Target(conn, service, server, owner, tables), shown, waiting)
             return
-        with advisory_lock(waiting, server=server.name):
+        # The session ends with this block: its end releases the lock.
+        with advisory_lock(waiting, server=server.name, taken=taken, closing=True):
             checkpoint("locked")
             # Tables seen before the lock are still there under it (nothing dbplan runs drops
             # them); tables not seen may have been made since, and are looked for again.

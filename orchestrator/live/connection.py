@@ -324,6 +324,19 @@ def behind_pooler(conn: psycopg.Connection) -> bool:
 _BEHIND_POOLER: weakref.WeakKeyDictionary[psycopg.Connection, bool] = weakref.WeakKeyDictionary()
 
 
+def try_lock_unless_pooled(conn: psycopg.Connection, key: int) -> bool | None:
+    """``behind_pooler`` and a first try of the session advisory lock on ``key``, in one
+    round trip (a fleet asks both of every database): None when ``conn`` is behind a
+    pooler, and then no lock was taken (it would stay on a pooled backend, blocking every
+    client of the pool); else whether the lock was taken."""
+    row = conn.execute(
+        "SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = %s THEN pg_try_advisory_lock(%s::bigint) END",
+        (conn.info.backend_pid, key),
+    ).fetchone()
+    pooled = _BEHIND_POOLER[conn] = row is None or row[0] != conn.info.backend_pid
+    return None if pooled else bool(row and row[1])
+
+
 def connection_lost(conn: psycopg.Connection, err: BaseException) -> bool:
     """Whether ``err`` means the server session went away (terminated, restarted, network)."""
     import psycopg

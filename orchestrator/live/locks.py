@@ -118,9 +118,16 @@ class LockWait:
 
 
 @contextmanager
-def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
+def advisory_lock(
+    waiting: LockWait, *, server: str = "", taken: bool = False, closing: bool = False
+) -> Iterator[None]:
     """Hold the session advisory lock ``waiting`` is for, on its connection, for the
-    duration of the block; while another session holds it, wait as ``waiting`` says."""
+    duration of the block; while another session holds it, wait as ``waiting`` says.
+
+    ``taken``: the caller took it already (``try_lock_unless_pooled``). ``closing``: the
+    caller closes the session right after the block, which releases the lock (PostgreSQL
+    releases a session's locks as it ends), so no round trip is spent on releasing it.
+    """
     conn, key = waiting.conn, waiting.key
     if behind_pooler(conn):
         raise DbplanError(
@@ -128,11 +135,13 @@ def advisory_lock(waiting: LockWait, *, server: str = "") -> Iterator[None]:
             server=server or None,
             hint="connect to PostgreSQL directly for this command",
         )
-    _wait_for(waiting, server)
+    if not taken:
+        _wait_for(waiting, server)
     try:
         yield
     finally:
-        _unlock(conn, key)
+        if not closing:
+            _unlock(conn, key)
 
 
 def _wait_for(waiting: LockWait, server: str) -> None:
