@@ -22,7 +22,7 @@ from .live.facts import LiveState, inspect
 from .live.locks import DEFAULT_LOCK_WAIT_SECONDS
 from .migrations import scan as migration_folders
 from .migrations.numbering import next_version
-from .migrations.scan import MigrationSet
+from .migrations.scan import MigrationFile, MigrationSet
 from .planning.plan import Plan
 from .planning.planner import make_plan
 
@@ -226,15 +226,19 @@ def _relations_named(migration_sets: Mapping[str, MigrationSet]) -> dict[str, di
     """Per service and version, every table or index its migration files name: inspection
     reads the live size of those of the versions still to run, for the warnings (one query
     per database, not one per file, and none where nothing is pending)."""
-    from .migrations.lint import relations_named
+    from .live.facts import COLUMN_TYPES
+    from .migrations.lint import changes_a_column_type, relations_named
+
+    def named(files: list[MigrationFile]) -> frozenset[str]:
+        found = frozenset().union(*(relations_named(f.script) for f in files))
+        return found | {COLUMN_TYPES} if any(changes_a_column_type(f.script) for f in files) else found
 
     # A set's instances share one folder's migrations: walk its files once, not once per database.
     by_folder: dict[int, dict[int, frozenset[str]]] = {}
     for migrations in migration_sets.values():
         if id(migrations.migrations) not in by_folder:
             by_folder[id(migrations.migrations)] = {
-                m.version: frozenset().union(*(relations_named(f.script) for f in (m.up, m.down) if f is not None))
-                for m in migrations.migrations
+                m.version: named([f for f in (m.up, m.down) if f is not None]) for m in migrations.migrations
             }
     return {name: by_folder[id(migrations.migrations)] for name, migrations in migration_sets.items()}
 

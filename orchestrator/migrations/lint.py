@@ -273,6 +273,17 @@ def relations_named(script: Script) -> frozenset[str]:
     return frozenset(found)
 
 
+def changes_a_column_type(script: Script) -> bool:
+    """Whether a statement of ``script`` changes a column's type (ALTER TABLE ... ALTER
+    COLUMN ... TYPE): only then does its lint need the live column types."""
+    return any(
+        cmd.get("subtype") == "AT_AlterColumnType"
+        for stmt in script.statements
+        if stmt.kind == "AlterTableStmt"
+        for cmd in alter_commands(next(iter(stmt.ast.values())))
+    )
+
+
 def _find_function(expr: Any) -> str | None:
     """The first volatile function called anywhere in an expression tree."""
     if isinstance(expr, dict):
