@@ -293,12 +293,18 @@ def test_a_kubernetes_index_picks_the_shard(estate: Estate, pg_url2: str, monkey
     assert bad.code == 1 and "there is no part 4 of 3" in bad.err
 
 
-def test_a_saved_fleet_plan_refuses_naming_the_databases_that_changed(estate: Estate, pg_url2: str) -> None:
+def saved_with_two(estate: Estate, pg_url2: str) -> Path:
+    """The set migrated to 1, then a plan saved that applies 000002 everywhere."""
     fleet(estate, pg_url2)
     assert estate.dbplan("apply", "--yes").code == 0
     estate.write("tenant", "000002_two.up.sql", "CREATE TABLE two (id int);\n")
     path = estate.root.parent / "plan.json"
     assert estate.dbplan("plan", "--out", str(path)).code == 0
+    return path
+
+
+def test_a_saved_fleet_plan_refuses_naming_the_databases_that_changed(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
     saved = json.loads(path.read_text())
     assert list(saved["fingerprint"]["migrations"]) == ["tenant"]  # one entry for the whole set
     changed = [estate.name(f"t{n}") for n in (2, 5)]
@@ -337,16 +343,6 @@ def sessions_of(url: str, url2: str, databases: list[str]) -> dict[str, int]:
             rows = conn.execute("SELECT datname, sessions FROM pg_stat_database WHERE datname = ANY(%s)", (databases,))
             found.update({name: int(count) for name, count in rows})
     return found
-
-
-def saved_with_two(estate: Estate, pg_url2: str) -> Path:
-    """The set migrated to 1, then a plan saved that applies 000002 everywhere."""
-    fleet(estate, pg_url2)
-    assert estate.dbplan("apply", "--yes").code == 0
-    estate.write("tenant", "000002_two.up.sql", "CREATE TABLE two (id int);\n")
-    path = estate.root.parent / "plan.json"
-    assert estate.dbplan("plan", "--out", str(path)).code == 0
-    return path
 
 
 def test_one_pass_applies_the_saved_plan_in_one_session_per_database(estate: Estate, pg_url2: str) -> None:
