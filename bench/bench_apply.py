@@ -270,8 +270,8 @@ def bookkeeping_driver(migrations: Migrations) -> str:
     """The psql_bk driver: the floor plus dbplan's own statements in each transaction, taken
     from ``orchestrator.execution.bookkeeping`` (so they cannot drift from what dbplan sends): the
     bookkeeping tables, the bookkeeping statement prepared once, and per migration the
-    service's default lock_timeout, the file, and the prepared statement, which also marks
-    the next migration's start. The first transaction marks its own, as a batch's first does.
+    service's default lock_timeout, the mark of its start (dbplan's guard sets it; this
+    driver has no guard), the file, and the prepared statement.
     """
     from orchestrator.execution import bookkeeping
 
@@ -279,9 +279,9 @@ def bookkeeping_driver(migrations: Migrations) -> str:
     prepared = bookkeeping.PreparedBookkeeping("bench_record_migration")
     parts = [bookkeeping.create_tables(tables, create_schema=False).as_string(None),
              prepared.prepare(tables).as_string(None)]
-    for index, (path, (version, title, checksum)) in enumerate(zip(migrations.up_files, migrations.items)):
+    for path, (version, title, checksum) in zip(migrations.up_files, migrations.items):
         record = prepared.execute(version=version, title=title, checksum=checksum, event="apply", version_after=version)
-        parts.append("BEGIN;\nSET LOCAL lock_timeout = '30000';\n" + (bookkeeping.MARK_START if index == 0 else "")
+        parts.append("BEGIN;\nSET LOCAL lock_timeout = '30000';\n" + bookkeeping.MARK_START
                      + f"\\i '{path}'\n;\n" + record.as_string(None) + "COMMIT;\n")
     return "".join(parts)
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import DbplanError, MigrationFileError, PlanBlocked
 from .estate import graph
@@ -354,7 +354,7 @@ def plan_saved_one_pass(
 
 def _load_saved(
     saved_path: str | os.PathLike[str], environ: Mapping[str, str] | None, shard: tuple[int, int] | None
-) -> tuple[dict[str, object], Selection]:
+) -> tuple[dict[str, Any], Selection]:
     """The saved plan and the services it was made for, refused if it was made for another
     environment or another shard than this run's."""
     from .errors import PlanChanged
