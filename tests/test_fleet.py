@@ -432,6 +432,30 @@ def test_one_pass_creates_the_databases_a_saved_plan_creates(estate: Estate, pg_
         assert tables_in(url, name) >= {"account", "schema_migrations", "dbplan_history"}, name
 
 
+def test_one_pass_refuses_a_database_whose_history_alone_changed(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    urls = urls_by_database(estate, pg_url2)
+    forced = estate.name("t4")
+    assert estate.dbplan("force", f"tenant[{forced}]", "1").code == 0  # same version, one more history row
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes", "--keep-going")
+    assert run.code == 1
+    assert "(version 1 -> 1, its history differs): another apply ran?" in run.out.replace("\n  ", " "), run.out
+    assert "two" not in tables_in(urls[forced], forced)
+    assert all("two" in tables_in(url, name) for name, url in urls.items() if name != forced)
+
+
+def test_one_pass_refuses_a_saved_plan_edited_to_name_what_the_file_does_not(estate: Estate, pg_url2: str) -> None:
+    path = saved_with_two(estate, pg_url2)
+    saved = json.loads(path.read_text())
+    saved["actions"][0]["service"] = "tenant[nowhere]"
+    path.write_text(json.dumps(saved))
+    run = estate.dbplan("apply", "--one-pass", str(path), "--yes")
+    assert run.code == 1
+    assert "internal error" not in run.output
+    assert "the saved plan names service 'tenant[nowhere]', which the plan file does not declare; nothing was changed" in run.err
+    assert all("two" not in tables_in(url, name) for name, url in urls_by_database(estate, pg_url2).items())
+
+
 def test_one_pass_needs_a_saved_plan(estate: Estate, pg_url2: str) -> None:
     fleet(estate, pg_url2)
     run = estate.dbplan("apply", "--one-pass", "--yes")
