@@ -670,8 +670,8 @@ def _refuse_if_changed_since_saved(run: _Run, target: Target, shown: list[Migrat
     )
     if changed is not None and not _at_plan_end(run, service, shown, facts):
         raise PlanChanged(
-            f"database '{service.database}' on server '{target.server.name}' no longer matches the saved plan "
-            f"for service '{service.name}': {changed}; nothing was changed in it",
+            f"the bookkeeping of service '{service.name}' in database '{service.database}' on server "
+            f"'{target.server.name}' changed since the plan was saved ({changed}); nothing was changed in it",
             server=target.server.name,
             service=service.name,
             hint=savedplan.REPLAN_HINT,

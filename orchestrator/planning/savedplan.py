@@ -159,9 +159,8 @@ def database_changed(expected: dict[str, Any] | None, now: dict[str, Any]) -> st
     if expected == now:
         return None
     return (
-        f"its bookkeeping changed since the plan was saved (version {_version(expected)} -> {_version(now)}"
-        f"{', now dirty' if now['dirty'] else ''}"
-        f"{', its history differs' if expected.get('history') != now['history'] else ''}): another apply ran?"
+        f"version {_version(expected)} -> {_version(now)}{', now dirty' if now['dirty'] else ''}"
+        f"{', its history differs' if expected.get('history') != now['history'] else ''}: another apply ran?"
     )
 
 
