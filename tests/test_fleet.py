@@ -458,6 +458,20 @@ def test_one_pass_refuses_a_saved_plan_edited_to_name_what_the_file_does_not(est
     assert all("two" not in tables_in(url, name) for name, url in urls_by_database(estate, pg_url2).items())
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["checked-first", "one-pass"])
+def test_a_plan_saved_before_the_fingerprint_held_the_tables_location_still_applies(
+    estate: Estate, pg_url2: str, one_pass: bool
+) -> None:
+    path = saved_with_two(estate, pg_url2)
+    saved = json.loads(path.read_text())
+    for entry in saved["fingerprint"]["services"].values():
+        del entry["schema"], entry["tables"]
+    path.write_text(json.dumps(saved))
+    run = estate.dbplan("apply", *(["--one-pass"] if one_pass else []), str(path), "--yes")
+    assert run.code == 0, run.output
+    assert all("two" in tables_in(url, name) for name, url in urls_by_database(estate, pg_url2).items())
+
+
 def test_one_pass_needs_a_saved_plan(estate: Estate, pg_url2: str) -> None:
     fleet(estate, pg_url2)
     run = estate.dbplan("apply", "--one-pass", "--yes")

@@ -156,12 +156,25 @@ def database_changed(expected: dict[str, Any] | None, now: dict[str, Any]) -> st
         return "it was not part of the saved plan"
     if not expected.get("database_exists"):  # created by this run, a moment ago: where is new
         expected = {**expected, "database_exists": True, "schema": now["schema"], "tables": now["tables"]}
+    now = _as_saved(expected, now)
     if expected == now:
         return None
     return (
         f"version {_version(expected)} -> {_version(now)}{', now dirty' if now['dirty'] else ''}"
         f"{', its history differs' if expected.get('history') != now['history'] else ''}: another apply ran?"
     )
+
+
+# What a service's fingerprint holds since a saved plan applied in one pass looks no table
+# up again; a plan saved by a dbplan before it lacks them, and is compared without them.
+LOCATION_KEYS = ("schema", "tables")
+
+
+def _as_saved(saved: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """``now`` without the location a plan saved before it was recorded does not hold."""
+    if saved is None or all(key in saved for key in LOCATION_KEYS):
+        return now
+    return {key: value for key, value in now.items() if key not in LOCATION_KEYS or key in saved}
 
 
 def _version(entry: dict[str, Any]) -> str:
@@ -260,6 +273,7 @@ def _service_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str
     fleets: dict[tuple[str, str], list[str]] = {}  # (fleet, what happened) -> databases
     for service, state in now.items():
         before = saved.get(service)
+        state = _as_saved(before, state)
         if "fleet" in state and before != state:
             what = "not part of the saved plan" if before is None else "changed since"
             fleets.setdefault((state["fleet"], what), []).append(state["database"])
