@@ -153,3 +153,54 @@ def test_two_service_cycle() -> None:
     with pytest.raises(GraphError) as caught:
         graph.build(make_estate({"x": ("y",), "y": ("x",)}))
     assert caught.value.message.endswith(": x -> y -> x")
+
+
+@pytest.mark.parametrize(
+    "databases",
+    [
+        {"a_db": None, "b_db": None, "c_db": None},
+        {"shared": "owner_1", "other": "owner_2", "third": "owner_1"},  # owners, a database served twice
+        {"only": None},
+    ],
+    ids=["plain", "owners-and-a-shared-database", "one-database"],
+)
+def test_an_estate_without_dependencies_gets_the_graph_networkx_would_give(databases: dict[str, str | None]) -> None:
+    """Without depends_on the graph is built without networkx; it must be the same graph."""
+    import networkx as nx
+
+    estate = make_estate({"a": (), "b": (), "c": (), "d": ()}, databases=databases)
+    built = graph.build(estate)
+    rank, edges = graph._nodes_and_edges(estate)
+    expected = nx.DiGraph()
+    expected.add_nodes_from(rank)
+    expected.add_edges_from(edges)
+    services = expected.subgraph([node for node in expected if node[0] == "service"])
+    assert built.nodes == tuple(sorted(expected.nodes, key=rank.__getitem__))
+    assert built.edges == tuple(sorted(expected.edges, key=lambda edge: (rank[edge[0]], rank[edge[1]])))
+    assert built.service_order == tuple(
+        name for _, name in nx.lexicographical_topological_sort(services, key=rank.__getitem__)
+    )
+    assert built.service_generations == tuple(
+        tuple(name for _, name in sorted(generation, key=rank.__getitem__))
+        for generation in nx.topological_generations(services)
+    )
+
+
+def test_a_plan_file_without_dependencies_loads_without_importing_networkx(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "migrations" / "app").mkdir(parents=True)
+    (tmp_path / "dbplan.yaml").write_text(
+        "version: 1\nservers:\n  main: {url: 'postgresql://localhost/postgres'}\n"
+        "databases:\n  app: {server: main}\nservices:\n  app: {database: app, migrations: migrations/app}\n"
+    )
+    probe = (
+        "import sys; from orchestrator.estate.load import load; load(sys.argv[1]); "
+        "print('networkx' in sys.modules)"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "dbplan.yaml")], capture_output=True, text=True, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "False"

@@ -38,33 +38,46 @@ def build(estate: Estate) -> EstateGraph:
     return built
 
 
-def _build(estate: Estate) -> EstateGraph:
-    import networkx as nx  # heavy import, paid only by commands that need the graph
-
-    graph = nx.DiGraph()
+def _nodes_and_edges(estate: Estate) -> tuple[dict[Node, int], list[tuple[Node, Node]]]:
+    """Every node, ranked in the order of the plan file, and every edge (prerequisite,
+    dependent), in the order they were found."""
     rank: dict[Node, int] = {}
+    edges: list[tuple[Node, Node]] = []
 
     def add(node: Node) -> None:
         rank.setdefault(node, len(rank))
-        graph.add_node(node)
 
     for name in estate.servers:
         add(("server", name))
     role_keys = {(role.name, role.server): key for key, role in estate.roles.items()}
     for key, role in estate.roles.items():
         add(("role", key))  # a role on several servers has an entry (and a node) per server
-        graph.add_edge(("server", role.server), ("role", key))
+        edges.append((("server", role.server), ("role", key)))
     for database in estate.databases.values():
         add(("database", database.name))
-        graph.add_edge(("server", database.server), ("database", database.name))
+        edges.append((("server", database.server), ("database", database.name)))
         if database.owner:
             owner = role_keys.get((database.owner, database.server), database.owner)
-            graph.add_edge(("role", owner), ("database", database.name))
+            edges.append((("role", owner), ("database", database.name)))
     for service in estate.services.values():
         add(("service", service.name))
-        graph.add_edge(("database", service.database), ("service", service.name))
+        edges.append((("database", service.database), ("service", service.name)))
         for dependency in service.depends_on:
-            graph.add_edge(("service", dependency), ("service", service.name))
+            edges.append((("service", dependency), ("service", service.name)))
+    return rank, edges
+
+
+def _build(estate: Estate) -> EstateGraph:
+    rank, edges = _nodes_and_edges(estate)
+    if not any(service.depends_on for service in estate.services.values()) and all(
+        node in rank for edge in edges for node in edge
+    ):
+        return _without_dependencies(rank, edges)
+    import networkx as nx  # heavy import (0.1 s), paid only where services depend on others
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(rank)
+    graph.add_edges_from(edges)
 
     _raise_on_cycle(graph, estate)
 
@@ -79,6 +92,21 @@ def _build(estate: Estate) -> EstateGraph:
         edges=tuple(sorted(graph.edges, key=lambda edge: (rank[edge[0]], rank[edge[1]]))),
         service_order=order,
         service_generations=generations,
+    )
+
+
+def _without_dependencies(rank: dict[Node, int], edges: list[tuple[Node, Node]]) -> EstateGraph:
+    """The graph of an estate where no service depends on another (a fleet's, often):
+    edges only go from servers to roles and databases, roles to databases, databases to
+    services, so there is no cycle, the services' order is the plan file's and they are
+    all one generation. What networkx would compute (a test holds them equal), without
+    importing it."""
+    services = tuple(name for kind, name in rank if kind == "service")
+    return EstateGraph(
+        nodes=tuple(rank),
+        edges=tuple(sorted(set(edges), key=lambda edge: (rank[edge[0]], rank[edge[1]]))),
+        service_order=services,
+        service_generations=(services,) if services else (),
     )
 
 
