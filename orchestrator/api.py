@@ -340,8 +340,7 @@ def plan_saved_one_pass(
     checked = _checked(_discovered(plan_file.load(file, environ), wait_seconds, on_notice), selection)
     live = inspect_servers(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
     savedplan.check_all_but_databases(saved, savedplan.fingerprint(checked.estate, checked.migration_sets, live))
-    actions = savedplan.saved_actions(saved)
-    _refuse_unknown_targets(checked.estate, actions)
+    actions = savedplan.actions_to_apply(saved, checked.estate)
     return Planned(
         checked.estate,
         checked.graph,
@@ -370,19 +369,6 @@ def _load_saved(
             hint="apply each shard's own saved plan",
         )
     return saved, selection
-
-
-def _refuse_unknown_targets(estate: Estate, actions: Sequence[object]) -> None:
-    """A saved plan whose fingerprint matches names only what the plan file declares; one
-    edited by hand may not, and gets an error rather than a crash half-way."""
-    for action in actions:
-        for kind, known in (("service", estate.services), ("database", estate.databases)):
-            name = getattr(action, kind, None)
-            if name is not None and name not in known:
-                raise DbplanError(
-                    f"the saved plan names {kind} '{name}', which the plan file does not declare; nothing was changed",
-                    hint="run 'dbplan plan --out FILE' again and review the new plan",
-                )
 
 
 def migrate(

@@ -148,6 +148,22 @@ def saved_actions(saved: dict[str, Any]) -> tuple[Action, ...]:
         raise DbplanError(f"the saved plan's actions cannot be read: {err}") from err
 
 
+def actions_to_apply(saved: dict[str, Any], estate: Estate) -> tuple[Action, ...]:
+    """The saved actions, for a plan applied without planning again (one pass). A saved plan
+    whose fingerprint matches names only what the plan file declares; one edited by hand
+    may not, and gets an error rather than a crash half-way."""
+    actions = saved_actions(saved)
+    for action in actions:
+        for kind, known in (("service", estate.services), ("database", estate.databases)):
+            name = getattr(action, kind, None)
+            if name is not None and name not in known:
+                raise DbplanError(
+                    f"the saved plan names {kind} '{name}', which the plan file does not declare; nothing was changed",
+                    hint=REPLAN_HINT,
+                )
+    return actions
+
+
 def database_changed(expected: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
     """How a service's bookkeeping differs from what the saved plan was made from (None:
     it does not). ``expected``: its entry in the saved fingerprint; a database the plan

@@ -17,8 +17,8 @@ from ..planning.plan import (
     Blocker,
     CreateDatabase,
     CreateRole,
+    MigrationAction,
     Plan,
-    RevertMigration,
     ServicePlan,
 )
 
@@ -125,7 +125,7 @@ def render_one_pass(plan: Plan, *, color: bool = False) -> str:
     """What ``apply --one-pass`` says before it starts: the saved plan's counts (it was
     reviewed as a whole when it was saved) and how each database is checked."""
     style = Style(color)
-    databases = {action.database for action in plan.actions if isinstance(action, (ApplyMigration, RevertMigration, ApplyRepeatable))}
+    databases = {action.database for action in plan.actions if isinstance(action, MigrationAction)}
     lines = environment_line(plan, style)
     lines.append(summary_line(plan, style))
     lines.append(
