@@ -99,6 +99,47 @@ def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_tw
     assert sorted(int(v) for versions in done for v in versions) == list(range(1, LATEST + 1)), done
 
 
+@pytest.mark.parametrize(("dropper", "no_transaction", "gated_begin"), LOCK_DROPPERS)
+def test_a_migration_that_releases_the_lock_lets_no_second_one_pass_run_apply_anything_twice(
+    estate: Estate, dropper: str, no_transaction: bool, gated_begin: str
+) -> None:
+    """The same, with the reviewed saved plan applied in one pass by both runs: the lock is
+    taken together with the pooler check, and left to the session's end to release."""
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0
+    _logging_estate(estate, dropper, no_transaction=no_transaction, gated_begin=gated_begin)
+    saved = estate.root / "plan.json"
+    assert estate.dbplan("plan", "--out", str(saved)).code == 0
+    gate = TableGate(estate.url, estate.name("app"), "gate")
+    try:
+        first = start_dbplan(estate.plan_file, "apply", "--yes", "--one-pass", str(saved))
+        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 3")
+        second = start_dbplan(estate.plan_file, "apply", "--yes", "--one-pass", str(saved))
+        wait_until(
+            lambda: "waiting for the lock" in second.err
+            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
+            or second.process.poll() is not None,
+            timeout=30,
+            what="the second run to wait or end",
+        )
+    finally:
+        gate.open()
+    done_first, done_second = finish(first), finish(second)
+
+    assert done_first.code == 0, done_first.err
+    # The second run found the bookkeeping moved on since the plan was saved: refused, or
+    # (having waited for the first to finish) at the plan's end, with nothing left to do.
+    assert done_second.code == 0 or "changed since the plan was saved" in done_second.out + done_second.err
+    assert not re.findall(r"apply app \d+ \w+: done", done_second.err), done_second.err
+    log = estate.query("app", "SELECT version, count(*) FROM applied_log GROUP BY version ORDER BY version")
+    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
+    history = estate.query(
+        "app", "SELECT version, count(*) FROM dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version"
+    )
+    assert history == [(version, 1) for version in range(1, LATEST + 1)]
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
+
+
 # --------------------------------------------------------------------------- item 1: where the bookkeeping is
 
 MOVERS = [
