@@ -670,7 +670,7 @@ def read_service(
             read = _read_at_once(conn, service, schema)
             if read is not None:
                 return read
-        return _read_in_snapshot(conn, service, schema)
+        return _read_in_snapshot(conn, service, schema, present)
     except psycopg.Error as err:
         raise unreadable(service, "migrations", err, server) from err
 
@@ -703,10 +703,14 @@ def _read_at_once(conn: psycopg.Connection, service: Service, schema: str) -> Se
     return _facts(service, schema, (True, True), _plain_version(version), False, recorded, invalid=())
 
 
-def _read_in_snapshot(conn: psycopg.Connection, service: Service, schema: str) -> ServiceFacts:
-    """Every fact, one query each, in one snapshot: the executor trusts them as one state."""
+def _read_in_snapshot(
+    conn: psycopg.Connection, service: Service, schema: str, present: tuple[bool, bool] | None
+) -> ServiceFacts:
+    """Every fact, one query each, in one snapshot: the executor trusts them as one state.
+    ``present``: whether the two tables are there, if the catalog read that located them
+    just said (None: looked up here)."""
     with _snapshot(conn):
-        table_exists, history_exists = _tables_exist(conn, schema, service.table, service.history_table)
+        table_exists, history_exists = present or _tables_exist(conn, schema, service.table, service.history_table)
         foreign = None if history_exists else read_foreign(conn, schema)
         if foreign is not None and foreign.tool == "dbmate" and foreign.table == service.table:
             table_exists = False  # dbmate's table, not golang-migrate's: it holds no dirty flag to read
