@@ -9,6 +9,7 @@ codes, output, and what is in the database afterwards.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -140,6 +141,89 @@ def test_a_migration_that_releases_the_lock_lets_no_second_one_pass_run_apply_an
     assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
 
 
+# A migration that puts a schema of its own before pg_catalog in the database's search_path,
+# then releases the lock: every later session of the database (the second run's) resolves
+# unqualified names there first. What dbplan's guarantees rest on must not be among them.
+_SHADOW_PATH = (
+    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = shadow, pg_catalog, public', "
+    "current_database()); END $$;\n"
+)
+SHADOWS = [
+    pytest.param(
+        "CREATE VIEW shadow.pg_class AS SELECT * FROM pg_catalog.pg_class WHERE false;\n"
+        "CREATE VIEW shadow.pg_namespace AS SELECT * FROM pg_catalog.pg_namespace WHERE false;\n",
+        id="catalogs-that-hide-the-bookkeeping",
+    ),
+    pytest.param(
+        "CREATE FUNCTION shadow.same(bigint, integer) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';\n"
+        "CREATE FUNCTION shadow.same(bigint, bigint) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';\n"
+        "CREATE FUNCTION shadow.same(boolean, boolean) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';\n"
+        "CREATE OPERATOR shadow.= (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = shadow.same);\n"
+        "CREATE OPERATOR shadow.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = shadow.same);\n"
+        "CREATE OPERATOR shadow.= (LEFTARG = boolean, RIGHTARG = boolean, FUNCTION = shadow.same);\n"
+        "CREATE FUNCTION shadow.cat(text, bigint) RETURNS text LANGUAGE sql IMMUTABLE AS $f$SELECT '1'$f$;\n"
+        "CREATE OPERATOR shadow.|| (LEFTARG = text, RIGHTARG = bigint, FUNCTION = shadow.cat);\n",
+        id="operators-that-say-every-version-matches",
+    ),
+    pytest.param(
+        "CREATE FUNCTION shadow.pg_try_advisory_lock(bigint) RETURNS boolean LANGUAGE sql AS 'SELECT true';\n"
+        "CREATE FUNCTION shadow.pg_try_advisory_xact_lock(bigint) RETURNS boolean LANGUAGE sql AS 'SELECT true';\n"
+        "CREATE FUNCTION shadow.to_regclass(text) RETURNS regclass LANGUAGE sql AS 'SELECT NULL::regclass';\n"
+        "CREATE FUNCTION shadow.current_schema() RETURNS name LANGUAGE sql AS $f$SELECT 'shadow'::name$f$;\n",
+        id="functions-that-say-the-lock-is-free-and-no-table-exists",
+    ),
+]
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["plan-and-apply", "one-pass"])
+@pytest.mark.parametrize("shadow", SHADOWS)
+def test_a_migration_that_shadows_the_catalog_lets_no_second_run_apply_anything_twice(
+    estate: Estate, shadow: str, one_pass: bool
+) -> None:
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0
+    dropper = "CREATE SCHEMA shadow;\n" + shadow + _SHADOW_PATH + "SELECT pg_advisory_unlock_all();"
+    _logging_estate(estate, dropper, no_transaction=False)
+    saved = estate.root / "plan.json"
+    assert estate.dbplan("plan", "--out", str(saved)).code == 0
+    how = ["--one-pass", str(saved)] if one_pass else []
+    gate = TableGate(estate.url, estate.name("app"), "public.gate")
+    try:
+        first = start_dbplan(estate.plan_file, "apply", "--yes", *how)
+        # Migration 2's text is long: the "FROM gate" of 3 lies past the query's first
+        # kilobyte that pg_stat_activity shows. The first run is the only one so far.
+        wait_until(lambda: dbplan_backends(estate.url, waiting_for_lock=True), what="migration 3")
+        second = start_dbplan(estate.plan_file, "apply", "--yes", *how)
+        wait_until(
+            lambda: "waiting for the lock" in second.err
+            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
+            or second.process.poll() is not None,
+            timeout=30,
+            what="the second run to wait or end",
+        )
+    finally:
+        gate.open()
+    done_first, done_second = finish(first), finish(second)
+
+    assert done_first.code == 0, done_first.err
+    assert done_second.code == 0 or "changed since the plan was saved" in done_second.out + done_second.err, (
+        done_second.err
+    )
+    log = estate.query("app", "SELECT version, count(*) FROM public.applied_log GROUP BY version ORDER BY version")
+    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
+    history = estate.query(
+        "app",
+        "SELECT version, count(*) FROM public.dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version",
+    )
+    assert history == [(version, 1) for version in range(1, LATEST + 1)]
+    assert estate.query("app", "SELECT version, dirty FROM public.schema_migrations") == [(LATEST, False)]
+    assert estate.query("app", "SELECT to_regclass('shadow.schema_migrations') IS NULL") == [(True,)]
+    again = estate.dbplan("plan", "--format", "json")
+    assert again.code == 0, again.output
+    (service,) = json.loads(again.out)["services"]
+    assert (service["current"], service["pending"], service["bookkeeping"]) == (LATEST, [], "public.schema_migrations")
+
+
 # --------------------------------------------------------------------------- item 1: where the bookkeeping is
 
 MOVERS = [
@@ -157,8 +241,6 @@ MOVERS = [
 def test_the_bookkeeping_is_found_where_it_is_whatever_a_migration_does_to_schemas(
     estate: Estate, mover: str, owner: bool
 ) -> None:
-    import json
-
     if owner:
         estate.add_role("svc")
     estate.add_database("app", owner="svc" if owner else None)

@@ -34,7 +34,9 @@ def create_tables(tables: Tables, *, create_schema: bool) -> sql.Composed:
     """Create what is missing; golang-migrate's table keeps golang-migrate's exact shape.
 
     The schema is created only when the plan file names one: CREATE SCHEMA checks the
-    CREATE privilege on the database even when the schema exists.
+    CREATE privilege on the database even when the schema exists. Types and functions are
+    named with their schema: a migration of another service may have put a schema of its
+    own first in the database's search_path (see ``live/facts.py``).
     """
     schema = sql.SQL("CREATE SCHEMA IF NOT EXISTS {};\n").format(sql.Identifier(tables.schema))
     return (schema if create_schema else sql.SQL("")) + sql.SQL(
@@ -42,13 +44,13 @@ def create_tables(tables: Tables, *, create_schema: bool) -> sql.Composed:
         "CREATE TABLE IF NOT EXISTS {history} (\n"
         "  id bigserial PRIMARY KEY,\n"
         "  version bigint NOT NULL,\n"
-        "  title text,\n"
-        "  checksum text,\n"
-        "  event text NOT NULL,\n"
-        "  applied_at timestamptz NOT NULL DEFAULT now(),\n"
+        "  title pg_catalog.text,\n"
+        "  checksum pg_catalog.text,\n"
+        "  event pg_catalog.text NOT NULL,\n"
+        "  applied_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now(),\n"
         "  duration_ms integer,\n"
-        "  applied_by text,\n"
-        "  reason text\n"
+        "  applied_by pg_catalog.text,\n"
+        "  reason pg_catalog.text\n"
         ");\n"
     ).format(migrations=tables.migrations_id, history=tables.history_id)
 
@@ -111,14 +113,24 @@ def record_event(
 # of the transaction (a setting is the cheapest thing a transaction can write): MARK_START,
 # a statement of the migration's own after its guard, marks it.
 # date_part, not extract: extract computes in numeric, which costs the server more.
-MARK = "set_config('dbplan.migration_started', date_part('epoch', clock_timestamp())::text, true)"
+MARK = (
+    "pg_catalog.set_config('dbplan.migration_started', "
+    "pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::pg_catalog.text, true)"
+)
 MARK_START = "SELECT " + MARK + ";\n"  # where no guard's check marks it (``guard.expect_version``)
 # The file may RESET ALL: then the mark is gone, and the query's arrival has to do.
-_STARTED = "coalesce(nullif(current_setting('dbplan.migration_started', true), '')::float8, date_part('epoch', now()))"
+# Functions named with their schema, as in the guard: these run in the migration's
+# search_path. (NULLIF and the arithmetic look their operators up there: a migration that
+# shadows them can only make its own times wrong.)
+_STARTED = (
+    "coalesce(nullif(pg_catalog.current_setting('dbplan.migration_started', true), '')::pg_catalog.float8, "
+    "pg_catalog.date_part('epoch', pg_catalog.now()))"
+)
 DONE_MARKER = "dbplan_migration_done_ms"
 _DONE_COLUMNS = sql.SQL(" (version, title, checksum, event, applied_at, duration_ms, applied_by) VALUES (")
 _DONE_TIMES = sql.SQL(
-    f"to_timestamp({_STARTED}), ((date_part('epoch', clock_timestamp()) - {_STARTED}) * 1000)::integer"
+    f"pg_catalog.to_timestamp({_STARTED}), "
+    f"((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) - {_STARTED}) * 1000)::integer"
 )
 _RETURNING_DONE = sql.SQL(f") RETURNING duration_ms AS {DONE_MARKER};\n")
 

@@ -36,10 +36,16 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
             sql.Literal(tables.schema), sql.Literal(table)
         )
 
+    # The block's own search_path is pg_catalog's alone (put back at its end, for the
+    # migration): it runs in the database's, where a migration may have put a schema of its
+    # own first, with functions and operators of its own (see ``_CHECK`` below). Hence the
+    # names in the lines before it with their schema.
     return sql.SQL(
         "DO $dbplan_guard$\n"
-        "DECLARE found_version bigint; found_dirty boolean; found_rows bigint;\n"
+        "DECLARE found_version bigint; found_dirty boolean; found_rows bigint; path pg_catalog.text;\n"
         "BEGIN\n"
+        "  path := pg_catalog.current_setting('search_path');\n"
+        "  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);\n"
         "  IF NOT pg_try_advisory_xact_lock({key}) THEN\n"
         "    RAISE EXCEPTION 'dbplan: the lock is held by another session' USING ERRCODE = {busy};\n"
         "  END IF;\n"
@@ -54,6 +60,7 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
         "     IS DISTINCT FROM ROW({table_exists}, {history_exists}, {version}::bigint, {dirty}, {rows}::bigint) THEN\n"
         "    RAISE EXCEPTION 'dbplan: the migrations moved on since they were read' USING ERRCODE = {moved};\n"
         "  END IF;\n"
+        "  PERFORM pg_catalog.set_config('search_path', path, true);\n"
         "END\n"
         "$dbplan_guard$;\n"
     ).format(
@@ -102,9 +109,13 @@ EXPECT_STATEMENTS = 5  # the statements of an expect head, for an error's statem
 # cleared by the RESET ALL before it). A negative version is golang-migrate's "none", as no
 # row is; greatest() skips the NULL of no row. The message's cast depends on the row read,
 # so the planner cannot fold it.
+# Its operators are named with their schema (OPERATOR(pg_catalog.=)): the check runs after
+# RESET ALL, in the search_path a migration may have set for the database, and an = or a
+# || of its own placed before pg_catalog could make every version match.
 _CHECK = (
-    "SELECT CASE WHEN greatest(m.found, -1) = {version} AND coalesce(m.dirty, false) = {dirty} THEN NULL\n"
-    "  ELSE ({moved} || greatest(m.found, -1))::integer END AS dbplan_expect, " + MARK + "\n"
+    "SELECT CASE WHEN greatest(m.found, -1) OPERATOR(pg_catalog.=) {version}\n"
+    "  AND coalesce(m.dirty, false) OPERATOR(pg_catalog.=) {dirty} THEN NULL\n"
+    "  ELSE ({moved} OPERATOR(pg_catalog.||) greatest(m.found, -1))::integer END AS dbplan_expect, " + MARK + "\n"
     "FROM (SELECT) AS one LEFT JOIN LATERAL\n"
     "  (SELECT version AS found, dirty FROM {migrations_id} ORDER BY version DESC LIMIT 1) AS m ON true"
 )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 APPLICATION_NAME = "dbplan"
 CONNECT_TIMEOUT_SECONDS = 10
-BACKEND_PID = "SELECT pg_backend_pid()"
+BACKEND_PID = "SELECT pg_catalog.pg_backend_pid()"
 # Class 08 (connection exception) and 57P01-57P03 (terminated by an administrator or a
 # shutdown): the session is gone, and with it any transaction it had open.
 CONNECTION_LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
@@ -330,7 +330,10 @@ def try_lock_unless_pooled(conn: psycopg.Connection, key: int) -> bool | None:
     pooler, and then no lock was taken (it would stay on a pooled backend, blocking every
     client of the pool); else whether the lock was taken."""
     row = conn.execute(
-        "SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = %s THEN pg_try_advisory_lock(%s::bigint) END",
+        # Every name with its schema: a migration may have put a schema of its own, with a
+        # pg_try_advisory_lock() that takes nothing, before pg_catalog (see facts.py).
+        "SELECT pg_catalog.pg_backend_pid(), CASE WHEN pg_catalog.pg_backend_pid() OPERATOR(pg_catalog.=) "
+        "%s::pg_catalog.int4 THEN pg_catalog.pg_try_advisory_lock(%s::pg_catalog.int8) END",
         (conn.info.backend_pid, key),
     ).fetchone()
     pooled = _BEHIND_POOLER[conn] = row is None or row[0] != conn.info.backend_pid

@@ -45,25 +45,36 @@ STORED_PASSWORDS = "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolna
 # pg_control_system() is restricted to privileged roles on some servers; its absence only
 # weakens a saved plan's server identity check to the server's address.
 SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
-CURRENT_SCHEMA = "SELECT coalesce(current_schema(), 'public')"
-TABLE_EXISTS = "SELECT to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) IS NOT NULL"
-ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %s)"
+# The queries that find and read the bookkeeping name every catalog, function, operator
+# and type with its schema (pg_catalog.): a migration can put a schema of its own before
+# pg_catalog in the database's search_path (ALTER DATABASE ... SET search_path = x,
+# pg_catalog) and create there a pg_class, a to_regclass() or an = of its own. Every later
+# session resolves unqualified names there first, and a bookkeeping table hidden that way
+# would be created again, every migration applied twice. (Keywords such as coalesce, CASE
+# and integer are not looked up; ORDER BY takes the type's own ordering.)
+CURRENT_SCHEMA = "SELECT coalesce(pg_catalog.current_schema(), 'public')"
+_REGCLASS = "pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %s::pg_catalog.text, %s::pg_catalog.text))"
+TABLE_EXISTS = "SELECT " + _REGCLASS + " IS NOT NULL"
+ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s::pg_catalog.name)"
 # Every relation called like the migrations table or its history, in any schema: which
 # schema is the service's is worked out from these rows (``_locate``). Plain comparisons
 # only: a fresh session pays for every operator, function and catalog a query touches
 # (the regular expression and the EXISTS this once had made it several times dearer, once
 # per database of a fleet).
 TABLE_LOCATIONS = """
-SELECT n.nspname::text, c.relname::text, c.relkind IN ('r', 'p')
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname IN (%s, %s)
+SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text,
+       c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog."char"[])
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[%s, %s]::pg_catalog.name[])
 """
 # Almost every database has no invalid index: the one-catalog probe says so for less
 # than the query that names them.
-ANY_INVALID_INDEX = "SELECT FROM pg_index WHERE NOT indisvalid LIMIT 1"
+ANY_INVALID_INDEX = "SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid LIMIT 1"
 INVALID_INDEXES = """
-SELECT format('%I.%I', n.nspname, c.relname)
-FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 WHERE NOT i.indisvalid ORDER BY 1
 """
 # The size of the tables (and the tables of the indexes) that pending files name: one query
@@ -144,11 +155,13 @@ class TableStats:
 # The shape of a table called like a migrations table: golang-migrate's (and dbplan's) has
 # version bigint and dirty boolean; dbmate's, of the same default name, version varchar only.
 VERSION_COLUMN = """
-SELECT format_type(a.atttypid, a.atttypmod),
-       EXISTS (SELECT FROM pg_attribute d WHERE d.attrelid = a.attrelid AND d.attname = 'dirty' AND NOT d.attisdropped)
-FROM pg_attribute a
-WHERE a.attrelid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) AND a.attname = 'version'
-  AND NOT a.attisdropped
+SELECT pg_catalog.format_type(a.atttypid, a.atttypmod),
+       EXISTS (SELECT FROM pg_catalog.pg_attribute d
+               WHERE d.attrelid OPERATOR(pg_catalog.=) a.attrelid
+                 AND d.attname OPERATOR(pg_catalog.=) 'dirty'::pg_catalog.name AND NOT d.attisdropped)
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid OPERATOR(pg_catalog.=) """ + _REGCLASS + """
+  AND a.attname OPERATOR(pg_catalog.=) 'version'::pg_catalog.name AND NOT a.attisdropped
 """
 DBMATE_TABLE = "schema_migrations"
 FLYWAY_TABLE = "flyway_schema_history"
@@ -677,11 +690,12 @@ def read_service(
 
 # Version, dirty flag, every history row and whether any index is invalid, in one statement.
 AT_ONCE = """
-SELECT m.version, m.dirty, h.rows, EXISTS (SELECT FROM pg_index WHERE NOT indisvalid)
+SELECT m.version, m.dirty, h.rows, EXISTS (SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid)
 FROM (SELECT) AS one
 LEFT JOIN LATERAL (SELECT version, dirty FROM {migrations} ORDER BY version DESC LIMIT 1) AS m ON true
 CROSS JOIN LATERAL (
-  SELECT json_agg(json_build_array(version, event, checksum, title, id) ORDER BY id) AS rows FROM {history}
+  SELECT pg_catalog.json_agg(pg_catalog.json_build_array(version, event, checksum, title, id) ORDER BY id) AS rows
+  FROM {history}
 ) AS h
 """
 
@@ -765,13 +779,17 @@ def _invalid_indexes(conn: psycopg.Connection) -> tuple[str, ...]:
     return tuple(row[0] for row in conn.execute(INVALID_INDEXES))
 
 
+FAILURE_REASON = (
+    "SELECT reason FROM {} WHERE event OPERATOR(pg_catalog.=) 'fail' AND version OPERATOR(pg_catalog.=) %s "
+    "ORDER BY id DESC LIMIT 1"
+)
+
+
 def _failure(conn: psycopg.Connection, schema: str, table: str, version: int | None) -> Failure | None:
     """Where the migration a service is dirty at failed, if the executor recorded it."""
     from psycopg import sql
 
-    query = sql.SQL("SELECT reason FROM {} WHERE event = 'fail' AND version = %s ORDER BY id DESC LIMIT 1").format(
-        sql.Identifier(schema, table)
-    )
+    query = sql.SQL(FAILURE_REASON).format(sql.Identifier(schema, table))
     row = conn.execute(query, (version,)).fetchone()
     return parse_reason(row[0]) if row else None
 
@@ -783,7 +801,7 @@ def read_foreign(conn: psycopg.Connection, schema: str) -> ForeignBookkeeping | 
 
     shape = conn.execute(VERSION_COLUMN, (schema, DBMATE_TABLE)).fetchone()
     if shape is not None and not shape[1] and shape[0].startswith(("character varying", "text", "character(")):
-        query = sql.SQL("SELECT version::text FROM {} ORDER BY version").format(sql.Identifier(schema, DBMATE_TABLE))
+        query = sql.SQL("SELECT version::pg_catalog.text FROM {} ORDER BY version").format(sql.Identifier(schema, DBMATE_TABLE))
         versions = tuple(row[0] for row in conn.execute(query))
         return ForeignBookkeeping("dbmate", schema, DBMATE_TABLE, dbmate_versions=versions)
     if _table_exists(conn, schema, FLYWAY_TABLE):
@@ -905,7 +923,7 @@ def _snapshot(conn: psycopg.Connection) -> Iterator[None]:
 
 def _tables_exist(conn: psycopg.Connection, schema: str, *tables: str) -> tuple[bool, ...]:
     row = conn.execute(
-        "SELECT " + ", ".join("to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) IS NOT NULL" for _ in tables),
+        "SELECT " + ", ".join(_REGCLASS + " IS NOT NULL" for _ in tables),
         [part for table in tables for part in (schema, table)],
     ).fetchone()
     return tuple(bool(found) for found in row) if row else (False,) * len(tables)

@@ -39,22 +39,41 @@ POOLER_MESSAGE = (
 def pooler_message(server: str | None) -> str:
     return POOLER_MESSAGE.format(server=f"server '{server}'" if server else "the server")
 
-LOCK_HOLDER = """
-SELECT a.application_name, host(a.client_addr), a.backend_start, a.state, a.state_change, a.pid
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %s AND l.objid = %s AND l.objsubid = 1
+# Every name with its schema, as in facts.py: these run in sessions whose search_path a
+# migration may have put a schema of its own in front of (a pg_locks of its own would say
+# that the lock is held).
+_THIS_DATABASE = (
+    "(SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())"
+)
+LOCK_HOLDER = (
+    """
+SELECT a.application_name, pg_catalog.host(a.client_addr), a.backend_start, a.state, a.state_change, a.pid
+FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid
+WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+  AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+  AND l.database OPERATOR(pg_catalog.=) """
+    + _THIS_DATABASE
+    + """
+  AND l.classid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND l.objid OPERATOR(pg_catalog.=) %s::pg_catalog.oid
+  AND l.objsubid OPERATOR(pg_catalog.=) 1
 LIMIT 1
 """
+)
 
-HOLDS_LOCK = """
+HOLDS_LOCK = (
+    """
 SELECT EXISTS (
-  SELECT FROM pg_locks
-  WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
-    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    AND classid = %s AND objid = %s AND objsubid = 1)
+  SELECT FROM pg_catalog.pg_locks
+  WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND granted AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+    AND database OPERATOR(pg_catalog.=) """
+    + _THIS_DATABASE
+    + """
+    AND classid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND objid OPERATOR(pg_catalog.=) %s::pg_catalog.oid
+    AND objsubid OPERATOR(pg_catalog.=) 1)
 """
+)
+TRY_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(%s::pg_catalog.int8)"
+UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(%s::pg_catalog.int8)"
 
 
 def migrations_lock_key(database: str, schema: str, table: str) -> int:
@@ -172,7 +191,7 @@ def _unlock(conn: psycopg.Connection, key: int) -> None:
     try:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.execute("ROLLBACK")
-        conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (key,))
+        conn.execute(UNLOCK, (key,))
     except psycopg.Error:
         pass  # the connection is closed right after this, which releases the lock as well
 
@@ -200,7 +219,7 @@ def holds_lock(conn: psycopg.Connection, key: int) -> bool:
 
 
 def _try_lock(conn: psycopg.Connection, key: int) -> bool:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s::bigint)", (key,)).fetchone()
+    row = conn.execute(TRY_LOCK, (key,)).fetchone()
     return bool(row and row[0])
 
 
