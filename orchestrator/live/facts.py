@@ -677,6 +677,10 @@ def read_service(
     try:
         if schema is None:
             schema, present = _locate(conn, service, owner, claimed)
+        if present != (True, True):
+            present, nothing_yet = _probe(conn, service, schema)
+            if nothing_yet:
+                return _facts(service, schema, (False, False), None, False, None, invalid=())
         if present == (True, True):
             # The common case (a clean database dbplan migrated before) in one statement,
             # a snapshot of its own: a fleet pays every round trip once per database.
@@ -698,6 +702,24 @@ CROSS JOIN LATERAL (
   FROM {history}
 ) AS h
 """
+
+
+# Whether the service's two tables are in its schema, whether dbmate's or Flyway's are, and
+# whether any index is invalid, in one statement: a new database of a fleet (or one whose
+# bookkeeping the lock was taken to create) has none of them, and then nothing else is read.
+PROBE = (
+    "SELECT " + " IS NOT NULL, ".join([_REGCLASS] * 4)
+    + " IS NOT NULL, EXISTS (SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid)"
+)
+
+
+def _probe(conn: psycopg.Connection, service: Service, schema: str) -> tuple[tuple[bool, bool], bool]:
+    """Whether the two tables are there, and whether the database holds nothing to read
+    beyond that: no table of the service, of dbmate or Flyway, and no invalid index."""
+    names = (service.table, service.history_table, DBMATE_TABLE, FLYWAY_TABLE)
+    row = conn.execute(PROBE, [part for name in names for part in (schema, name)]).fetchone()
+    assert row is not None  # no FROM: always one row
+    return (bool(row[0]), bool(row[1])), not any(row)
 
 
 def _read_at_once(conn: psycopg.Connection, service: Service, schema: str) -> ServiceFacts | None:
