@@ -106,6 +106,29 @@ def test_a_fleet_is_created_and_migrated_with_one_line_per_database(estate: Esta
         assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)]
 
 
+def test_each_new_database_is_migrated_before_the_next_is_created(estate: Estate, pg_url2: str) -> None:
+    """A migration that fails everywhere stops a new fleet after its first database on each
+    server, not after creating all of them: the rest are neither created nor left empty."""
+    tenants = fleet_estate(estate, pg_url2, 12, parallel=1)
+    (estate.root / "migrations" / "tenant" / "2_positive_qty.up.sql").write_text("SELECT 1/0;\n", encoding="utf-8")
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1, run.output
+    assert "division by zero (SQLSTATE 22012)" in run.out, run.out
+
+    def exists(server: str, database: str) -> bool:
+        found = query(urls(estate, pg_url2)[server], "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
+        return bool(found)
+
+    # The first database of each server was created (side by side); its service came next,
+    # before the creation of the second, and its failure stopped the run.
+    assert [database for server, database in tenants if exists(server, database)] == [db for _, db in tenants[:2]]
+    server, database = tenants[0]
+    assert applied(urls(estate, pg_url2)[server], database) == [(1, 1)]
+    not_run = re.search(r"^  \d+ not started: the run stopped at the first failure: (.*)$", run.out, re.MULTILINE)
+    assert not_run, run.out
+    assert {database for _, database in tenants[2:]} <= set(not_run.group(1).split(", ")), run.out
+
+
 def test_first_failure_stops_new_work_then_keep_going_then_resume(estate: Estate, pg_url2: str) -> None:
     tenants = fleet_estate(estate, pg_url2, 12, parallel=2)
     server3, database3 = tenants[2]

@@ -10,7 +10,9 @@ lock). A unit starts when
 * every unit of its fleet in a lower stage succeeded (canaries first);
 * its server has a connection to spare (``connection_bound``).
 
-Ready units start in plan order, so a run with a bound of one is the sequential run.
+Ready units start in plan order, except that a service whose database was just created
+goes before the creation of the next database (``_Scheduler._queue``): a run with a bound
+of one creates and migrates one database after another.
 
 Failure policy: by default the first failure stops new work; what is in flight finishes.
 With ``keep_going`` everything that does not depend on a failed unit still runs; a
@@ -20,6 +22,7 @@ exists to stop the roll-out). Whatever did not run is listed, with why.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -193,7 +196,11 @@ def run_units(
 
 
 class _Scheduler:
-    """The bookkeeping of ``run_units``: every unit's state, and what may start now."""
+    """The bookkeeping of ``run_units``: every unit's state, and what may start now.
+
+    Kept as counters and queues, not scans: a fleet's run holds a unit per database and
+    per service, and looking through all of them after each finished unit made scheduling
+    grow with the square of the fleet (4,000 units: 16 million looks)."""
 
     def __init__(
         self,
@@ -207,12 +214,21 @@ class _Scheduler:
         self.stop_requested, self.on_finished = stop_requested, on_finished
         self.schedule = Schedule()
         self.state = {unit.index: PENDING for unit in units}
-        self.pending = list(units)  # in plan order: ready units start in that order
         self.reasons: dict[int, str] = {}
         self.in_flight = dict.fromkeys(bounds, 0)
+        # Per unit, how many of the units it comes after are not done, and who waits on it.
+        self.unmet = {unit.index: len(unit.after) for unit in units}
+        self.dependents: dict[int, list[int]] = {}
+        for unit in units:
+            for index in unit.after:
+                self.dependents.setdefault(index, []).append(unit.index)
+        # Per server, the units that may start as far as the units before them go.
+        self.queues: dict[str, list[tuple[int, int]]] = {server: [] for server in bounds}
+        # Units that can no longer run (one they come after failed or was skipped, or a
+        # lower stage of their fleet failed), to be dropped with their reason.
+        self.doomed: list[int] = []
         # Per fleet with several stages: its stages in order, and per stage how many of
-        # its units are not done yet and whether one failed (counters, not scans: a
-        # stage of a fleet may hold thousands of units).
+        # its units are not done yet and whether one failed.
         stages: dict[str, set[int]] = {}
         for unit in units:
             if unit.fleet is not None:
@@ -220,38 +236,57 @@ class _Scheduler:
         self.stages = {fleet: sorted(found) for fleet, found in stages.items() if len(found) > 1}
         self.unfinished: dict[tuple[str, int], int] = {}
         self.broken: set[tuple[str, int]] = set()
+        self.of_fleet: dict[str, list[Unit]] = {}
+        self.parked: dict[str, list[Unit]] = {}  # ready but for a lower stage of their fleet
         for unit in units:
             if unit.fleet in self.stages:
                 key = (unit.fleet, unit.stage)
                 self.unfinished[key] = self.unfinished.get(key, 0) + 1
+                self.of_fleet.setdefault(unit.fleet, []).append(unit)
+        for unit in units:
+            if not unit.after:
+                self._queue(unit)
 
     # -- what may start ------------------------------------------------------------------
 
     def stopping(self) -> bool:
         return self.stop_requested() or (bool(self.schedule.failures) and not self.keep_going)
 
+    def _queue(self, unit: Unit) -> None:
+        """Ready as far as the units before it go. Plan order, but a database's service
+        goes before the creation of the next database: a fleet's databases are created and
+        migrated one after another, not all created first (a broken migration shows after
+        one database, and creating, which waits on the disk, overlaps migrating, which
+        waits on the CPU)."""
+        heapq.heappush(self.queues[unit.server], (0 if unit.kind == SERVICE else 1, unit.index))
+
     def ready(self) -> list[Unit]:
-        """Pending units that may start now, in plan order; drops those that never can."""
+        """Units that may start now, in the order ``_queue`` says; drops those that never can."""
+        self._drop_doomed()
         startable: list[Unit] = []
-        still: list[Unit] = []
-        free = dict(self.in_flight)
-        for unit in self.pending:
-            why_not = self._blocked_by(unit)
-            if why_not is not None:
-                self._finish(unit, SKIPPED)
-                self.reasons[unit.index] = why_not
-                continue
-            if (
-                free[unit.server] < self.bounds[unit.server]
-                and all(self.state[index] == DONE for index in unit.after)
-                and self._lower_stages_done(unit)
-            ):
-                free[unit.server] += 1
+        for server, queue in self.queues.items():
+            free = self.bounds[server] - self.in_flight[server]
+            while free > 0 and queue:
+                unit = self.units[heapq.heappop(queue)[1]]
+                if self.state[unit.index] != PENDING:
+                    continue  # dropped meanwhile
+                if not self._lower_stages_done(unit):
+                    self.parked.setdefault(unit.fleet or "", []).append(unit)
+                    continue
                 startable.append(unit)
-            else:
-                still.append(unit)
-        self.pending = still
+                free -= 1
         return startable
+
+    def _drop_doomed(self) -> None:
+        """Skip, in plan order, the units that can no longer run, and so those after them."""
+        while self.doomed:
+            unit = self.units[heapq.heappop(self.doomed)]
+            if self.state[unit.index] != PENDING:
+                continue
+            why_not = self._blocked_by(unit)
+            assert why_not is not None
+            self.reasons[unit.index] = why_not
+            self._finish(unit, SKIPPED)
 
     def _lower_stages_done(self, unit: Unit) -> bool:
         if unit.fleet not in self.stages:
@@ -287,12 +322,25 @@ class _Scheduler:
 
     def _finish(self, unit: Unit, status: str) -> None:
         self.state[unit.index] = status
+        for index in self.dependents.get(unit.index, ()):
+            if status != DONE:
+                heapq.heappush(self.doomed, index)
+            else:
+                self.unmet[index] -= 1
+                if self.unmet[index] == 0:
+                    self._queue(self.units[index])
         if unit.fleet in self.stages:
             key = (unit.fleet, unit.stage)
             if status == DONE:
                 self.unfinished[key] -= 1
-            else:
+                if self.unfinished[key] == 0:  # the next stage may start
+                    for parked in self.parked.pop(unit.fleet, []):
+                        self._queue(parked)
+            elif key not in self.broken:
                 self.broken.add(key)
+                for other in self.of_fleet[unit.fleet]:
+                    if other.stage > unit.stage:
+                        heapq.heappush(self.doomed, other.index)
         if self.on_finished is not None:
             self.on_finished(unit, status)
 
