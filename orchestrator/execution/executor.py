@@ -337,11 +337,14 @@ def _create_database(run: _Run, server: Server, actions: list[Action]) -> None:
     fleet's databases are created side by side and two runs never both create one."""
     database = actions[0].database  # type: ignore[union-attr]
     with connect(server, run.url(server)) as conn:
-        if behind_pooler(conn):
+        key = database_lock_key(server.name, database)
+        waiting = run.lock_wait_for(conn, key, f"database '{database}' on server '{server.name}'")
+        taken = try_lock_unless_pooled(conn, key)  # one round trip for both questions
+        if taken is None:  # behind a pooler: see _create_on_server
             _create_each(run, conn, server, actions)
             return
-        waiting = run.lock_wait_for(conn, database_lock_key(server.name, database), f"database '{database}' on server '{server.name}'")
-        with advisory_lock(waiting, server=server.name):
+        # The session ends with this block: its end releases the lock.
+        with advisory_lock(waiting, server=server.name, taken=taken, closing=True):
             checkpoint("locked")
             _create_each(run, conn, server, actions)
 
@@ -395,7 +398,13 @@ def _create_each(run: _Run, conn: psycopg.Connection, server: Server, actions: l
 
 def _create_databases(run: _Run, conn: psycopg.Connection, server: Server, actions: list[Action]) -> None:
     """A fleet's database unit: re-read under the lock only the databases it creates, not
-    the whole server (which, once per database, made a fleet's creation quadratic)."""
+    the whole server (which, once per database, made a fleet's creation quadratic). Only
+    an owner to change needs the read: a database another run created meanwhile makes
+    CREATE DATABASE fail as a duplicate, which ``_create_one`` takes as done by that run."""
+    if not any(isinstance(action, AlterDatabaseOwner) for action in actions):
+        for action in actions:
+            _create_one(run, conn, server, action, exists=False)
+        return
     owners = read_database_owners(conn, server, [action.database for action in actions])  # type: ignore[union-attr]
     for action in actions:
         if isinstance(action, AlterDatabaseOwner):
