@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from estate import Estate
-from processes import TableGate, dbplan_backends, finish, start_dbplan, wait_until
+from processes import (
+    Finished,
+    TableGate,
+    dbplan_backends,
+    finish,
+    start_dbplan,
+    wait_until,
+)
 
 LATEST = 8
 
@@ -62,6 +69,50 @@ LOCK_DROPPERS = [
 ]
 
 
+def _two_runs(estate: Estate, *how: str) -> tuple[Finished, Finished]:
+    """Start an apply, wait until it is in migration 3 (behind the gate), start a second
+    one and wait until it waits for a lock or ends; then open the gate and let both end.
+    The second run gets the lock the first one lost, or waits for it where dbplan took it
+    again; either way it must not get past the first one's migration 3."""
+    gate = TableGate(estate.url, estate.name("app"), "public.gate")
+    try:
+        first = start_dbplan(estate.plan_file, "apply", "--yes", *how)
+        # Any lock wait: the first run is the only one so far (and a long migration 2 pushes
+        # the "FROM gate" of 3 past the first kilobyte of the query pg_stat_activity shows).
+        wait_until(lambda: dbplan_backends(estate.url, waiting_for_lock=True), what="migration 3")
+        second = start_dbplan(estate.plan_file, "apply", "--yes", *how)
+        wait_until(
+            lambda: "waiting for the lock" in second.err
+            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
+            or second.process.poll() is not None,
+            timeout=30,
+            what="the second run to wait or end",
+        )
+    finally:
+        gate.open()
+    return finish(first), finish(second)
+
+
+def _assert_each_version_applied_once(estate: Estate) -> None:
+    """In the log, the history and schema_migrations of public, wherever a migration put
+    the search_path."""
+    log = estate.query("app", "SELECT version, count(*) FROM public.applied_log GROUP BY version ORDER BY version")
+    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
+    history = estate.query(
+        "app",
+        "SELECT version, count(*) FROM public.dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version",
+    )
+    assert history == [(version, 1) for version in range(1, LATEST + 1)]
+    assert estate.query("app", "SELECT version, dirty FROM public.schema_migrations") == [(LATEST, False)]
+
+
+def _assert_second_one_pass_applied_nothing(second: Finished) -> None:
+    """The second run found the bookkeeping moved on since the plan was saved: refused, or
+    (having waited for the first to finish) at the plan's end, with nothing left to do."""
+    assert second.code == 0 or "changed since the plan was saved" in second.out + second.err, second.err
+    assert not re.findall(r"apply app \d+ \w+: done", second.err), second.err
+
+
 @pytest.mark.parametrize(("dropper", "no_transaction", "gated_begin"), LOCK_DROPPERS)
 def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_twice(
     estate: Estate, dropper: str, no_transaction: bool, gated_begin: str
@@ -69,33 +120,11 @@ def test_a_migration_that_releases_the_lock_lets_no_second_run_apply_anything_tw
     estate.add_app()
     assert estate.dbplan("apply", "--yes").code == 0  # the database, nothing in it
     _logging_estate(estate, dropper, no_transaction=no_transaction, gated_begin=gated_begin)
-    gate = TableGate(estate.url, estate.name("app"), "gate")
-    try:
-        first = start_dbplan(estate.plan_file, "apply", "--yes")
-        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 3")
-        second = start_dbplan(estate.plan_file, "apply", "--yes")
-        # The second run gets the lock the first one lost, or waits for it where dbplan took
-        # it again; either way it must not get past the first one's migration 3.
-        wait_until(
-            lambda: "waiting for the lock" in second.err
-            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
-            or second.process.poll() is not None,
-            timeout=30,
-            what="the second run to wait",
-        )
-    finally:
-        gate.open()
-    runs = [finish(first), finish(second)]
+    runs = _two_runs(estate)
 
     for run in runs:
         assert run.code == 0, run.err
-    log = estate.query("app", "SELECT version, count(*) FROM applied_log GROUP BY version ORDER BY version")
-    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
-    history = estate.query(
-        "app", "SELECT version, count(*) FROM dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version"
-    )
-    assert history == [(version, 1) for version in range(1, LATEST + 1)]
-    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
+    _assert_each_version_applied_once(estate)
     done = [re.findall(r"apply app (\d+) \w+: done", run.err) for run in runs]
     assert sorted(int(v) for versions in done for v in versions) == list(range(1, LATEST + 1)), done
 
@@ -111,34 +140,11 @@ def test_a_migration_that_releases_the_lock_lets_no_second_one_pass_run_apply_an
     _logging_estate(estate, dropper, no_transaction=no_transaction, gated_begin=gated_begin)
     saved = estate.root / "plan.json"
     assert estate.dbplan("plan", "--out", str(saved)).code == 0
-    gate = TableGate(estate.url, estate.name("app"), "gate")
-    try:
-        first = start_dbplan(estate.plan_file, "apply", "--yes", "--one-pass", str(saved))
-        wait_until(lambda: dbplan_backends(estate.url, "%FROM gate%", waiting_for_lock=True), what="migration 3")
-        second = start_dbplan(estate.plan_file, "apply", "--yes", "--one-pass", str(saved))
-        wait_until(
-            lambda: "waiting for the lock" in second.err
-            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
-            or second.process.poll() is not None,
-            timeout=30,
-            what="the second run to wait or end",
-        )
-    finally:
-        gate.open()
-    done_first, done_second = finish(first), finish(second)
+    first, second = _two_runs(estate, "--one-pass", str(saved))
 
-    assert done_first.code == 0, done_first.err
-    # The second run found the bookkeeping moved on since the plan was saved: refused, or
-    # (having waited for the first to finish) at the plan's end, with nothing left to do.
-    assert done_second.code == 0 or "changed since the plan was saved" in done_second.out + done_second.err
-    assert not re.findall(r"apply app \d+ \w+: done", done_second.err), done_second.err
-    log = estate.query("app", "SELECT version, count(*) FROM applied_log GROUP BY version ORDER BY version")
-    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
-    history = estate.query(
-        "app", "SELECT version, count(*) FROM dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version"
-    )
-    assert history == [(version, 1) for version in range(1, LATEST + 1)]
-    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(LATEST, False)]
+    assert first.code == 0, first.err
+    _assert_second_one_pass_applied_nothing(second)
+    _assert_each_version_applied_once(estate)
 
 
 # A migration that puts a schema of its own before pg_catalog in the database's search_path,
@@ -186,37 +192,14 @@ def test_a_migration_that_shadows_the_catalog_lets_no_second_run_apply_anything_
     _logging_estate(estate, dropper, no_transaction=False)
     saved = estate.root / "plan.json"
     assert estate.dbplan("plan", "--out", str(saved)).code == 0
-    how = ["--one-pass", str(saved)] if one_pass else []
-    gate = TableGate(estate.url, estate.name("app"), "public.gate")
-    try:
-        first = start_dbplan(estate.plan_file, "apply", "--yes", *how)
-        # Migration 2's text is long: the "FROM gate" of 3 lies past the query's first
-        # kilobyte that pg_stat_activity shows. The first run is the only one so far.
-        wait_until(lambda: dbplan_backends(estate.url, waiting_for_lock=True), what="migration 3")
-        second = start_dbplan(estate.plan_file, "apply", "--yes", *how)
-        wait_until(
-            lambda: "waiting for the lock" in second.err
-            or len(dbplan_backends(estate.url, waiting_for_lock=True)) >= 2
-            or second.process.poll() is not None,
-            timeout=30,
-            what="the second run to wait or end",
-        )
-    finally:
-        gate.open()
-    done_first, done_second = finish(first), finish(second)
+    first, second = _two_runs(estate, *(["--one-pass", str(saved)] if one_pass else []))
 
-    assert done_first.code == 0, done_first.err
-    assert done_second.code == 0 or "changed since the plan was saved" in done_second.out + done_second.err, (
-        done_second.err
-    )
-    log = estate.query("app", "SELECT version, count(*) FROM public.applied_log GROUP BY version ORDER BY version")
-    assert log == [(version, 1) for version in range(2, LATEST + 1)], "a migration ran twice"
-    history = estate.query(
-        "app",
-        "SELECT version, count(*) FROM public.dbplan_history WHERE event = 'apply' GROUP BY version ORDER BY version",
-    )
-    assert history == [(version, 1) for version in range(1, LATEST + 1)]
-    assert estate.query("app", "SELECT version, dirty FROM public.schema_migrations") == [(LATEST, False)]
+    assert first.code == 0, first.err
+    if one_pass:
+        _assert_second_one_pass_applied_nothing(second)
+    else:
+        assert second.code == 0, second.err
+    _assert_each_version_applied_once(estate)
     assert estate.query("app", "SELECT to_regclass('shadow.schema_migrations') IS NULL") == [(True,)]
     again = estate.dbplan("plan", "--format", "json")
     assert again.code == 0, again.output
