@@ -33,6 +33,8 @@ What it does (issue #12, "Benchmarks"):
    (f) the floor of (a), the same way: per database one session to CREATE DATABASE, one
        in it to lock, create golang-migrate's table and run the 5 migrations, each in a
        transaction that bumps the version. What the servers and the disk allow any tool;
+   (g) the floor of (c), the same way: per database one session that reads the version,
+       without process start, history, table sizes or checks;
 4. prints the times, the ratios (targets: create+5 >= 3x, apply-one >= 5x) and the cost
    per database, and writes them as JSON (``--json``).
 
@@ -54,8 +56,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +67,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_apply import find_program  # noqa: E402 - the real executable, not a pyenv shim
+
+if TYPE_CHECKING:
+    from orchestrator.estate.model import Server
 
 MIGRATIONS = [
     ("create_accounts", "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL);",
@@ -161,39 +168,50 @@ def settle(urls: list[str]) -> None:
             conn.execute("CHECKPOINT")
 
 
-def floor_apply(urls: list[str], count: int, prefix: str, parallel: int) -> float:
-    """(e): one session per database does only what applying one migration needs."""
+def each_database(urls: list[str], count: int, parallel: int, one: Callable[[Server, int], None]) -> float:
+    """The seconds ``one(server, n)`` takes for n in 0..count-1, placed as the loop places
+    them (n mod servers), with ``parallel`` sessions per server at once: the floors."""
     from concurrent.futures import ThreadPoolExecutor
 
     from orchestrator.estate.model import Server
-    from orchestrator.live.connection import connect
 
     servers = [Server(f"s{index}", url, None) for index, url in enumerate(urls)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel * len(servers)) as pool:
+        list(pool.map(lambda n: one(servers[n % len(servers)], n), range(count)))
+    return time.perf_counter() - started
 
-    def one(n: int) -> None:
-        server = servers[n % len(servers)]
+
+def floor_apply(urls: list[str], count: int, prefix: str, parallel: int) -> float:
+    """(e): one session per database does only what applying one migration needs."""
+    from orchestrator.live.connection import connect
+
+    def one(server: Server, n: int) -> None:
         with connect(server, str(server.url), f"{prefix}{n}") as conn:
             conn.execute("SELECT pg_try_advisory_lock(1)")
             conn.execute("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1").fetchall()
             conn.execute("BEGIN; CREATE INDEX floor_at ON events (at); UPDATE schema_migrations SET version = version + 1; COMMIT")
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(parallel * len(servers)) as pool:
-        list(pool.map(one, range(count)))
-    return time.perf_counter() - started
+    return each_database(urls, count, parallel, one)
+
+
+def floor_plan(urls: list[str], count: int, prefix: str, parallel: int) -> float:
+    """(g): one session per database that reads the version and nothing else."""
+    from orchestrator.live.connection import connect
+
+    def one(server: Server, n: int) -> None:
+        with connect(server, str(server.url), f"{prefix}{n}") as conn:
+            conn.execute("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1").fetchall()
+
+    return each_database(urls, count, parallel, one)
 
 
 def floor_create(urls: list[str], count: int, prefix: str, parallel: int) -> float:
     """(f): create each database and apply the 5 migrations with nothing else."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from orchestrator.estate.model import Server
     from orchestrator.live.connection import connect
 
-    servers = [Server(f"s{index}", url, None) for index, url in enumerate(urls)]
-
-    def one(n: int) -> None:
-        server, database = servers[n % len(servers)], f"{prefix}{n}"
+    def one(server: Server, n: int) -> None:
+        database = f"{prefix}{n}"
         with connect(server, str(server.url)) as conn:
             conn.execute(f"CREATE DATABASE {database}")
         with connect(server, str(server.url), database) as conn:
@@ -203,10 +221,7 @@ def floor_create(urls: list[str], count: int, prefix: str, parallel: int) -> flo
                 conn.execute(f"BEGIN; {up} DELETE FROM schema_migrations; "
                              f"INSERT INTO schema_migrations VALUES ({version}, false); COMMIT")  # fmt: skip
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(parallel * len(servers)) as pool:
-        list(pool.map(one, range(count)))
-    return time.perf_counter() - started
+    return each_database(urls, count, parallel, one)
 
 
 def main() -> int:
@@ -256,6 +271,9 @@ def main() -> int:
         planned = run([*dbplan, "plan", *parallel, "-f", str(plan)], env, work / "plan.log")
         print(f"(c) dbplan plan, one pending: {planned.seconds:.2f} s, peak RSS {planned.max_rss_mb:.0f} MB", flush=True)
         settle(urls)
+        plan_floor = floor_plan(urls, count, "dp", options.parallel or 8)
+        print(f"(g) floor, one session per database reading the version: {plan_floor:.2f} s", flush=True)
+        settle(urls)
         loop_one = dbmate_loop(dbmate, urls, count, "dm", dbmate_dir, env)
         print(f"(b) dbmate loop, one new: {loop_one.seconds:.1f} s", flush=True)
         saved = work / "plan.json"
@@ -291,7 +309,7 @@ def main() -> int:
                           "how": "apply --one-pass of the saved plan", "plan_out_s": saving.seconds,
                           "live_apply_s": dbplan_live.seconds,
                           "live_speedup": loop_one.seconds / dbplan_live.seconds},
-            "plan_one_pending_s": {"dbplan_s": planned.seconds, "target": 3.0},
+            "plan_one_pending_s": {"dbplan_s": planned.seconds, "target": 3.0, "floor_s": plan_floor},
             "floor_apply_one_s": floor,
             "peak_rss_mb": {"apply_create": dbplan_create.max_rss_mb, "plan": planned.max_rss_mb,
                             "apply_one": dbplan_one.max_rss_mb, "apply_live": dbplan_live.max_rss_mb,
