@@ -289,10 +289,16 @@ def test_a_secret_that_reads_as_no_text_is_an_error_that_never_shows_it(tmp_path
         text = BASE_PLAN.replace("url: postgresql://postgres@127.0.0.1:5432/postgres", "url: ${PW}")
         path = "servers.main.url"
     err = load_error(tmp_path, text, {"PW": value})
-    assert value not in str(err), "the message shows the secret"
+    assert value not in _without_folder(err, tmp_path), "the message shows the secret"
     assert "(not shown: it is secret)" in err.message
     assert 'quote it, as in' in (err.hint or "")
     assert err.place is not None and err.place.path == path
+
+
+def _without_folder(err: Exception, folder: Path) -> str:
+    """The message, but for the test's folder: pytest numbers its folders (pytest-1677),
+    and a secret such as 77 would be found in the path."""
+    return str(err).replace(str(folder), "<folder>")
 
 
 @pytest.mark.parametrize("value", ["12345", "yes", "1.5", "[a, b]", "{a: b}", "!!int 77", "!!timestamp 2024-13-45"])
@@ -300,7 +306,7 @@ def test_a_secret_written_as_no_text_is_an_error_that_never_shows_it(tmp_path: P
     text = BASE_PLAN.replace("    login: true\n", f"    login: true\n    password: {value}\n")
     err = load_error(tmp_path, text)
     for shown in ("12345", "77", "1.5", "2024-13-45", "'a'"):
-        assert shown not in str(err), "the message shows the secret"
+        assert shown not in _without_folder(err, tmp_path), "the message shows the secret"
     assert err.place is not None and err.place.path == "roles.product_svc.password"
 
 
