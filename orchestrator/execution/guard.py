@@ -37,9 +37,9 @@ def transaction_guard(key: int, tables: Tables, facts: ServiceFacts) -> sql.Comp
         )
 
     # The block's own search_path is pg_catalog's alone (put back at its end, for the
-    # migration): it runs in the database's, where a migration may have put a schema of its
-    # own first, with functions and operators of its own (see ``_CHECK`` below). Hence the
-    # names in the lines before it with their schema.
+    # migration): it starts in the database's, where a migration may have put a schema of
+    # its own first, with functions and operators of its own (see ``_CHECK`` below). The two
+    # statements that save and set it name their functions with their schema.
     return sql.SQL(
         "DO $dbplan_guard$\n"
         "DECLARE found_version bigint; found_dirty boolean; found_rows bigint; path pg_catalog.text;\n"
