@@ -150,10 +150,19 @@ def test_a_migration_that_releases_the_lock_lets_no_second_one_pass_run_apply_an
 # A migration that puts a schema of its own before pg_catalog in the database's search_path,
 # then releases the lock: every later session of the database (the second run's) resolves
 # unqualified names there first. What dbplan's guarantees rest on must not be among them.
-_SHADOW_PATH = (
-    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = shadow, pg_catalog, public', "
-    "current_database()); END $$;\n"
-)
+_SHADOW_PATHS = [
+    pytest.param(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = shadow, pg_catalog, public', "
+        "current_database()); END $$;\n",
+        id="for-the-database",
+    ),
+    # The role's setting in this database wins over the database's.
+    pytest.param(
+        "DO $$ BEGIN EXECUTE format('ALTER ROLE CURRENT_USER IN DATABASE %I SET search_path = shadow, pg_catalog, "
+        "public', current_database()); END $$;\n",
+        id="for-the-role-in-the-database",
+    ),
+]
 SHADOWS = [
     pytest.param(
         "CREATE VIEW shadow.pg_class AS SELECT * FROM pg_catalog.pg_class WHERE false;\n"
@@ -183,12 +192,13 @@ SHADOWS = [
 
 @pytest.mark.parametrize("one_pass", [False, True], ids=["plan-and-apply", "one-pass"])
 @pytest.mark.parametrize("shadow", SHADOWS)
+@pytest.mark.parametrize("path", _SHADOW_PATHS)
 def test_a_migration_that_shadows_the_catalog_lets_no_second_run_apply_anything_twice(
-    estate: Estate, shadow: str, one_pass: bool
+    estate: Estate, path: str, shadow: str, one_pass: bool
 ) -> None:
     estate.add_app()
     assert estate.dbplan("apply", "--yes").code == 0
-    dropper = "CREATE SCHEMA shadow;\n" + shadow + _SHADOW_PATH + "SELECT pg_advisory_unlock_all();"
+    dropper = "CREATE SCHEMA shadow;\n" + shadow + path + "SELECT pg_advisory_unlock_all();"
     _logging_estate(estate, dropper, no_transaction=False)
     saved = estate.root / "plan.json"
     assert estate.dbplan("plan", "--out", str(saved)).code == 0
