@@ -301,12 +301,17 @@ def plan_saved(
     on_notice: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
     parallel: int | None = None,
+    one_pass: bool = False,
 ) -> Planned:
     """Re-plan and check the result against a saved plan; refuse (PlanChanged) if anything
-    differs. ``shard``: the part this run was asked for (--shard), which must be the saved one's."""
+    differs. ``shard``: the part this run was asked for (--shard), which must be the saved
+    one's. ``one_pass`` (``apply --one-pass``): check all but the databases here, each
+    database in the session that migrates it (``_one_pass``)."""
     from .planning import savedplan
 
     saved, selection = _load_saved(saved_path, environ, shard)
+    if one_pass:
+        return _one_pass(file, saved, selection, environ, wait_seconds, on_notice)
     planned = plan(
         file, environ=environ, wait_seconds=wait_seconds, on_notice=on_notice, selection=selection, parallel=parallel
     )
@@ -315,17 +320,15 @@ def plan_saved(
     return planned
 
 
-def plan_saved_one_pass(
+def _one_pass(
     file: str | os.PathLike[str],
-    saved_path: str | os.PathLike[str],
-    *,
-    environ: Mapping[str, str] | None = None,
-    wait_seconds: float = 0.0,
-    on_notice: Callable[[str], None] | None = None,
-    shard: tuple[int, int] | None = None,
+    saved: dict[str, Any],
+    selection: Selection,
+    environ: Mapping[str, str] | None,
+    wait_seconds: float,
+    on_notice: Callable[[str], None] | None,
 ) -> Planned:
-    """A saved plan to apply in one pass (``apply --one-pass``): one session per database,
-    not two.
+    """A saved plan to apply in one pass: one session per database, not two.
 
     The plan file, the migration files and every server (identity, roles, databases) are
     checked here, and anything changed refuses the whole plan before any change. Each
@@ -336,7 +339,6 @@ def plan_saved_one_pass(
     from .live.facts import inspect_servers
     from .planning import savedplan
 
-    saved, selection = _load_saved(saved_path, environ, shard)
     checked = _checked(_discovered(plan_file.load(file, environ), wait_seconds, on_notice), selection)
     live = inspect_servers(checked.estate, wait_seconds=wait_seconds, on_retry=on_notice)
     savedplan.check_all_but_databases(saved, savedplan.fingerprint(checked.estate, checked.migration_sets, live))

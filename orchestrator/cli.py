@@ -460,12 +460,11 @@ def apply(
             planned = api.plan(
                 file, wait_seconds=wait, on_notice=_note, wait_for_runs=lock_wait, selection=selection, parallel=parallel
             )
-        elif one_pass:
-            planned = api.plan_saved_one_pass(file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard)
         else:
             planned = api.plan_saved(
-                file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard, parallel=parallel
-            )
+                file, saved_plan, wait_seconds=wait, on_notice=_note, shard=selection.shard, parallel=parallel,
+                one_pass=one_pass,
+            )  # fmt: skip
     except DbplanError as err:
         _fail(err)
     if not as_json:
