@@ -69,6 +69,7 @@ WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[%s, %s]::pg_catalog.name[])
 """
 # Almost every database has no invalid index: the one-catalog probe says so for less
 # than the query that names them.
+_ANY_INVALID = "EXISTS (SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid)"
 ANY_INVALID_INDEX = "SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid LIMIT 1"
 INVALID_INDEXES = """
 SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
@@ -677,7 +678,7 @@ def read_service(
     try:
         if schema is None:
             schema, present = _locate(conn, service, owner, claimed)
-        if present != (True, True):
+        if present is None or present == (False, False):  # one table seen: the snapshot reads it all
             present, nothing_yet = _probe(conn, service, schema)
             if nothing_yet:
                 return _facts(service, schema, (False, False), None, False, None, invalid=())
@@ -694,7 +695,7 @@ def read_service(
 
 # Version, dirty flag, every history row and whether any index is invalid, in one statement.
 AT_ONCE = """
-SELECT m.version, m.dirty, h.rows, EXISTS (SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid)
+SELECT m.version, m.dirty, h.rows, """ + _ANY_INVALID + """
 FROM (SELECT) AS one
 LEFT JOIN LATERAL (SELECT version, dirty FROM {migrations} ORDER BY version DESC LIMIT 1) AS m ON true
 CROSS JOIN LATERAL (
@@ -709,7 +710,7 @@ CROSS JOIN LATERAL (
 # bookkeeping the lock was taken to create) has none of them, and then nothing else is read.
 PROBE = (
     "SELECT " + " IS NOT NULL, ".join([_REGCLASS] * 4)
-    + " IS NOT NULL, EXISTS (SELECT FROM pg_catalog.pg_index WHERE NOT indisvalid)"
+    + " IS NOT NULL, " + _ANY_INVALID
 )
 
 
