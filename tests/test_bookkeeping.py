@@ -46,6 +46,29 @@ def test_a_service_with_its_own_schema_applies_again_and_again(estate: Estate, p
     assert "versions" not in estate.tables("app")  # nothing in public
 
 
+QUOTED = '"Team ""A"""'
+SEARCH_PATH_TO_QUOTED = (
+    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = %I', current_database(), 'Team \"A\"'); END $$"
+)
+
+
+def test_bookkeeping_in_a_schema_whose_name_needs_quotes_is_found_there_again(estate: Estate) -> None:
+    # The database's search_path puts the bookkeeping in 'Team "A"' (golang-migrate's
+    # current_schema()); the catalog read that finds it again prints the name quoted.
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0  # the database, nothing to migrate yet
+    estate.execute("app", f"CREATE SCHEMA {QUOTED}; " + SEARCH_PATH_TO_QUOTED)
+    estate.write("app", "1_first.up.sql", "CREATE TABLE public.first (id int);")
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.write("app", "2_second.up.sql", "CREATE TABLE public.second (id int);")
+    planned = estate.dbplan("plan")
+    assert planned.code == 0 and "at 1 -> 2" in planned.out, planned.output
+    again = estate.dbplan("apply", "--yes")
+    assert again.code == 0 and "Apply complete: 1 done." in again.out, again.output
+    assert estate.query("app", f"SELECT version, dirty FROM {QUOTED}.schema_migrations") == [(2, False)]
+    assert "schema_migrations" not in estate.tables("app")  # nothing in public
+
+
 def test_timestamp_versions_apply_end_to_end_in_one_batch_and_revert(estate: Estate) -> None:
     """Versions like 20240101120000 do not fit in an integer: every statement must take a bigint."""
     estate.add_app()

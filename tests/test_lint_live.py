@@ -166,3 +166,20 @@ def test_a_partitioned_table_counts_the_rows_and_size_of_its_partitions(estate: 
     (warning,) = lock_warnings(estate)
     assert (warning["table"], warning["rows"]) == ("public.events", 30_000)
     assert abs(int(warning["bytes"]) - size) <= size * 0.1
+
+
+TABLE = '"Sales ""EU"""."Order"'
+
+
+def test_a_table_whose_schema_and_name_need_quotes_gets_its_live_size(estate: Estate) -> None:
+    # The catalog reads print names quoted where needed (regnamespace, quote_ident): the
+    # warning names the table as SQL writes it, and the schema is matched as it is named.
+    estate.add_app()
+    estate.write("app", "000001_orders.up.sql", f'CREATE SCHEMA "Sales ""EU""";\nCREATE TABLE {TABLE} (id int PRIMARY KEY, total int);\n')
+    assert estate.dbplan("apply", "--yes").code == 0
+    estate.execute("app", f"INSERT INTO {TABLE} SELECT g, g FROM generate_series(1, 20000) g; ANALYZE {TABLE}")
+    estate.write("app", "000002_bigger.up.sql", f"ALTER TABLE {TABLE} ALTER COLUMN total TYPE bigint;\n")
+    size = estate.query("app", "SELECT pg_total_relation_size(%s::regclass)", (TABLE,))[0][0]
+    (warning,) = lock_warnings(estate)
+    assert (warning["table"], warning["rows"]) == (TABLE, 20_000)
+    assert abs(int(warning["bytes"]) - size) <= size * 0.05
