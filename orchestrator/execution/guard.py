@@ -111,11 +111,13 @@ EXPECT_STATEMENTS = 5  # the statements of an expect head, for an error's statem
 # so the planner cannot fold it.
 # Its operators are named with their schema (OPERATOR(pg_catalog.=)): the check runs after
 # RESET ALL, in the search_path a migration may have set for the database, and an = or a
-# || of its own placed before pg_catalog could make every version match.
+# || of its own placed before pg_catalog could make every version match. Both sides of
+# the || are text, which spares a fresh session weighing every || there is.
 _CHECK = (
     "SELECT CASE WHEN greatest(m.found, -1) OPERATOR(pg_catalog.=) {version}\n"
     "  AND coalesce(m.dirty, false) OPERATOR(pg_catalog.=) {dirty} THEN NULL\n"
-    "  ELSE ({moved} OPERATOR(pg_catalog.||) greatest(m.found, -1))::integer END AS dbplan_expect, " + MARK + "\n"
+    "  ELSE ({moved} OPERATOR(pg_catalog.||) greatest(m.found, -1)::pg_catalog.text)::pg_catalog.int4 END AS dbplan_expect, "
+    + MARK + "\n"
     "FROM (SELECT) AS one LEFT JOIN LATERAL\n"
     "  (SELECT version AS found, dirty FROM {migrations_id} ORDER BY version DESC LIMIT 1) AS m ON true"
 )
