@@ -338,11 +338,11 @@ def _create_database(run: _Run, server: Server, actions: list[Action]) -> None:
     database = actions[0].database  # type: ignore[union-attr]
     with connect(server, run.url(server)) as conn:
         key = database_lock_key(server.name, database)
-        waiting = run.lock_wait_for(conn, key, f"database '{database}' on server '{server.name}'")
         taken = try_lock_unless_pooled(conn, key)  # one round trip for both questions
         if taken is None:  # behind a pooler: see _create_on_server
             _create_each(run, conn, server, actions)
             return
+        waiting = run.lock_wait_for(conn, key, f"database '{database}' on server '{server.name}'")
         # The session ends with this block: its end releases the lock.
         with advisory_lock(waiting, server=server.name, taken=taken, closing=True):
             checkpoint("locked")

@@ -55,13 +55,24 @@ SYSTEM_IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 CURRENT_SCHEMA = "SELECT coalesce(pg_catalog.current_schema(), 'public')"
 _REGCLASS = "pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %s::pg_catalog.text, %s::pg_catalog.text))"
 TABLE_EXISTS = "SELECT " + _REGCLASS + " IS NOT NULL"
+
+
+def _exist(count: int) -> str:
+    """Select-list items saying whether each of ``count`` (schema, table) pairs is there."""
+    return ", ".join([_REGCLASS + " IS NOT NULL"] * count)
+
+
+def _pairs(schema: str, tables: Iterable[str]) -> list[str]:
+    """The parameters of ``_exist``: the schema beside each table."""
+    return [part for table in tables for part in (schema, table)]
+
 ROLE_EXISTS = "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s::pg_catalog.name)"
 # Every relation called like the migrations table or its history, in any schema: which
 # schema is the service's is worked out from these rows (``_locate``). Plain comparisons
 # only: a fresh session pays for every operator, function and catalog a query touches
 # (the regular expression and the EXISTS this once had made it several times dearer, once
 # per database of a fleet), and no join: the schema's name comes through regnamespace,
-# quoted as needed (``unquoted``).
+# quoted as needed (``_unquoted``).
 TABLE_LOCATIONS = """
 SELECT c.relnamespace::pg_catalog.regnamespace::pg_catalog.text, c.relname::pg_catalog.text,
        c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog."char"[])
@@ -469,7 +480,7 @@ def _table_stats(row: tuple) -> TableStats:
     """A row of TABLE_STATS (names as regnamespace and quote_ident print them, raw sizes)."""
     schema, name, kind, table_schema, table_name, _, rows, pages, toast_pages, index_pages, columns, block = row
     return TableStats(
-        unquoted(schema),
+        _unquoted(schema),
         name,
         kind in ("i", "I"),
         f"{table_schema}.{table_name}",
@@ -484,7 +495,7 @@ def _a_user_schema(schema: str) -> bool:
     return not schema.startswith("pg_") and schema != "information_schema"
 
 
-def unquoted(identifier: str) -> str:
+def _unquoted(identifier: str) -> str:
     """The name an identifier printed by PostgreSQL (regnamespace, quote_ident) stands for:
     quoted only where needed, with inner double quotes doubled."""
     if len(identifier) >= 2 and identifier.startswith('"') and identifier.endswith('"'):
@@ -736,17 +747,14 @@ CROSS JOIN LATERAL (
 # Whether the service's two tables are in its schema, whether dbmate's or Flyway's are, and
 # whether any index is invalid, in one statement: a new database of a fleet (or one whose
 # bookkeeping the lock was taken to create) has none of them, and then nothing else is read.
-PROBE = (
-    "SELECT " + " IS NOT NULL, ".join([_REGCLASS] * 4)
-    + " IS NOT NULL, " + _ANY_INVALID
-)
+PROBE = "SELECT " + _exist(4) + ", " + _ANY_INVALID
 
 
 def _probe(conn: psycopg.Connection, service: Service, schema: str) -> tuple[tuple[bool, bool], bool]:
     """Whether the two tables are there, and whether the database holds nothing to read
     beyond that: no table of the service, of dbmate or Flyway, and no invalid index."""
     names = (service.table, service.history_table, DBMATE_TABLE, FLYWAY_TABLE)
-    row = conn.execute(PROBE, [part for name in names for part in (schema, name)]).fetchone()
+    row = conn.execute(PROBE, _pairs(schema, names)).fetchone()
     assert row is not None  # no FROM: always one row
     return (bool(row[0]), bool(row[1])), not any(row)
 
@@ -887,7 +895,7 @@ def _locate(
     found: dict[str, set[str]] = {}  # schema -> the names there, of any kind of relation
     tables: dict[str, set[str]] = {}  # schema -> the names there that are tables
     for quoted, name, is_table in conn.execute(TABLE_LOCATIONS, (service.history_table, service.table)):
-        schema = unquoted(quoted)
+        schema = _unquoted(quoted)
         if schema.startswith(("pg_toast", "pg_temp_")):
             continue
         found.setdefault(schema, set()).add(name)
@@ -974,10 +982,7 @@ def _snapshot(conn: psycopg.Connection) -> Iterator[None]:
 
 
 def _tables_exist(conn: psycopg.Connection, schema: str, *tables: str) -> tuple[bool, ...]:
-    row = conn.execute(
-        "SELECT " + ", ".join(_REGCLASS + " IS NOT NULL" for _ in tables),
-        [part for table in tables for part in (schema, table)],
-    ).fetchone()
+    row = conn.execute("SELECT " + _exist(len(tables)), _pairs(schema, tables)).fetchone()
     return tuple(bool(found) for found in row) if row else (False,) * len(tables)
 
 
