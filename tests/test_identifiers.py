@@ -38,3 +38,28 @@ def test_hostile_names_are_created_literally_and_postgres_survives(
 
     again = estate.dbplan("plan", "--detailed-exitcode")
     assert again.code == 0, again.output
+
+
+SCHEMA_NAMES = ["plain", "Mixed Case", 'quote"inside', '"leading', 'trailing"', '""', "select", "dot.ted", "ünï", "a;b--"]
+
+
+def test_the_catalog_reads_give_back_every_schema_name_as_it_was_created(
+    tmp_path: Path, pg_url: str, dbname_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The locate and the size reads take a schema's name as regnamespace prints it (quoted
+    # where needed) and unquote it: every name must come back as PostgreSQL holds it.
+    from psycopg import sql
+
+    from orchestrator.live import facts
+
+    estate = Estate(tmp_path, pg_url, dbname_prefix, capsys)
+    estate.add_app()
+    assert estate.dbplan("apply", "--yes").code == 0  # the database
+    with psycopg.connect(pg_url, dbname=estate.name("app"), autocommit=True) as conn:
+        for schema in SCHEMA_NAMES:
+            conn.execute(sql.SQL("CREATE SCHEMA {}; CREATE TABLE {} (id int)").format(
+                sql.Identifier(schema), sql.Identifier(schema, "orders")
+            ))  # fmt: skip
+        located = {facts._unquoted(row[0]) for row in conn.execute(facts.TABLE_LOCATIONS, ("orders", "orders"))}
+        sized = {stats.schema for stats in facts.read_table_stats(conn, ["orders"], None)}  # type: ignore[arg-type]
+    assert located == sized == set(SCHEMA_NAMES)
