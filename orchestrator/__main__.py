@@ -31,6 +31,13 @@ class Stopped(BaseException):
 RECEIVED: list[int] = []
 
 
+# `python -m orchestrator` runs this file as __main__: it is the same module cli looks the
+# record up in (``cli._signal_taken_early``), so it is registered under its own name too,
+# or a stop swallowed on its way would be looked for in a module never loaded.
+if __name__ == "__main__":
+    sys.modules.setdefault("orchestrator.__main__", sys.modules[__name__])
+
+
 def _stop(signum: int, frame: object) -> None:
     RECEIVED.append(signum)
     raise Stopped(signum)

@@ -222,6 +222,45 @@ def test_a_session_lost_while_waiting_for_the_lock_is_said_so_and_the_next_run_r
     assert "second" in estate.tables("app")
 
 
+# Run as `python -m orchestrator` runs it (the module is __main__), with SIGTERM delivered
+# where Python ignores what a handler raises: in a weakref callback, as importlib's are,
+# while jsonschema loads for the plan file.
+SWALLOWED_STOP = """
+import os, runpy, signal, sys, weakref
+
+class _StopWhileLoading:
+    def find_spec(self, name, path=None, target=None):
+        if name == "jsonschema" and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            class Thing: pass
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+            del thing  # the callback runs now, and Python prints and drops what the handler raised
+            del ref
+        return None
+
+sys.meta_path.insert(0, _StopWhileLoading())
+sys.argv = ["dbplan", *sys.argv[1:]]
+runpy.run_module("orchestrator", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_stop_swallowed_while_loading_still_stops_python_m_orchestrator(estate: Estate) -> None:
+    import subprocess
+    import sys
+
+    estate.write("app", "2_second.up.sql", "CREATE TABLE second (id int);\n")
+    run = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_STOP, "apply", "--yes", "-f", str(estate.plan_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Exception ignored" in run.stderr, run.stderr  # the stop was swallowed on its way
+    assert run.returncode == 128 + signal.SIGTERM, run.stdout + run.stderr
+    assert "SIGTERM" in run.stdout + run.stderr
+    assert "second" not in estate.tables("app")
+    assert estate.query("app", "SELECT version, dirty FROM schema_migrations") == [(1, False)]
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_in_the_first_moments_ends_in_a_sentence_not_a_traceback(estate: Estate, number: signal.Signals) -> None:
     import time
