@@ -468,7 +468,7 @@ def test_unknown_key_suggests_the_known_one(tmp_path: Path) -> None:
     text = BASE_PLAN.replace("    url: postgresql", "    urll: postgresql")
     err = load_error(tmp_path, text)
     assert err.message == "unknown key 'urll'; did you mean 'url'?"
-    assert err.hint == "allowed keys here: url, embedded, data_dir, port, maintenance_database, parallel"
+    assert err.hint == "allowed keys here: url, embedded, data_dir, port, maintenance_database, parallel, create_strategy"
     assert (err.place.line, err.place.column, err.place.path) == (4, 5, "servers.main.urll")
 
 

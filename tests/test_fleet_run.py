@@ -8,6 +8,7 @@ Until the plan file has sets, each test writes its databases and services out on
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -336,3 +337,63 @@ def test_a_set_with_a_failed_canary_in_the_plan_file_stops_the_rest_of_the_set(e
     for server, members in names.items():
         for database in members:
             assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)]
+
+
+# ---------------------------------------------------------------------------
+# How databases are created
+
+
+def wal_and_checkpoints(url: str) -> tuple[int, int]:
+    """The server's write-ahead log position (bytes) and its count of requested checkpoints."""
+    (version,) = query(url, "postgres", "SELECT current_setting('server_version_num')::int")[0]
+    # PostgreSQL 17 moved the checkpointer's counters out of pg_stat_bgwriter.
+    requested = "(SELECT num_requested FROM pg_stat_checkpointer)" if int(version) >= 170000 else \
+        "(SELECT checkpoints_req FROM pg_stat_bgwriter)"  # type: ignore[call-overload]  # fmt: skip
+    row = query(url, "postgres", f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, {requested}")[0]
+    return int(row[0]), int(row[1])  # type: ignore[call-overload]
+
+
+def test_create_strategy_file_copy_copies_files_on_its_server_and_the_plan_says_so(estate: Estate, pg_url2: str) -> None:
+    """file_copy on 'main' only: main's databases are copied file by file (checkpoints, next
+    to no WAL), second's page by page through the WAL, the server's default."""
+    tenants = fleet_estate(estate, pg_url2, 6)
+    estate.document["servers"]["main"]["create_strategy"] = "file_copy"
+    estate.save()
+    planned = estate.dbplan("plan")
+    assert planned.code == 0, planned.output
+    assert "server main: 3 databases to create, copied file by file (create_strategy: file_copy), " \
+           "each forcing two checkpoints" in planned.out, planned.out  # fmt: skip
+    assert "server second:" not in planned.out
+    markdown = estate.dbplan("plan", "--format", "markdown").out
+    notes = markdown.index("**Notes**")
+    assert "server main: 3 databases to create, copied file by file" in markdown[notes:], markdown
+    assert markdown[:notes].count("<details>") == markdown[:notes].count("</details>"), "a note is not folded away"
+    as_json = estate.dbplan("plan", "--format", "json")
+    assert any("copied file by file" in notice for notice in json.loads(as_json.out)["notices"]), as_json.out
+
+    before = {name: wal_and_checkpoints(url) for name, url in urls(estate, pg_url2).items()}
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 0, run.output
+    after = {name: wal_and_checkpoints(url) for name, url in urls(estate, pg_url2).items()}
+    wal = {name: after[name][0] - before[name][0] for name in before}
+    assert after["main"][1] - before["main"][1] >= 2, "FILE_COPY forces checkpoints"
+    # A page-by-page copy of template1 writes its every page (4 to 8 MB) to the WAL; a file
+    # copy, one record per directory.
+    assert wal["second"] > 3 * 2_000_000, wal
+    assert wal["main"] < wal["second"] / 10, wal
+    for server, database in tenants:
+        assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)]
+    again = estate.dbplan("plan")
+    assert "copied file by file" not in again.out, "nothing left to create, nothing to say"
+
+
+def test_an_unknown_create_strategy_is_a_located_error_and_nothing_is_created(estate: Estate, pg_url2: str) -> None:
+    tenants = fleet_estate(estate, pg_url2, 2)
+    estate.document["servers"]["second"]["create_strategy"] = "copy"
+    estate.save()
+    run = estate.dbplan("apply", "--yes")
+    assert run.code == 1, run.output
+    assert re.search(r"dbplan\.yaml:\d+.*servers\.second\.create_strategy", run.err), run.err
+    assert "wal_log" in run.err and "file_copy" in run.err, run.err
+    for server, database in tenants:
+        assert not query(urls(estate, pg_url2)[server], "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")

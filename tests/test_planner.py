@@ -98,10 +98,11 @@ class World:
         databases: frozenset[str] = frozenset({"postgres", "products", "inventory"}),
         roles: frozenset[str] = frozenset({"postgres", "product_svc"}),
         owners: dict[str, str] | None = None,
+        version: str = "16.4",
     ) -> Plan:
         owners = {"products": "product_svc", "inventory": "postgres"} if owners is None else owners
         live = LiveState(
-            servers={"main": ServerFacts("main", "16.4", "7000000000000000001", "127.0.0.1:5432", databases, roles, owners)},
+            servers={"main": ServerFacts("main", version, "7000000000000000001", "127.0.0.1:5432", databases, roles, owners)},
             services={
                 "product": product or ServiceFacts("product", database_exists="products" in databases),
                 "inventory": inventory or ServiceFacts("inventory", database_exists="inventory" in databases),
@@ -195,6 +196,27 @@ def test_partly_applied(world: World) -> None:
     assert plan.service("product").current == 2
     assert plan.service("product").pending == (3,)
     assert plan.service("inventory").pending == (2,)
+
+
+@pytest.mark.parametrize("strategy", ["wal_log", "file_copy"])
+def test_a_create_strategy_is_blocked_only_where_the_server_cannot_honour_it(world: World, strategy: str) -> None:
+    """PostgreSQL 14 has no STRATEGY and always copies files: wal_log cannot be had there,
+    file_copy is what it does anyway. Nothing to create, nothing to block."""
+    world.estate = replace(world.estate, servers={"main": replace(world.estate.servers["main"], create_strategy=strategy)})
+    missing = frozenset({"postgres", "inventory"})
+    old = world.plan(databases=missing, version="14.11 (Debian 14.11-1.pgdg120+2)")
+    blockers = [blocker.message for blocker in old.blockers]
+    if strategy == "wal_log":
+        assert blockers == ["server main runs PostgreSQL 14, which creates databases only by copying files: "
+                            "create_strategy wal_log needs PostgreSQL 15 or later"]  # fmt: skip
+        assert "set it to file_copy" in (old.blockers[0].hint or "")
+    else:
+        assert blockers == []
+        assert old.notices == (
+            "server main: 1 database to create, copied file by file (create_strategy: file_copy), each forcing two checkpoints",
+        )
+    assert not world.plan(databases=missing, version="15.2").blockers
+    assert not world.plan(version="14.11").blockers  # both databases exist
 
 
 def test_nothing_to_do(world: World) -> None:

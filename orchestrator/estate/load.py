@@ -268,6 +268,7 @@ def _servers(data: dict[str, Any], document: Document, root: Path) -> dict[str, 
             embedded=embedded,
             maintenance_database=spec.get("maintenance_database"),
             parallel=int(spec["parallel"]) if spec.get("parallel") is not None else None,
+            create_strategy=spec.get("create_strategy"),
             place=place,
             unset_url=unset_url,
         )

@@ -54,6 +54,9 @@ class Server:
     # At most this many connections dbplan opens to the server at once for a fleet's
     # inspection and apply; None: DEFAULT_PARALLEL_PER_SERVER (or --parallel).
     parallel: int | None = None
+    # How CREATE DATABASE copies the template (its STRATEGY, PostgreSQL 15+): "wal_log" or
+    # "file_copy"; None: the server's default (wal_log).
+    create_strategy: str | None = None
     place: Place = field(default=Place(), compare=False)
     # The url's variable is not set: fine offline, an error once a command connects.
     unset_url: UnsetVariable | None = field(default=None, compare=False, repr=False)

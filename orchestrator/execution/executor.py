@@ -533,6 +533,10 @@ def _still_differs(action: AlterRole, current: LiveRole | None, live: ServerFact
     )
 
 
+FIRST_STRATEGY_SERVER = 150000
+STRATEGIES = {"wal_log": "WAL_LOG", "file_copy": "FILE_COPY"}  # the only values the schema allows
+
+
 def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) -> psycopg.sql.Composed:
     from psycopg import sql
 
@@ -547,6 +551,11 @@ def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) 
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(action.database))
     if action.owner:
         statement += sql.SQL(" OWNER {}").format(sql.Identifier(action.owner))
+    strategy = estate.servers[action.server].create_strategy
+    # Before PostgreSQL 15 there is no STRATEGY: every copy is a file copy (the planner
+    # blocks wal_log there).
+    if strategy is not None and conn.info.server_version >= FIRST_STRATEGY_SERVER:
+        statement += sql.SQL(" STRATEGY {}").format(sql.SQL(STRATEGIES[strategy]))
     return statement
 
 

@@ -7,6 +7,8 @@ to do is still what was shown.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
@@ -75,7 +77,8 @@ def make_plan(
     actions += _missing_roles(estate, live)
     foreign_databases = {estate.services[name].database for name in estate.foreign}
     actions += _role_changes(estate, live)
-    actions += [a for a in _missing_databases(estate, live) if a.database not in foreign_databases]
+    creations = [a for a in _missing_databases(estate, live) if a.database not in foreign_databases]
+    actions += creations
     owner_changes = [a for a in _owner_changes(estate, live) if a.database not in foreign_databases]
     actions += owner_changes
     outcomes = {
@@ -97,10 +100,11 @@ def make_plan(
         + tuple(_undeclared_membership_warnings(estate, live))
         + tuple(warning for outcome in in_file_order for warning in outcome.warnings),
         blockers=tuple(_moved_databases(estate, live))
+        + tuple(_unavailable_strategies(creations, estate, live))
         + tuple(blocker for outcome in in_file_order for blocker in outcome.blockers),
         environment=estate.environment,
         unmanaged=_unmanaged(estate, live),
-        notices=tuple(_unchecked_password_notices(estate, live)),
+        notices=tuple(_unchecked_password_notices(estate, live)) + tuple(_file_copy_notices(creations, estate)),
     )
 
 
@@ -252,6 +256,41 @@ def _managed_or_system_roles(estate: Estate, server: str, facts: ServerFacts) ->
     system = {role for role in facts.role_attributes if role.startswith("pg_")}
     dbplan_itself = {role for role in (facts.connected_as, facts.bootstrap_superuser) if role is not None}
     return declared | system | dbplan_itself
+
+
+# CREATE DATABASE ... STRATEGY exists from PostgreSQL 15; before, every copy is a file copy.
+FIRST_STRATEGY_MAJOR = 15
+
+
+def _file_copy_notices(creations: list[CreateDatabase], estate: Estate) -> list[str]:
+    """Once per server whose databases are created file by file: the checkpoints are a
+    cost the server's other sessions feel, and a reviewer should see it coming."""
+    counts = Counter(action.server for action in creations if estate.servers[action.server].create_strategy == "file_copy")
+    return [
+        f"server {server}: {count} database{'s' if count != 1 else ''} to create, copied file by file (create_strategy: file_copy), "
+        "each forcing two checkpoints"
+        for server, count in counts.items()
+    ]
+
+
+def _unavailable_strategies(creations: list[CreateDatabase], estate: Estate, live: LiveState) -> list[Blocker]:
+    """wal_log asked of a server older than PostgreSQL 15, which would refuse the STRATEGY."""
+    blockers = []
+    for server in sorted({action.server for action in creations}):
+        major = _major(live.servers[server].version)
+        if estate.servers[server].create_strategy == "wal_log" and major is not None and major < FIRST_STRATEGY_MAJOR:
+            blockers.append(Blocker(
+                f"server {server} runs PostgreSQL {major}, which creates databases only by copying files: "
+                "create_strategy wal_log needs PostgreSQL 15 or later",
+                hint=f"remove create_strategy from server '{server}', or set it to file_copy",
+            ))  # fmt: skip
+    return blockers
+
+
+def _major(version: str) -> int | None:
+    """15 of '15.4 (Debian 15.4-1.pgdg120+1)', 16 of '16beta2'."""
+    digits = re.match(r"\d+", version)
+    return int(digits.group()) if digits else None
 
 
 def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:

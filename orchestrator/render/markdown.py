@@ -208,18 +208,27 @@ def _document(plan: Plan, graph: EstateGraph | None, limits: Limits, *, sql_for:
     if limits.graph and graph is not None and len(plan.services) > 1:
         blocks.append(_graph(plan, graph))
     blocks += _servers(plan, limits)
+    blocks += _notices(plan)
     for service in plan.services:
         blocks += _service(plan, service, limits, sql_for=sql_for)
     blocks += _unmanaged(plan, limits)
     return blocks
 
 
+def _notices(plan: Plan) -> list[Block]:
+    """What the plan says once and that is not wrong (so not a warning): not folded away
+    with the unmanaged names, since a reviewer should read it."""
+    if not plan.notices:
+        return []
+    return ["**Notes**\n\n" + "\n".join(f"- {md_text(notice)}" for notice in plan.notices) + "\n"]
+
+
 def _unmanaged(plan: Plan, limits: Limits) -> list[Block]:
     """Roles and databases the plan file does not mention, folded: a shared server may
     hold hundreds, and they are never dropped, so they are context, not changes."""
-    if not plan.unmanaged and not plan.notices:
+    if not plan.unmanaged:
         return []
-    items = [f"- {md_text(notice)}" for notice in plan.notices]
+    items = []
     for entry in plan.unmanaged:
         for noun, names in (("role", entry.roles), ("database", entry.databases)):
             if names:
