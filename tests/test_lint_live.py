@@ -183,3 +183,17 @@ def test_a_table_whose_schema_and_name_need_quotes_gets_its_live_size(estate: Es
     (warning,) = lock_warnings(estate)
     assert (warning["table"], warning["rows"]) == (TABLE, 20_000)
     assert abs(int(warning["bytes"]) - size) <= size * 0.05
+
+
+def test_a_statement_on_an_existing_index_is_sized_by_the_index_table(estate: Estate) -> None:
+    """The size read first takes each name for a table of its own; a name that is an index
+    is read again through pg_index, so the warning names its table and that table's size."""
+    with_large_orders(estate)
+    estate.execute("app", "CREATE INDEX orders_note ON orders (note); ANALYZE orders")
+    estate.write("app", "000002_bigger_totals.up.sql", "DROP INDEX orders_note;\n")
+    size = estate.query("app", "SELECT pg_total_relation_size('orders')")[0][0]
+    run = estate.dbplan("plan")
+    assert run.code == 0, run.output
+    shown = re.search(r"Live: public\.orders: ~50k rows, (\d+) kB\.", run.out)
+    assert shown is not None, run.out
+    assert abs(int(shown.group(1)) * 1024 - size) <= size * 0.05, (shown.group(1), size)
