@@ -109,7 +109,7 @@ def test_a_fleet_is_created_and_migrated_with_one_line_per_database(estate: Esta
 
 def test_each_new_database_is_migrated_before_the_next_is_created(estate: Estate, pg_url2: str) -> None:
     """A migration that fails everywhere stops a new fleet after its first database on each
-    server, not after creating all of them: the rest are neither created nor left empty."""
+    server, not after creating all of them: the rest are not created."""
     tenants = fleet_estate(estate, pg_url2, 12, parallel=1)
     (estate.root / "migrations" / "tenant" / "2_positive_qty.up.sql").write_text("SELECT 1/0;\n", encoding="utf-8")
     run = estate.dbplan("apply", "--yes")
@@ -123,11 +123,52 @@ def test_each_new_database_is_migrated_before_the_next_is_created(estate: Estate
     # The first database of each server was created (side by side); its service came next,
     # before the creation of the second, and its failure stopped the run.
     assert [database for server, database in tenants if exists(server, database)] == [db for _, db in tenants[:2]]
-    server, database = tenants[0]
-    assert applied(urls(estate, pg_url2)[server], database) == [(1, 1)]
     not_run = re.search(r"^  \d+ not started: the run stopped at the first failure: (.*)$", run.out, re.MULTILINE)
     assert not_run, run.out
-    assert {database for _, database in tenants[2:]} <= set(not_run.group(1).split(", ")), run.out
+    listed = set(not_run.group(1).split(", "))
+    assert {database for _, database in tenants[2:]} <= listed, run.out
+    # The first failure applied version 1 and failed at 2. The other server's first service
+    # failed the same way, or, when that failure came while its database was still being
+    # created, never started: then its service is listed as not started, nothing applied.
+    histories = {}
+    for service, (server, database) in zip(("t1", "t2"), tenants[:2]):
+        url = urls(estate, pg_url2)[server]
+        has_history = query(url, database, "SELECT to_regclass('dbplan_history') IS NOT NULL")[0][0]
+        histories[service] = applied(url, database) if has_history else []
+    assert [(1, 1)] in histories.values(), histories
+    for service, history in histories.items():
+        assert history == [(1, 1)] or (history == [] and service in listed), (histories, run.out)
+
+
+def test_a_creation_in_flight_at_the_first_failure_finishes_and_its_service_is_listed(estate: Estate, pg_url2: str) -> None:
+    """The first failure stops new work and lets what is in flight finish: a database whose
+    creation was still running (here: waiting for template1, which a session holds) is
+    created, its migrations do not start, and the end of the run says so; the next run
+    migrates it."""
+    tenants = fleet_estate(estate, pg_url2, 12, parallel=1)  # 10 or more: a line per database
+    failing = estate.root / "migrations" / "tenant" / "2_positive_qty.up.sql"
+    rule = failing.read_text(encoding="utf-8")
+    failing.write_text("SELECT 1/0;\n", encoding="utf-8")
+    (first_server, first), (second_server, second) = tenants[:2]
+    assert (first_server, second_server) == ("main", "second")
+    with psycopg.connect(estate.url, dbname="template1", autocommit=True):  # CREATE DATABASE waits on main
+        process = start_dbplan(estate.plan_file, "apply", "--yes")
+        process.wait_for("the template database is in use by another session; retrying")
+        process.wait_for(f"database {second} on second: FAILED")
+    run = process.finish()
+    assert run.code == 1, run.out + run.err
+    assert "Apply failed: 3 done, 1 failed, 21 not run." in run.out, run.out  # t2 created and at 1, t1 created
+    assert query(estate.url, first, "SELECT to_regclass('dbplan_history') IS NULL")[0] == (True,), "nothing was applied"
+    not_run = re.search(r"^  \d+ not started: the run stopped at the first failure: (.*)$", run.out, re.MULTILINE)
+    assert not_run and "t1" in not_run.group(1).split(", "), run.out  # its service, by name
+    for server, database in tenants[2:]:
+        assert not query(urls(estate, pg_url2)[server], "postgres", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
+
+    failing.write_text(rule, encoding="utf-8")
+    resumed = estate.dbplan("apply", "--yes")
+    assert resumed.code == 0, resumed.output
+    for server, database in tenants:
+        assert applied(urls(estate, pg_url2)[server], database) == [(1, 1), (2, 1), (3, 1)], database
 
 
 def test_first_failure_stops_new_work_then_keep_going_then_resume(estate: Estate, pg_url2: str) -> None:
