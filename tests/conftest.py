@@ -26,7 +26,7 @@ for _path in (str(_HERE), str(_HERE.parent)):  # pgcluster, and orchestrator whe
         sys.path.insert(0, _path)
 
 import pgcluster  # noqa: E402
-from pgcluster import ClusterPool, drop_databases_with_prefix  # noqa: E402
+from pgcluster import ClusterPool, drop_databases_with_prefix, remove_relocated_clusters  # noqa: E402
 
 _POOL = ClusterPool()
 
@@ -69,6 +69,17 @@ def pytest_collection_modifyitems(
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _POOL.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _relocated_clusters_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under root, a server a test starts in its tmp_path (which PostgreSQL's account
+    cannot reach) lives in /var/tmp/dbplan-0/<hash>/ instead, and pytest's clean-up of its
+    own folders never sees it: 40 MB per server and run, for ever. At the end, remove those
+    whose recorded folder (``runas.REQUESTED_DIR_FILE``) was one of this session's, once
+    stopped; any other (a developer's own embedded server) stays."""
+    yield
+    remove_relocated_clusters(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -221,3 +221,23 @@ def _destroy_quietly(server: EmbeddedServer) -> None:
         server.destroy()
     except Exception:  # noqa: BLE001 - teardown must go on
         pass
+
+
+def remove_relocated_clusters(basetemp: Path) -> list[Path]:
+    """Delete the relocated folders (``/var/tmp/dbplan-<uid>/<hash>/``) of the stopped
+    servers whose requested data folder was under ``basetemp``; the ones deleted."""
+    from orchestrator.server.runas import REQUESTED_DIR_FILE, relocation_root
+
+    removed = []
+    ours = basetemp.resolve()
+    for record in relocation_root().glob(f"*/{REQUESTED_DIR_FILE}"):
+        try:
+            requested = Path(record.read_text(encoding="utf-8", errors="surrogateescape").strip()).resolve()
+        except OSError:
+            continue
+        folder = record.parent
+        running = (folder / "postgres" / "postmaster.pid").exists()
+        if ours in requested.parents and not running and folder.parent == relocation_root():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgcluster import connect, drop_databases_with_prefix
+from pgcluster import connect, drop_databases_with_prefix, remove_relocated_clusters
 
 from orchestrator.errors import EmbeddedServerError
 from orchestrator.server import pgbinaries, runas
@@ -394,9 +394,35 @@ def test_relocates_a_data_folder_the_account_cannot_reach(workdir: Path) -> None
         # deterministic: another instance finds the same running server
         again = EmbeddedServer(requested, durable=False)
         assert again.ensure_running() == status.url and again.status().pid == status.pid
+        # Beside it, whose it is: the folder's name is a hash that cannot be read back.
+        assert (status.data_dir.parent / runas.REQUESTED_DIR_FILE).read_text() == f"{requested}\n"
     finally:
         server.destroy()
-    assert not server.data_dir.exists()
+    assert not server.data_dir.parent.exists(), "the relocation folder goes with it"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="relocation only happens when dbplan runs as root")
+@needs_binaries
+def test_a_test_session_removes_the_relocated_servers_it_left_stopped(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # tmp_path, as most tests use: under /tmp/pytest-of-root (0700), so relocated.
+    stopped, running = (EmbeddedServer(tmp_path / name / "postgres", durable=False) for name in ("stopped", "running"))
+    try:
+        stopped.start()
+        stopped.stop()  # as most tests leave theirs
+        running.start()
+        removed = remove_relocated_clusters(tmp_path_factory.getbasetemp())
+        assert stopped.data_dir.parent in removed and not stopped.data_dir.parent.exists()
+        assert running.data_dir.exists(), "a running server is left alone"
+        running.stop()
+        elsewhere = Path(tempfile.mkdtemp(prefix="dbplan-not-a-test-"))  # as if another session's
+        try:
+            assert running.data_dir.parent not in remove_relocated_clusters(elsewhere)
+        finally:
+            elsewhere.rmdir()
+        assert running.data_dir.exists(), "a server of a folder not the session's is left alone"
+    finally:
+        running.destroy()
+        stopped.destroy()
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="copying binaries only happens when dbplan runs as root")

@@ -56,12 +56,14 @@ from .credentials import (
 )
 from .pgbinaries import ENV_BINDIR, PgBinaries, find_binaries, list_binaries
 from .runas import (
+    REQUESTED_DIR_FILE,
     Account,
     hand_over,
     is_postmaster_of,
     make_owned_dir,
     pid_alive,
     reachable_bindir,
+    record_requested_dir,
     relocated_data_dir,
     run_as_account,
     run_program,
@@ -309,6 +311,7 @@ class EmbeddedServer:
             pass
         if data_dir != self.requested_dir:
             try:
+                (data_dir.parent / REQUESTED_DIR_FILE).unlink(missing_ok=True)
                 data_dir.parent.rmdir()  # .../dbplan-<uid>/<hash>/
             except OSError:
                 pass
@@ -321,6 +324,7 @@ class EmbeddedServer:
             if data_dir != self.requested_dir:  # relocated: /var/tmp/dbplan-<uid>/<hash>/
                 make_owned_dir(data_dir.parent.parent, 0o755)
                 make_owned_dir(data_dir.parent, 0o755)
+                record_requested_dir(data_dir, self.requested_dir)
             else:
                 data_dir.parent.mkdir(parents=True, exist_ok=True)
                 if account is not None and not traversable(data_dir.parent, account):

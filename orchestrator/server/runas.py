@@ -130,20 +130,35 @@ def _private_root() -> Path:
     return base
 
 
+def relocation_root() -> Path:
+    """``/var/tmp/dbplan-<our uid>``: where relocated data folders go."""
+    return _private_root() / f"dbplan-{os.geteuid()}"
+
+
 def relocated_data_dir(requested_dir: Path, account: Account) -> tuple[Path, str]:
     """Where the data folder goes when ``account`` cannot reach ``requested_dir``; why.
 
     ``/var/tmp/dbplan-<our uid>/<hash of requested_dir>/postgres``: the same folder for
     every dbplan process asking for ``requested_dir``.
     """
-    relocated = (
-        _private_root() / f"dbplan-{os.geteuid()}" / _short_hash(str(requested_dir)) / "postgres"
-    )
+    relocated = relocation_root() / _short_hash(str(requested_dir)) / "postgres"
     note = (
         f"data folder relocated from {requested_dir} to {relocated}: PostgreSQL cannot run as "
         f"root and account {account.name!r} cannot reach a parent folder of {requested_dir}"
     )
     return relocated, note
+
+
+# Beside a relocated data folder: the folder it stands in for, so that whoever looks in
+# /var/tmp (a person, or a test session removing its own) can tell whose it is; the hash
+# in the folder's name cannot be read back.
+REQUESTED_DIR_FILE = "requested-dir"
+
+
+def record_requested_dir(relocated: Path, requested_dir: Path) -> None:
+    """Write ``requested_dir`` into the folder that holds the relocated data folder (ours,
+    writable only by us: ``make_owned_dir`` checked it)."""
+    (relocated.parent / REQUESTED_DIR_FILE).write_text(f"{requested_dir}\n", encoding="utf-8", errors="surrogateescape")
 
 
 def make_owned_dir(path: Path, mode: int) -> None:
