@@ -371,6 +371,17 @@ def test_cluster_of_another_major(make_server: Callable[..., EmbeddedServer]) ->
     assert query(status.url, "select current_setting('server_version_num')::int / 10000") == older.major
 
 
+def command_lines() -> list[str]:
+    """Every process's command line; one that ends while being read is skipped."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
 # -- running as root ------------------------------------------------------------------
 
 
@@ -615,8 +626,7 @@ def test_the_user_who_runs_dbplan_connects_and_the_password_shows_nowhere(make_s
     server.start()  # a restart keeps the password
     assert password_of(server) == password and query(status.url, "select 1") == 1
     visible = [status.url, str(server.status()), server.log_file.read_text()]
-    visible += [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in os.listdir("/proc") if pid.isdigit()
-                and os.path.exists(f"/proc/{pid}/cmdline")]  # fmt: skip
+    visible += command_lines()
     for path in server.data_dir.iterdir():
         if path.is_file():
             visible.append(path.read_bytes().decode(errors="replace"))
