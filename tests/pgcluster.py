@@ -237,7 +237,7 @@ def remove_relocated_clusters(basetemp: Path) -> list[Path]:
             continue
         folder = record.parent
         running = (folder / "postgres" / "postmaster.pid").exists()
-        if ours in requested.parents and not running and folder.parent == relocation_root():
+        if ours in requested.parents and not running:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -45,6 +45,10 @@ class EmbeddedSpec:
     port: int | None = None
 
 
+# CREATE DATABASE ... STRATEGY exists from PostgreSQL 15; before, every copy is a file copy.
+FIRST_STRATEGY_MAJOR = 15
+
+
 @dataclass(frozen=True)
 class Server:
     name: str
@@ -54,8 +58,8 @@ class Server:
     # At most this many connections dbplan opens to the server at once for a fleet's
     # inspection and apply; None: DEFAULT_PARALLEL_PER_SERVER (or --parallel).
     parallel: int | None = None
-    # How CREATE DATABASE copies the template (its STRATEGY, PostgreSQL 15+): "wal_log" or
-    # "file_copy"; None: the server's default (wal_log).
+    # How CREATE DATABASE copies the template (its STRATEGY, from FIRST_STRATEGY_MAJOR on):
+    # "wal_log" or "file_copy"; None: the server's default (wal_log).
     create_strategy: str | None = None
     place: Place = field(default=Place(), compare=False)
     # The url's variable is not set: fine offline, an error once a command connects.

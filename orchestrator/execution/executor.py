@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import DbplanError, MigrationFailed, PlanBlocked, PlanChanged
-from ..estate.model import Estate, Server, Service
+from ..estate.model import FIRST_STRATEGY_MAJOR, Estate, Server, Service
 from ..live.connection import (
     behind_pooler,
     connect,
@@ -533,7 +533,6 @@ def _still_differs(action: AlterRole, current: LiveRole | None, live: ServerFact
     )
 
 
-FIRST_STRATEGY_SERVER = 150000
 STRATEGIES = {"wal_log": "WAL_LOG", "file_copy": "FILE_COPY"}  # the only values the schema allows
 
 
@@ -554,7 +553,7 @@ def _create_statement(conn: psycopg.Connection, estate: Estate, action: Action) 
     strategy = estate.servers[action.server].create_strategy
     # Before PostgreSQL 15 there is no STRATEGY: every copy is a file copy (the planner
     # blocks wal_log there).
-    if strategy is not None and conn.info.server_version >= FIRST_STRATEGY_SERVER:
+    if strategy is not None and conn.info.server_version // 10000 >= FIRST_STRATEGY_MAJOR:
         statement += sql.SQL(" STRATEGY {}").format(sql.SQL(STRATEGIES[strategy]))
     return statement
 

@@ -7,12 +7,11 @@ to do is still what was shown.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..estate.graph import EstateGraph
-from ..estate.model import Estate, Role, Service
+from ..estate.model import FIRST_STRATEGY_MAJOR, Estate, Role, Service
 from ..live.facts import (
     LiveRole,
     LiveState,
@@ -30,6 +29,7 @@ from ..migrations.scan import (
     RunMode,
     run_mode_of,
 )
+from ..server.pgbinaries import major_of
 from .plan import (
     Action,
     AlterDatabaseOwner,
@@ -258,10 +258,6 @@ def _managed_or_system_roles(estate: Estate, server: str, facts: ServerFacts) ->
     return declared | system | dbplan_itself
 
 
-# CREATE DATABASE ... STRATEGY exists from PostgreSQL 15; before, every copy is a file copy.
-FIRST_STRATEGY_MAJOR = 15
-
-
 def _file_copy_notices(creations: list[CreateDatabase], estate: Estate) -> list[str]:
     """Once per server whose databases are created file by file: the checkpoints are a
     cost the server's other sessions feel, and a reviewer should see it coming."""
@@ -277,20 +273,14 @@ def _unavailable_strategies(creations: list[CreateDatabase], estate: Estate, liv
     """wal_log asked of a server older than PostgreSQL 15, which would refuse the STRATEGY."""
     blockers = []
     for server in sorted({action.server for action in creations}):
-        major = _major(live.servers[server].version)
-        if estate.servers[server].create_strategy == "wal_log" and major is not None and major < FIRST_STRATEGY_MAJOR:
+        major = major_of(live.servers[server].version)
+        if estate.servers[server].create_strategy == "wal_log" and 0 < major < FIRST_STRATEGY_MAJOR:
             blockers.append(Blocker(
                 f"server {server} runs PostgreSQL {major}, which creates databases only by copying files: "
                 "create_strategy wal_log needs PostgreSQL 15 or later",
                 hint=f"remove create_strategy from server '{server}', or set it to file_copy",
             ))  # fmt: skip
     return blockers
-
-
-def _major(version: str) -> int | None:
-    """15 of '15.4 (Debian 15.4-1.pgdg120+1)', 16 of '16beta2'."""
-    digits = re.match(r"\d+", version)
-    return int(digits.group()) if digits else None
 
 
 def _missing_databases(estate: Estate, live: LiveState) -> list[CreateDatabase]:

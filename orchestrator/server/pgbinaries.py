@@ -55,10 +55,11 @@ class PgBinaries:
 
     @property
     def major(self) -> int:
-        return _major_of(self.version)
+        return major_of(self.version)
 
 
-def _major_of(version: str) -> int:
+def major_of(version: str) -> int:
+    """15 of '15.4 (Debian 15.4-1.pgdg120+1)', 16 of '16beta2'; 0 when it names none."""
     match = re.match(r"\d+", version)
     return int(match.group()) if match else 0
 
