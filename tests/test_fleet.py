@@ -613,6 +613,22 @@ def test_an_environment_may_change_a_servers_parallel(estate: Estate, pg_url2: s
     assert load(estate.plan_file).servers["second"].parallel == 3
 
 
+def test_an_environment_may_copy_its_servers_new_databases_file_by_file(estate: Estate, pg_url2: str) -> None:
+    """The README's overlay table lets an environment set create_strategy: the plan made
+    for it says so, the plan without it does not."""
+    fleet(estate, pg_url2)
+    estate.document["environments"] = {"bootstrap": {"servers": {"second": {"create_strategy": "file_copy"}}}}
+    estate.save()
+    plain = estate.dbplan("plan")
+    assert plain.code == 0, plain.output
+    assert "copied file by file" not in plain.out
+    bootstrap = estate.dbplan("--env", "bootstrap", "plan")
+    assert bootstrap.code == 0, bootstrap.output
+    on_second = sum(1 for name, database in load(estate.plan_file).databases.items() if database.server == "second")
+    assert f"note: server second: {on_second} databases to create, copied file by file" in bootstrap.out, bootstrap.out
+    assert "server main:" not in bootstrap.out
+
+
 def test_a_discovered_name_on_two_servers_is_refused_and_nothing_runs(estate: Estate, pg_url2: str) -> None:
     fleet(estate, pg_url2, {"discover": estate.name("e") + "\\_%", "servers": ["main", "second"], "canary": 1})
     twin = estate.name("e_twin")
