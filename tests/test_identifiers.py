@@ -57,9 +57,16 @@ def test_the_catalog_reads_give_back_every_schema_name_as_it_was_created(
     assert estate.dbplan("apply", "--yes").code == 0  # the database
     with psycopg.connect(pg_url, dbname=estate.name("app"), autocommit=True) as conn:
         for schema in SCHEMA_NAMES:
-            conn.execute(sql.SQL("CREATE SCHEMA {}; CREATE TABLE {} (id int)").format(
-                sql.Identifier(schema), sql.Identifier(schema, "orders")
+            conn.execute(sql.SQL("CREATE SCHEMA {}; CREATE TABLE {} (id int); CREATE INDEX orders_id ON {} (id)").format(
+                sql.Identifier(schema), sql.Identifier(schema, "orders"), sql.Identifier(schema, "orders")
             ))  # fmt: skip
         located = {facts._unquoted(row[0]) for row in conn.execute(facts.TABLE_LOCATIONS, ("orders", "orders"))}
         sized = {stats.schema for stats in facts.read_table_stats(conn, ["orders"], None)}  # type: ignore[arg-type]
-    assert located == sized == set(SCHEMA_NAMES)
+        # An index's name takes the other form of the size read, which finds its table.
+        by_index = facts.read_table_stats(conn, ["orders_id"], None)  # type: ignore[arg-type]
+        as_sql_writes_it = {  # quoted only where needed, as the plan names a table
+            schema: conn.execute("SELECT pg_catalog.quote_ident(%s) || '.orders'", (schema,)).fetchone()[0]  # type: ignore[index]
+            for schema in SCHEMA_NAMES
+        }
+    assert located == sized == {stats.schema for stats in by_index} == set(SCHEMA_NAMES)
+    assert all(stats.is_index and stats.table == as_sql_writes_it[stats.schema] for stats in by_index), by_index
